@@ -17,6 +17,7 @@ mod engine;
 mod error;
 mod manifest;
 mod tensor;
+pub mod post;
 pub mod vad;
 pub mod wav;
 
