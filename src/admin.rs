@@ -1,0 +1,181 @@
+//! The HTTP client behind `openclaw-admin`, and its starter-config writer.
+
+use crate::protocol::api::{DeviceView, ErrorBody, SubmitRequest, SubmitResponse, TaskView};
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors of admin commands.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach the server at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("server answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("unexpected answer from {url}: {message}")]
+    BadAnswer { url: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} already exists; pass --force to overwrite")]
+    Exists(PathBuf),
+}
+
+/// A client for one server.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// `base` like `http://127.0.0.1:8080`.
+    pub fn new(base: &str) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(330)))
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+        }
+    }
+
+    fn answer<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, AdminError> {
+        let mut resp = r.map_err(|e| AdminError::Unreachable {
+            url: url.to_string(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| AdminError::BadAnswer {
+                url: url.to_string(),
+                message: e.to_string(),
+            })?;
+        if status >= 400 {
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or(text);
+            return Err(AdminError::Api { status, message });
+        }
+        serde_json::from_str(&text).map_err(|e| AdminError::BadAnswer {
+            url: url.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `POST /v1/tasks`.
+    pub fn submit(&self, req: &SubmitRequest) -> Result<SubmitResponse, AdminError> {
+        let url = format!("{}/v1/tasks", self.base);
+        self.answer(&url, self.agent.post(&url).send_json(req))
+    }
+
+    /// `GET /v1/tasks/{id}`, long-polling up to `wait` for a terminal state.
+    pub fn task(&self, id: &str, wait: Option<Duration>) -> Result<TaskView, AdminError> {
+        let url = match wait {
+            Some(w) => format!("{}/v1/tasks/{id}?wait_ms={}", self.base, w.as_millis()),
+            None => format!("{}/v1/tasks/{id}", self.base),
+        };
+        self.answer(&url, self.agent.get(&url).call())
+    }
+
+    /// Waits until the task is terminal (or `limit` passes).
+    pub fn wait(&self, id: &str, limit: Duration) -> Result<TaskView, AdminError> {
+        let start = std::time::Instant::now();
+        loop {
+            let left = limit.saturating_sub(start.elapsed());
+            let v = self.task(id, Some(left.min(Duration::from_secs(60))))?;
+            if v.state.is_terminal() || start.elapsed() >= limit {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// `GET /v1/devices`.
+    pub fn devices(&self) -> Result<Vec<DeviceView>, AdminError> {
+        let url = format!("{}/v1/devices", self.base);
+        self.answer(&url, self.agent.get(&url).call())
+    }
+
+    /// `GET /v1/tasks`.
+    pub fn list(&self, state: Option<&str>, limit: u32) -> Result<Vec<TaskView>, AdminError> {
+        let mut url = format!("{}/v1/tasks?limit={limit}", self.base);
+        if let Some(s) = state {
+            url.push_str(&format!("&state={s}"));
+        }
+        self.answer(&url, self.agent.get(&url).call())
+    }
+
+    /// `DELETE /v1/tasks/{id}`.
+    pub fn cancel(&self, id: &str) -> Result<TaskView, AdminError> {
+        let url = format!("{}/v1/tasks/{id}", self.base);
+        self.answer(&url, self.agent.delete(&url).call())
+    }
+
+    /// `GET /healthz`.
+    pub fn health(&self) -> Result<serde_json::Value, AdminError> {
+        let url = format!("{}/healthz", self.base);
+        self.answer(&url, self.agent.get(&url).call())
+    }
+}
+
+/// Writes a starter configuration: `DIR/server.toml`, `DIR/agent.toml`, and
+/// the model folder with a README. Returns the files written.
+pub fn init(dir: &Path, model_path: &Path, force: bool) -> Result<Vec<PathBuf>, AdminError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AdminError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(model_path).map_err(io(model_path))?;
+    let server = dir.join("server.toml");
+    let agent = dir.join("agent.toml");
+    let readme = model_path.join("README.md");
+    for f in [&server, &agent] {
+        if f.exists() && !force {
+            return Err(AdminError::Exists(f.clone()));
+        }
+    }
+    let data = dir.join("data");
+    std::fs::write(
+        &server,
+        format!(
+            "# OpenClaw server. Every key is optional; see `openclaw-server --print-config`.\n\
+             [http]\nhost = \"0.0.0.0\"\nport = 8080\n\n\
+             [mqtt]\nembedded = true\nport = 1883\n\n\
+             [storage]\ndata_dir = {:?}\n",
+            data.join("server").display().to_string()
+        ),
+    )
+    .map_err(io(&server))?;
+    std::fs::write(
+        &agent,
+        format!(
+            "# OpenClaw agent. Every key is optional; see `openclaw-agent --print-config`.\n\
+             board = \"sim\"\ndata_dir = {:?}\n# Models the agent may load (manifests + files).\n\
+             # model_path = {:?}\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:1883\"\n\n\
+             [plugins.echo]\n[plugins.sysinfo]\n",
+            data.join("agent").display().to_string(),
+            model_path.display().to_string()
+        ),
+    )
+    .map_err(io(&agent))?;
+    if !readme.exists() {
+        std::fs::write(
+            &readme,
+            "# Local models\n\nPut model files here with one TOML manifest each \
+             (see models/ in the OpenClaw repository). Nothing is downloaded at run time.\n",
+        )
+        .map_err(io(&readme))?;
+    }
+    Ok(vec![server, agent, readme])
+}

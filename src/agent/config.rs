@@ -1,0 +1,169 @@
+//! Agent configuration (`config/agent.toml` holds the defaults).
+
+use crate::config::{self, ConfigError};
+use crate::protocol::topics;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Built-in defaults.
+pub const DEFAULTS: &str = include_str!("../../config/agent.toml");
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub id: String,
+    pub board: String,
+    pub data_dir: PathBuf,
+    pub mqtt: MqttSection,
+    pub agent: AgentSection,
+    pub plugins: BTreeMap<String, toml::Table>,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    pub broker: String,
+    pub keep_alive_secs: u64,
+    pub max_payload_bytes: usize,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub heartbeat_ms: u64,
+    pub max_concurrency: u32,
+    pub queue_capacity: u32,
+    pub result_resend_ms: u64,
+    pub ledger_size: usize,
+}
+
+impl AgentConfig {
+    /// Defaults, then `file`, then `overrides`; validated.
+    pub fn load(file: Option<&Path>, overrides: toml::Table) -> Result<AgentConfig, ConfigError> {
+        let (mut cfg, name): (AgentConfig, PathBuf) =
+            config::load(DEFAULTS, "config/agent.toml (built in)", file, overrides)?;
+        if cfg.id.is_empty() {
+            cfg.id = hostname();
+        }
+        cfg.validate(&name)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if !topics::valid_device_id(&self.id) {
+            return Err(ConfigError::invalid(
+                file,
+                "id",
+                format!(
+                    "`{}` is not a valid device id (1-64 of letters, digits, - _ .)",
+                    self.id
+                ),
+            ));
+        }
+        config::parse_broker_url(&self.mqtt.broker)
+            .map_err(|m| ConfigError::invalid(file, "mqtt.broker", m))?;
+        if self.mqtt.keep_alive_secs == 0 || self.mqtt.keep_alive_secs > 3600 {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.keep_alive_secs",
+                "must be from 1 to 3600",
+            ));
+        }
+        if self.mqtt.max_payload_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.max_payload_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.mqtt.reconnect_min_ms == 0
+            || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.reconnect_min_ms",
+                "must be at least 1 and at most mqtt.reconnect_max_ms",
+            ));
+        }
+        if self.agent.heartbeat_ms < 100 {
+            return Err(ConfigError::invalid(
+                file,
+                "agent.heartbeat_ms",
+                "must be at least 100",
+            ));
+        }
+        if self.agent.queue_capacity > crate::boards::MAX_QUEUE_CAPACITY {
+            return Err(ConfigError::invalid(
+                file,
+                "agent.queue_capacity",
+                format!("must be at most {}", crate::boards::MAX_QUEUE_CAPACITY),
+            ));
+        }
+        if self.agent.ledger_size == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "agent.ledger_size",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The machine's host name, as a valid device id.
+pub fn hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_else(|_| "openclaw-agent".into());
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if topics::valid_device_id(&c.to_string()) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "openclaw-agent".into()
+    } else {
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_bad_values_name_the_key() {
+        let cfg = AgentConfig::load(None, toml::Table::new()).unwrap();
+        assert!(cfg.plugins.contains_key("echo"));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(&f, "[mqtt]\nbroker = \"mqtt://h:notaport\"\n").unwrap();
+        let e = AgentConfig::load(Some(&f), toml::Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.toml") && e.contains("mqtt.broker"), "{e}");
+        std::fs::write(&f, "id = \"a/b\"\n").unwrap();
+        let e = AgentConfig::load(Some(&f), toml::Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `id`"), "{e}");
+        std::fs::write(&f, "[agent]\nheartbeat = 5\n").unwrap();
+        let e = AgentConfig::load(Some(&f), toml::Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent") && e.contains("heartbeat"), "{e}");
+    }
+}

@@ -1,0 +1,575 @@
+//! The edge agent: receives tasks over MQTT, runs them through the plugin
+//! registry with bounded concurrency, and sends results and heartbeats.
+//!
+//! Tasks are acknowledged to the broker only after they are in the agent's
+//! queue (manual acks). Results stay in an outbox until the server confirms
+//! them with `ResultAck`, and are re-sent on every reconnect and
+//! periodically, so a broker restart or a network cut loses none. A task id
+//! seen again is answered from the ledger of finished tasks, not rerun.
+//! (Outbox and ledger are in memory in this version; durable segment files
+//! are a separate piece of work.)
+
+pub mod config;
+
+pub use config::AgentConfig;
+
+use crate::boards::Board;
+use crate::mqtt::{spawn_event_loop, Backoff, MqttEvent};
+use crate::plugins::{sysinfo, PluginError, Registry, TaskContext};
+use crate::protocol::{
+    self, topics, DeviceStatus, ErrorKind, FromAgent, RejectReason, TaskError, TaskOutcome,
+    TaskSpec, ToAgent,
+};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Capacity of the fixed inbox; the effective bound is the configured queue capacity.
+const INBOX: usize = crate::boards::MAX_QUEUE_CAPACITY as usize;
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A configured agent, ready to run.
+pub struct Agent {
+    cfg: AgentConfig,
+    board: Board,
+    registry: Registry,
+}
+
+enum Event {
+    Mqtt(MqttEvent),
+    Finished(TaskOutcome),
+}
+
+impl Agent {
+    /// Loads the board, builds and validates the plugins.
+    pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        let board = Board::load(&cfg.board)?;
+        let registry = Registry::from_config(&cfg.plugins, &board)?;
+        Ok(Agent {
+            cfg,
+            board,
+            registry,
+        })
+    }
+
+    /// The board profile in use.
+    pub fn board(&self) -> &Board {
+        &self.board
+    }
+
+    /// The plugin registry.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Effective (max_concurrency, queue_capacity): config if set, else board limits.
+    pub fn limits(&self) -> (usize, usize) {
+        let pick = |c: u32, b: u32| if c > 0 { c } else { b } as usize;
+        (
+            pick(
+                self.cfg.agent.max_concurrency,
+                self.board.limits.max_concurrency,
+            ),
+            pick(
+                self.cfg.agent.queue_capacity,
+                self.board.limits.queue_capacity,
+            )
+            .min(INBOX),
+        )
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        std::fs::create_dir_all(&self.cfg.data_dir).map_err(|source| AgentError::DataDir {
+            path: self.cfg.data_dir.display().to_string(),
+            source,
+        })?;
+        let (host, port) =
+            crate::config::parse_broker_url(&self.cfg.mqtt.broker).expect("validated at load");
+        let id = self.cfg.id.clone();
+        let (max_concurrency, queue_capacity) = self.limits();
+
+        let mut opts = MqttOptions::new(id.clone(), host, port);
+        opts.set_keep_alive(Duration::from_secs(self.cfg.mqtt.keep_alive_secs))
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(
+                self.cfg.mqtt.max_payload_bytes + 1024,
+                self.cfg.mqtt.max_payload_bytes + 1024,
+            );
+        let mut will_status = DeviceStatus {
+            device_id: id.clone(),
+            online: false,
+            board: self.board.name.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        };
+        will_status.heartbeat_ms = self.cfg.agent.heartbeat_ms as u32;
+        opts.set_last_will(LastWill::new(
+            topics::status(&id),
+            protocol::encode(&will_status),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let (client, eventloop) = crate::mqtt::client(opts, 1024);
+        let (tx, mut rx) = mpsc::channel::<Event>(1024);
+        let (mqtt_tx, mut mqtt_rx) = mpsc::channel::<MqttEvent>(1024);
+        let loop_stop = CancellationToken::new();
+        let loop_handle = spawn_event_loop(
+            eventloop,
+            client.clone(),
+            vec![(topics::tasks(&id), QoS::AtLeastOnce)],
+            mqtt_tx,
+            Backoff::new(
+                Duration::from_millis(self.cfg.mqtt.reconnect_min_ms),
+                Duration::from_millis(self.cfg.mqtt.reconnect_max_ms),
+            ),
+            loop_stop.clone(),
+            format!("agent {id}"),
+        );
+        // Forward MQTT events into the manager's single channel.
+        let fwd_tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = mqtt_rx.recv().await {
+                if fwd_tx.send(Event::Mqtt(ev)).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        log::info!(
+            "agent {id} on board {} with plugins {:?}, concurrency {max_concurrency}, queue {queue_capacity}",
+            self.board.name,
+            self.registry.names()
+        );
+        let mut m = Manager {
+            status_topic: topics::status(&id),
+            results_topic: topics::results(&id),
+            id,
+            client: client.clone(),
+            registry: self.registry,
+            board: self.board,
+            cfg: self.cfg,
+            inbox: heapless::Deque::new(),
+            queue_capacity,
+            max_concurrency,
+            running: HashMap::new(),
+            outbox: HashMap::new(),
+            ledger: HashMap::new(),
+            ledger_order: VecDeque::new(),
+            events: tx,
+            malformed: 0,
+            connected: false,
+            last_heartbeat: Instant::now() - Duration::from_secs(3600),
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = rx.recv() => match ev {
+                    Some(Event::Mqtt(ev)) => m.on_mqtt(ev),
+                    Some(Event::Finished(outcome)) => m.on_finished(outcome),
+                    None => break,
+                },
+                _ = tick.tick() => m.on_tick(),
+            }
+        }
+        // Say goodbye so the server re-routes at once rather than after the
+        // keep-alive runs out.
+        for token in m.running.values() {
+            token.cancel();
+        }
+        let mut bye = m.status();
+        bye.online = false;
+        let _ = client.try_publish(
+            m.status_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            protocol::encode(&bye),
+        );
+        let _ = client.try_disconnect();
+        if tokio::time::timeout(Duration::from_secs(2), loop_handle)
+            .await
+            .is_err()
+        {
+            loop_stop.cancel();
+        }
+        log::info!("agent {} stopped", m.id);
+        Ok(())
+    }
+}
+
+struct Pending {
+    bytes: Vec<u8>,
+    last_sent: Option<Instant>,
+}
+
+struct Manager {
+    id: String,
+    client: AsyncClient,
+    registry: Registry,
+    board: Board,
+    cfg: AgentConfig,
+    status_topic: String,
+    results_topic: String,
+    inbox: heapless::Deque<TaskSpec, INBOX>,
+    queue_capacity: usize,
+    max_concurrency: usize,
+    running: HashMap<String, CancellationToken>,
+    /// Results the server has not confirmed yet.
+    outbox: HashMap<String, Pending>,
+    /// Finished task ids and their encoded results, bounded.
+    ledger: HashMap<String, Vec<u8>>,
+    ledger_order: VecDeque<String>,
+    events: mpsc::Sender<Event>,
+    malformed: u64,
+    connected: bool,
+    last_heartbeat: Instant,
+}
+
+impl Manager {
+    fn on_mqtt(&mut self, ev: MqttEvent) {
+        match ev {
+            MqttEvent::Connected { .. } => {
+                self.connected = true;
+                self.publish_status();
+                // The broker may have lost the session and rumqttc drops its
+                // own unacked publishes then: the outbox is the record.
+                let ids: Vec<String> = self.outbox.keys().cloned().collect();
+                for id in ids {
+                    self.send_result(&id);
+                }
+            }
+            MqttEvent::Disconnected(_) => self.connected = false,
+            MqttEvent::Message(p) => {
+                match protocol::decode::<ToAgent>(&p.payload, self.cfg.mqtt.max_payload_bytes) {
+                    Ok(msg) => self.on_message(msg),
+                    Err(e) => {
+                        self.malformed += 1;
+                        log::warn!(
+                            "agent {}: ignoring payload on {}: {e} ({} malformed so far)",
+                            self.id,
+                            p.topic,
+                            self.malformed
+                        );
+                    }
+                }
+                // Acked only now that the task is queued (or answered).
+                if let Err(e) = self.client.try_ack(&p) {
+                    log::warn!("agent {}: ack failed: {e}", self.id);
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: ToAgent) {
+        match msg {
+            ToAgent::Task(spec) => self.on_task(spec),
+            ToAgent::Cancel { task_id } => {
+                if let Some(token) = self.running.get(&task_id) {
+                    token.cancel();
+                } else if let Some(pos) = self.inbox.iter().position(|t| t.id == task_id) {
+                    let mut kept = heapless::Deque::new();
+                    for (i, t) in std::mem::take(&mut self.inbox).into_iter().enumerate() {
+                        if i != pos {
+                            let _ = kept.push_back(t);
+                        }
+                    }
+                    self.inbox = kept;
+                    self.finish(TaskOutcome {
+                        task_id,
+                        result: Err(error(
+                            ErrorKind::Cancelled,
+                            "cancelled before it started",
+                            false,
+                        )),
+                        elapsed_us: 0,
+                    });
+                }
+            }
+            ToAgent::ResultAck { task_id } => {
+                self.outbox.remove(&task_id);
+            }
+        }
+    }
+
+    fn on_task(&mut self, spec: TaskSpec) {
+        if self.running.contains_key(&spec.id) || self.inbox.iter().any(|t| t.id == spec.id) {
+            log::debug!("agent {}: task {} already here", self.id, spec.id);
+            return;
+        }
+        if let Some(bytes) = self.ledger.get(&spec.id) {
+            // Delivered again: answer from the ledger, never run twice.
+            log::info!(
+                "agent {}: task {} already done, resending result",
+                self.id,
+                spec.id
+            );
+            let bytes = bytes.clone();
+            self.outbox.insert(
+                spec.id.clone(),
+                Pending {
+                    bytes,
+                    last_sent: None,
+                },
+            );
+            self.send_result(&spec.id);
+            return;
+        }
+        if self.registry.get(&spec.plugin).is_none() {
+            let msg = format!(
+                "unknown plugin `{}` (this agent has: {})",
+                spec.plugin,
+                self.registry.names().join(", ")
+            );
+            self.finish(TaskOutcome {
+                task_id: spec.id,
+                result: Err(error(ErrorKind::UnknownPlugin, &msg, false)),
+                elapsed_us: 0,
+            });
+            return;
+        }
+        if self.running.len() < self.max_concurrency {
+            self.launch(spec);
+        } else if self.inbox.len() < self.queue_capacity {
+            let _ = self.inbox.push_back(spec);
+        } else {
+            log::info!("agent {}: busy, rejecting task {}", self.id, spec.id);
+            self.publish_event(&FromAgent::Rejected {
+                task_id: spec.id,
+                reason: RejectReason::Busy,
+            });
+        }
+    }
+
+    fn launch(&mut self, spec: TaskSpec) {
+        let plugin = match self.registry.get(&spec.plugin) {
+            Some(p) => p,
+            None => return,
+        };
+        let token = CancellationToken::new();
+        self.running.insert(spec.id.clone(), token.clone());
+        self.publish_event(&FromAgent::Started {
+            task_id: spec.id.clone(),
+        });
+        let events = self.events.clone();
+        let timeout = Duration::from_millis(spec.timeout_ms.max(1));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let ctx = TaskContext {
+                id: spec.id.clone(),
+                input: spec.input,
+                deadline: started + timeout,
+                cancel: token.clone(),
+                attempt: spec.attempt,
+            };
+            let name = spec.plugin.clone();
+            // Its own task, so a panic is caught by the JoinHandle.
+            let handle = tokio::spawn(async move { plugin.execute(ctx).await });
+            let abort = handle.abort_handle();
+            let result = tokio::select! {
+                r = handle => match r {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(plugin_error(e)),
+                    Err(j) if j.is_panic() => {
+                        let p = j.into_panic();
+                        let what = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        Err(error(ErrorKind::Panicked, &format!("plugin `{name}` panicked: {what}"), false))
+                    }
+                    Err(_) => Err(error(ErrorKind::Cancelled, "cancelled", false)),
+                },
+                _ = tokio::time::sleep(timeout) => {
+                    token.cancel();
+                    abort.abort();
+                    Err(error(ErrorKind::Timeout, &format!("plugin `{name}` did not finish within {} ms", timeout.as_millis()), false))
+                }
+                _ = token.cancelled() => {
+                    abort.abort();
+                    Err(error(ErrorKind::Cancelled, "cancelled", false))
+                }
+            };
+            let _ = events
+                .send(Event::Finished(TaskOutcome {
+                    task_id: spec.id,
+                    result,
+                    elapsed_us: started.elapsed().as_micros() as u64,
+                }))
+                .await;
+        });
+    }
+
+    fn on_finished(&mut self, outcome: TaskOutcome) {
+        self.running.remove(&outcome.task_id);
+        self.finish(outcome);
+        while self.running.len() < self.max_concurrency {
+            match self.inbox.pop_front() {
+                Some(spec) => self.launch(spec),
+                None => break,
+            }
+        }
+    }
+
+    /// Records a result in ledger and outbox, then sends it.
+    fn finish(&mut self, mut outcome: TaskOutcome) {
+        let mut bytes = protocol::encode(&FromAgent::Finished(outcome.clone()));
+        if bytes.len() > self.cfg.mqtt.max_payload_bytes {
+            let msg = format!(
+                "result of {} bytes exceeds the payload limit of {} bytes",
+                bytes.len(),
+                self.cfg.mqtt.max_payload_bytes
+            );
+            outcome.result = Err(error(ErrorKind::TooLarge, &msg, false));
+            bytes = protocol::encode(&FromAgent::Finished(outcome.clone()));
+        }
+        let id = outcome.task_id;
+        self.ledger.insert(id.clone(), bytes.clone());
+        self.ledger_order.push_back(id.clone());
+        while self.ledger_order.len() > self.cfg.agent.ledger_size {
+            if let Some(old) = self.ledger_order.pop_front() {
+                self.ledger.remove(&old);
+            }
+        }
+        self.outbox.insert(
+            id.clone(),
+            Pending {
+                bytes,
+                last_sent: None,
+            },
+        );
+        self.send_result(&id);
+    }
+
+    fn send_result(&mut self, id: &str) {
+        if !self.connected {
+            return;
+        }
+        if let Some(p) = self.outbox.get_mut(id) {
+            match self.client.try_publish(
+                self.results_topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                p.bytes.clone(),
+            ) {
+                Ok(()) => p.last_sent = Some(Instant::now()),
+                Err(e) => log::debug!("agent {}: result {id} not sent yet: {e}", self.id),
+            }
+        }
+    }
+
+    fn publish_event(&self, ev: &FromAgent) {
+        if let Err(e) = self.client.try_publish(
+            self.results_topic.clone(),
+            QoS::AtLeastOnce,
+            false,
+            protocol::encode(ev),
+        ) {
+            log::debug!("agent {}: event not sent: {e}", self.id);
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if !self.connected {
+            return;
+        }
+        if self.last_heartbeat.elapsed() >= Duration::from_millis(self.cfg.agent.heartbeat_ms) {
+            self.publish_status();
+        }
+        let resend = Duration::from_millis(self.cfg.agent.result_resend_ms);
+        let due: Vec<String> = self
+            .outbox
+            .iter()
+            .filter(|(_, p)| p.last_sent.is_none_or(|t| t.elapsed() >= resend))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.send_result(&id);
+        }
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let mem = sysinfo::memory();
+        let mut plugins = self.registry.names();
+        plugins.sort();
+        DeviceStatus {
+            device_id: self.id.clone(),
+            online: true,
+            board: self.board.name.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            plugins,
+            capabilities: self.capabilities(),
+            max_concurrency: self.max_concurrency as u32,
+            queue_capacity: self.queue_capacity as u32,
+            running: self.running.len() as u32,
+            queued: self.inbox.len() as u32,
+            load1: sysinfo::load_average()[0],
+            mem_total_kb: mem.total_kb,
+            mem_available_kb: mem.available_kb,
+            rss_kb: sysinfo::rss_kb(),
+            temperature_c: sysinfo::temperature(self.board.thermal_zone.as_deref()),
+            heartbeat_ms: self.cfg.agent.heartbeat_ms as u32,
+            malformed: self.malformed,
+            sent_ms: crate::now_ms(),
+        }
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        let mut caps = self.registry.capabilities();
+        caps.push(format!("board:{}", self.board.name));
+        caps.extend(self.board.models.iter().map(|m| format!("model:{m}")));
+        caps.sort();
+        caps.dedup();
+        caps
+    }
+
+    fn publish_status(&mut self) {
+        let status = self.status();
+        match self.client.try_publish(
+            self.status_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            protocol::encode(&status),
+        ) {
+            Ok(()) => self.last_heartbeat = Instant::now(),
+            Err(e) => log::debug!("agent {}: heartbeat not sent: {e}", self.id),
+        }
+    }
+}
+
+fn error(kind: ErrorKind, message: &str, retryable: bool) -> TaskError {
+    TaskError {
+        kind,
+        message: message.to_string(),
+        retryable,
+    }
+}
+
+fn plugin_error(e: PluginError) -> TaskError {
+    let (kind, retryable) = match &e {
+        PluginError::InvalidInput { .. } => (ErrorKind::InvalidInput, false),
+        PluginError::Unknown(_) => (ErrorKind::UnknownPlugin, false),
+        PluginError::Cancelled(_) => (ErrorKind::Cancelled, false),
+        PluginError::Failed { retryable, .. } => (ErrorKind::Failed, *retryable),
+        PluginError::Config { .. } => (ErrorKind::Failed, false),
+    };
+    error(kind, &e.to_string(), retryable)
+}

@@ -1,0 +1,93 @@
+//! `openclaw-agent`: the edge agent.
+
+use anyhow::Context;
+use clap::Parser;
+use openclaw::agent::{Agent, AgentConfig};
+use openclaw::config::override_table;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// OpenClaw edge agent: runs tasks from the central node on this device.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML), merged over the built-in defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Board profile: a built-in name (sim, rpi5, rpi4, rpi3, zero2w, generic-aarch64) or a file.
+    #[arg(long)]
+    board: Option<String>,
+    /// Broker to connect to, mqtt://HOST:PORT.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Device id (default: the host name).
+    #[arg(long)]
+    id: Option<String>,
+    /// Where the agent keeps its state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print the effective configuration and board profile, then exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,rumqttd=off"))
+        .init();
+    if let Err(e) = real_main() {
+        eprintln!("openclaw-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut o: Vec<(&'static str, toml::Value)> = Vec::new();
+    if let Some(b) = args.board {
+        o.push(("board", b.into()));
+    }
+    if let Some(b) = args.broker {
+        o.push(("mqtt.broker", b.into()));
+    }
+    if let Some(i) = args.id {
+        o.push(("id", i.into()));
+    }
+    if let Some(d) = args.data_dir {
+        o.push(("data_dir", d.display().to_string().into()));
+    }
+    let cfg = AgentConfig::load(args.config.as_deref(), override_table(o))
+        .context("invalid configuration")?;
+    let agent = Agent::new(cfg.clone()).context("cannot set up the agent")?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string_pretty(&cfg).context("printing config")?
+        );
+        println!("\n# board profile `{}`", agent.board().name);
+        let mut board = toml::Table::new();
+        board.insert(
+            "board_profile".into(),
+            toml::Value::try_from(agent.board()).context("printing board")?,
+        );
+        print!(
+            "{}",
+            toml::to_string_pretty(&board).context("printing board")?
+        );
+        return Ok(());
+    }
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            t.cancel();
+        });
+        agent.run(token).await.context("agent failed")
+    })
+}

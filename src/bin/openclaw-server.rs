@@ -1,0 +1,104 @@
+//! `openclaw-server`: the central node.
+
+use anyhow::Context;
+use clap::Parser;
+use openclaw::config::override_table;
+use openclaw::server::{self, ServerConfig};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// OpenClaw central node: MQTT broker, scheduler, task store and HTTP API.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// HTTP listen address.
+    #[arg(long)]
+    host: Option<String>,
+    /// HTTP port (0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Port of the embedded MQTT broker (0 picks a free one).
+    #[arg(long, conflicts_with = "broker")]
+    mqtt_port: Option<u16>,
+    /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Where the task store lives.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Configuration file (TOML), merged over the built-in defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,rumqttd=off"))
+        .init();
+    if let Err(e) = real_main() {
+        eprintln!("openclaw-server: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut o: Vec<(&'static str, toml::Value)> = Vec::new();
+    if let Some(h) = args.host {
+        o.push(("http.host", h.into()));
+    }
+    if let Some(p) = args.port {
+        o.push(("http.port", (p as i64).into()));
+    }
+    if let Some(p) = args.mqtt_port {
+        o.push(("mqtt.port", (p as i64).into()));
+    }
+    if let Some(b) = args.broker {
+        o.push(("mqtt.embedded", false.into()));
+        o.push(("mqtt.broker", b.into()));
+    }
+    if let Some(d) = args.data_dir {
+        o.push(("storage.data_dir", d.display().to_string().into()));
+    }
+    let cfg = ServerConfig::load(args.config.as_deref(), override_table(o))
+        .context("invalid configuration")?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string_pretty(&cfg).context("printing config")?
+        );
+        return Ok(());
+    }
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            log::info!("shutting down");
+            t.cancel();
+        });
+        server::run(cfg, token, |ep| {
+            // One machine-readable line on stdout: scripts and tests wait for it.
+            println!(
+                "openclaw-server ready http={} mqtt={}:{}",
+                ep.http, ep.mqtt.0, ep.mqtt.1
+            );
+        })
+        .await
+        .context("server failed")
+    })?;
+    // The embedded broker's threads cannot be joined; leave now.
+    std::process::exit(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,48 @@
+//! OpenClaw: private, local AI agents on edge fleets.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the versioned wire protocol shared by agent and server
+//!   (postcard envelopes, topic layout) and the JSON types of the external
+//!   boundary.
+//! - [`config`]: layered TOML loading (embedded defaults, file, overrides)
+//!   with errors that name the key and file.
+//! - [`boards`]: board profiles (target, CPU, buses, pins, sensors, limits),
+//!   embedded in the binary.
+//! - [`mqtt`]: the task that owns an MQTT event loop (back-off, resubscribe).
+//! - [`plugins`] (feature `agent`): the plugin interface and the built-ins.
+//! - [`agent`] (feature `agent`): the edge agent.
+//! - [`server`] (feature `server`): the central node: embedded broker, SQLite
+//!   store, scheduler, HTTP API.
+//! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`.
+//!
+//! The binaries in `src/bin/` only parse arguments and call into these.
+
+pub mod boards;
+pub mod config;
+pub mod protocol;
+
+#[cfg(any(feature = "agent", feature = "server"))]
+pub mod mqtt;
+
+#[cfg(feature = "agent")]
+pub mod agent;
+#[cfg(feature = "agent")]
+pub mod plugins;
+
+#[cfg(feature = "server")]
+pub mod server;
+
+#[cfg(feature = "admin")]
+pub mod admin;
+
+#[cfg(feature = "inference")]
+pub mod inference;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

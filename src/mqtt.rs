@@ -1,0 +1,139 @@
+//! The one task that owns an MQTT event loop (agent and server share it).
+//!
+//! It never blocks: incoming publishes go to a bounded channel with
+//! `try_send`, subscriptions are re-made on every ConnAck (rumqttc does not
+//! restore them and a restarted broker has lost them), and after an error it
+//! backs off, doubling up to a ceiling, because rumqttc reconnects at once
+//! and would otherwise spin.
+
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What the event loop reports to its owner.
+#[derive(Debug)]
+pub enum MqttEvent {
+    /// Connected (again); subscriptions were re-requested.
+    Connected { session_present: bool },
+    /// The connection failed or dropped; a reconnect follows after back-off.
+    Disconnected(String),
+    /// A publish arrived. With manual acks the owner must `try_ack` it.
+    Message(Publish),
+}
+
+/// Exponential back-off between reconnect attempts.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+    /// The delay to wait now; the following one doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    /// Back to the minimum after a success.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Creates a client with TCP_NODELAY set: our messages are small and
+/// latency-bound, and Nagle plus delayed ACKs would add ~40 ms per hop.
+pub fn client(opts: rumqttc::MqttOptions, cap: usize) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(opts, cap);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    (client, eventloop)
+}
+
+/// Spawns the task that polls `eventloop` until `stop` is cancelled or a
+/// disconnect was sent.
+pub fn spawn_event_loop(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    subscriptions: Vec<(String, QoS)>,
+    sink: mpsc::Sender<MqttEvent>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+    name: String,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut dropped: u64 = 0;
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => break,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff.reset();
+                    log::info!(
+                        "{name}: connected (session present: {})",
+                        ack.session_present
+                    );
+                    for (topic, qos) in &subscriptions {
+                        if let Err(e) = client.try_subscribe(topic.clone(), *qos) {
+                            log::error!("{name}: cannot subscribe to {topic}: {e}");
+                        }
+                    }
+                    let _ = sink.try_send(MqttEvent::Connected {
+                        session_present: ack.session_present,
+                    });
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Err(e) = sink.try_send(MqttEvent::Message(p)) {
+                        // Left unacked: the sender's own retry brings it back.
+                        dropped += 1;
+                        log::warn!(
+                            "{name}: inbound queue full, dropped a message ({dropped} so far): {e}"
+                        );
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    log::info!("{name}: disconnected on request");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    log::warn!("{name}: connection error: {e}; retrying in {delay:?}");
+                    let _ = sink.try_send(MqttEvent::Disconnected(e.to_string()));
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_ceiling_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let got: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,548 @@
+//! The wire protocol shared by the agent and the server.
+//!
+//! Between agent and server every MQTT payload is a postcard-encoded
+//! [`Envelope`] whose first field is [`PROTOCOL_VERSION`]; a peer that speaks
+//! another version gets a clear [`ProtocolError::Version`] instead of garbage.
+//! JSON is used only at the external boundary (HTTP and
+//! [`topics::SUBMIT`]); the types for it live in [`api`].
+//!
+//! The topic layout is documented in `docs/protocol.md`.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version carried by every envelope. Bump on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Default largest payload either side accepts or sends (1 MiB). The embedded
+/// broker is configured with the same limit, so an oversized publish is
+/// refused with an error at the sender instead of silently dropped.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// Errors decoding or encoding a wire payload.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("protocol version {got} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    Version { got: u16 },
+    #[error("malformed payload: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// One message on the wire: a version and a body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope<T> {
+    pub version: u16,
+    pub body: T,
+}
+
+/// Encodes `body` in a versioned envelope.
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Ref<'a, T> {
+        version: u16,
+        body: &'a T,
+    }
+    // Serializing our own types into a Vec cannot fail.
+    postcard::to_stdvec(&Ref {
+        version: PROTOCOL_VERSION,
+        body,
+    })
+    .expect("postcard encoding of protocol types is infallible")
+}
+
+/// Decodes a versioned envelope, checking size and version first.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ProtocolError> {
+    if bytes.len() > limit {
+        return Err(ProtocolError::TooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    let (version, rest): (u16, _) = postcard::take_from_bytes(bytes)?;
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version { got: version });
+    }
+    let (body, rest) = postcard::take_from_bytes(rest)?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::Malformed(
+            postcard::Error::DeserializeUnexpectedEnd,
+        ));
+    }
+    Ok(body)
+}
+
+/// MQTT topic layout (version 1).
+pub mod topics {
+    /// Root of everything OpenClaw publishes.
+    pub const ROOT: &str = "openclaw/v1";
+    /// Cross-system entry: JSON [`super::api::SubmitRequest`]s.
+    pub const SUBMIT: &str = "openclaw/v1/submit";
+    /// The server subscribes to every device's results.
+    pub const ALL_RESULTS: &str = "openclaw/v1/devices/+/results";
+    /// The server subscribes to every device's (retained) status.
+    pub const ALL_STATUS: &str = "openclaw/v1/devices/+/status";
+
+    /// Server to agent: [`super::ToAgent`] messages.
+    pub fn tasks(device: &str) -> String {
+        format!("{ROOT}/devices/{device}/tasks")
+    }
+    /// Agent to server: [`super::FromAgent`] messages.
+    pub fn results(device: &str) -> String {
+        format!("{ROOT}/devices/{device}/results")
+    }
+    /// Agent to server, retained: [`super::DeviceStatus`]; the last will too.
+    pub fn status(device: &str) -> String {
+        format!("{ROOT}/devices/{device}/status")
+    }
+
+    /// Which device topic this is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        Tasks,
+        Results,
+        Status,
+    }
+
+    /// Splits `openclaw/v1/devices/{id}/{kind}` into its id and kind.
+    pub fn parse(topic: &str) -> Option<(&str, Kind)> {
+        let rest = topic.strip_prefix(ROOT)?.strip_prefix("/devices/")?;
+        let (id, kind) = rest.rsplit_once('/')?;
+        if id.is_empty() || id.contains('/') {
+            return None;
+        }
+        let kind = match kind {
+            "tasks" => Kind::Tasks,
+            "results" => Kind::Results,
+            "status" => Kind::Status,
+            _ => return None,
+        };
+        Some((id, kind))
+    }
+
+    /// A device id must be usable as one topic level.
+    pub fn valid_device_id(id: &str) -> bool {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    }
+}
+
+/// A self-describing value that postcard can carry (postcard cannot encode
+/// `serde_json::Value`, which needs `deserialize_any`). Converts losslessly
+/// from and to JSON except that `Bytes` become an array of numbers in JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub enum Value {
+    #[default]
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(Vec<Value>),
+    Map(Vec<(String, Value)>),
+}
+
+impl Value {
+    /// Looks a key up in a map value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
+impl From<serde_json::Value> for Value {
+    fn from(v: serde_json::Value) -> Self {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => Value::Str(s),
+            serde_json::Value::Array(a) => Value::List(a.into_iter().map(Value::from).collect()),
+            serde_json::Value::Object(o) => {
+                Value::Map(o.into_iter().map(|(k, v)| (k, Value::from(v))).collect())
+            }
+        }
+    }
+}
+
+impl From<Value> for serde_json::Value {
+    fn from(v: Value) -> Self {
+        match v {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => b.into(),
+            Value::Int(i) => i.into(),
+            Value::Float(f) => serde_json::Number::from_f64(f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            Value::Str(s) => s.into(),
+            Value::Bytes(b) => b.into(),
+            Value::List(l) => l.into_iter().map(serde_json::Value::from).collect(),
+            Value::Map(m) => serde_json::Value::Object(
+                m.into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::from(v)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// A task as the agent receives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub id: String,
+    pub plugin: String,
+    pub input: Value,
+    /// Time the agent gives the task from acceptance to result.
+    pub timeout_ms: u64,
+    /// 1 for the first dispatch, then counting retries.
+    pub attempt: u32,
+}
+
+/// Server to agent, on [`topics::tasks`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// Run this task (a repeat of an id the agent has seen is answered, not rerun).
+    Task(TaskSpec),
+    /// Stop this task if it is queued or running.
+    Cancel { task_id: String },
+    /// The server has stored this result; the agent may drop it from its outbox.
+    ResultAck { task_id: String },
+}
+
+/// Why an agent refused a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// Its queue is full: route elsewhere or later.
+    Busy,
+    /// It is shutting down.
+    ShuttingDown,
+}
+
+/// Category of a task failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    UnknownPlugin,
+    InvalidInput,
+    Failed,
+    Timeout,
+    Cancelled,
+    Panicked,
+    TooLarge,
+}
+
+/// A task failure, as reported by the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Whether another attempt (maybe on another device) could succeed.
+    pub retryable: bool,
+}
+
+/// The end of one task on an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    pub task_id: String,
+    pub result: Result<Value, TaskError>,
+    /// Execution time on the agent, microseconds.
+    pub elapsed_us: u64,
+}
+
+/// Agent to server, on [`topics::results`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromAgent {
+    /// The task started running on the agent.
+    Started { task_id: String },
+    /// The agent will not run it.
+    Rejected {
+        task_id: String,
+        reason: RejectReason,
+    },
+    /// The task finished (successfully or not).
+    Finished(TaskOutcome),
+}
+
+/// A device's heartbeat, retained on [`topics::status`]. The last will is
+/// the same message with `online: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DeviceStatus {
+    pub device_id: String,
+    pub online: bool,
+    pub board: String,
+    pub agent_version: String,
+    pub plugins: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub max_concurrency: u32,
+    pub queue_capacity: u32,
+    pub running: u32,
+    pub queued: u32,
+    pub load1: f32,
+    pub mem_total_kb: u64,
+    pub mem_available_kb: u64,
+    pub rss_kb: u64,
+    pub temperature_c: Option<f32>,
+    /// How often the agent sends this, so the server knows when it is late.
+    pub heartbeat_ms: u32,
+    /// Payloads the agent could not decode since it started.
+    pub malformed: u64,
+    /// Unix time in milliseconds when sent.
+    pub sent_ms: u64,
+}
+
+/// JSON types of the external boundary (HTTP API and `openclaw/v1/submit`).
+pub mod api {
+    use serde::{Deserialize, Serialize};
+
+    /// A task submission.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    pub struct SubmitRequest {
+        /// Plugin that runs the task (`echo`, `sysinfo`, ...).
+        pub plugin: String,
+        /// Plugin input.
+        #[serde(default)]
+        pub input: serde_json::Value,
+        /// 0 (lowest) to 100 (highest); the server's default when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub priority: Option<u8>,
+        /// Run on this device only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub target: Option<String>,
+        /// Run on a device advertising this capability.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub capability: Option<String>,
+        /// Execution time limit once dispatched, milliseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub timeout_ms: Option<u64>,
+        /// Dispatch attempts before giving up (retries after device loss or retryable errors).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub max_attempts: Option<u32>,
+        /// MQTT only: topic that gets the acceptance and the final result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reply_to: Option<String>,
+        /// MQTT only: echoed back in replies so the submitter can match them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub correlation: Option<String>,
+    }
+
+    /// Task states.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+    #[serde(rename_all = "snake_case")]
+    pub enum TaskState {
+        Queued,
+        Dispatched,
+        Running,
+        Succeeded,
+        Failed,
+        TimedOut,
+        Cancelled,
+    }
+
+    impl TaskState {
+        /// Whether no further transition happens.
+        pub fn is_terminal(self) -> bool {
+            matches!(
+                self,
+                TaskState::Succeeded
+                    | TaskState::Failed
+                    | TaskState::TimedOut
+                    | TaskState::Cancelled
+            )
+        }
+        /// The stored name.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                TaskState::Queued => "queued",
+                TaskState::Dispatched => "dispatched",
+                TaskState::Running => "running",
+                TaskState::Succeeded => "succeeded",
+                TaskState::Failed => "failed",
+                TaskState::TimedOut => "timed_out",
+                TaskState::Cancelled => "cancelled",
+            }
+        }
+        /// Parses a stored name.
+        pub fn parse(s: &str) -> Option<Self> {
+            Some(match s {
+                "queued" => TaskState::Queued,
+                "dispatched" => TaskState::Dispatched,
+                "running" => TaskState::Running,
+                "succeeded" => TaskState::Succeeded,
+                "failed" => TaskState::Failed,
+                "timed_out" => TaskState::TimedOut,
+                "cancelled" => TaskState::Cancelled,
+                _ => return None,
+            })
+        }
+    }
+
+    /// Reply to a submission.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    pub struct SubmitResponse {
+        pub id: String,
+        pub state: TaskState,
+    }
+
+    /// A task as the API shows it. Times are Unix milliseconds.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    pub struct TaskView {
+        pub id: String,
+        pub plugin: String,
+        pub state: TaskState,
+        pub priority: u8,
+        pub target: Option<String>,
+        pub capability: Option<String>,
+        pub device: Option<String>,
+        pub attempts: u32,
+        pub max_attempts: u32,
+        pub timeout_ms: u64,
+        pub input: serde_json::Value,
+        pub result: Option<serde_json::Value>,
+        pub error: Option<String>,
+        pub created_ms: u64,
+        pub dispatched_ms: Option<u64>,
+        pub started_ms: Option<u64>,
+        pub finished_ms: Option<u64>,
+    }
+
+    /// A device as the API shows it.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    pub struct DeviceView {
+        pub id: String,
+        pub board: String,
+        pub online: bool,
+        pub agent_version: String,
+        pub plugins: Vec<String>,
+        pub capabilities: Vec<String>,
+        /// Tasks the server has assigned and not seen finish.
+        pub assigned: u32,
+        pub max_concurrency: u32,
+        pub queue_capacity: u32,
+        pub running: u32,
+        pub queued: u32,
+        pub load1: f32,
+        pub mem_total_kb: u64,
+        pub mem_available_kb: u64,
+        pub temperature_c: Option<f32>,
+        pub last_heartbeat_ms: u64,
+    }
+
+    /// Every error body of the API.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    pub struct ErrorBody {
+        pub error: String,
+    }
+
+    /// Message published on a submitter's `reply_to` topic.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    pub struct Reply {
+        /// `accepted`, `rejected` or a terminal state.
+        pub event: String,
+        pub id: Option<String>,
+        pub correlation: Option<String>,
+        pub result: Option<serde_json::Value>,
+        pub error: Option<String>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_every_message() {
+        let spec = TaskSpec {
+            id: "t1".into(),
+            plugin: "echo".into(),
+            input: Value::from(serde_json::json!({"a": [1, 2.5, "x", null, true]})),
+            timeout_ms: 1000,
+            attempt: 1,
+        };
+        for msg in [
+            ToAgent::Task(spec.clone()),
+            ToAgent::Cancel {
+                task_id: "t1".into(),
+            },
+            ToAgent::ResultAck {
+                task_id: "t1".into(),
+            },
+        ] {
+            let bytes = encode(&msg);
+            assert_eq!(decode::<ToAgent>(&bytes, DEFAULT_MAX_PAYLOAD).unwrap(), msg);
+        }
+        let out = FromAgent::Finished(TaskOutcome {
+            task_id: "t1".into(),
+            result: Err(TaskError {
+                kind: ErrorKind::Failed,
+                message: "boom".into(),
+                retryable: false,
+            }),
+            elapsed_us: 7,
+        });
+        assert_eq!(
+            decode::<FromAgent>(&encode(&out), DEFAULT_MAX_PAYLOAD).unwrap(),
+            out
+        );
+    }
+
+    #[test]
+    fn rejects_other_versions_oversize_and_garbage() {
+        let mut bytes = postcard::to_stdvec(&Envelope {
+            version: 9,
+            body: ToAgent::Cancel {
+                task_id: "x".into(),
+            },
+        })
+        .unwrap();
+        assert!(matches!(
+            decode::<ToAgent>(&bytes, 1024),
+            Err(ProtocolError::Version { got: 9 })
+        ));
+        bytes = encode(&ToAgent::Cancel {
+            task_id: "x".into(),
+        });
+        assert!(matches!(
+            decode::<ToAgent>(&bytes, 2),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode::<ToAgent>(&[1, 0xff, 0xff, 0xff], 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(decode::<ToAgent>(&trailing, 1024).is_err());
+        assert!(decode::<ToAgent>(&[], 1024).is_err());
+    }
+
+    #[test]
+    fn json_value_conversion_is_lossless() {
+        let j = serde_json::json!({"n": -3, "f": 1.5, "s": "ü", "l": [true, null], "m": {}});
+        assert_eq!(serde_json::Value::from(Value::from(j.clone())), j);
+    }
+
+    #[test]
+    fn topic_parsing() {
+        assert_eq!(
+            topics::parse(&topics::results("pi-1")),
+            Some(("pi-1", topics::Kind::Results))
+        );
+        assert_eq!(topics::parse("openclaw/v1/devices//status"), None);
+        assert_eq!(topics::parse("openclaw/v1/devices/a/b/status"), None);
+        assert_eq!(topics::parse("other/v1/devices/a/status"), None);
+        assert!(topics::valid_device_id("pi-1.factory_2"));
+        assert!(!topics::valid_device_id("a/b"));
+        assert!(!topics::valid_device_id("a+"));
+        assert!(!topics::valid_device_id(""));
+    }
+}

@@ -1,0 +1,90 @@
+//! The embedded MQTT broker (rumqttd). Sessions and retained messages live in
+//! its memory only, so it is transport, never the record: the server's
+//! SQLite and the agents' outboxes are what survive a restart.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Errors starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("embedded broker config: {0}")]
+    Config(String),
+    #[error("embedded broker did not start listening on {0} within 10 s")]
+    NotReady(SocketAddr),
+}
+
+/// Starts rumqttd on `host:port` (port 0 picks a free one) in its own
+/// threads and waits until it accepts connections. Returns the bound address.
+pub fn start(
+    host: &str,
+    port: u16,
+    max_payload: usize,
+    max_connections: usize,
+) -> Result<SocketAddr, BrokerError> {
+    // rumqttd logs a bind failure instead of returning it, so bind here first
+    // to give a real error (and to pick a port when asked for 0).
+    let probe = TcpListener::bind((host, port)).map_err(|source| BrokerError::Bind {
+        addr: format!("{host}:{port}"),
+        source,
+    })?;
+    let addr = probe.local_addr().map_err(|source| BrokerError::Bind {
+        addr: format!("{host}:{port}"),
+        source,
+    })?;
+    drop(probe);
+    let text = format!(
+        r#"id = 0
+[router]
+id = 0
+max_connections = {max_connections}
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "openclaw-v4"
+listen = "{addr}"
+next_connection_delay_ms = 1
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = {payload}
+max_inflight_count = 500
+dynamic_filters = true
+"#,
+        payload = max_payload + 1024,
+    );
+    let config: rumqttd::Config =
+        toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                log::error!("embedded broker stopped: {e}");
+            }
+        })
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    let connect_to = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        a => a,
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if TcpStream::connect_timeout(&connect_to, Duration::from_millis(200)).is_ok() {
+            return Ok(addr);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(BrokerError::NotReady(addr))
+}

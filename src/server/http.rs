@@ -1,0 +1,146 @@
+//! The HTTP API (axum). Every error is JSON `{"error": "..."}` with a 4xx/5xx code.
+
+use super::scheduler::{ApiError, Command, SchedulerHandle};
+use crate::protocol::api::{ErrorBody, SubmitRequest, TaskState};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::time::Duration;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        (
+            code,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// The API router.
+pub fn router(handle: SchedulerHandle, max_body: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/v1/tasks", get(list).post(submit))
+        .route("/v1/tasks/{id}", get(task).delete(cancel))
+        .route("/v1/devices", get(devices))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        // The limit is checked again below so the error is JSON like the rest.
+        .layer(DefaultBodyLimit::max(max_body.saturating_add(1)))
+        .with_state((handle, max_body))
+}
+
+type AppState = State<(SchedulerHandle, usize)>;
+
+async fn health(State((h, _)): AppState) -> Result<Response, ApiError> {
+    let health = h.ask(|resp| Command::Health { resp }).await?;
+    Ok(Json(health).into_response())
+}
+
+async fn submit(State((h, max_body)): AppState, body: Bytes) -> Result<Response, ApiError> {
+    if body.len() > max_body {
+        return Err(ApiError::TooLarge(format!(
+            "body of {} bytes exceeds the limit of {max_body} bytes",
+            body.len()
+        )));
+    }
+    let req: SubmitRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    if req.reply_to.is_some() || req.correlation.is_some() {
+        return Err(ApiError::BadRequest(
+            "`reply_to` and `correlation` are for MQTT submissions only".into(),
+        ));
+    }
+    let resp = h.ask(|resp| Command::Submit { req, resp }).await??;
+    Ok((StatusCode::ACCEPTED, Json(resp)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskQuery {
+    /// Long poll: wait up to this long for the task to finish.
+    wait_ms: Option<u64>,
+}
+
+async fn task(
+    State((h, _)): AppState,
+    Path(id): Path<String>,
+    Query(q): Query<TaskQuery>,
+) -> Result<Response, ApiError> {
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(300_000));
+    let found = if wait.is_zero() {
+        h.ask(|resp| Command::Get {
+            id: id.clone(),
+            resp,
+        })
+        .await??
+    } else {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        h.sender()
+            .send(Command::Wait {
+                id: id.clone(),
+                resp: tx,
+            })
+            .await
+            .map_err(|_| ApiError::Unavailable("scheduler is shutting down".into()))?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(r)) => r?,
+            _ => {
+                h.ask(|resp| Command::Get {
+                    id: id.clone(),
+                    resp,
+                })
+                .await??
+            }
+        }
+    };
+    match found {
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(ApiError::NotFound(format!("task {id} does not exist"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list(State((h, _)): AppState, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "unknown state `{s}` (queued, dispatched, running, succeeded, failed, timed_out, cancelled)"
+            ))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let tasks = h.ask(|resp| Command::List { state, limit, resp }).await??;
+    Ok(Json(tasks).into_response())
+}
+
+async fn cancel(State((h, _)): AppState, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let v = h.ask(|resp| Command::Cancel { id, resp }).await??;
+    Ok(Json(v).into_response())
+}
+
+async fn devices(State((h, _)): AppState) -> Result<Response, ApiError> {
+    let d = h.ask(|resp| Command::Devices { resp }).await?;
+    Ok(Json(d).into_response())
+}

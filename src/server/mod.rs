@@ -1,0 +1,156 @@
+//! The central node: embedded (or external) MQTT broker, durable SQLite
+//! store, scheduler and HTTP API.
+
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod scheduler;
+pub mod store;
+
+pub use config::ServerConfig;
+
+use crate::mqtt::{spawn_event_loop, Backoff, MqttEvent};
+use crate::protocol::topics;
+use rumqttc::{MqttOptions, QoS};
+use scheduler::{Command, Scheduler};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    HttpBind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// Where a running server can be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub http: SocketAddr,
+    /// The broker the server uses (embedded or external).
+    pub mqtt: (std::net::IpAddr, u16),
+}
+
+/// Runs the server until `shutdown` is cancelled. `ready` is called once the
+/// broker, the store and the HTTP listener are up.
+pub async fn run(
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(Endpoints),
+) -> Result<(), ServerError> {
+    let store = store::Store::open(&cfg.storage.data_dir, &cfg.storage.synchronous)?;
+    let (broker_host, broker_port) = if cfg.mqtt.embedded {
+        let host = cfg.mqtt.host.clone();
+        let (payload, conns, port) = (
+            cfg.mqtt.max_payload_bytes,
+            cfg.mqtt.max_connections,
+            cfg.mqtt.port,
+        );
+        let addr = tokio::task::spawn_blocking(move || broker::start(&host, port, payload, conns))
+            .await
+            .expect("broker start does not panic")?;
+        log::info!("embedded MQTT broker listening on {addr}");
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        (host, addr.port())
+    } else {
+        cfg.broker_addr()
+    };
+
+    let mut opts = MqttOptions::new(cfg.mqtt.client_id.clone(), broker_host.clone(), broker_port);
+    opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_secs))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_inflight(1000)
+        .set_max_packet_size(
+            cfg.mqtt.max_payload_bytes + 1024,
+            cfg.mqtt.max_payload_bytes + 1024,
+        );
+    let (client, eventloop) = crate::mqtt::client(opts, 8192);
+    let (sched, handle, rx) = Scheduler::new(
+        cfg.scheduler.clone(),
+        store,
+        client.clone(),
+        cfg.mqtt.max_payload_bytes,
+    )?;
+
+    let (mqtt_tx, mut mqtt_rx) = mpsc::channel::<MqttEvent>(8192);
+    let loop_stop = CancellationToken::new();
+    let loop_handle = spawn_event_loop(
+        eventloop,
+        client.clone(),
+        vec![
+            (topics::ALL_STATUS.to_string(), QoS::AtLeastOnce),
+            (topics::ALL_RESULTS.to_string(), QoS::AtLeastOnce),
+            (topics::SUBMIT.to_string(), QoS::AtLeastOnce),
+        ],
+        mqtt_tx,
+        Backoff::new(
+            Duration::from_millis(cfg.mqtt.reconnect_min_ms),
+            Duration::from_millis(cfg.mqtt.reconnect_max_ms),
+        ),
+        loop_stop.clone(),
+        "server".into(),
+    );
+    let to_sched = handle.sender();
+    tokio::spawn(async move {
+        while let Some(ev) = mqtt_rx.recv().await {
+            if to_sched.send(Command::Mqtt(ev)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let sched_stop = shutdown.clone();
+    let sched_task = tokio::spawn(sched.run(rx, sched_stop));
+
+    let http_addr = format!("{}:{}", cfg.http.host, cfg.http.port);
+    let listener = tokio::net::TcpListener::bind(&http_addr)
+        .await
+        .map_err(|source| ServerError::HttpBind {
+            addr: http_addr.clone(),
+            source,
+        })?;
+    let http = listener.local_addr().map_err(ServerError::Http)?;
+    log::info!("HTTP API listening on {http}");
+    let ip = broker_host
+        .parse()
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    ready(Endpoints {
+        http,
+        mqtt: (ip, broker_port),
+    });
+    let app = http::router(handle, cfg.http.max_body_bytes);
+    let stop = shutdown.clone();
+    // Clients may write headers and body separately; without NODELAY the
+    // reply waits on a delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+        .map_err(ServerError::Http)?;
+    let _ = sched_task.await;
+    let _ = client.try_disconnect();
+    if tokio::time::timeout(Duration::from_secs(2), loop_handle)
+        .await
+        .is_err()
+    {
+        loop_stop.cancel();
+    }
+    Ok(())
+}
