@@ -265,10 +265,11 @@ fn concurrent_runs_share_one_load() {
         .map(|_| {
             let engine = engine.clone();
             std::thread::spawn(move || {
-                (0..20)
-                    .map(|_| engine.run("sensor_anomaly", vec![features()]).unwrap())
-                    .last()
-                    .unwrap()
+                let mut last = Vec::new();
+                for _ in 0..20 {
+                    last = engine.run("sensor_anomaly", vec![features()]).unwrap();
+                }
+                last
             })
         })
         .collect();

@@ -38,7 +38,11 @@ impl LoadedModel {
                     ),
                     Source::Committed { script, .. } => format!("; it is committed, rebuilt by {script}"),
                 };
-                return Err(InferenceError::ModelFileMissing { model: m.name.clone(), path, hint });
+                return Err(InferenceError::ModelFileMissing {
+                    model: m.name.clone(),
+                    path,
+                    hint,
+                });
             }
             Err(source) => return Err(InferenceError::Io { path, source }),
         };
@@ -58,34 +62,47 @@ impl LoadedModel {
         let mut model = tract_onnx::onnx()
             .with_ignore_value_info(true)
             .model_for_read(&mut &bytes[..])
-            .map_err(|e| load(e))?;
+            .map_err(load)?;
         let metadata = model
             .properties
             .iter()
             .filter_map(|(k, v)| {
                 let key = k.strip_prefix("onnx.metadata_props.")?;
-                let value = v.to_plain_array_view::<String>().ok()?.iter().next()?.clone();
+                let value = v
+                    .to_plain_array_view::<String>()
+                    .ok()?
+                    .iter()
+                    .next()?
+                    .clone();
                 Some((key.to_string(), value))
             })
             .collect();
         let input_names: Vec<&str> = m.inputs.iter().map(|i| i.name.as_str()).collect();
         let output_names: Vec<&str> = m.outputs.iter().map(|o| o.name.as_str()).collect();
         // Order the graph's inputs/outputs as the manifest does, so run() can zip them.
-        model.set_input_names(&input_names).map_err(|e| {
-            InferenceError::Load { model: m.name.clone(), detail: format!("selecting inputs {input_names:?}: {e:#}") }
-        })?;
-        model.select_outputs_by_name(&output_names).map_err(|e| InferenceError::Load {
-            model: m.name.clone(),
-            detail: format!("selecting outputs {output_names:?}: {e:#}"),
-        })?;
+        model
+            .set_input_names(&input_names)
+            .map_err(|e| InferenceError::Load {
+                model: m.name.clone(),
+                detail: format!("selecting inputs {input_names:?}: {e:#}"),
+            })?;
+        model
+            .select_outputs_by_name(&output_names)
+            .map_err(|e| InferenceError::Load {
+                model: m.name.clone(),
+                detail: format!("selecting outputs {output_names:?}: {e:#}"),
+            })?;
         for (ix, (spec, shape)) in m.inputs.iter().zip(&input_shapes).enumerate() {
-            let fact = InferenceFact::dt_shape(spec.dtype.datum_type(), shape.iter().copied().collect::<TVec<_>>());
-            model.set_input_fact(ix, fact).map_err(|e| load(e))?;
+            let fact = InferenceFact::dt_shape(
+                spec.dtype.datum_type(),
+                shape.iter().copied().collect::<TVec<_>>(),
+            );
+            model.set_input_fact(ix, fact).map_err(load)?;
         }
         let plan = model
             .into_optimized()
             .and_then(|m| m.into_runnable())
-            .map_err(|e| load(e))?;
+            .map_err(load)?;
         Ok(LoadedModel {
             manifest: m,
             plan,
@@ -126,7 +143,13 @@ impl LoadedModel {
     /// manifest's name, dtype and pinned shape. Outputs come in manifest order.
     pub fn run(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
         let m = &self.manifest;
-        let expected = || m.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ");
+        let expected = || {
+            m.inputs
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         for t in &inputs {
             if !m.inputs.iter().any(|i| i.name == t.name) {
                 return Err(InferenceError::UnexpectedInput {
@@ -167,10 +190,10 @@ impl LoadedModel {
             }
             values.push(t.to_tract()?.into_tvalue());
         }
-        let outputs = self
-            .plan
-            .run(values)
-            .map_err(|e| InferenceError::Run { model: m.name.clone(), detail: format!("{e:#}") })?;
+        let outputs = self.plan.run(values).map_err(|e| InferenceError::Run {
+            model: m.name.clone(),
+            detail: format!("{e:#}"),
+        })?;
         outputs
             .iter()
             .zip(&m.outputs)
@@ -220,7 +243,12 @@ impl Engine {
     /// An engine over `repo` caching at most `cache_bytes` of models (model file
     /// sizes). A model bigger than the whole budget is loaded per call, uncached.
     pub fn new(repo: ModelRepo, cache_bytes: usize) -> Self {
-        Engine { repo, budget: cache_bytes, state: Mutex::default(), loading: Mutex::default() }
+        Engine {
+            repo,
+            budget: cache_bytes,
+            state: Mutex::default(),
+            loading: Mutex::default(),
+        }
     }
 
     /// The repository.
@@ -229,7 +257,11 @@ impl Engine {
     }
 
     /// Runs a model by name. See [`LoadedModel::run`].
-    pub fn run(&self, model: &str, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, InferenceError> {
+    pub fn run(
+        &self,
+        model: &str,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>, InferenceError> {
         self.load(model)?.run(inputs)
     }
 
@@ -252,13 +284,21 @@ impl Engine {
         st.stats.misses += 1;
         if loaded.bytes() <= self.budget {
             while st.stats.bytes + loaded.bytes() > self.budget {
-                let Some(victim) = st.entries.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) else {
+                let Some(victim) = st
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, t))| *t)
+                    .map(|(k, _)| k.clone())
+                else {
                     break;
                 };
                 if let Some((old, _)) = st.entries.remove(&victim) {
                     st.stats.bytes -= old.bytes();
                     st.stats.evictions += 1;
-                    log::debug!("inference cache: evicted `{victim}` ({} bytes)", old.bytes());
+                    log::debug!(
+                        "inference cache: evicted `{victim}` ({} bytes)",
+                        old.bytes()
+                    );
                 }
             }
             st.tick += 1;

@@ -141,9 +141,15 @@ impl InferenceError {
         let detail = format!("{err:#}");
         let lower = detail.to_ascii_lowercase();
         if lower.contains("unimplemented") || lower.contains("not supported") {
-            InferenceError::UnsupportedOp { model: model.to_string(), detail }
+            InferenceError::UnsupportedOp {
+                model: model.to_string(),
+                detail,
+            }
         } else {
-            InferenceError::Load { model: model.to_string(), detail }
+            InferenceError::Load {
+                model: model.to_string(),
+                detail,
+            }
         }
     }
 }

@@ -76,11 +76,12 @@ impl InputSpec {
             .iter()
             .map(|d| match d {
                 Dim::Fixed(n) => Ok(*n),
-                Dim::Symbol(s) => self
-                    .pin
-                    .get(s)
-                    .copied()
-                    .ok_or_else(|| format!("input `{}`: symbolic dimension `{s}` has no pinned value", self.name)),
+                Dim::Symbol(s) => self.pin.get(s).copied().ok_or_else(|| {
+                    format!(
+                        "input `{}`: symbolic dimension `{s}` has no pinned value",
+                        self.name
+                    )
+                }),
             })
             .collect()
     }
@@ -158,23 +159,41 @@ impl ModelManifest {
     /// Reads and validates one manifest file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, InferenceError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| InferenceError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| InferenceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates manifest text; `path` is only used in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, InferenceError> {
-        let bad = |message: String| InferenceError::Manifest { path: path.to_path_buf(), message };
+        let bad = |message: String| InferenceError::Manifest {
+            path: path.to_path_buf(),
+            message,
+        };
         let m: ModelManifest = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
-        if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-            return Err(bad(format!("model `{}`: sha256 must be 64 lowercase hex digits", m.name)));
+        if m.sha256.len() != 64
+            || !m
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(bad(format!(
+                "model `{}`: sha256 must be 64 lowercase hex digits",
+                m.name
+            )));
         }
         if m.inputs.is_empty() || m.outputs.is_empty() {
-            return Err(bad(format!("model `{}`: needs at least one input and one output", m.name)));
+            return Err(bad(format!(
+                "model `{}`: needs at least one input and one output",
+                m.name
+            )));
         }
         for input in &m.inputs {
-            input.concrete_shape().map_err(|e| bad(format!("model `{}`: {e}", m.name)))?;
+            input
+                .concrete_shape()
+                .map_err(|e| bad(format!("model `{}`: {e}", m.name)))?;
         }
         Ok(m)
     }
@@ -182,7 +201,10 @@ impl ModelManifest {
     /// Concrete (pinned) input shapes, in input order.
     pub fn input_shapes(&self) -> Vec<Vec<usize>> {
         // Validated at parse time.
-        self.inputs.iter().map(|i| i.concrete_shape().unwrap_or_default()).collect()
+        self.inputs
+            .iter()
+            .map(|i| i.concrete_shape().unwrap_or_default())
+            .collect()
     }
 }
 
@@ -197,7 +219,10 @@ impl ModelRepo {
     /// Reads every `*.toml` in `dir`. Fails on a malformed manifest or a duplicate name.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, InferenceError> {
         let dir = dir.as_ref().to_path_buf();
-        let io = |source| InferenceError::Io { path: dir.clone(), source };
+        let io = |source| InferenceError::Io {
+            path: dir.clone(),
+            source,
+        };
         let mut paths = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io)? {
             let p = entry.map_err(io)?.path();
@@ -222,7 +247,10 @@ impl ModelRepo {
 
     /// A repository built from manifests already in memory (tests, embedded use).
     pub fn from_manifests(dir: impl Into<PathBuf>, manifests: Vec<ModelManifest>) -> Self {
-        ModelRepo { dir: dir.into(), models: manifests.into_iter().map(|m| (m.name.clone(), m)).collect() }
+        ModelRepo {
+            dir: dir.into(),
+            models: manifests.into_iter().map(|m| (m.name.clone(), m)).collect(),
+        }
     }
 
     /// The repository directory.
@@ -239,10 +267,12 @@ impl ModelRepo {
 
     /// The manifest of a model.
     pub fn get(&self, name: &str) -> Result<&ModelManifest, InferenceError> {
-        self.models.get(name).ok_or_else(|| InferenceError::UnknownModel {
-            name: name.to_string(),
-            known: self.names().join(", "),
-        })
+        self.models
+            .get(name)
+            .ok_or_else(|| InferenceError::UnknownModel {
+                name: name.to_string(),
+                known: self.names().join(", "),
+            })
     }
 
     /// Absolute-or-relative path of a model's file.

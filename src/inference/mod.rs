@@ -16,12 +16,14 @@
 mod engine;
 mod error;
 mod manifest;
-mod tensor;
 pub mod post;
+mod tensor;
 pub mod vad;
 pub mod wav;
 
 pub use engine::{CacheStats, Engine, LoadedModel};
 pub use error::InferenceError;
-pub use manifest::{Dim, InputSpec, ModelManifest, ModelRepo, OutputSpec, PostKind, PostProcess, Precision, Source};
+pub use manifest::{
+    Dim, InputSpec, ModelManifest, ModelRepo, OutputSpec, PostKind, PostProcess, Precision, Source,
+};
 pub use tensor::{DType, NamedTensor, TensorData};

@@ -28,7 +28,15 @@ pub fn argmax_rows(t: &NamedTensor) -> Vec<(usize, f32)> {
     values
         .chunks(width)
         .map(|row| {
-            row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
         })
         .collect()
 }
@@ -63,7 +71,10 @@ pub fn ctc_greedy(t: &NamedTensor, dictionary: &[String]) -> (String, f32) {
 /// PP-OCR does, `(v / 255 - 0.5) / 0.5`, replicated to 3 channels: `[1, 3, h, w]` data.
 pub fn gray_to_nchw(pixels: &[u8], height: usize, width: usize) -> Vec<f32> {
     assert_eq!(pixels.len(), height * width, "gray image size");
-    let plane: Vec<f32> = pixels.iter().map(|&v| ((v as f64 / 255.0 - 0.5) / 0.5) as f32).collect();
+    let plane: Vec<f32> = pixels
+        .iter()
+        .map(|&v| ((v as f64 / 255.0 - 0.5) / 0.5) as f32)
+        .collect();
     let mut out = Vec::with_capacity(3 * plane.len());
     for _ in 0..3 {
         out.extend_from_slice(&plane);

@@ -134,7 +134,12 @@ pub struct NamedTensor {
 impl NamedTensor {
     /// Builds a tensor, taking the dtype from the data.
     pub fn new(name: impl Into<String>, shape: Vec<usize>, data: TensorData) -> Self {
-        NamedTensor { name: name.into(), dtype: data.dtype(), shape, data }
+        NamedTensor {
+            name: name.into(),
+            dtype: data.dtype(),
+            shape,
+            data,
+        }
     }
 
     /// An f32 tensor.
@@ -168,7 +173,11 @@ impl NamedTensor {
         if self.dtype != self.data.dtype() {
             return Err(InferenceError::BadTensor {
                 tensor: self.name.clone(),
-                message: format!("dtype says {} but data is {}", self.dtype, self.data.dtype()),
+                message: format!(
+                    "dtype says {} but data is {}",
+                    self.dtype,
+                    self.data.dtype()
+                ),
             });
         }
         let want: usize = self.shape.iter().product();
@@ -202,21 +211,31 @@ impl NamedTensor {
             TensorData::U8(v) => Tensor::from_shape(s, v),
             TensorData::Bool(v) => Tensor::from_shape(s, v),
         };
-        t.map_err(|e| InferenceError::BadTensor { tensor: self.name.clone(), message: format!("{e:#}") })
+        t.map_err(|e| InferenceError::BadTensor {
+            tensor: self.name.clone(),
+            message: format!("{e:#}"),
+        })
     }
 
     /// Converts a tract tensor, naming it.
     pub fn from_tract(name: impl Into<String>, t: &Tensor) -> Result<Self, InferenceError> {
         let name = name.into();
-        let bad = |e: TractError| InferenceError::BadTensor { tensor: name.clone(), message: format!("{e:#}") };
+        let bad = |e: TractError| InferenceError::BadTensor {
+            tensor: name.clone(),
+            message: format!("{e:#}"),
+        };
         fn collect<T: Datum + Copy>(t: &Tensor) -> TractResult<Vec<T>> {
             Ok(t.to_plain_array_view::<T>()?.iter().copied().collect())
         }
         let data = match t.datum_type() {
             DatumType::F32 => TensorData::F32(collect(t).map_err(bad)?),
-            DatumType::F16 => {
-                TensorData::F16(collect::<f16>(t).map_err(bad)?.into_iter().map(|h| h.to_bits()).collect())
-            }
+            DatumType::F16 => TensorData::F16(
+                collect::<f16>(t)
+                    .map_err(bad)?
+                    .into_iter()
+                    .map(|h| h.to_bits())
+                    .collect(),
+            ),
             DatumType::I64 => TensorData::I64(collect(t).map_err(bad)?),
             DatumType::I32 => TensorData::I32(collect(t).map_err(bad)?),
             DatumType::I8 => TensorData::I8(collect(t).map_err(bad)?),

@@ -38,7 +38,13 @@ pub struct VadParams {
 
 impl Default for VadParams {
     fn default() -> Self {
-        VadParams { threshold: 0.5, neg_threshold: None, min_speech_ms: 250, min_silence_ms: 100, speech_pad_ms: 30 }
+        VadParams {
+            threshold: 0.5,
+            neg_threshold: None,
+            min_speech_ms: 250,
+            min_silence_ms: 100,
+            speech_pad_ms: 30,
+        }
     }
 }
 
@@ -46,16 +52,34 @@ impl Default for VadParams {
 ///
 /// Frames go through the model in batches of the manifest's pinned
 /// `sequence_length`, carrying the LSTM state between batches.
-pub fn probabilities(engine: &Engine, model: &str, pcm_f32_16k: &[f32]) -> Result<Vec<f32>, InferenceError> {
+pub fn probabilities(
+    engine: &Engine,
+    model: &str,
+    pcm_f32_16k: &[f32],
+) -> Result<Vec<f32>, InferenceError> {
     let loaded = engine.load(model)?;
-    let bad = |what: String| InferenceError::Run { model: model.to_string(), detail: what };
+    let bad = |what: String| InferenceError::Run {
+        model: model.to_string(),
+        detail: what,
+    };
     let batch = match loaded.input_shapes().first().map(Vec::as_slice) {
         Some([n, w]) if *w == CONTEXT + WINDOW && *n > 0 => *n,
-        other => return Err(bad(format!("input 0 has shape {other:?}, expected [n, {}]", CONTEXT + WINDOW))),
+        other => {
+            return Err(bad(format!(
+                "input 0 has shape {other:?}, expected [n, {}]",
+                CONTEXT + WINDOW
+            )))
+        }
     };
     let windows = pcm_f32_16k.len().div_ceil(WINDOW);
     // frame i = last CONTEXT samples before window i (zeros at the start) + window i.
-    let sample = |i: isize| if i >= 0 { pcm_f32_16k.get(i as usize).copied().unwrap_or(0.0) } else { 0.0 };
+    let sample = |i: isize| {
+        if i >= 0 {
+            pcm_f32_16k.get(i as usize).copied().unwrap_or(0.0)
+        } else {
+            0.0
+        }
+    };
     let (mut h, mut c) = (vec![0f32; 128], vec![0f32; 128]);
     let mut probs = Vec::with_capacity(windows);
     let mut frames = vec![0f32; batch * (CONTEXT + WINDOW)];
@@ -72,7 +96,10 @@ pub fn probabilities(engine: &Engine, model: &str, pcm_f32_16k: &[f32]) -> Resul
             NamedTensor::f32("c", vec![1, 1, 128], c),
         ])?;
         let get = |i: usize, len: usize| {
-            out.get(i).and_then(|t| t.as_f32()).filter(|v| v.len() == len).map(<[f32]>::to_vec)
+            out.get(i)
+                .and_then(|t| t.as_f32())
+                .filter(|v| v.len() == len)
+                .map(<[f32]>::to_vec)
         };
         let p = get(0, batch).ok_or_else(|| bad(format!("output 0 is not {batch} f32")))?;
         h = get(1, 128).ok_or_else(|| bad("output `hn` is not 1x1x128 f32".into()))?;
@@ -102,7 +129,11 @@ pub fn segments_with(
 pub fn segments_from_probs(probs: &[f32], audio_len: usize, p: &VadParams) -> Vec<Segment> {
     let neg = p.neg_threshold.unwrap_or((p.threshold - 0.15).max(0.01));
     let ms = |v: u32| SR as usize * v as usize / 1000;
-    let (min_speech, min_silence, pad) = (ms(p.min_speech_ms), ms(p.min_silence_ms), ms(p.speech_pad_ms));
+    let (min_speech, min_silence, pad) = (
+        ms(p.min_speech_ms),
+        ms(p.min_silence_ms),
+        ms(p.speech_pad_ms),
+    );
     let mut spans: Vec<(usize, usize)> = Vec::new();
     let mut start: Option<usize> = None;
     let mut temp_end = 0usize;
@@ -153,5 +184,11 @@ pub fn segments_from_probs(probs: &[f32], audio_len: usize, p: &VadParams) -> Ve
             spans[i].1 = (spans[i].1 + pad).min(audio_len);
         }
     }
-    spans.into_iter().map(|(s, e)| Segment { start_s: s as f32 / SR, end_s: e as f32 / SR }).collect()
+    spans
+        .into_iter()
+        .map(|(s, e)| Segment {
+            start_s: s as f32 / SR,
+            end_s: e as f32 / SR,
+        })
+        .collect()
 }

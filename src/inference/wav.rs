@@ -36,8 +36,10 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 /// Reads a WAV file into f32 samples in [-1, 1].
 pub fn read_wav(path: impl AsRef<Path>) -> Result<Vec<f32>, WavError> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path)
-        .map_err(|e| WavError::Io { path: path.display().to_string(), message: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| WavError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     parse_wav(&bytes)
 }
 
@@ -64,7 +66,12 @@ pub fn parse_wav(bytes: &[u8]) -> Result<Vec<f32>, WavError> {
                 if format == 0xFFFE && end - body >= 26 {
                     format = u16_at(bytes, body + 24);
                 }
-                fmt = Some((format, u16_at(bytes, body + 2), u32_at(bytes, body + 4), u16_at(bytes, body + 14)));
+                fmt = Some((
+                    format,
+                    u16_at(bytes, body + 2),
+                    u32_at(bytes, body + 4),
+                    u16_at(bytes, body + 14),
+                ));
             }
             b"data" => {
                 let (format, channels, rate, bits) =
@@ -83,10 +90,15 @@ pub fn parse_wav(bytes: &[u8]) -> Result<Vec<f32>, WavError> {
                         .chunks_exact(2)
                         .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32 / 32768.0)
                         .collect()),
-                    (3, 32) => Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+                    (3, 32) => Ok(data
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()),
                     (1, b) => Err(WavError::Unsupported(format!("{b}-bit integer PCM"))),
                     (3, b) => Err(WavError::Unsupported(format!("{b}-bit float"))),
-                    (f, _) => Err(WavError::Unsupported(format!("format tag {f:#06x} (compressed?)"))),
+                    (f, _) => Err(WavError::Unsupported(format!(
+                        "format tag {f:#06x} (compressed?)"
+                    ))),
                 };
             }
             _ => {}
