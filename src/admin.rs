@@ -161,8 +161,7 @@ pub fn init(dir: &Path, model_path: &Path, force: bool) -> Result<Vec<PathBuf>, 
         &agent,
         format!(
             "# OpenClaw agent. Every key is optional; see `openclaw-agent --print-config`.\n\
-             board = \"sim\"\ndata_dir = {:?}\n# Models the agent may load (manifests + files).\n\
-             # model_path = {:?}\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:1883\"\n\n\
+             board = \"sim\"\ndata_dir = {:?}\n# Local models live in {:?} (manifests + files).\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:1883\"\n\n\
              [plugins.echo]\n[plugins.sysinfo]\n",
             data.join("agent").display().to_string(),
             model_path.display().to_string()

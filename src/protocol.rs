@@ -202,7 +202,7 @@ pub struct TaskSpec {
     pub id: String,
     pub plugin: String,
     pub input: Value,
-    /// Time the agent gives the task from acceptance to result.
+    /// Time the agent gives the task once it starts running it.
     pub timeout_ms: u64,
     /// 1 for the first dispatch, then counting retries.
     pub attempt: u32,
@@ -321,7 +321,8 @@ pub mod api {
         /// Run on a device advertising this capability.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub capability: Option<String>,
-        /// Execution time limit once dispatched, milliseconds.
+        /// Execution time limit, milliseconds, counted from the moment the
+        /// agent starts the task (the server adds a grace period for transport).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub timeout_ms: Option<u64>,
         /// Dispatch attempts before giving up (retries after device loss or retryable errors).
@@ -435,6 +436,8 @@ pub mod api {
         pub mem_available_kb: u64,
         pub temperature_c: Option<f32>,
         pub last_heartbeat_ms: u64,
+        /// Payloads the agent could not decode since it started.
+        pub malformed: u64,
     }
 
     /// Every error body of the API.

@@ -37,8 +37,12 @@ pub struct MqttSection {
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
     pub heartbeat_ms: u64,
-    pub max_concurrency: u32,
-    pub queue_capacity: u32,
+    /// Tasks run at once; the board profile's limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Tasks waiting beyond those running; the board profile's limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_capacity: Option<u32>,
     pub result_resend_ms: u64,
     pub ledger_size: usize,
 }
@@ -98,7 +102,14 @@ impl AgentConfig {
                 "must be at least 100",
             ));
         }
-        if self.agent.queue_capacity > crate::boards::MAX_QUEUE_CAPACITY {
+        if self.agent.max_concurrency == Some(0) {
+            return Err(ConfigError::invalid(
+                file,
+                "agent.max_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.agent.queue_capacity.unwrap_or(0) > crate::boards::MAX_QUEUE_CAPACITY {
             return Err(ConfigError::invalid(
                 file,
                 "agent.queue_capacity",

@@ -79,17 +79,11 @@ impl Agent {
 
     /// Effective (max_concurrency, queue_capacity): config if set, else board limits.
     pub fn limits(&self) -> (usize, usize) {
-        let pick = |c: u32, b: u32| if c > 0 { c } else { b } as usize;
+        let a = &self.cfg.agent;
+        let limits = &self.board.limits;
         (
-            pick(
-                self.cfg.agent.max_concurrency,
-                self.board.limits.max_concurrency,
-            ),
-            pick(
-                self.cfg.agent.queue_capacity,
-                self.board.limits.queue_capacity,
-            )
-            .min(INBOX),
+            a.max_concurrency.unwrap_or(limits.max_concurrency) as usize,
+            (a.queue_capacity.unwrap_or(limits.queue_capacity) as usize).min(INBOX),
         )
     }
 

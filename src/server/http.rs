@@ -3,6 +3,7 @@
 use super::scheduler::{ApiError, Command, SchedulerHandle};
 use crate::protocol::api::{ErrorBody, SubmitRequest, TaskState};
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -39,8 +40,15 @@ pub fn router(handle: SchedulerHandle, max_body: usize) -> Router {
         .route("/v1/tasks/{id}", get(task).delete(cancel))
         .route("/v1/devices", get(devices))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
-        // The limit is checked again below so the error is JSON like the rest.
-        .layer(DefaultBodyLimit::max(max_body.saturating_add(1)))
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(ErrorBody {
+                    error: "method not allowed on this endpoint".into(),
+                }),
+            )
+        })
+        .layer(DefaultBodyLimit::max(max_body))
         .with_state((handle, max_body))
 }
 
@@ -51,13 +59,16 @@ async fn health(State((h, _)): AppState) -> Result<Response, ApiError> {
     Ok(Json(health).into_response())
 }
 
-async fn submit(State((h, max_body)): AppState, body: Bytes) -> Result<Response, ApiError> {
-    if body.len() > max_body {
-        return Err(ApiError::TooLarge(format!(
-            "body of {} bytes exceeds the limit of {max_body} bytes",
-            body.len()
-        )));
-    }
+async fn submit(
+    State((h, max_body)): AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(format!("body exceeds the limit of {max_body} bytes"))
+        }
+        _ => ApiError::BadRequest(format!("cannot read the body: {e}")),
+    })?;
     let req: SubmitRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     if req.reply_to.is_some() || req.correlation.is_some() {
@@ -79,8 +90,9 @@ struct TaskQuery {
 async fn task(
     State((h, _)): AppState,
     Path(id): Path<String>,
-    Query(q): Query<TaskQuery>,
+    q: Result<Query<TaskQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(300_000));
     let found = if wait.is_zero() {
         h.ask(|resp| Command::Get {
@@ -121,7 +133,11 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list(State((h, _)): AppState, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list(
+    State((h, _)): AppState,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
     let state = match q.state.as_deref() {
         None => None,
         Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
@@ -143,4 +159,8 @@ async fn cancel(State((h, _)): AppState, Path(id): Path<String>) -> Result<Respo
 async fn devices(State((h, _)): AppState) -> Result<Response, ApiError> {
     let d = h.ask(|resp| Command::Devices { resp }).await?;
     Ok(Json(d).into_response())
+}
+
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::BadRequest(format!("invalid query string: {}", e.body_text()))
 }

@@ -173,6 +173,7 @@ impl Device {
             mem_available_kb: s.mem_available_kb,
             temperature_c: s.temperature_c,
             last_heartbeat_ms: self.last_seen_ms,
+            malformed: s.malformed,
         }
     }
 }
@@ -301,10 +302,11 @@ impl Scheduler {
         for effect in std::mem::take(&mut self.effects) {
             match effect {
                 Effect::Reply(f) => f(committed),
+                // Nothing leaves unless it is on disk: an uncommitted batch
+                // answers its clients with errors and tells MQTT nothing.
+                _ if !committed => {}
                 Effect::Ack(p) => {
-                    if committed {
-                        let _ = self.client.try_ack(&p);
-                    }
+                    let _ = self.client.try_ack(&p);
                 }
                 Effect::Publish {
                     topic,
@@ -312,9 +314,6 @@ impl Scheduler {
                     retain,
                     dispatch_of,
                 } => {
-                    if !committed && dispatch_of.is_some() {
-                        continue;
-                    }
                     if let Err(e) =
                         self.client
                             .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
@@ -378,7 +377,10 @@ impl Scheduler {
             }
             Command::Wait { id, resp } => {
                 if self.tasks.contains_key(&id) {
-                    self.waiters.entry(id).or_default().push(resp);
+                    let waiters = self.waiters.entry(id).or_default();
+                    // Drop waiters whose HTTP request already gave up.
+                    waiters.retain(|w| !w.is_closed());
+                    waiters.push(resp);
                 } else {
                     let v = self
                         .store
@@ -810,8 +812,12 @@ impl Scheduler {
             busy_until: None,
         });
         let was_online = dev.online;
-        dev.status = s;
         dev.online = online;
+        // A last will carries no plugin list or limits: keep what the device
+        // last told us, so tasks for it still queue while it is away.
+        if online {
+            dev.status = s;
+        }
         dev.last_seen = now;
         dev.last_seen_ms = now_ms;
         if online && !was_online {
@@ -847,6 +853,13 @@ impl Scheduler {
                     {
                         t.row.state = TaskState::Running;
                         t.row.started_ms = Some(crate::now_ms());
+                        // The agent's clock for the task starts now, so ours restarts too.
+                        t.deadline = Some(
+                            Instant::now()
+                                + Duration::from_millis(
+                                    t.row.timeout_ms + self.cfg.timeout_grace_ms,
+                                ),
+                        );
                         let row = t.row.clone();
                         self.store.save(&row)?;
                     }

@@ -1,0 +1,313 @@
+//! Test harness: real server, agent and mosquitto processes on loopback.
+#![allow(dead_code)]
+
+use openclaw::admin::Client;
+use openclaw::protocol::api::{DeviceView, SubmitRequest, TaskState, TaskView};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A free loopback port: bound on 127.0.0.1:0, then released for a child
+/// process that needs a concrete number (mosquitto, a restart on the same port).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn kill(child: &mut Child) {
+    // SIGKILL: no goodbye, like a power cut.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running `openclaw-server` process.
+pub struct Server {
+    child: Child,
+    pub http: String,
+    pub http_port: u16,
+    pub mqtt_port: u16,
+    pub data_dir: PathBuf,
+    pub client: Client,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server with the embedded broker on free ports.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::spawn(data_dir, 0, Some(0), extra)
+    }
+
+    /// Starts a server using an external broker.
+    pub fn start_with_broker(data_dir: &Path, broker_port: u16, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.push("--broker".into());
+        args.push(format!("mqtt://127.0.0.1:{broker_port}"));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut s = Self::spawn(data_dir, 0, None, &refs);
+        s.mqtt_port = broker_port;
+        s
+    }
+
+    fn spawn(data_dir: &Path, http_port: u16, mqtt_port: Option<u16>, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_openclaw-server"));
+        cmd.arg("--host")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(http_port.to_string())
+            .arg("--data-dir")
+            .arg(data_dir);
+        if let Some(p) = mqtt_port {
+            cmd.arg("--mqtt-port").arg(p.to_string());
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info,rumqttd=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn openclaw-server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server printed no ready line within 30 s");
+        assert!(line.starts_with("openclaw-server ready"), "{line}");
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap()
+                .to_string()
+        };
+        let http = field("http=");
+        let mqtt = field("mqtt=");
+        let http_port = http.rsplit(':').next().unwrap().parse().unwrap();
+        let mqtt_port = mqtt.rsplit(':').next().unwrap().parse().unwrap();
+        let url = format!("http://{http}");
+        Server {
+            child,
+            client: Client::new(&url),
+            http: url,
+            http_port,
+            mqtt_port,
+            data_dir: data_dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// SIGKILLs and starts it again on the same ports and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        let extra: Vec<String> = self.extra.clone();
+        let refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let embedded = !refs.contains(&"--broker");
+        let next = Self::spawn(
+            &self.data_dir.clone(),
+            self.http_port,
+            embedded.then_some(self.mqtt_port),
+            &refs,
+        );
+        let old = std::mem::replace(self, next);
+        drop(old); // already killed and reaped
+    }
+
+    pub fn broker(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+
+    /// Submits and returns the task id.
+    pub fn submit(&self, req: SubmitRequest) -> String {
+        self.client.submit(&req).expect("submit").id
+    }
+
+    /// Waits for a terminal state.
+    pub fn wait(&self, id: &str) -> TaskView {
+        let t = self
+            .client
+            .wait(id, Duration::from_secs(60))
+            .expect("wait for task");
+        assert!(t.state.is_terminal(), "task {id} still {:?}", t.state);
+        t
+    }
+
+    /// Waits until `pred` holds for the device list.
+    pub fn wait_devices(&self, what: &str, pred: impl Fn(&[DeviceView]) -> bool) {
+        let start = Instant::now();
+        loop {
+            if let Ok(d) = self.client.devices() {
+                if pred(&d) {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_online(&self, id: &str) {
+        self.wait_devices(&format!("{id} online"), |d| {
+            d.iter().any(|d| d.id == id && d.online)
+        });
+    }
+
+    pub fn wait_offline(&self, id: &str) {
+        self.wait_devices(&format!("{id} offline"), |d| {
+            d.iter().any(|d| d.id == id && !d.online)
+        });
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A running `openclaw-agent` process.
+pub struct Agent {
+    child: Child,
+    pub id: String,
+}
+
+impl Agent {
+    /// Starts an agent with fast heartbeats; `config` is extra TOML.
+    pub fn start(dir: &Path, id: &str, broker: &str, config: &str) -> Agent {
+        let data = dir.join(format!("agent-{id}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let cfg = data.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[mqtt]\nkeep_alive_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\
+                 [agent]\nheartbeat_ms = 300\nresult_resend_ms = 500\n{config}\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_openclaw-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--id")
+            .arg(id)
+            .arg("--broker")
+            .arg(broker)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--board")
+            .arg("sim")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn openclaw-agent");
+        Agent {
+            child,
+            id: id.to_string(),
+        }
+    }
+
+    /// SIGKILLs the agent.
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// SIGTERM: a graceful stop (publishes its offline status).
+    pub fn stop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A real mosquitto broker on a free loopback port.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed: run scripts/test.sh (apt-get install mosquitto)");
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+                 persistence false\nmax_packet_size 2000000\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto { child, port }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A submission with defaults.
+pub fn task(plugin: &str, input: serde_json::Value) -> SubmitRequest {
+    SubmitRequest {
+        plugin: plugin.into(),
+        input,
+        priority: None,
+        target: None,
+        capability: None,
+        timeout_ms: None,
+        max_attempts: None,
+        reply_to: None,
+        correlation: None,
+    }
+}
+
+pub fn succeeded(t: &TaskView) -> bool {
+    t.state == TaskState::Succeeded
+}
