@@ -7,6 +7,8 @@
 //! misbehaving plugin fails its task, not the agent.
 
 mod echo;
+#[cfg(feature = "inference")]
+pub mod infer;
 pub mod sysinfo;
 
 use crate::boards::Board;
@@ -111,6 +113,8 @@ impl Registry {
         board: &Board,
     ) -> Result<Registry, PluginError> {
         let mut reg = Registry::default();
+        #[cfg(feature = "inference")]
+        let mut engines = Vec::new();
         for (name, table) in config {
             let enabled = match table.get("enabled") {
                 None => true,
@@ -129,6 +133,8 @@ impl Registry {
             let plugin: Arc<dyn Plugin> = match name.as_str() {
                 "echo" => Arc::new(Echo::from_config(table)?),
                 "sysinfo" => Arc::new(SysInfo::from_config(table, board)?),
+                #[cfg(feature = "inference")]
+                "infer" | "vad" => infer::build(name, table, board, &mut engines)?,
                 other => return Err(PluginError::Unknown(other.to_string())),
             };
             reg.add(plugin)?;

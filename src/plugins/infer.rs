@@ -1,0 +1,562 @@
+//! `infer` and `vad`: on-device inference through [`crate::inference`].
+//!
+//! Both share one [`Engine`] per model directory, so a model loaded for one
+//! task is reused by the next. Runs are CPU-bound and go to tokio's blocking
+//! pool so the agent's event loop never waits on a model.
+
+use super::{check_keys, Plugin, PluginError, TaskContext};
+use crate::boards::Board;
+use crate::inference::{vad, wav, DType, Engine, ModelRepo, NamedTensor, TensorData};
+use crate::protocol::Value;
+use async_trait::async_trait;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+/// Settings shared by `infer` and `vad`.
+pub(crate) struct EngineConfig {
+    pub models_dir: PathBuf,
+    pub cache_bytes: usize,
+}
+
+fn config_err(plugin: &str, key: &str, message: impl Into<String>) -> PluginError {
+    PluginError::Config {
+        plugin: plugin.into(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn string_key(
+    plugin: &str,
+    config: &toml::Table,
+    key: &str,
+) -> Result<Option<String>, PluginError> {
+    match config.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(config_err(
+            plugin,
+            key,
+            format!("expected a string, found {v}"),
+        )),
+    }
+}
+
+impl EngineConfig {
+    pub(crate) fn from_config(
+        plugin: &str,
+        config: &toml::Table,
+        board: &Board,
+    ) -> Result<EngineConfig, PluginError> {
+        let models_dir = PathBuf::from(
+            string_key(plugin, config, "models_dir")?.unwrap_or_else(|| "models".into()),
+        );
+        let cache_bytes = match config.get("cache_bytes") {
+            None => board.limits.model_cache_bytes as usize,
+            Some(toml::Value::Integer(i)) if *i > 0 => *i as usize,
+            Some(v) => {
+                return Err(config_err(
+                    plugin,
+                    "cache_bytes",
+                    format!("expected a positive integer, found {v}"),
+                ))
+            }
+        };
+        Ok(EngineConfig {
+            models_dir,
+            cache_bytes,
+        })
+    }
+
+    pub(crate) fn open(&self, plugin: &str) -> Result<Arc<Engine>, PluginError> {
+        let repo = ModelRepo::open(&self.models_dir)
+            .map_err(|e| config_err(plugin, "models_dir", e.to_string()))?;
+        Ok(Arc::new(Engine::new(repo, self.cache_bytes)))
+    }
+}
+
+fn invalid(plugin: &str, field: &str, message: impl Into<String>) -> PluginError {
+    PluginError::InvalidInput {
+        plugin: plugin.into(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn failed(plugin: &str, message: impl Into<String>) -> PluginError {
+    PluginError::Failed {
+        plugin: plugin.into(),
+        message: message.into(),
+        retryable: false,
+    }
+}
+
+/// Runs blocking model work off the async threads, honouring cancellation.
+async fn blocking<T: Send + 'static>(
+    plugin: &str,
+    task: &TaskContext,
+    f: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, PluginError> {
+    let handle = tokio::task::spawn_blocking(f);
+    tokio::select! {
+        r = handle => r.map_err(|e| failed(plugin, format!("model run aborted: {e}")))?,
+        _ = task.cancel.cancelled() => Err(PluginError::Cancelled(plugin.into())),
+    }
+}
+
+/// The generic `infer` plugin: named tensors in, named tensors out.
+pub struct Infer {
+    engine: Arc<Engine>,
+    models: Vec<String>,
+}
+
+impl Infer {
+    /// Config keys: `models_dir` (default `models`), `cache_bytes` (default:
+    /// the board's `model_cache_bytes`).
+    pub fn new(engine: Arc<Engine>, board: &Board) -> Infer {
+        Infer {
+            engine,
+            models: board.models.clone(),
+        }
+    }
+}
+
+fn tensor_from_value(v: &Value, i: usize) -> Result<NamedTensor, PluginError> {
+    let field = |k: &str| format!("inputs[{i}].{k}");
+    let name = match v.get("name") {
+        Some(Value::Str(s)) => s.clone(),
+        _ => return Err(invalid("infer", &field("name"), "expected a string")),
+    };
+    let dtype = match v.get("dtype") {
+        None => DType::F32,
+        Some(Value::Str(s)) => match s.as_str() {
+            "f32" => DType::F32,
+            "i64" => DType::I64,
+            "i32" => DType::I32,
+            "u8" => DType::U8,
+            "i8" => DType::I8,
+            "bool" => DType::Bool,
+            other => {
+                return Err(invalid(
+                    "infer",
+                    &field("dtype"),
+                    format!("`{other}` is not one of f32, i64, i32, u8, i8, bool"),
+                ))
+            }
+        },
+        _ => return Err(invalid("infer", &field("dtype"), "expected a string")),
+    };
+    let shape: Vec<usize> = match v.get("shape") {
+        Some(Value::List(dims)) => dims
+            .iter()
+            .map(|d| match d {
+                Value::Int(n) if *n >= 0 => Ok(*n as usize),
+                _ => Err(invalid(
+                    "infer",
+                    &field("shape"),
+                    "dimensions must be non-negative integers",
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(invalid(
+                "infer",
+                &field("shape"),
+                "expected a list of integers",
+            ))
+        }
+    };
+    let nums: Vec<f64> = match v.get("data") {
+        Some(Value::List(xs)) => xs
+            .iter()
+            .map(|x| match x {
+                Value::Int(n) => Ok(*n as f64),
+                Value::Float(f) => Ok(*f),
+                Value::Bool(b) => Ok(*b as u8 as f64),
+                _ => Err(invalid("infer", &field("data"), "expected numbers")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(Value::Bytes(b)) if dtype == DType::U8 => b.iter().map(|x| *x as f64).collect(),
+        _ => {
+            return Err(invalid(
+                "infer",
+                &field("data"),
+                "expected a list of numbers",
+            ))
+        }
+    };
+    let want: usize = shape.iter().product();
+    if nums.len() != want {
+        return Err(invalid(
+            "infer",
+            &field("data"),
+            format!(
+                "{} values for shape {shape:?} ({want} expected)",
+                nums.len()
+            ),
+        ));
+    }
+    let data = match dtype {
+        DType::F32 => TensorData::F32(nums.iter().map(|x| *x as f32).collect()),
+        DType::I64 => TensorData::I64(nums.iter().map(|x| *x as i64).collect()),
+        DType::I32 => TensorData::I32(nums.iter().map(|x| *x as i32).collect()),
+        DType::U8 => TensorData::U8(nums.iter().map(|x| *x as u8).collect()),
+        DType::I8 => TensorData::I8(nums.iter().map(|x| *x as i8).collect()),
+        DType::Bool => TensorData::Bool(nums.iter().map(|x| *x != 0.0).collect()),
+        DType::F16 => unreachable!("not accepted above"),
+    };
+    Ok(NamedTensor::new(name, shape, data))
+}
+
+fn tensor_to_value(t: NamedTensor) -> Value {
+    let data = match t.data {
+        TensorData::F32(v) => v.into_iter().map(|x| Value::Float(x as f64)).collect(),
+        TensorData::F16(v) => NamedTensor::new("", vec![v.len()], TensorData::F16(v))
+            .to_f32_vec()
+            .into_iter()
+            .map(|x| Value::Float(x as f64))
+            .collect(),
+        TensorData::I64(v) => v.into_iter().map(Value::Int).collect(),
+        TensorData::I32(v) => v.into_iter().map(|x| Value::Int(x as i64)).collect(),
+        TensorData::I8(v) => v.into_iter().map(|x| Value::Int(x as i64)).collect(),
+        TensorData::U8(v) => v.into_iter().map(|x| Value::Int(x as i64)).collect(),
+        TensorData::Bool(v) => v.into_iter().map(Value::Bool).collect(),
+    };
+    Value::Map(vec![
+        ("name".into(), Value::Str(t.name)),
+        ("dtype".into(), Value::Str(t.dtype.to_string())),
+        (
+            "shape".into(),
+            Value::List(t.shape.into_iter().map(|d| Value::Int(d as i64)).collect()),
+        ),
+        ("data".into(), Value::List(data)),
+    ])
+}
+
+#[async_trait]
+impl Plugin for Infer {
+    fn name(&self) -> &'static str {
+        "infer"
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        self.models.iter().map(|m| format!("model:{m}")).collect()
+    }
+
+    fn validate(&self) -> Result<(), PluginError> {
+        let known = self.engine.repo().names();
+        for m in &self.models {
+            if !known.contains(&m.as_str()) {
+                return Err(config_err(
+                    "infer",
+                    "models",
+                    format!(
+                        "the board lists model `{m}` but the repository has only: {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {
+        let model = match task.input.get("model") {
+            Some(Value::Str(s)) => s.clone(),
+            _ => {
+                return Err(invalid(
+                    "infer",
+                    "model",
+                    "expected the model name as a string",
+                ))
+            }
+        };
+        let inputs = match task.input.get("inputs") {
+            Some(Value::List(l)) => l
+                .iter()
+                .enumerate()
+                .map(|(i, v)| tensor_from_value(v, i))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err(invalid("infer", "inputs", "expected a list of tensors")),
+        };
+        let engine = self.engine.clone();
+        let started = std::time::Instant::now();
+        let outputs = blocking("infer", &task, move || {
+            engine
+                .run(&model, inputs)
+                .map_err(|e| invalid_or_failed(e.to_string()))
+        })
+        .await?;
+        Ok(Value::Map(vec![
+            (
+                "outputs".into(),
+                Value::List(outputs.into_iter().map(tensor_to_value).collect()),
+            ),
+            (
+                "elapsed_us".into(),
+                Value::Int(started.elapsed().as_micros() as i64),
+            ),
+        ]))
+    }
+}
+
+fn invalid_or_failed(message: String) -> PluginError {
+    // Shape, dtype and name mismatches are the caller's; the rest are ours.
+    if message.contains("input `") || message.contains("unknown model") {
+        invalid("infer", "inputs", message)
+    } else {
+        failed("infer", message)
+    }
+}
+
+/// The `vad` plugin: speech segments of 16 kHz mono audio.
+pub struct Vad {
+    engine: Arc<Engine>,
+    audio_root: Option<PathBuf>,
+}
+
+impl Vad {
+    /// Config keys: `models_dir`, `cache_bytes` (as `infer`), `audio_root`
+    /// (folder `wav` paths are resolved in; without it only inline audio is accepted).
+    pub fn new(engine: Arc<Engine>, config: &toml::Table) -> Result<Vad, PluginError> {
+        let audio_root = string_key("vad", config, "audio_root")?.map(PathBuf::from);
+        Ok(Vad { engine, audio_root })
+    }
+
+    /// Resolves `rel` inside the audio root, refusing anything that escapes it.
+    fn resolve(&self, rel: &str) -> Result<PathBuf, PluginError> {
+        let root = self.audio_root.as_ref().ok_or_else(|| {
+            invalid(
+                "vad",
+                "wav",
+                "no audio_root is configured; send wav_base64 or pcm",
+            )
+        })?;
+        let p = Path::new(rel);
+        if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(invalid(
+                "vad",
+                "wav",
+                format!("`{rel}` must be a plain relative path inside the audio root"),
+            ));
+        }
+        let root = root
+            .canonicalize()
+            .map_err(|e| failed("vad", format!("audio_root {}: {e}", root.display())))?;
+        let full = root
+            .join(p)
+            .canonicalize()
+            .map_err(|e| invalid("vad", "wav", format!("`{rel}`: {e}")))?;
+        if !full.starts_with(&root) {
+            return Err(invalid(
+                "vad",
+                "wav",
+                format!("`{rel}` leads outside the audio root"),
+            ));
+        }
+        Ok(full)
+    }
+}
+
+#[async_trait]
+impl Plugin for Vad {
+    fn name(&self) -> &'static str {
+        "vad"
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        vec![format!("model:{}", vad::MODEL)]
+    }
+
+    fn validate(&self) -> Result<(), PluginError> {
+        self.engine
+            .repo()
+            .get(vad::MODEL)
+            .map_err(|e| config_err("vad", "models_dir", e.to_string()))?;
+        if let Some(root) = &self.audio_root {
+            if !root.is_dir() {
+                return Err(config_err(
+                    "vad",
+                    "audio_root",
+                    format!("{} is not a directory", root.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {
+        let pcm: Vec<f32> = match (
+            task.input.get("wav"),
+            task.input.get("wav_base64"),
+            task.input.get("pcm"),
+        ) {
+            (Some(Value::Str(rel)), None, None) => {
+                let path = self.resolve(rel)?;
+                wav::read_wav(&path).map_err(|e| invalid("vad", "wav", e.to_string()))?
+            }
+            (None, Some(Value::Str(b64)), None) => {
+                let bytes = decode_base64(b64).map_err(|m| invalid("vad", "wav_base64", m))?;
+                wav::parse_wav(&bytes).map_err(|e| invalid("vad", "wav_base64", e.to_string()))?
+            }
+            (None, None, Some(Value::List(xs))) => xs
+                .iter()
+                .map(|x| match x {
+                    Value::Float(f) => Ok(*f as f32),
+                    Value::Int(i) => Ok(*i as f32),
+                    _ => Err(invalid(
+                        "vad",
+                        "pcm",
+                        "expected numbers (16 kHz mono, -1..1)",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(invalid(
+                    "vad",
+                    "input",
+                    "give exactly one of `wav` (path in audio_root), `wav_base64` or `pcm`",
+                ))
+            }
+        };
+        let duration_s = pcm.len() as f64 / 16_000.0;
+        let engine = self.engine.clone();
+        let segs = blocking("vad", &task, move || {
+            vad::segments(&engine, &pcm).map_err(|e| failed("vad", e.to_string()))
+        })
+        .await?;
+        Ok(Value::Map(vec![
+            (
+                "segments".into(),
+                Value::List(
+                    segs.into_iter()
+                        .map(|s| {
+                            Value::Map(vec![
+                                ("start_s".into(), Value::Float(s.start_s as f64)),
+                                ("end_s".into(), Value::Float(s.end_s as f64)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+            ("duration_s".into(), Value::Float(duration_s)),
+            ("model".into(), Value::Str(vad::MODEL.into())),
+        ]))
+    }
+}
+
+/// Standard base64 (padding optional, whitespace ignored).
+fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for (i, c) in s.bytes().enumerate() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' | b' ' | b'\n' | b'\r' | b'\t' => continue,
+            _ => return Err(format!("byte {i} ({:?}) is not base64", c as char)),
+        };
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// Builds `infer`/`vad` from their config tables, sharing one engine per
+/// model directory.
+pub(crate) fn build(
+    name: &str,
+    config: &toml::Table,
+    board: &Board,
+    engines: &mut Vec<(PathBuf, Arc<Engine>)>,
+) -> Result<Arc<dyn Plugin>, PluginError> {
+    let keys: &[&str] = if name == "vad" {
+        &["models_dir", "cache_bytes", "audio_root"]
+    } else {
+        &["models_dir", "cache_bytes"]
+    };
+    check_keys(name, config, keys)?;
+    let ec = EngineConfig::from_config(name, config, board)?;
+    let engine = match engines.iter().find(|(d, _)| *d == ec.models_dir) {
+        Some((_, e)) => e.clone(),
+        None => {
+            let e = ec.open(name)?;
+            engines.push((ec.models_dir.clone(), e.clone()));
+            e
+        }
+    };
+    Ok(if name == "vad" {
+        Arc::new(Vad::new(engine, config)?)
+    } else {
+        Arc::new(Infer::new(engine, board))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_decodes() {
+        assert_eq!(decode_base64("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(decode_base64("aGVsbG8").unwrap(), b"hello");
+        assert!(decode_base64("a*b").is_err());
+    }
+
+    #[test]
+    fn tensor_values_are_checked() {
+        let v = Value::from(serde_json::json!({"name": "x", "shape": [1, 2], "data": [1.0, 2.0]}));
+        let t = tensor_from_value(&v, 0).unwrap();
+        assert_eq!(t.shape, vec![1, 2]);
+        let bad = Value::from(serde_json::json!({"name": "x", "shape": [1, 3], "data": [1.0]}));
+        let e = tensor_from_value(&bad, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("inputs[0].data") && e.contains("3 expected"),
+            "{e}"
+        );
+        let bad = Value::from(
+            serde_json::json!({"name": "x", "dtype": "f64", "shape": [1], "data": [1]}),
+        );
+        assert!(tensor_from_value(&bad, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("dtype"));
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.wav"), b"x").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.wav"), b"x").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.wav"),
+            dir.path().join("link.wav"),
+        )
+        .unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Engine::new(
+            ModelRepo::open(repo_dir.path()).unwrap(),
+            1 << 20,
+        ));
+        let mut cfg = toml::Table::new();
+        cfg.insert(
+            "audio_root".into(),
+            toml::Value::String(dir.path().display().to_string()),
+        );
+        let vad = Vad::new(engine, &cfg).unwrap();
+        assert!(vad.resolve("a.wav").is_ok());
+        for bad in ["../x.wav", "/etc/passwd", "link.wav", "sub/../../x"] {
+            let e = vad.resolve(bad).unwrap_err().to_string();
+            assert!(e.contains("`wav`"), "{bad}: {e}");
+        }
+    }
+}
