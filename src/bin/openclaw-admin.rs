@@ -261,6 +261,9 @@ fn real_main() -> anyhow::Result<()> {
             input,
             warmup,
         }) => {
+            if tasks == 0 {
+                bail!("--tasks must be at least 1");
+            }
             let input = parse_json("--input", &input)?;
             let mut lat = Vec::with_capacity(tasks);
             for i in 0..warmup + tasks {

@@ -59,20 +59,19 @@ fn real_main() -> anyhow::Result<()> {
         .context("invalid configuration")?;
     let agent = Agent::new(cfg.clone()).context("cannot set up the agent")?;
     if args.print_config {
-        print!(
-            "{}",
-            toml::to_string_pretty(&cfg).context("printing config")?
-        );
-        println!("\n# board profile `{}`", agent.board().name);
         let mut board = toml::Table::new();
         board.insert(
             "board_profile".into(),
             toml::Value::try_from(agent.board()).context("printing board")?,
         );
-        print!(
-            "{}",
+        let text = format!(
+            "{}\n# board profile `{}`\n{}",
+            toml::to_string_pretty(&cfg).context("printing config")?,
+            agent.board().name,
             toml::to_string_pretty(&board).context("printing board")?
         );
+        // A closed pipe (`| head`) is not an error worth a panic.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
         return Ok(());
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
