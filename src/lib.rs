@@ -29,6 +29,8 @@ pub mod mqtt;
 pub mod agent;
 #[cfg(feature = "agent")]
 pub mod plugins;
+#[cfg(feature = "agent")]
+pub mod storage;
 
 #[cfg(feature = "server")]
 pub mod server;
