@@ -41,6 +41,32 @@ pub mod admin;
 #[cfg(feature = "inference")]
 pub mod inference;
 
+/// A token cancelled on SIGINT or SIGTERM: the one shutdown signal every
+/// task of a program listens to.
+#[cfg(any(feature = "agent", feature = "server"))]
+pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                log::warn!("no SIGTERM handler ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        log::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -5,7 +5,6 @@ use clap::Parser;
 use openclaw::agent::{Agent, AgentConfig};
 use openclaw::config::override_table;
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 /// OpenClaw edge agent: runs tasks from the central node on this device.
 #[derive(Parser)]
@@ -76,17 +75,7 @@ fn real_main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
-        let token = CancellationToken::new();
-        let t = token.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            t.cancel();
-        });
+        let token = openclaw::shutdown_on_signal();
         agent.run(token).await.context("agent failed")
     })
 }

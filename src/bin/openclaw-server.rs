@@ -5,7 +5,6 @@ use clap::Parser;
 use openclaw::config::override_table;
 use openclaw::server::{self, ServerConfig};
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 
 /// OpenClaw central node: MQTT broker, scheduler, task store and HTTP API.
 #[derive(Parser)]
@@ -73,13 +72,7 @@ fn real_main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
-        let token = CancellationToken::new();
-        let t = token.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            log::info!("shutting down");
-            t.cancel();
-        });
+        let token = openclaw::shutdown_on_signal();
         server::run(cfg, token, |ep| {
             // One machine-readable line on stdout: scripts and tests wait for it.
             println!(
@@ -92,13 +85,4 @@ fn real_main() -> anyhow::Result<()> {
     })?;
     // The embedded broker's threads cannot be joined; leave now.
     std::process::exit(0)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
