@@ -6,10 +6,18 @@
 //! deadline and cancellation around `execute`, and catches panics, so a
 //! misbehaving plugin fails its task, not the agent.
 
+pub mod anomaly;
 mod echo;
+pub mod exec;
+pub mod file;
+pub mod http;
 #[cfg(feature = "inference")]
 pub mod infer;
+pub mod process;
+pub mod publish;
 pub mod sysinfo;
+pub mod transform;
+mod util;
 
 use crate::boards::Board;
 use crate::protocol::Value;
@@ -130,9 +138,22 @@ impl Registry {
             if !enabled {
                 continue;
             }
+            if name == "process" {
+                // One table, any number of plugins (see docs/plugins.md).
+                for p in process::build(table)? {
+                    reg.add(p)?;
+                }
+                continue;
+            }
             let plugin: Arc<dyn Plugin> = match name.as_str() {
                 "echo" => Arc::new(Echo::from_config(table)?),
                 "sysinfo" => Arc::new(SysInfo::from_config(table, board)?),
+                "file" => Arc::new(file::FilePlugin::from_config(table)?),
+                "http" => Arc::new(http::Http::from_config(table)?),
+                "exec" => Arc::new(exec::Exec::from_config(table)?),
+                "transform" => Arc::new(transform::Transform::from_config(table)?),
+                "publish" => Arc::new(publish::Publish::from_config(table)?),
+                "anomaly" => Arc::new(anomaly::Anomaly::from_config(table, board)?),
                 #[cfg(feature = "inference")]
                 "infer" | "vad" => infer::build(name, table, board, &mut engines)?,
                 other => return Err(PluginError::Unknown(other.to_string())),

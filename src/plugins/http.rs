@@ -1,0 +1,424 @@
+//! `http`: HTTP API calls to hosts on the config's allow-list only.
+//!
+//! By default the list is empty, so an agent sends nothing anywhere but its
+//! broker. Redirects are not followed (a 3xx is returned as is), so a
+//! response cannot lead the agent to a host off the list. The blocking
+//! client runs on tokio's blocking pool.
+
+use super::util::{blocking, cfg_str_list, cfg_u64, config_err, failed, map, Input};
+use super::{check_keys, Plugin, PluginError, TaskContext};
+use crate::protocol::Value;
+use async_trait::async_trait;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+const NAME: &str = "http";
+
+/// The http plugin.
+#[derive(Debug, Clone)]
+pub struct Http {
+    /// Lower-case `host` (any port) or `host:port`.
+    allow: Vec<String>,
+    max_response_bytes: u64,
+    max_request_bytes: u64,
+    default_timeout_ms: u64,
+    max_timeout_ms: u64,
+}
+
+struct Call {
+    method: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+}
+
+impl Http {
+    /// Config keys: `allow` (list of `host` or `host:port`; default empty),
+    /// `max_response_bytes` (default 1 MiB), `max_request_bytes` (default
+    /// 1 MiB), `timeout_ms` (default 10000), `max_timeout_ms` (default 60000).
+    pub fn from_config(config: &toml::Table) -> Result<Http, PluginError> {
+        check_keys(
+            NAME,
+            config,
+            &[
+                "allow",
+                "max_response_bytes",
+                "max_request_bytes",
+                "timeout_ms",
+                "max_timeout_ms",
+            ],
+        )?;
+        let allow = cfg_str_list(NAME, config, "allow")?
+            .into_iter()
+            .map(|h| {
+                if h.is_empty() || h.contains('/') || h.contains('*') {
+                    Err(config_err(
+                        NAME,
+                        "allow",
+                        format!(
+                            "`{h}`: expected a host name or host:port, no scheme, path or wildcard"
+                        ),
+                    ))
+                } else {
+                    Ok(h.to_ascii_lowercase())
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let max_timeout_ms = cfg_u64(NAME, config, "max_timeout_ms", 60_000, 1, 3_600_000)?;
+        Ok(Http {
+            allow,
+            max_response_bytes: cfg_u64(NAME, config, "max_response_bytes", 1 << 20, 1, 1 << 30)?,
+            max_request_bytes: cfg_u64(NAME, config, "max_request_bytes", 1 << 20, 0, 1 << 30)?,
+            default_timeout_ms: cfg_u64(NAME, config, "timeout_ms", 10_000, 1, max_timeout_ms)?,
+            max_timeout_ms,
+        })
+    }
+
+    /// Whether `host` at `port` is on the allow-list.
+    fn allowed(&self, host: &str, port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let with_port = format!("{host}:{port}");
+        self.allow.iter().any(|a| *a == host || *a == with_port)
+    }
+
+    fn parse(&self, input: &Input) -> Result<Call, PluginError> {
+        let url = input.str("url")?;
+        let uri: ureq::http::Uri = url
+            .parse()
+            .map_err(|e| input.err("url", format!("`{url}`: {e}")))?;
+        let port = match uri.scheme_str() {
+            Some("http") => uri.port_u16().unwrap_or(80),
+            Some("https") => uri.port_u16().unwrap_or(443),
+            _ => return Err(input.err("url", format!("`{url}`: only http:// and https:// URLs"))),
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| input.err("url", format!("`{url}` has no host")))?;
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(input.err(
+                "url",
+                "credentials in the URL are not accepted; use a header",
+            ));
+        }
+        if !self.allowed(host, port) {
+            return Err(input.err(
+                "url",
+                format!(
+                    "host `{host}:{port}` is not on the allow-list of plugin `http` (config key `allow`: [{}])",
+                    self.allow.join(", ")
+                ),
+            ));
+        }
+        let method = input
+            .opt_str("method")?
+            .unwrap_or("GET")
+            .to_ascii_uppercase();
+        if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].contains(&method.as_str())
+        {
+            return Err(input.err(
+                "method",
+                format!("`{method}` is not one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            ));
+        }
+        let mut headers = Vec::new();
+        match input.get("headers") {
+            None => {}
+            Some(Value::Map(h)) => {
+                for (k, v) in h {
+                    let v = match v {
+                        Value::Str(s) => s.clone(),
+                        Value::Int(i) => i.to_string(),
+                        _ => return Err(input.err(&format!("headers.{k}"), "expected a string")),
+                    };
+                    if ureq::http::HeaderName::from_bytes(k.as_bytes()).is_err()
+                        || ureq::http::HeaderValue::from_str(&v).is_err()
+                    {
+                        return Err(input.err(&format!("headers.{k}"), "not a valid HTTP header"));
+                    }
+                    headers.push((k.clone(), v));
+                }
+            }
+            Some(_) => return Err(input.err("headers", "expected an object of name: value")),
+        }
+        let body = match (input.get("body"), input.get("json")) {
+            (None, None) => None,
+            (Some(Value::Str(s)), None) => Some(s.clone().into_bytes()),
+            (Some(Value::Bytes(b)), None) => Some(b.clone()),
+            (Some(_), None) => return Err(input.err("body", "expected a string")),
+            (None, Some(j)) => {
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+                Some(serde_json::to_vec(&serde_json::Value::from(j.clone())).unwrap_or_default())
+            }
+            (Some(_), Some(_)) => return Err(input.err("body", "give `body` or `json`, not both")),
+        };
+        if let Some(b) = &body {
+            if matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS") {
+                return Err(input.err("body", format!("{method} requests carry no body")));
+            }
+            if b.len() as u64 > self.max_request_bytes {
+                return Err(input.err(
+                    "body",
+                    format!(
+                        "{} bytes, more than max_request_bytes ({})",
+                        b.len(),
+                        self.max_request_bytes
+                    ),
+                ));
+            }
+        }
+        let timeout_ms = input
+            .opt_int("timeout_ms", 1, self.max_timeout_ms as i64)?
+            .map_or(self.default_timeout_ms, |t| t as u64);
+        Ok(Call {
+            method,
+            url: url.to_string(),
+            headers,
+            body,
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+
+    fn call(&self, c: Call) -> Result<Value, PluginError> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(c.timeout))
+            .build()
+            .into();
+        let mut b = ureq::http::Request::builder()
+            .method(c.method.as_str())
+            .uri(&c.url);
+        for (k, v) in &c.headers {
+            b = b.header(k, v);
+        }
+        let started = Instant::now();
+        let bad = |e: ureq::http::Error| super::util::invalid(NAME, "url", e.to_string());
+        let res = match c.body {
+            Some(body) => agent.run(b.body(body).map_err(bad)?),
+            None => agent.run(b.body(()).map_err(bad)?),
+        };
+        let what = format!("{} {}", c.method, c.url);
+        let mut resp = res.map_err(|e| {
+            let message = match e {
+                ureq::Error::Timeout(_) => format!(
+                    "`url`: {what}: no answer within timeout_ms ({} ms)",
+                    c.timeout.as_millis()
+                ),
+                other => format!("`url`: {what}: {other}"),
+            };
+            PluginError::Failed {
+                plugin: NAME.into(),
+                message,
+                retryable: true,
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let headers: Vec<(String, Value)> = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    Value::Str(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                )
+            })
+            .collect();
+        let is_json = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("json"));
+        let mut bytes = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .take(self.max_response_bytes + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| failed(NAME, format!("`url`: {what}: reading the response: {e}")))?;
+        let truncated = bytes.len() as u64 > self.max_response_bytes;
+        bytes.truncate(self.max_response_bytes as usize);
+        let mut out = vec![
+            ("status", Value::Int(status as i64)),
+            ("headers", Value::Map(headers)),
+            ("truncated", Value::Bool(truncated)),
+            (
+                "elapsed_ms",
+                Value::Int(started.elapsed().as_millis() as i64),
+            ),
+        ];
+        if is_json && !truncated {
+            if let Ok(j) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                out.push(("json", Value::from(j)));
+            }
+        }
+        match String::from_utf8(bytes) {
+            Ok(s) => out.push(("body", Value::Str(s))),
+            Err(e) => out.push((
+                "body_base64",
+                Value::Str(super::util::base64_encode(e.as_bytes())),
+            )),
+        }
+        Ok(map(out))
+    }
+}
+
+#[async_trait]
+impl Plugin for Http {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {
+        let call = self.parse(&Input::new(NAME, &task.input)?)?;
+        let me = self.clone();
+        blocking(NAME, &task, move || me.call(call)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// Answers one request per connection with a JSON echo of what it got.
+    fn echo_server() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let mut len = 0;
+                let mut hdrs = serde_json::Map::new();
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    hdrs.insert(k.to_ascii_lowercase(), json!(v.trim()));
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let answer = json!({"request": line.trim_end(), "headers": hdrs,
+                    "body": String::from_utf8_lossy(&body)})
+                .to_string();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nx-test: yes\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            }
+        });
+        port
+    }
+
+    fn plugin(allow: &str) -> Http {
+        Http::from_config(
+            &toml::from_str(&format!("allow = [{allow:?}]\nmax_response_bytes = 4096")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn call(p: &Http, v: serde_json::Value) -> Result<serde_json::Value, String> {
+        let v = Value::from(v);
+        let c = p
+            .parse(&Input::new(NAME, &v).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        p.call(c)
+            .map(serde_json::Value::from)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn calls_an_allowed_host() {
+        let port = echo_server();
+        let p = plugin(&format!("127.0.0.1:{port}"));
+        let r = call(
+            &p,
+            json!({"url": format!("http://127.0.0.1:{port}/api?x=1"), "method": "post",
+                "headers": {"X-Key": "k1"}, "json": {"a": 1}}),
+        )
+        .unwrap();
+        assert_eq!(r["status"], 201);
+        assert_eq!(r["headers"]["x-test"], "yes");
+        assert_eq!(r["json"]["request"], "POST /api?x=1 HTTP/1.1");
+        assert_eq!(r["json"]["headers"]["x-key"], "k1");
+        assert_eq!(r["json"]["headers"]["content-type"], "application/json");
+        assert_eq!(r["json"]["body"], "{\"a\":1}");
+    }
+
+    #[test]
+    fn refuses_hosts_off_the_list_and_bad_input() {
+        let p = Http::from_config(&toml::Table::new()).unwrap();
+        let e = call(&p, json!({"url": "http://127.0.0.1:1/"})).unwrap_err();
+        assert!(
+            e.contains("`http`") && e.contains("`url`") && e.contains("allow-list"),
+            "{e}"
+        );
+        let p = plugin("example.com");
+        for (input, field) in [
+            (json!({"url": "http://example.org/"}), "`url`"),
+            (json!({"url": "ftp://example.com/"}), "`url`"),
+            (json!({"url": "http://u:p@example.com/"}), "`url`"),
+            (json!({}), "`url`"),
+            (
+                json!({"url": "http://example.com/", "method": "BREW"}),
+                "`method`",
+            ),
+            (json!({"url": "http://example.com/", "body": "x"}), "`body`"),
+            (
+                json!({"url": "http://example.com/", "headers": {"a b": "x"}}),
+                "`headers.a b`",
+            ),
+            (
+                json!({"url": "http://example.com/", "headers": "x"}),
+                "`headers`",
+            ),
+            (
+                json!({"url": "http://example.com/", "timeout_ms": 0}),
+                "`timeout_ms`",
+            ),
+        ] {
+            let e = call(&p, input.clone()).unwrap_err();
+            assert!(e.contains("`http`") && e.contains(field), "{input}: {e}");
+        }
+        assert!(Http::from_config(&toml::from_str("allow = [\"http://x\"]").unwrap()).is_err());
+    }
+
+    #[test]
+    fn dead_peer_and_timeout_fail_clearly() {
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = plugin("127.0.0.1");
+        let e = call(&p, json!({"url": format!("http://127.0.0.1:{dead}/")})).unwrap_err();
+        assert!(e.contains("`http`") && e.contains("`url`"), "{e}");
+        // Accepts and never answers.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let e = call(
+            &p,
+            json!({"url": format!("http://127.0.0.1:{port}/"), "timeout_ms": 300}),
+        )
+        .unwrap_err();
+        assert!(e.contains("timeout_ms"), "{e}");
+        drop(l);
+    }
+}
