@@ -251,3 +251,93 @@ fn failures_timeouts_retries_panics_and_cancel() {
     let t = server.wait(&server.submit(task("echo", json!("still here"))));
     assert_eq!(t.result, Some(json!("still here")));
 }
+
+#[test]
+fn admin_cli_init_submit_task_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let _agent = Agent::start(dir.path(), "cli-1", &server.broker(), "");
+    server.wait_online("cli-1");
+    let admin = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_openclaw-admin"))
+            .arg("--server")
+            .arg(&server.http)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    let cfg_dir = dir.path().join("cfg");
+    let models = dir.path().join("local_models");
+    let (ok, out, err) = admin(&[
+        "init",
+        "--dir",
+        cfg_dir.to_str().unwrap(),
+        "--model-path",
+        models.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("server.toml"), "{out}");
+    assert!(models.is_dir());
+    // The starter files are valid configurations.
+    openclaw::server::ServerConfig::load(Some(&cfg_dir.join("server.toml")), Default::default())
+        .unwrap();
+    openclaw::agent::AgentConfig::load(Some(&cfg_dir.join("agent.toml")), Default::default())
+        .unwrap();
+    let (ok, _, err) = admin(&["init", "--dir", cfg_dir.to_str().unwrap()]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+
+    let (ok, out, err) = admin(&[
+        "--json",
+        "submit",
+        "--plugin",
+        "echo",
+        "--input",
+        r#"{"via":"cli"}"#,
+        "--priority",
+        "70",
+        "--target",
+        "cli-1",
+        "--wait",
+    ]);
+    assert!(ok, "{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(t["state"], "succeeded");
+    assert_eq!(t["result"], json!({"via": "cli"}));
+    assert_eq!(t["priority"], 70);
+
+    let id = t["id"].as_str().unwrap();
+    let (ok, out, _) = admin(&["task", id]);
+    assert!(
+        ok && out.contains("succeeded") && out.contains("cli-1"),
+        "{out}"
+    );
+
+    let (ok, out, _) = admin(&["--json", "devices"]);
+    assert!(ok);
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d[0]["id"], "cli-1");
+    assert_eq!(d[0]["online"], true);
+
+    let (ok, _, err) = admin(&["submit", "--plugin", "echo", "--input", "{broken"]);
+    assert!(!ok && err.contains("--input is not valid JSON"), "{err}");
+    let (ok, _, err) = admin(&["submit", "--plugin", "nope"]);
+    assert!(
+        !ok && err.contains("422") && err.contains("unknown plugin"),
+        "{err}"
+    );
+    let (ok, _, err) = admin(&[
+        "submit",
+        "--plugin",
+        "echo",
+        "--input",
+        r#"{"fail":"no"}"#,
+        "--wait",
+    ]);
+    assert!(!ok && err.contains("ended failed"), "{err}");
+}
