@@ -374,3 +374,69 @@ fn bad_configs_and_boards_are_named_and_refused() {
         "{text}"
     );
 }
+
+#[test]
+fn full_agent_rejects_and_repeats_are_answered_not_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let _agent = Agent::start(
+        dir.path(),
+        "bp-1",
+        &server.broker(),
+        "max_concurrency = 1\nqueue_capacity = 0\n",
+    );
+    server.wait_online("bp-1");
+    let peer = Peer::connect(server.mqtt_port, "bp-peer", &[&topics::results("bp-1")]);
+    let spec = |id: &str| TaskSpec {
+        id: id.into(),
+        plugin: "echo".into(),
+        input: Value::from(json!({"sleep_ms": 500, "id": id})),
+        timeout_ms: 5000,
+        attempt: 1,
+    };
+    peer.publish(
+        &topics::tasks("bp-1"),
+        protocol::encode(&ToAgent::Task(spec("bp-a"))),
+    );
+    peer.publish(
+        &topics::tasks("bp-1"),
+        protocol::encode(&ToAgent::Task(spec("bp-b"))),
+    );
+    let mut events = Vec::new();
+    let first = loop {
+        let p = peer.next_on(&topics::results("bp-1"));
+        let msg = protocol::decode::<FromAgent>(&p.payload, 1 << 20).unwrap();
+        if let FromAgent::Finished(o) = &msg {
+            break o.clone();
+        }
+        events.push(msg);
+    };
+    assert!(
+        events.contains(&FromAgent::Started {
+            task_id: "bp-a".into()
+        }),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&FromAgent::Rejected {
+            task_id: "bp-b".into(),
+            reason: protocol::RejectReason::Busy
+        }),
+        "the second task finds the only slot taken: {events:?}"
+    );
+    assert_eq!(first.task_id, "bp-a");
+
+    // Delivered again: answered from the ledger with the very same outcome,
+    // without starting it a second time.
+    peer.publish(
+        &topics::tasks("bp-1"),
+        protocol::encode(&ToAgent::Task(spec("bp-a"))),
+    );
+    let p = peer.next_on(&topics::results("bp-1"));
+    let again = protocol::decode::<FromAgent>(&p.payload, 1 << 20).unwrap();
+    assert_eq!(
+        again,
+        FromAgent::Finished(first),
+        "no Started, the same result"
+    );
+}
