@@ -148,7 +148,7 @@ impl Anomaly {
         })
     }
 
-    fn params(&self, input: &Input, n: usize) -> Result<Params, PluginError> {
+    fn params(&self, input: &Input) -> Result<Params, PluginError> {
         let window = input.opt_int("window", 2, 100_000)?.unwrap_or(20) as usize;
         let z_threshold = input.opt_num("z_threshold")?.unwrap_or(3.0);
         if z_threshold <= 0.0 {
@@ -171,7 +171,6 @@ impl Anomaly {
         if low > high {
             return Err(input.err("low", format!("{low} is above high ({high})")));
         }
-        let _ = n;
         Ok(Params {
             window,
             z_threshold,
@@ -215,7 +214,7 @@ impl Anomaly {
             }
             Some(_) => return Err(input.err("timestamps", "expected a list")),
         };
-        let p = self.params(input, values.len())?;
+        let p = self.params(input)?;
         let a = analyze(&values, &p);
         let at = |i: usize| match &times {
             Some(t) => t[i].clone(),

@@ -506,14 +506,21 @@ fn aggregate(a: &J, recs: &[Rec]) -> Result<(Vec<String>, Vec<Rec>), PluginError
         .collect::<Result<_, _>>()?;
     // Groups in order of first appearance.
     let mut groups: Vec<(Vec<J>, Vec<&Rec>)> = Vec::new();
+    // Index by the key's JSON text: linear in the records, whatever the
+    // number of groups.
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for r in recs {
         let key: Vec<J> = group_by
             .iter()
             .map(|f| r.get(f).cloned().unwrap_or(J::Null))
             .collect();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, members)) => members.push(r),
-            None => groups.push((key, vec![r])),
+        let text = J::Array(key.clone()).to_string();
+        match index.get(&text) {
+            Some(&i) => groups[i].1.push(r),
+            None => {
+                index.insert(text, groups.len());
+                groups.push((key, vec![r]));
+            }
         }
     }
     let mut columns = group_by.clone();
@@ -570,9 +577,12 @@ impl Plugin for Transform {
     }
 
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {
-        let input = J::from(task.input);
-        // Fast enough for max_records rows that it stays on the async thread.
-        let out = self.run(&input)?;
+        let input = J::from(task.input.clone());
+        let me = Transform {
+            max_records: self.max_records,
+        };
+        // Up to max_records rows: keep them off the async threads.
+        let out = super::util::blocking(NAME, &task, move || me.run(&input)).await?;
         Ok(Value::from(out))
     }
 }

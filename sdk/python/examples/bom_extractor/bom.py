@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+# Keep the SDK folder free of __pycache__ written by the agent's runs.
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from openclaw_plugin import BasePlugin, PluginError, run  # noqa: E402
