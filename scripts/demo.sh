@@ -106,8 +106,10 @@ trap 'exit 143' TERM
 
 # --- 4. Central node --------------------------------------------------------
 say "starting openclaw-server (HTTP and MQTT on free ports, data in $tmp/server)"
-"$server_bin" --port 0 --mqtt-port 0 --data-dir "$tmp/server" \
-    >"$tmp/server.out" 2>"$tmp/server.log" &
+# Loopback only: the demo has no authentication.
+printf '[mqtt]\nhost = "127.0.0.1"\n' >"$tmp/server.toml"
+"$server_bin" --host 127.0.0.1 --port 0 --mqtt-port 0 --config "$tmp/server.toml" \
+    --data-dir "$tmp/server" >"$tmp/server.out" 2>"$tmp/server.log" &
 server_pid=$!
 
 ready=""
@@ -135,8 +137,19 @@ server_url="http://$http_host:$http_port"
 admin() { "$admin_bin" --server "$server_url" "$@"; }
 
 # --- 5. Edge agent (simulated board) ----------------------------------------
+# On-device voice activity detection needs the Silero VAD model, which comes
+# from its PyPI wheel (sha256-checked); without Python/pip the demo skips it.
+vad=0
+if python3 "$repo/scripts/models/fetch.py" >"$tmp/fetch.log" 2>&1; then
+    vad=1
+    printf '[plugins.echo]\n[plugins.sysinfo]\n[plugins.vad]\nmodels_dir = "%s"\naudio_root = "%s"\n' \
+        "$repo/models" "$repo/models/golden" >"$tmp/agent.toml"
+else
+    echo "demo: could not fetch the model files (python3 with pip needed; see $tmp/fetch.log); skipping the VAD task" >&2
+    printf '[plugins.echo]\n[plugins.sysinfo]\n' >"$tmp/agent.toml"
+fi
 say "starting openclaw-agent demo-sim (board sim, broker mqtt://$mqtt_addr)"
-"$agent_bin" --board sim --id demo-sim --broker "mqtt://$mqtt_addr" \
+"$agent_bin" --config "$tmp/agent.toml" --board sim --id demo-sim --broker "mqtt://$mqtt_addr" \
     --data-dir "$tmp/agent" >"$tmp/agent.log" 2>&1 &
 agent_pid=$!
 
@@ -163,6 +176,11 @@ admin submit --plugin sysinfo --wait
 
 say "openclaw-admin submit --plugin echo --input '{\"hello\":\"edge\"}' --wait"
 admin submit --plugin echo --input '{"hello":"edge"}' --wait
+
+if [[ $vad -eq 1 ]]; then
+    say "openclaw-admin submit --plugin vad --input '{\"wav\": \"vad_speech_16k.wav\"}' --wait   (speech segments, on the agent, with tract)"
+    admin submit --plugin vad --input '{"wav": "vad_speech_16k.wav"}' --wait
+fi
 
 say "openclaw-admin devices"
 admin devices
