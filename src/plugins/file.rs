@@ -224,15 +224,24 @@ impl FilePlugin {
         if path.is_dir() {
             return Err(input.err("path", format!("`{rel}` is a folder")));
         }
-        let res = if append {
+        // Not a link when checked: refuse one planted since (O_NOFOLLOW).
+        let was_link = path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink());
+        let res = {
             use std::io::Write;
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&path)
-                .and_then(|mut f| f.write_all(&bytes))
-        } else {
-            std::fs::write(&path, &bytes)
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true);
+            if append {
+                o.append(true);
+            } else {
+                o.truncate(true);
+            }
+            if !was_link {
+                o.custom_flags(libc::O_NOFOLLOW);
+            }
+            o.open(&path).and_then(|mut f| f.write_all(&bytes))
         };
         res.map_err(|e| failed(NAME, format!("writing `{rel}`: {e}")))?;
         Ok(map(vec![

@@ -744,6 +744,29 @@ done
         assert!(e.contains("`hog`") && e.contains("exit code 1"), "{e}");
     }
 
+    #[tokio::test]
+    async fn cpu_limit_kills_a_spinning_process() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("plugin.toml"),
+            "name = \"spin\"\ncommand = \"/bin/sh\"\nargs = [\"spin.sh\"]\nmax_cpu_secs = 1\ntimeout_ms = 20000\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("spin.sh"),
+            "read line; echo '{\"type\":\"result\",\"id\":\"validate\",\"output\":true}'\n\
+             read line; while :; do :; done\n",
+        )
+        .unwrap();
+        let p = ProcessPlugin::load(dir.path(), None).unwrap();
+        let e = run(&p, "c1", json!({})).await.unwrap_err();
+        // SIGXCPU at the soft limit (SIGKILL at the hard one).
+        assert!(
+            e.contains("`spin`") && (e.contains("signal 24") || e.contains("signal 9")),
+            "{e}"
+        );
+    }
+
     #[test]
     fn bad_manifests_are_refused() {
         let dir = tempfile::tempdir().unwrap();
