@@ -744,6 +744,42 @@ done
         assert!(e.contains("`hog`") && e.contains("exit code 1"), "{e}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrency_runs_that_many_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("plugin.toml"),
+            "name = \"slow\"\ncommand = \"/bin/sh\"\nargs = [\"slow.sh\"]\nconcurrency = 2\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("slow.sh"),
+            r#"read line; echo '{"type":"result","id":"validate","output":true}'
+while IFS= read -r line; do
+  id=$(printf '%s' "$line" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+  sleep 1; echo "{\"type\":\"result\",\"id\":\"$id\",\"output\":$$}"
+done
+"#,
+        )
+        .unwrap();
+        let p = ProcessPlugin::load(dir.path(), None).unwrap();
+        let started = Instant::now();
+        let (a, b, c) = tokio::join!(
+            run(&p, "a", json!({})),
+            run(&p, "b", json!({})),
+            run(&p, "c", json!({}))
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        let took = started.elapsed();
+        // Two at once, the third waits for a free process: ~2 s, not 1 or 3.
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_millis(2900),
+            "{took:?}"
+        );
+        assert_ne!(a, b);
+        assert!(c == a || c == b, "the third reuses one of the two");
+    }
+
     #[tokio::test]
     async fn cpu_limit_kills_a_spinning_process() {
         let dir = tempfile::tempdir().unwrap();
