@@ -297,6 +297,21 @@ pub struct DeviceStatus {
     pub malformed: u64,
     /// Unix time in milliseconds when sent.
     pub sent_ms: u64,
+    /// The agent's journal counters.
+    pub storage: StorageCounters,
+}
+
+/// Counters of an agent's durable journal, since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StorageCounters {
+    /// Torn or corrupt records skipped when the journal was recovered at start.
+    pub recovered_skipped: u64,
+    /// Tasks recovered at start that had been accepted but not finished (run again).
+    pub replayed_tasks: u64,
+    /// Whole segments dropped, oldest first, to stay within `storage.max_bytes`.
+    pub segments_dropped: u64,
+    /// Journal writes that failed (a full disk included); the agent carried on.
+    pub write_errors: u64,
 }
 
 /// JSON types of the external boundary (HTTP API and `openclaw/v1/submit`).
@@ -438,6 +453,9 @@ pub mod api {
         pub last_heartbeat_ms: u64,
         /// Payloads the agent could not decode since it started.
         pub malformed: u64,
+        /// The agent's journal counters, from its last status.
+        #[serde(default)]
+        pub storage: super::StorageCounters,
     }
 
     /// Every error body of the API.

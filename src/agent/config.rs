@@ -18,6 +18,7 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub mqtt: MqttSection,
     pub agent: AgentSection,
+    pub storage: StorageSection,
     pub plugins: BTreeMap<String, toml::Table>,
 }
 
@@ -45,6 +46,49 @@ pub struct AgentSection {
     pub queue_capacity: Option<u32>,
     pub result_resend_ms: u64,
     pub ledger_size: usize,
+}
+
+/// `fsync` values of `[storage]`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// Every record is on disk before the agent acts on it.
+    Always,
+    /// Every `batch_ms` or `batch_records`, whichever comes first.
+    Batch,
+    /// Left to the operating system.
+    Never,
+}
+
+/// `[storage]`: the agent's journal of accepted tasks, results and ledger.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub fsync: FsyncMode,
+    pub batch_ms: u64,
+    pub batch_records: u32,
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+impl StorageSection {
+    /// The storage layer's options.
+    pub fn log_options(&self) -> crate::storage::LogOptions {
+        use crate::storage::FsyncPolicy;
+        crate::storage::LogOptions {
+            fsync: match self.fsync {
+                FsyncMode::Always => FsyncPolicy::Always,
+                FsyncMode::Batch => FsyncPolicy::Batch {
+                    interval: std::time::Duration::from_millis(self.batch_ms),
+                    records: self.batch_records,
+                },
+                FsyncMode::Never => FsyncPolicy::Never,
+            },
+            max_bytes: self.max_bytes,
+            segment_bytes: self.segment_bytes,
+            simulated_disk_bytes: None,
+        }
+    }
 }
 
 impl AgentConfig {
@@ -116,6 +160,35 @@ impl AgentConfig {
                 format!("must be at most {}", crate::boards::MAX_QUEUE_CAPACITY),
             ));
         }
+        let st = &self.storage;
+        if st.segment_bytes < 4096 {
+            return Err(ConfigError::invalid(
+                file,
+                "storage.segment_bytes",
+                "must be at least 4096",
+            ));
+        }
+        if st.max_bytes < 2 * st.segment_bytes {
+            return Err(ConfigError::invalid(
+                file,
+                "storage.max_bytes",
+                "must be at least twice storage.segment_bytes",
+            ));
+        }
+        if st.batch_ms == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "storage.batch_ms",
+                "must be at least 1",
+            ));
+        }
+        if st.batch_records == 0 {
+            return Err(ConfigError::invalid(
+                file,
+                "storage.batch_records",
+                "must be at least 1",
+            ));
+        }
         if self.agent.ledger_size == 0 {
             return Err(ConfigError::invalid(
                 file,
@@ -176,5 +249,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("agent") && e.contains("heartbeat"), "{e}");
+        for (text, key) in [
+            ("[storage]\nfsync = \"sometimes\"\n", "storage.fsync"),
+            ("[storage]\nsegment_bytes = 10\n", "storage.segment_bytes"),
+            ("[storage]\nmax_bytes = 4096\n", "storage.max_bytes"),
+            ("[storage]\nbatch_ms = 0\n", "storage.batch_ms"),
+            ("[storage]\nbatch_records = 0\n", "storage.batch_records"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = AgentConfig::load(Some(&f), toml::Table::new())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("agent.toml") && e.contains(key), "{text}: {e}");
+        }
+        assert_eq!(cfg.storage.fsync, FsyncMode::Always);
+        cfg.storage.log_options().validate().unwrap();
     }
 }

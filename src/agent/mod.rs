@@ -6,10 +6,19 @@
 //! them with `ResultAck`, and are re-sent on every reconnect and
 //! periodically, so a broker restart or a network cut loses none. A task id
 //! seen again is answered from the ledger of finished tasks, not rerun.
-//! (Outbox and ledger are in memory in this version; durable segment files
-//! are a separate piece of work.)
+//!
+//! Inbox, outbox and ledger are durable (see [`journal`]): a task is written
+//! to `{data_dir}/journal` before its publish is acked, and a result before
+//! it is sent. After a crash the agent re-sends unconfirmed results, answers
+//! ledgered ids from the ledger, and runs again the tasks that were accepted
+//! but not finished. That last part is at least once: a plugin whose effect
+//! happened just before the crash, with its `Finished` not yet written, runs
+//! a second time. The window is the plugin's own run plus one journal write;
+//! nothing that was recorded as finished is ever run again (while it is in
+//! the ledger window, `agent.ledger_size`).
 
 pub mod config;
+mod journal;
 
 pub use config::AgentConfig;
 
@@ -17,9 +26,11 @@ use crate::boards::Board;
 use crate::mqtt::{spawn_event_loop, Backoff, MqttEvent};
 use crate::plugins::{sysinfo, PluginError, Registry, TaskContext};
 use crate::protocol::{
-    self, topics, DeviceStatus, ErrorKind, FromAgent, RejectReason, TaskError, TaskOutcome,
-    TaskSpec, ToAgent,
+    self, topics, DeviceStatus, ErrorKind, FromAgent, RejectReason, StorageCounters, TaskError,
+    TaskOutcome, TaskSpec, ToAgent,
 };
+use crate::storage::StorageError;
+use journal::{Journal, Record};
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -41,6 +52,8 @@ pub enum AgentError {
         path: String,
         source: std::io::Error,
     },
+    #[error("agent storage: {0}")]
+    Storage(#[from] StorageError),
 }
 
 /// A configured agent, ready to run.
@@ -93,6 +106,11 @@ impl Agent {
             path: self.cfg.data_dir.display().to_string(),
             source,
         })?;
+        let (journal, recovered) = Journal::open(
+            &self.cfg.data_dir.join("journal"),
+            self.cfg.storage.log_options(),
+            self.cfg.agent.ledger_size,
+        )?;
         let (host, port) =
             crate::config::parse_broker_url(&self.cfg.mqtt.broker).expect("validated at load");
         let id = self.cfg.id.clone();
@@ -170,8 +188,16 @@ impl Agent {
             malformed: 0,
             connected: false,
             last_heartbeat: Instant::now() - Duration::from_secs(3600),
+            journal,
+            replayed: 0,
         };
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        m.restore(recovered);
+        // The tick also drives batched fsyncs, so it runs at least as often.
+        let tick_ms = match m.cfg.storage.fsync {
+            config::FsyncMode::Batch => m.cfg.storage.batch_ms.clamp(1, 200),
+            _ => 200,
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -185,9 +211,23 @@ impl Agent {
             }
         }
         // Say goodbye so the server re-routes at once rather than after the
-        // keep-alive runs out.
-        for token in m.running.values() {
+        // keep-alive runs out. It re-queues what was here, so the journal
+        // hands those tasks back rather than running them again at the next
+        // start.
+        let handed_back: Vec<String> = m
+            .running
+            .keys()
+            .cloned()
+            .chain(m.inbox.iter().map(|t| t.id.clone()))
+            .collect();
+        for (token, _) in m.running.values() {
             token.cancel();
+        }
+        for task_id in handed_back {
+            let _ = m.journal.append_unsynced(&Record::Released { task_id });
+        }
+        if let Err(e) = m.journal.sync() {
+            log::warn!("agent {}: journal sync at shutdown failed: {e}", m.id);
         }
         let mut bye = m.status();
         bye.online = false;
@@ -225,7 +265,8 @@ struct Manager {
     inbox: heapless::Deque<TaskSpec, INBOX>,
     queue_capacity: usize,
     max_concurrency: usize,
-    running: HashMap<String, CancellationToken>,
+    /// Running tasks: their cancel token and spec (for journal snapshots).
+    running: HashMap<String, (CancellationToken, TaskSpec)>,
     /// Results the server has not confirmed yet.
     outbox: HashMap<String, Pending>,
     /// Finished task ids and their encoded results, bounded.
@@ -235,6 +276,9 @@ struct Manager {
     malformed: u64,
     connected: bool,
     last_heartbeat: Instant,
+    journal: Journal,
+    /// Tasks found accepted but unfinished at start, run again.
+    replayed: u64,
 }
 
 impl Manager {
@@ -276,7 +320,7 @@ impl Manager {
         match msg {
             ToAgent::Task(spec) => self.on_task(spec),
             ToAgent::Cancel { task_id } => {
-                if let Some(token) = self.running.get(&task_id) {
+                if let Some((token, _)) = self.running.get(&task_id) {
                     token.cancel();
                 } else if let Some(pos) = self.inbox.iter().position(|t| t.id == task_id) {
                     let mut kept = heapless::Deque::new();
@@ -298,7 +342,14 @@ impl Manager {
                 }
             }
             ToAgent::ResultAck { task_id } => {
-                self.outbox.remove(&task_id);
+                if self.outbox.remove(&task_id).is_some() {
+                    // Unsynced: if it is lost, the result is sent once more
+                    // and the server acks the duplicate.
+                    if let Err(e) = self.journal.append_unsynced(&Record::Acked { task_id }) {
+                        log::warn!("agent {}: journal: {e}", self.id);
+                    }
+                    self.maybe_compact();
+                }
             }
         }
     }
@@ -327,28 +378,129 @@ impl Manager {
             return;
         }
         if self.registry.get(&spec.plugin).is_none() {
-            let msg = format!(
-                "unknown plugin `{}` (this agent has: {})",
-                spec.plugin,
-                self.registry.names().join(", ")
-            );
-            self.finish(TaskOutcome {
-                task_id: spec.id,
-                result: Err(error(ErrorKind::UnknownPlugin, &msg, false)),
-                elapsed_us: 0,
-            });
+            self.unknown_plugin(spec);
             return;
         }
-        if self.running.len() < self.max_concurrency {
-            self.launch(spec);
-        } else if self.inbox.len() < self.queue_capacity {
-            let _ = self.inbox.push_back(spec);
-        } else {
+        let run_now = self.running.len() < self.max_concurrency;
+        if !run_now && self.inbox.len() >= self.queue_capacity {
             log::info!("agent {}: busy, rejecting task {}", self.id, spec.id);
             self.publish_event(&FromAgent::Rejected {
                 task_id: spec.id,
                 reason: RejectReason::Busy,
             });
+            return;
+        }
+        // On disk before the caller acks the publish: a task the broker
+        // considers delivered is never lost by a crash.
+        if let Err(e) = self.journal.append(&Record::Accepted(spec.clone())) {
+            log::error!(
+                "agent {}: cannot record task {}, handing it back: {e}",
+                self.id,
+                spec.id
+            );
+            self.publish_event(&FromAgent::Rejected {
+                task_id: spec.id,
+                reason: RejectReason::Busy,
+            });
+            return;
+        }
+        self.maybe_compact();
+        if run_now {
+            self.launch(spec);
+        } else {
+            let _ = self.inbox.push_back(spec);
+        }
+    }
+
+    fn unknown_plugin(&mut self, spec: TaskSpec) {
+        let msg = format!(
+            "unknown plugin `{}` (this agent has: {})",
+            spec.plugin,
+            self.registry.names().join(", ")
+        );
+        self.finish(TaskOutcome {
+            task_id: spec.id,
+            result: Err(error(ErrorKind::UnknownPlugin, &msg, false)),
+            elapsed_us: 0,
+        });
+    }
+
+    /// Takes back the state found in the journal at start.
+    fn restore(&mut self, rec: journal::Recovered) {
+        for (id, bytes) in rec.ledger {
+            self.ledger.insert(id.clone(), bytes);
+            self.ledger_order.push_back(id);
+        }
+        for (id, bytes) in rec.outbox {
+            self.outbox.insert(
+                id,
+                Pending {
+                    bytes,
+                    last_sent: None,
+                },
+            );
+        }
+        self.replayed = rec.pending.len() as u64;
+        log::info!(
+            "agent {}: journal recovered: {} ledgered, {} result(s) to re-send, {} task(s) to run again, {} damaged record(s) skipped",
+            self.id,
+            self.ledger.len(),
+            self.outbox.len(),
+            rec.pending.len(),
+            self.journal.skipped()
+        );
+        for spec in rec.pending {
+            // Accepted before the crash but not recorded as finished: run
+            // again (at least once; see the module docs).
+            log::warn!(
+                "agent {}: task {} was interrupted by a restart; running it again",
+                self.id,
+                spec.id
+            );
+            if self.registry.get(&spec.plugin).is_none() {
+                self.unknown_plugin(spec);
+            } else if self.running.len() < self.max_concurrency {
+                self.launch(spec);
+            } else if self.inbox.len() < INBOX {
+                // Over queue_capacity only if the configuration shrank.
+                let _ = self.inbox.push_back(spec);
+            } else {
+                let _ = self.journal.append(&Record::Released {
+                    task_id: spec.id.clone(),
+                });
+                self.publish_event(&FromAgent::Rejected {
+                    task_id: spec.id,
+                    reason: RejectReason::Busy,
+                });
+            }
+        }
+    }
+
+    /// Rewrites the journal as the live state once it has grown enough.
+    fn maybe_compact(&mut self) {
+        if !self.journal.wants_compaction() {
+            return;
+        }
+        let state = journal::Recovered {
+            pending: self
+                .running
+                .values()
+                .map(|(_, spec)| spec.clone())
+                .chain(self.inbox.iter().cloned())
+                .collect(),
+            ledger: self
+                .ledger_order
+                .iter()
+                .filter_map(|id| self.ledger.get(id).map(|b| (id.clone(), b.clone())))
+                .collect(),
+            outbox: self
+                .outbox
+                .iter()
+                .map(|(id, p)| (id.clone(), p.bytes.clone()))
+                .collect(),
+        };
+        if let Err(e) = self.journal.compact(&journal::snapshot_records(&state)) {
+            log::warn!("agent {}: journal compaction failed: {e}", self.id);
         }
     }
 
@@ -358,7 +510,8 @@ impl Manager {
             None => return,
         };
         let token = CancellationToken::new();
-        self.running.insert(spec.id.clone(), token.clone());
+        self.running
+            .insert(spec.id.clone(), (token.clone(), spec.clone()));
         self.publish_event(&FromAgent::Started {
             task_id: spec.id.clone(),
         });
@@ -436,6 +589,18 @@ impl Manager {
             bytes = protocol::encode(&FromAgent::Finished(outcome.clone()));
         }
         let id = outcome.task_id;
+        // Written before it is sent: once the server may have the result,
+        // a restart must answer from the ledger, not run the task again.
+        if let Err(e) = self.journal.append(&Record::Finished {
+            task_id: id.clone(),
+            result: bytes.clone(),
+            acked: false,
+        }) {
+            log::error!(
+                "agent {}: cannot record the result of {id} (sending it anyway): {e}",
+                self.id
+            );
+        }
         self.ledger.insert(id.clone(), bytes.clone());
         self.ledger_order.push_back(id.clone());
         while self.ledger_order.len() > self.cfg.agent.ledger_size {
@@ -451,6 +616,7 @@ impl Manager {
             },
         );
         self.send_result(&id);
+        self.maybe_compact();
     }
 
     fn send_result(&mut self, id: &str) {
@@ -482,6 +648,9 @@ impl Manager {
     }
 
     fn on_tick(&mut self) {
+        if let Err(e) = self.journal.sync_if_due() {
+            log::warn!("agent {}: journal sync failed: {e}", self.id);
+        }
         if !self.connected {
             return;
         }
@@ -523,6 +692,15 @@ impl Manager {
             heartbeat_ms: self.cfg.agent.heartbeat_ms as u32,
             malformed: self.malformed,
             sent_ms: crate::now_ms(),
+            storage: {
+                let s = self.journal.stats();
+                StorageCounters {
+                    recovered_skipped: self.journal.skipped(),
+                    replayed_tasks: self.replayed,
+                    segments_dropped: s.segments_dropped,
+                    write_errors: s.write_errors,
+                }
+            },
         }
     }
 

@@ -1,0 +1,279 @@
+//! The agent's journal with real processes: SIGKILL the agent in the middle
+//! of work, restart it on the same data dir, and check that no result is
+//! lost, nothing recorded as finished runs again, and a damaged journal tail
+//! is skipped and reported instead of stopping the agent.
+#![cfg(all(feature = "server", feature = "agent", feature = "admin"))]
+
+mod common;
+
+use common::{task, Agent, Server};
+use openclaw::protocol::api::TaskState;
+use openclaw::protocol::{self, topics, FromAgent, TaskSpec, ToAgent, Value};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A raw MQTT peer that records every message on a device's results topic.
+struct Peer {
+    client: Client,
+    rx: std::sync::mpsc::Receiver<rumqttc::Publish>,
+    /// Everything seen so far on the results topic, in arrival order.
+    seen: Vec<(FromAgent, Vec<u8>)>,
+}
+
+impl Peer {
+    fn connect(port: u16, id: &str, device: &str) -> Peer {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut conn) = Client::new(opts, 64);
+        client
+            .subscribe(topics::results(device), QoS::AtLeastOnce)
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send(p).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("peer subscribed");
+        Peer {
+            client,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    fn send_task(&self, device: &str, spec: &TaskSpec) {
+        self.client
+            .publish(
+                topics::tasks(device),
+                QoS::AtLeastOnce,
+                false,
+                protocol::encode(&ToAgent::Task(spec.clone())),
+            )
+            .unwrap();
+    }
+
+    /// Receives until `done` holds for what was seen (checked after each
+    /// message), or fails after 30 s naming `what`.
+    fn until(&mut self, what: &str, done: impl Fn(&[(FromAgent, Vec<u8>)]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let p = self
+                .rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("timed out waiting: {what}"));
+            if let Ok(m) = protocol::decode::<FromAgent>(&p.payload, 1 << 20) {
+                self.seen.push((m, p.payload.to_vec()));
+            }
+        }
+    }
+}
+
+fn started(seen: &[(FromAgent, Vec<u8>)], id: &str) -> usize {
+    seen.iter()
+        .filter(|(m, _)| matches!(m, FromAgent::Started { task_id } if task_id == id))
+        .count()
+}
+
+fn finished<'a>(seen: &'a [(FromAgent, Vec<u8>)], id: &str) -> Vec<&'a [u8]> {
+    seen.iter()
+        .filter(|(m, _)| matches!(m, FromAgent::Finished(o) if o.task_id == id))
+        .map(|(_, b)| b.as_slice())
+        .collect()
+}
+
+fn task_id(m: &FromAgent) -> &str {
+    match m {
+        FromAgent::Started { task_id } | FromAgent::Rejected { task_id, .. } => task_id,
+        FromAgent::Finished(o) => &o.task_id,
+    }
+}
+
+fn spec(id: &str, input: serde_json::Value) -> TaskSpec {
+    TaskSpec {
+        id: id.into(),
+        plugin: "echo".into(),
+        input: Value::from(input),
+        timeout_ms: 30_000,
+        attempt: 1,
+    }
+}
+
+fn journal_dir(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("agent-{id}")).join("journal")
+}
+
+#[test]
+fn sigkill_mid_run_loses_no_result_and_reruns_nothing_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let cfg = "max_concurrency = 2\nqueue_capacity = 6\n[storage]\nfsync = \"always\"\n";
+    let mut agent = Agent::start(dir.path(), "dur-1", &server.broker(), cfg);
+    server.wait_online("dur-1");
+    let mut peer = Peer::connect(server.mqtt_port, "dur-peer", "dur-1");
+
+    // Three short tasks, then long ones: the kill lands well inside a long one.
+    let sleep = |i: usize| if i < 3 { 300 } else { 1000 };
+    let ids: Vec<String> = (0..8)
+        .map(|i| server.submit(task("echo", json!({"sleep_ms": sleep(i), "i": i}))))
+        .collect();
+    let long: Vec<&String> = ids[3..].iter().collect();
+    // Kill it once the short ones are done and a long one is seen running.
+    peer.until("three results and a long task running", |s| {
+        ids[..3].iter().all(|id| !finished(s, id).is_empty())
+            && long
+                .iter()
+                .any(|id| started(s, id) > 0 && finished(s, id).is_empty())
+    });
+    let running_at_kill: Vec<String> = long
+        .iter()
+        .filter(|id| started(&peer.seen, id) > 0 && finished(&peer.seen, id).is_empty())
+        .map(|id| id.to_string())
+        .collect();
+    agent.kill();
+    let _agent = Agent::start(dir.path(), "dur-1", &server.broker(), cfg);
+
+    for (i, id) in ids.iter().enumerate() {
+        let t = server.wait(id);
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        assert_eq!(t.result, Some(json!({"sleep_ms": sleep(i), "i": i})));
+    }
+    // Every id was answered on the results topic too.
+    peer.until("a Finished for every task", |s| {
+        ids.iter().all(|id| !finished(s, id).is_empty())
+    });
+
+    let seen = &peer.seen;
+    let mut first_finish: HashMap<&str, usize> = HashMap::new();
+    for (at, (m, _)) in seen.iter().enumerate() {
+        if let FromAgent::Finished(o) = m {
+            first_finish.entry(o.task_id.as_str()).or_insert(at);
+        }
+    }
+    for id in &ids {
+        // Never started again once finished: a finished task is answered
+        // from the journal, not run twice.
+        let done_at = first_finish[id.as_str()];
+        let restarted_after = seen[done_at..]
+            .iter()
+            .any(|(m, _)| matches!(m, FromAgent::Started { .. }) && task_id(m) == id);
+        assert!(!restarted_after, "task {id} started again after finishing");
+        // Every copy of its result is the same bytes (same elapsed_us): sent
+        // again from the outbox or ledger, never recomputed.
+        let copies = finished(seen, id);
+        assert!(copies.iter().all(|c| *c == copies[0]), "task {id}");
+    }
+    // Those killed mid-run were started again by the new process (from its
+    // journal), both starts before their one result.
+    assert!(!running_at_kill.is_empty());
+    for id in &running_at_kill {
+        assert_eq!(started(seen, id), 2, "task {id} interrupted, not rerun");
+    }
+    server.wait_devices("replayed tasks reported", |d| {
+        d.iter().any(|d| {
+            d.id == "dur-1" && d.online && d.storage.replayed_tasks >= running_at_kill.len() as u64
+        })
+    });
+}
+
+#[test]
+fn ledgered_ids_are_answered_from_the_ledger_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    // Batched fsyncs: a SIGKILL (unlike a power cut) still loses nothing.
+    let cfg = "[storage]\nfsync = \"batch\"\nbatch_ms = 20\nbatch_records = 8\n";
+    let mut agent = Agent::start(dir.path(), "led-1", &server.broker(), cfg);
+    server.wait_online("led-1");
+    let mut peer = Peer::connect(server.mqtt_port, "led-peer", "led-1");
+
+    let dup = spec("dup-1", json!({"sleep_ms": 50, "v": 1}));
+    peer.send_task("led-1", &dup);
+    peer.until("dup-1 finished", |s| finished(s, "dup-1").len() == 1);
+    let first = finished(&peer.seen, "dup-1")[0].to_vec();
+    // Delivered again: same bytes back, not started again.
+    peer.send_task("led-1", &dup);
+    peer.until("dup-1 answered again", |s| finished(s, "dup-1").len() == 2);
+    assert_eq!(started(&peer.seen, "dup-1"), 1);
+
+    // One task left running when the agent dies.
+    let slow = spec("slow-1", json!({"sleep_ms": 800}));
+    peer.send_task("led-1", &slow);
+    peer.until("slow-1 started", |s| started(s, "slow-1") == 1);
+    agent.kill();
+    let _agent = Agent::start(dir.path(), "led-1", &server.broker(), cfg);
+    // Accepted but unfinished: run again after the restart, and finished.
+    peer.until("slow-1 rerun and finished", |s| {
+        started(s, "slow-1") == 2 && finished(s, "slow-1").len() == 1
+    });
+    // The ledger survived: the answer is the stored one, not a new run.
+    peer.send_task("led-1", &dup);
+    peer.until("dup-1 answered from the journal", |s| {
+        finished(s, "dup-1").len() >= 3
+    });
+    assert_eq!(started(&peer.seen, "dup-1"), 1, "dup-1 ran twice");
+    for copy in finished(&peer.seen, "dup-1") {
+        assert_eq!(copy, first.as_slice());
+    }
+    server.wait_devices("one replayed task reported", |d| {
+        d.iter().any(|d| {
+            d.id == "led-1"
+                && d.online
+                && d.storage.replayed_tasks == 1
+                && d.storage.recovered_skipped == 0
+        })
+    });
+}
+
+#[test]
+fn damaged_journal_tail_is_skipped_counted_and_the_agent_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let mut agent = Agent::start(dir.path(), "torn-1", &server.broker(), "");
+    server.wait_online("torn-1");
+    for i in 0..3 {
+        let t = server.wait(&server.submit(task("echo", json!({ "i": i }))));
+        assert_eq!(t.state, TaskState::Succeeded);
+    }
+    agent.kill();
+    // Flip a byte in the last record of the newest segment.
+    let jdir = journal_dir(dir.path(), "torn-1");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&jdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    let last = segs.last().expect("a journal segment");
+    let mut bytes = std::fs::read(last).unwrap();
+    assert!(bytes.len() > 8, "the journal holds records");
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(last, &bytes).unwrap();
+
+    let _agent = Agent::start(dir.path(), "torn-1", &server.broker(), "");
+    server.wait_devices("the damaged record counted", |d| {
+        d.iter()
+            .any(|d| d.id == "torn-1" && d.online && d.storage.recovered_skipped == 1)
+    });
+    let t = server.wait(&server.submit(task("echo", json!("after"))));
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result, Some(json!("after")));
+}
