@@ -509,7 +509,24 @@ impl Plugin for ProcessPlugin {
                 ),
             ));
         }
-        Ok(())
+        // The validate handshake once before any task, so a plugin that
+        // refuses its config stops the agent at start like a built-in. On its
+        // own thread and runtime: this may be called from inside the agent's.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| self.fail(format!("validate: {e}")))?;
+                rt.block_on(async { self.start().await.map(drop) })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(self.fail("validate panicked")))
+        })
+        .map_err(|e| match e {
+            PluginError::Failed { message, .. } => config_err(self.name, "config", message),
+            other => other,
+        })
     }
 
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {
@@ -801,6 +818,24 @@ done
             e.contains("`spin`") && (e.contains("signal 24") || e.contains("signal 9")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn validate_runs_the_handshake_with_the_config() {
+        let dir = repo_example();
+        let p = ProcessPlugin::load(&dir, None).unwrap();
+        p.validate().unwrap();
+        let over: toml::Table = toml::from_str("prefixes = 5").unwrap();
+        let p = ProcessPlugin::load(&dir, Some(&over)).unwrap();
+        let e = p.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("`bom_extractor`") && e.contains("config `prefixes`"),
+            "{e}"
+        );
+    }
+
+    fn repo_example() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/python/examples/bom_extractor")
     }
 
     #[test]

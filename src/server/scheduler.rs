@@ -1068,3 +1068,214 @@ fn spec_of(row: &TaskRow) -> TaskSpec {
         attempt: row.attempts,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler's decisions with a paused clock: no broker, the
+    //! client's request channel just collects what would be published.
+    use super::*;
+    use crate::protocol::TaskOutcome;
+
+    fn cfg() -> SchedulerSection {
+        SchedulerSection {
+            default_priority: 50,
+            aging_ms: 1000,
+            default_timeout_ms: 30_000,
+            timeout_grace_ms: 2000,
+            default_max_attempts: 3,
+            retry_backoff_ms: 500,
+            retry_backoff_max_ms: 30_000,
+            offline_after_missed: 3,
+        }
+    }
+
+    struct Rig {
+        s: Scheduler,
+        _dir: tempfile::TempDir,
+        _rx: mpsc::Receiver<Command>,
+        _el: rumqttc::EventLoop,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "normal").unwrap();
+        let (client, el) = AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10_000);
+        let (mut s, _h, rx) = Scheduler::new(cfg(), store, client, 1 << 20).unwrap();
+        s.connected = true;
+        Rig {
+            s,
+            _dir: dir,
+            _rx: rx,
+            _el: el,
+        }
+    }
+
+    fn status(id: &str, caps: &[&str], slots: u32) -> DeviceStatus {
+        DeviceStatus {
+            device_id: id.into(),
+            online: true,
+            board: "sim".into(),
+            plugins: vec!["echo".into()],
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            max_concurrency: slots,
+            queue_capacity: 0,
+            heartbeat_ms: 1000,
+            ..Default::default()
+        }
+    }
+
+    fn heartbeat(s: &mut Scheduler, st: &DeviceStatus) {
+        let p = Publish::new(
+            topics::status(&st.device_id),
+            QoS::AtLeastOnce,
+            protocol::encode(st),
+        );
+        s.handle(Command::Mqtt(MqttEvent::Message(p))).unwrap();
+    }
+
+    fn submit(s: &mut Scheduler, req: SubmitRequest) -> String {
+        let r = s.submit(req);
+        match r {
+            Ok(r) => r.id,
+            Err(_) => panic!("submit refused"),
+        }
+    }
+
+    fn req(capability: Option<&str>, target: Option<&str>) -> SubmitRequest {
+        SubmitRequest {
+            plugin: "echo".into(),
+            input: serde_json::json!(1),
+            priority: None,
+            target: target.map(String::from),
+            capability: capability.map(String::from),
+            timeout_ms: Some(1000),
+            max_attempts: None,
+            reply_to: None,
+            correlation: None,
+        }
+    }
+
+    fn device_of(s: &Scheduler, id: &str) -> Option<String> {
+        s.tasks[id].row.device.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routes_by_capability_target_and_load() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &["gpu"], 4));
+        heartbeat(s, &status("b", &[], 4));
+        let gpu = submit(s, req(Some("gpu"), None));
+        let pinned = submit(s, req(None, Some("b")));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &gpu).as_deref(), Some("a"));
+        assert_eq!(device_of(s, &pinned).as_deref(), Some("b"));
+        // Equal load now (1 each): the next two spread over both.
+        let x = submit(s, req(None, None));
+        let y = submit(s, req(None, None));
+        s.dispatch().unwrap();
+        let mut got = [device_of(s, &x).unwrap(), device_of(s, &y).unwrap()];
+        got.sort();
+        assert_eq!(got, ["a".to_string(), "b".to_string()]);
+        // A capability nobody has waits in the queue.
+        let none = submit(s, req(Some("tpu"), None));
+        s.dispatch().unwrap();
+        assert_eq!(s.tasks[&none].row.state, TaskState::Queued);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_is_respected_and_frees_on_results() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 2));
+        let ids: Vec<String> = (0..3).map(|_| submit(s, req(None, None))).collect();
+        s.dispatch().unwrap();
+        let dispatched = ids
+            .iter()
+            .filter(|i| s.tasks[*i].row.state == TaskState::Dispatched)
+            .count();
+        assert_eq!(dispatched, 2, "no more than the device's slots");
+        let first = ids
+            .iter()
+            .find(|i| s.tasks[*i].row.state == TaskState::Dispatched)
+            .unwrap()
+            .clone();
+        s.on_agent(
+            "a",
+            FromAgent::Finished(TaskOutcome {
+                task_id: first.clone(),
+                result: Ok(Value::Int(1)),
+                elapsed_us: 5,
+            }),
+        )
+        .unwrap();
+        assert!(!s.tasks.contains_key(&first), "terminal tasks leave memory");
+        s.dispatch().unwrap();
+        assert!(ids
+            .iter()
+            .filter(|i| *i != &first)
+            .all(|i| s.tasks[i].row.state == TaskState::Dispatched));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn missed_heartbeats_requeue_to_another_device() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 1));
+        let id = submit(s, req(None, None));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("a"));
+        heartbeat(s, &status("b", &[], 1));
+        // b keeps beating, a falls silent: 3 intervals of 1 s, then offline.
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_millis(900)).await;
+            heartbeat(s, &status("b", &[], 1));
+            s.on_tick().unwrap();
+        }
+        assert!(!s.devices["a"].online && s.devices["b"].online);
+        assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+        // Retry back-off: not before 500 ms.
+        s.dispatch().unwrap();
+        assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+        tokio::time::advance(Duration::from_millis(501)).await;
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("b"));
+        assert_eq!(s.tasks[&id].row.attempts, 2);
+        // The last will of an agent keeps its plugin list for routing.
+        let mut will = status("b", &[], 0);
+        will.online = false;
+        will.plugins.clear();
+        heartbeat(s, &will);
+        assert_eq!(s.devices["b"].status.plugins, vec!["echo".to_string()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn server_side_timeout_and_aging_key() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 4));
+        let id = submit(s, req(None, None));
+        s.dispatch().unwrap();
+        // Keep the device alive; the task never answers.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_millis(1001)).await;
+            heartbeat(s, &status("a", &[], 4));
+            s.on_tick().unwrap();
+        }
+        assert!(!s.tasks.contains_key(&id));
+        let row = s.store.get(&id).unwrap().unwrap();
+        assert_eq!(row.state, TaskState::TimedOut);
+        assert!(row.error.unwrap().contains("no result within 1000 ms"));
+
+        // Aging: the key orders by priority * aging - created.
+        let mut low = req(None, None);
+        low.priority = Some(0);
+        let mut high = req(None, None);
+        high.priority = Some(100);
+        let l = submit(s, low);
+        let h = submit(s, high);
+        let first = s.queue.values().next().unwrap();
+        assert_eq!(first, &h);
+        assert_ne!(first, &l);
+    }
+}
