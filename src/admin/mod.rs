@@ -1,4 +1,8 @@
-//! The HTTP client behind `openclaw-admin`, and its starter-config writer.
+//! The HTTP client behind `openclaw-admin`, its starter-config writer, and
+//! the cross build ([`build`]) and device install ([`flash`]) of the agent.
+
+pub mod build;
+pub mod flash;
 
 use crate::protocol::api::{DeviceView, ErrorBody, SubmitRequest, SubmitResponse, TaskView};
 use serde::de::DeserializeOwned;

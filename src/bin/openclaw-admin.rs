@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use openclaw::admin::{self, Client};
+use openclaw::admin::{self, build, flash, Client};
 use openclaw::protocol::api::{SubmitRequest, TaskState, TaskView};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Server HTTP address.
+    /// Server HTTP address (for `flash`: the broker the agent connects to, mqtt://HOST:PORT).
     #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
     server: String,
     /// Print JSON instead of text.
@@ -84,6 +84,78 @@ enum Cmd {
     /// Benchmarks against a running server.
     #[command(subcommand)]
     Bench(Bench),
+    /// Cross-build the agent for a board (Debian toolchain, see docs/cross.md).
+    Build {
+        /// Board profile: a built-in name or a file.
+        #[arg(long)]
+        board: String,
+        /// Release profile (opt-level s, fat LTO, stripped).
+        #[arg(long)]
+        release: bool,
+        /// Also build on-device inference (tract).
+        #[arg(long)]
+        inference: bool,
+        /// OpenClaw source tree (default: the current directory or a parent).
+        #[arg(long)]
+        manifest_dir: Option<PathBuf>,
+        /// Cargo target dir (default $OPENCLAW_CROSS_TARGET_DIR or ~/.cache/openclaw/cross-target).
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
+    },
+    /// Install the agent on a device over SSH, start it, wait for its heartbeat.
+    ///
+    /// Give the broker the agent connects to with `--server mqtt://HOST:PORT`
+    /// and the server's HTTP API with `--http`.
+    Flash(Box<FlashArgs>),
+}
+
+#[derive(clap::Args)]
+struct FlashArgs {
+    /// Board profile: a built-in name or a file.
+    #[arg(long)]
+    board: String,
+    /// The device: USER@ADDR.
+    #[arg(long)]
+    host: String,
+    /// SSH port.
+    #[arg(long, default_value_t = 22)]
+    port: u16,
+    /// SSH private key.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// known_hosts file for ssh/scp (default: ssh's own).
+    #[arg(long)]
+    known_hosts: Option<PathBuf>,
+    /// Server HTTP API, to wait for the device's heartbeat.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    http: String,
+    /// Agent binary (default: the release build of `openclaw-admin build` for the board's target).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Install prefix on the device.
+    #[arg(long, default_value = "/opt/openclaw")]
+    prefix: String,
+    /// Where the systemd unit goes on the device.
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: String,
+    /// systemctl command on the device.
+    #[arg(long, default_value = "systemctl")]
+    systemctl: String,
+    /// Device id (default: the device's host name).
+    #[arg(long)]
+    id: Option<String>,
+    /// Extra agent configuration (TOML) to install with the generated keys.
+    #[arg(long)]
+    agent_config: Option<PathBuf>,
+    /// Local model folder (manifests and files).
+    #[arg(long, default_value = "models")]
+    models_dir: PathBuf,
+    /// Seconds to wait for the heartbeat.
+    #[arg(long, default_value_t = 60)]
+    wait_secs: u64,
+    /// Print the commands instead of running them.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -141,6 +213,118 @@ fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let client = Client::new(&args.server);
     match args.cmd {
+        Cmd::Build {
+            board,
+            release,
+            inference,
+            manifest_dir,
+            target_dir,
+        } => {
+            let dir = match manifest_dir {
+                Some(d) => d,
+                None => {
+                    let cwd = std::env::current_dir()?;
+                    build::find_source(&cwd).with_context(|| {
+                        format!(
+                            "{} is not inside the OpenClaw source tree; pass --manifest-dir",
+                            cwd.display()
+                        )
+                    })?
+                }
+            };
+            let mut o = build::BuildOptions::new(&board, &dir);
+            o.release = release;
+            if inference {
+                o.features.push("inference".into());
+            }
+            if let Some(t) = target_dir {
+                o.target_dir = t;
+            }
+            let out = build::build(&o)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"board": out.board, "target": out.target, "cpu": out.cpu,
+                        "profile": out.profile, "binary": out.binary, "size": out.size,
+                        "seconds": out.elapsed.as_secs_f64()})
+                );
+            } else {
+                println!("board:    {} ({}, cpu {})", out.board, out.target, out.cpu);
+                println!("binary:   {}", out.binary.display());
+                println!(
+                    "size:     {} bytes ({:.2} MiB){}",
+                    out.size,
+                    out.size as f64 / 1048576.0,
+                    if release { ", stripped" } else { "" }
+                );
+                println!(
+                    "built in: {:.1} s (profile {})",
+                    out.elapsed.as_secs_f64(),
+                    out.profile
+                );
+            }
+        }
+        Cmd::Flash(f) => {
+            if !args.server.starts_with("mqtt://") {
+                bail!(
+                    "flash needs the broker the agent connects to: --server mqtt://HOST:PORT (the server's HTTP API goes in --http)"
+                );
+            }
+            let b = openclaw::boards::Board::load(&f.board)?;
+            let binary = f.binary.unwrap_or_else(|| {
+                build::default_target_dir()
+                    .join(&b.target)
+                    .join("release/openclaw-agent")
+            });
+            let mut o = flash::FlashOptions::new(&f.board, &f.host, &args.server, &binary);
+            o.port = f.port;
+            o.identity = f.identity;
+            o.known_hosts = f.known_hosts;
+            o.http = f.http;
+            o.prefix = f.prefix;
+            o.unit_dir = f.unit_dir;
+            o.systemctl = f.systemctl;
+            o.id = f.id;
+            o.agent_config = f.agent_config;
+            o.models_dir = f.models_dir;
+            o.wait = Duration::from_secs(f.wait_secs);
+            o.dry_run = f.dry_run;
+            let r = flash::flash(&o, &mut |l| eprintln!("{l}"))?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"release": r.release, "previous": r.previous,
+                        "device": r.device_id, "files": r.files, "commands": r.commands,
+                        "heartbeat_ms": r.heartbeat_after.map(|d| d.as_millis() as u64),
+                        "warnings": r.warnings})
+                );
+            } else {
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
+                if o.dry_run {
+                    println!(
+                        "dry run: {} commands printed above; release {} with {} files",
+                        r.commands.len(),
+                        r.release,
+                        r.files.len()
+                    );
+                } else {
+                    println!(
+                        "installed release {} on {} ({} files, previous: {})",
+                        r.release,
+                        f.host,
+                        r.files.len(),
+                        r.previous.as_deref().unwrap_or("none")
+                    );
+                    println!(
+                        "device {} online: first heartbeat {:.1} s after the restart",
+                        r.device_id,
+                        r.heartbeat_after.unwrap_or_default().as_secs_f64()
+                    );
+                }
+            }
+        }
         Cmd::Init {
             model_path,
             dir,

@@ -1,0 +1,568 @@
+//! `openclaw-admin flash` against a real OpenSSH server on loopback.
+//!
+//! The "device" is a directory: the install prefix and the unit directory
+//! are in a temporary folder, and `--systemctl` is a small script that
+//! records its calls and, on `restart`, runs the installed unit's
+//! `ExecStart` in the background (no systemd here). The agent is the host
+//! build of `openclaw-agent`; its heartbeat reaches a real server.
+//!
+//! Needs `/usr/sbin/sshd` (Debian's openssh-server; scripts/test-arm.sh
+//! installs it).
+#![cfg(all(
+    feature = "server",
+    feature = "agent",
+    feature = "admin",
+    feature = "inference"
+))]
+
+mod common;
+
+use common::{free_port, task, Server};
+use openclaw::admin::flash::unit_text;
+use openclaw::protocol::api::TaskState;
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// An sshd on a free loopback port, as the current user, accepting one
+/// throwaway client key.
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: PathBuf,
+    known_hosts: PathBuf,
+    user: String,
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "openclaw-test", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen (openssh-client) is needed");
+    assert!(st.success());
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        assert!(
+            Path::new(SSHD).exists(),
+            "{SSHD} is missing: install openssh-server (scripts/test-arm.sh does it)"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let host_key = dir.join("host_key");
+        let key = dir.join("client_key");
+        keygen(&host_key);
+        keygen(&key);
+        let auth = dir.join("authorized_keys");
+        std::fs::copy(dir.join("client_key.pub"), &auth).unwrap();
+        std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            // sshd started by root insists on its privilege separation dir.
+            std::fs::create_dir_all("/run/sshd").unwrap();
+            std::fs::set_permissions("/run/sshd", std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        let conf = dir.join("sshd_config");
+        std::fs::write(
+            &conf,
+            format!(
+                "ListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {auth}\n\
+                 PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
+                 Subsystem sftp /usr/lib/openssh/sftp-server\nLogLevel VERBOSE\n",
+                hk = host_key.display(),
+                pid = dir.join("sshd.pid").display(),
+                auth = auth.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("sshd.log");
+        let port = free_port();
+        let mut child = Command::new(SSHD)
+            .arg("-D")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-E")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sshd");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "sshd exited ({st}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "sshd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sshd {
+            child,
+            port,
+            key,
+            known_hosts: dir.join("known_hosts"),
+            user,
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fake device: prefix, unit dir, fake systemctl and its records.
+struct Device {
+    prefix: PathBuf,
+    unit_dir: PathBuf,
+    systemctl: PathBuf,
+    calls: PathBuf,
+    pidfile: PathBuf,
+}
+
+impl Device {
+    fn new(dir: &Path) -> Device {
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let d = Device {
+            prefix: dir.join("opt/openclaw"),
+            unit_dir: dir.join("etc/systemd/system"),
+            systemctl: dir.join("bin/systemctl"),
+            calls: state.join("systemctl.calls"),
+            pidfile: state.join("agent.pid"),
+        };
+        std::fs::create_dir_all(d.systemctl.parent().unwrap()).unwrap();
+        std::fs::write(
+            &d.systemctl,
+            format!(
+                r#"#!/bin/sh
+# Stand-in for systemctl: records each call; restart runs the unit's ExecStart.
+echo "$*" >> {calls}
+unit={unit}
+pidf={pidf}
+stop() {{
+  if [ -f "$pidf" ]; then
+    pid=$(cat "$pidf")
+    kill "$pid" 2>/dev/null || true
+    i=0
+    while [ $i -lt 100 ] && kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' /proc/"$pid"/status 2>/dev/null; do
+      sleep 0.1; i=$((i+1))
+    done
+    rm -f "$pidf"
+  fi
+}}
+case "$1" in
+  daemon-reload|enable) ;;
+  restart)
+    stop
+    cmd=$(sed -n 's/^ExecStart=//p' "$unit")
+    wd=$(sed -n 's/^WorkingDirectory=//p' "$unit")
+    cd "$wd" || exit 1
+    nohup $cmd >> {log} 2>&1 < /dev/null &
+    echo $! > "$pidf" ;;
+  stop) stop ;;
+  *) echo "fake systemctl: unsupported: $*" >&2; exit 1 ;;
+esac
+"#,
+                calls = d.calls.display(),
+                unit = d.unit_dir.join("openclaw-agent.service").display(),
+                pidf = d.pidfile.display(),
+                log = state.join("agent.log").display(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&d.systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    fn current(&self) -> Option<PathBuf> {
+        std::fs::read_link(self.prefix.join("current")).ok()
+    }
+
+    fn releases(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.prefix.join("releases"))
+            .map(|r| {
+                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+        .unwrap_or(false)
+}
+
+struct Setup {
+    sshd: Sshd,
+    device: Device,
+    board: PathBuf,
+    binary: PathBuf,
+    extra: PathBuf,
+}
+
+impl Setup {
+    fn args(&self, broker: &str, http: &str) -> Vec<String> {
+        let s = |p: &Path| p.display().to_string();
+        vec![
+            "--server".into(),
+            broker.into(),
+            "flash".into(),
+            "--board".into(),
+            s(&self.board),
+            "--host".into(),
+            format!("{}@127.0.0.1", self.sshd.user),
+            "--port".into(),
+            self.sshd.port.to_string(),
+            "--identity".into(),
+            s(&self.sshd.key),
+            "--known-hosts".into(),
+            s(&self.sshd.known_hosts),
+            "--http".into(),
+            http.into(),
+            "--binary".into(),
+            s(&self.binary),
+            "--prefix".into(),
+            s(&self.device.prefix),
+            "--unit-dir".into(),
+            s(&self.device.unit_dir),
+            "--systemctl".into(),
+            s(&self.device.systemctl),
+            "--id".into(),
+            "dev-1".into(),
+            "--agent-config".into(),
+            s(&self.extra),
+            "--models-dir".into(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),
+            "--wait-secs".into(),
+            "30".into(),
+        ]
+    }
+}
+
+/// `$VAR` if set, else cargo's build of the program. (On a machine where
+/// several checkouts share one target dir, the uplifted binaries in
+/// target/debug can come from another checkout; point these at deps/.)
+fn program(var: &str, built: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| built.to_string())
+}
+
+fn admin(args: &[String]) -> Output {
+    let out = Command::new(program(
+        "OPENCLAW_TEST_ADMIN_BIN",
+        env!("CARGO_BIN_EXE_openclaw-admin"),
+    ))
+    .args(args)
+    .output()
+    .expect("run openclaw-admin");
+    eprintln!(
+        "--- openclaw-admin {}\n{}{}",
+        args.iter()
+            .find(|a| *a == "--dry-run")
+            .map(|_| "(dry run)")
+            .unwrap_or(""),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.into(),
+        None => {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+    }
+    args
+}
+
+fn read(p: impl AsRef<Path>) -> Vec<u8> {
+    std::fs::read(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+#[test]
+fn flash_installs_over_ssh_and_survives_failed_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start(&dir.path().join("ssh"));
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let device = Device::new(&dir.path().join("device"));
+
+    // A board profile file with a model, for the host's architecture.
+    let board = dir.path().join("flashsim.toml");
+    let sim = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/boards/sim.toml"))
+        .unwrap()
+        .replace("name = \"sim\"", "name = \"flashsim\"")
+        .replace("models = []", "models = [\"sensor_anomaly\"]");
+    assert!(sim.contains("flashsim") && sim.contains("sensor_anomaly"));
+    std::fs::write(&board, &sim).unwrap();
+    // The host agent without its debug info (the unstripped one is ~0.5 GB).
+    let binary = dir.path().join("openclaw-agent");
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&binary)
+        .arg(program(
+            "OPENCLAW_TEST_AGENT_BIN",
+            env!("CARGO_BIN_EXE_openclaw-agent"),
+        ))
+        .status()
+        .expect("strip (binutils)");
+    assert!(st.success());
+    let extra = dir.path().join("extra.toml");
+    std::fs::write(
+        &extra,
+        "[mqtt]\nkeep_alive_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\
+         [agent]\nheartbeat_ms = 300\n",
+    )
+    .unwrap();
+    let setup = Setup {
+        sshd,
+        device,
+        board,
+        binary,
+        extra,
+    };
+    let dev = &setup.device;
+    let good = setup.args(&server.broker(), &server.http);
+
+    // --- dry run: prints the commands, touches nothing ---
+    let out = admin(&[good.clone(), vec!["--dry-run".into()]].concat());
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for step in [
+        "connect",
+        "stage",
+        "verify",
+        "unit",
+        "swap",
+        "restart",
+        "heartbeat",
+    ] {
+        assert!(err.contains(&format!("[{step}]")), "{step}: {err}");
+    }
+    assert!(err.contains("-o BatchMode=yes -o StrictHostKeyChecking=accept-new"));
+    assert!(!dev.prefix.exists() && dev.calls().is_empty());
+
+    // --- first install ---
+    let out = admin(&good);
+    assert!(out.status.success(), "first flash failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("device dev-1 online"), "{stdout}");
+    let first = dev.current().expect("current symlink");
+    assert!(first.starts_with("releases"), "{first:?}");
+    let rel = dev.prefix.join(&first);
+    let rel_s = rel.display().to_string();
+    let pre = dev.prefix.display().to_string();
+
+    // The files.
+    let bin = rel.join("bin/openclaw-agent");
+    assert_eq!(read(&bin), read(&setup.binary), "binary differs");
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(read(rel.join("board.toml")), sim.as_bytes());
+    let models = concat!(env!("CARGO_MANIFEST_DIR"), "/models");
+    assert_eq!(
+        read(rel.join("models/sensor_anomaly.toml")),
+        read(format!("{models}/sensor_anomaly.toml"))
+    );
+    assert_eq!(
+        read(rel.join("models/sensor/sensor_anomaly.onnx")),
+        read(format!("{models}/sensor/sensor_anomaly.onnx"))
+    );
+    let cfg: toml::Table = std::fs::read_to_string(rel.join("agent.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(cfg["id"].as_str(), Some("dev-1"));
+    assert_eq!(
+        cfg["board"].as_str(),
+        Some(format!("{rel_s}/board.toml").as_str())
+    );
+    assert_eq!(
+        cfg["data_dir"].as_str(),
+        Some(format!("{pre}/data").as_str())
+    );
+    assert_eq!(
+        cfg["mqtt"]["broker"].as_str(),
+        Some(server.broker().as_str())
+    );
+    assert_eq!(cfg["mqtt"]["keep_alive_secs"].as_integer(), Some(1));
+    assert_eq!(cfg["agent"]["heartbeat_ms"].as_integer(), Some(300));
+    assert_eq!(
+        cfg["plugins"]["infer"]["models_dir"].as_str(),
+        Some(format!("{rel_s}/models").as_str())
+    );
+    let unit = std::fs::read_to_string(dev.unit_dir.join("openclaw-agent.service")).unwrap();
+    assert_eq!(unit, unit_text(&pre, "flashsim"));
+    assert!(unit.contains(&format!(
+        "\nExecStart={pre}/current/bin/openclaw-agent --config {pre}/current/agent.toml\n"
+    )));
+    assert!(unit.contains("\nRestart=on-failure\n") && unit.contains("\nStartLimitBurst=10\n"));
+    assert!(!unit.contains("\nWatchdogSec"));
+    assert_eq!(read(rel.join("openclaw-agent.service")), unit.as_bytes());
+    assert!(dev.prefix.join("data").is_dir());
+    assert_eq!(
+        dev.calls(),
+        [
+            "daemon-reload",
+            "enable openclaw-agent.service",
+            "restart openclaw-agent.service"
+        ]
+    );
+
+    // The agent runs from the install and works.
+    let pid1 = dev.pid().expect("agent pid");
+    assert!(alive(pid1));
+    let exe = std::fs::read_link(format!("/proc/{pid1}/exe")).unwrap();
+    assert!(exe.starts_with(&rel), "{exe:?}");
+    let devices = server.client.devices().unwrap();
+    let d = devices.iter().find(|d| d.id == "dev-1").unwrap();
+    assert!(d.online);
+    assert_eq!(d.board, "flashsim");
+    assert!(
+        d.capabilities.contains(&"model:sensor_anomaly".to_string()),
+        "{:?}",
+        d.capabilities
+    );
+    let mut t = task("echo", json!({"flashed": true}));
+    t.target = Some("dev-1".into());
+    let r = server.wait(&server.submit(t));
+    assert_eq!(r.state, TaskState::Succeeded, "{r:?}");
+    assert_eq!(r.result, Some(json!({"flashed": true})));
+
+    let untouched = |what: &str| {
+        assert_eq!(
+            dev.current().as_ref(),
+            Some(&first),
+            "{what}: current moved"
+        );
+        assert_eq!(dev.pid(), Some(pid1), "{what}: agent restarted");
+        assert!(alive(pid1), "{what}: agent died");
+        assert_eq!(
+            std::fs::read_to_string(dev.unit_dir.join("openclaw-agent.service")).unwrap(),
+            unit,
+            "{what}: unit changed"
+        );
+    };
+
+    // --- failure at `connect`: nothing listens on the port ---
+    let releases = dev.releases();
+    let out = admin(&with(good.clone(), "--port", &free_port().to_string()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step `connect` failed"), "{err}");
+    assert!(err.contains("Nothing on the device was changed"), "{err}");
+    untouched("bad port");
+    assert_eq!(dev.releases(), releases);
+
+    // --- failure at `verify`: the agent refuses the configuration ---
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[agent]\nheartbeat_ms = 300\nturbo = true\n").unwrap();
+    let out = admin(&with(
+        good.clone(),
+        "--agent-config",
+        &bad.display().to_string(),
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step `verify` failed"), "{err}");
+    assert!(err.contains("turbo"), "{err}");
+    assert!(err.contains("upload was removed"), "{err}");
+    untouched("bad config");
+    assert_eq!(dev.releases(), releases);
+    assert_eq!(dev.calls().len(), 3, "systemctl was called");
+
+    // --- failure at `heartbeat`: the new agent cannot reach its broker;
+    // the previous release is restored and restarted ---
+    let nowhere = format!("mqtt://127.0.0.1:{}", free_port());
+    let args = with(setup.args(&nowhere, &server.http), "--wait-secs", "3");
+    let out = admin(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step `heartbeat` failed"), "{err}");
+    assert!(err.contains("no heartbeat from dev-1"), "{err}");
+    assert!(err.contains("Rolled back"), "{err}");
+    assert_eq!(dev.current().as_ref(), Some(&first), "not rolled back");
+    let pid2 = dev.pid().unwrap();
+    assert_ne!(pid2, pid1);
+    let exe = std::fs::read_link(format!("/proc/{pid2}/exe")).unwrap();
+    assert!(exe.starts_with(&rel), "rolled back agent runs {exe:?}");
+    assert_eq!(dev.calls().len(), 3 + 3 + 2, "{:?}", dev.calls());
+    assert_eq!(dev.releases().len(), 2, "the failed release is kept");
+    server.wait_online("dev-1");
+
+    // --- update: a new release; the failed one is pruned ---
+    let out = admin(&good);
+    assert!(out.status.success(), "update failed");
+    let second = dev.current().unwrap();
+    assert_ne!(second, first);
+    let mut expect = vec![
+        first.file_name().unwrap().to_string_lossy().into_owned(),
+        second.file_name().unwrap().to_string_lossy().into_owned(),
+    ];
+    expect.sort();
+    assert_eq!(dev.releases(), expect);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("previous: {}", expect[0])),
+        "{stdout}"
+    );
+    let pid3 = dev.pid().unwrap();
+    assert!(alive(pid3) && !alive(pid2));
+    let mut t = task("echo", json!({"n": 2}));
+    t.target = Some("dev-1".into());
+    let r = server.wait(&server.submit(t));
+    assert_eq!(r.result, Some(json!({"n": 2})), "{r:?}");
+}
