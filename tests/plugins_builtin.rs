@@ -509,7 +509,7 @@ fn process_plugins_in_any_language_through_a_real_agent() {
     std::fs::write(shp.join("run.sh"), SHELL_PLUGIN).unwrap();
     std::fs::write(
         shp.join("plugin.toml"),
-        "name = \"shp\"\ncommand = \"/bin/sh\"\nargs = [\"run.sh\"]\ntimeout_ms = 1500\n\
+        "name = \"shp\"\ncommand = \"/bin/sh\"\nargs = [\"run.sh\"]\ntimeout_ms = 3000\n\
          max_line_bytes = 4096\ncapabilities = [\"shell-demo\"]\n\
          [input]\nrequired = [\"do\"]\ntypes = { do = \"string\" }\n",
     )
