@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -194,6 +194,34 @@ async fn read_line_capped(
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+/// Logs a plugin's stderr, keeping at most 500 bytes of each line so a
+/// line without an end cannot grow the agent's memory.
+async fn log_stderr(name: &'static str, mut r: impl AsyncRead + Unpin) {
+    const KEEP: usize = 500;
+    let mut line: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let flush = |line: &mut Vec<u8>| {
+        if !line.is_empty() {
+            log::warn!("plugin {name} (stderr): {}", String::from_utf8_lossy(line));
+            line.clear();
+        }
+    };
+    loop {
+        let n = match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for &b in &chunk[..n] {
+            if b == b'\n' {
+                flush(&mut line);
+            } else if line.len() < KEEP {
+                line.push(b);
+            }
+        }
+    }
+    flush(&mut line);
 }
 
 /// A process plugin.
@@ -376,13 +404,7 @@ impl ProcessPlugin {
                 }
             }
         });
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                let l: String = l.chars().take(500).collect();
-                log::warn!("plugin {name} (stderr): {l}");
-            }
-        });
+        tokio::spawn(log_stderr(name, stderr));
         let mut w = Worker {
             child,
             stdin,
