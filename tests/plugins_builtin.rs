@@ -582,3 +582,22 @@ fn process_plugins_in_any_language_through_a_real_agent() {
     );
     assert!(agent.alive());
 }
+
+/// The SDK's own Python tests (protocol edge cases, the bom parser), so CI
+/// runs them with the rest.
+#[test]
+fn python_sdk_unit_tests_pass() {
+    let out = std::process::Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s"])
+        .arg(repo().join("sdk/python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("python3 is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Ran ") && text.contains("OK"), "{text}");
+}
