@@ -277,3 +277,70 @@ fn damaged_journal_tail_is_skipped_counted_and_the_agent_runs() {
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
     assert_eq!(t.result, Some(json!("after")));
 }
+
+/// Real side effects, counted: each task appends its own line to a file
+/// through the `file` plugin. A SIGKILL in the middle of the stream loses no
+/// task; a task whose result was out before the kill has its line exactly
+/// once; duplicates (effect done, `Finished` not yet written: the documented
+/// at-least-once window) are at most the tasks running at the kill.
+#[test]
+fn file_effects_happen_once_except_the_running_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("effects");
+    std::fs::create_dir_all(&root).unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let cfg = format!(
+        "max_concurrency = 2\nqueue_capacity = 8\n[plugins.file]\nroot = \"{}\"\n",
+        root.display()
+    );
+    let mut agent = Agent::start(dir.path(), "fx-1", &server.broker(), &cfg);
+    server.wait_online("fx-1");
+    let mut peer = Peer::connect(server.mqtt_port, "fx-peer", "fx-1");
+
+    let n = 60;
+    let ids: Vec<String> = (0..n)
+        .map(|i| {
+            server.submit(task(
+                "file",
+                json!({"op": "write", "path": "effects.log", "content": format!("{i}\n"), "append": true}),
+            ))
+        })
+        .collect();
+    peer.until("ten results", |s| {
+        s.iter()
+            .filter(|(m, _)| matches!(m, FromAgent::Finished(_)))
+            .count()
+            >= 10
+    });
+    agent.kill();
+    let out_before_kill: Vec<usize> = (0..n)
+        .filter(|&i| !finished(&peer.seen, &ids[i]).is_empty())
+        .collect();
+    let _agent = Agent::start(dir.path(), "fx-1", &server.broker(), &cfg);
+    for id in &ids {
+        let t = server.wait(id);
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    }
+
+    let text = std::fs::read_to_string(root.join("effects.log")).unwrap();
+    let mut count = vec![0usize; n];
+    for line in text.lines() {
+        count[line.parse::<usize>().unwrap()] += 1;
+    }
+    assert!(
+        count.iter().all(|&c| c >= 1),
+        "an effect is missing: {count:?}"
+    );
+    for &i in &out_before_kill {
+        assert_eq!(count[i], 1, "task {i} had its result out, then ran again");
+    }
+    let repeated = count.iter().filter(|&&c| c > 1).count();
+    assert!(
+        repeated <= 2 && count.iter().all(|&c| c <= 2),
+        "more repeats than tasks running at the kill: {count:?}"
+    );
+    eprintln!(
+        "file effects: {n} tasks, {} result(s) out before the kill, {repeated} repeated",
+        out_before_kill.len()
+    );
+}
