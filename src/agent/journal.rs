@@ -211,7 +211,8 @@ pub struct Journal {
 
 impl Journal {
     /// Opens and replays the journal in `dir`, then compacts it to the
-    /// recovered state (which also clears any damaged tail for good).
+    /// recovered state. A failed compaction (a full disk) is logged, not
+    /// fatal: the segments as they are still hold the state.
     pub fn open(
         dir: &Path,
         opts: LogOptions,
@@ -227,7 +228,9 @@ impl Journal {
             compact_at: 0,
             undecodable,
         };
-        j.compact(&snapshot_records(&state))?;
+        if let Err(e) = j.compact(&snapshot_records(&state)) {
+            log::warn!("agent journal: compaction at start failed, continuing: {e}");
+        }
         Ok((j, state))
     }
 
@@ -372,6 +375,31 @@ mod tests {
         // Garbage payloads with a good CRC are counted, not fatal.
         let (_, bad) = replay(&[vec![9, 9], vec![FORMAT, 0xff]], 10);
         assert_eq!(bad, 2);
+    }
+
+    #[test]
+    fn full_disk_at_start_still_opens_with_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = {
+            let (mut j, _) = Journal::open(dir.path(), opts(), 10).unwrap();
+            j.append(&Record::Accepted(spec("a"))).unwrap();
+            j.append(&fin("b")).unwrap();
+            j.log.total_bytes()
+        };
+        // No room for the snapshot written at start, nor for a new record.
+        let full = LogOptions {
+            simulated_disk_bytes: Some(used),
+            ..opts()
+        };
+        let (mut j, s) = Journal::open(dir.path(), full.clone(), 10).unwrap();
+        assert_eq!(s.pending, vec![spec("a")]);
+        assert_eq!(s.outbox.len(), 1);
+        let e = j.append(&Record::Accepted(spec("c"))).unwrap_err();
+        assert!(matches!(e, StorageError::NoSpace { .. }), "{e}");
+        assert!(j.stats().no_space_errors >= 1);
+        drop(j);
+        let (_, s) = Journal::open(dir.path(), full, 10).unwrap();
+        assert_eq!(s.pending, vec![spec("a")], "nothing lost or half-written");
     }
 
     #[test]
