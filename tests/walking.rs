@@ -217,11 +217,17 @@ fn failures_timeouts_retries_panics_and_cancel() {
     assert!(t.error.as_deref().unwrap().contains("bad part"), "{t:?}");
     assert_eq!(t.attempts, 1);
 
+    // Retryable failures run again (not answered from the agent's ledger):
+    // echo names the attempt that failed.
     let mut r = task("echo", json!({"fail": "flaky", "retryable": true}));
     r.max_attempts = Some(3);
     let t = server.wait(&server.submit(r));
     assert_eq!(t.state, TaskState::Failed);
     assert_eq!(t.attempts, 3, "{t:?}");
+    assert!(
+        t.error.as_deref().unwrap().contains("flaky (attempt 3)"),
+        "{t:?}"
+    );
 
     let mut r = task("echo", json!({"sleep_ms": 10_000}));
     r.timeout_ms = Some(300);

@@ -359,6 +359,21 @@ impl Manager {
             log::debug!("agent {}: task {} already here", self.id, spec.id);
             return;
         }
+        if self
+            .ledger
+            .get(&spec.id)
+            .is_some_and(|b| is_retryable_failure(b, self.cfg.mqtt.max_payload_bytes))
+        {
+            // The server retries a retryable failure under the same id: run
+            // it again rather than answer the old failure from the ledger.
+            log::info!(
+                "agent {}: retrying task {} (attempt {})",
+                self.id,
+                spec.id,
+                spec.attempt
+            );
+            self.ledger.remove(&spec.id);
+        }
         if let Some(bytes) = self.ledger.get(&spec.id) {
             // Delivered again: answer from the ledger, never run twice.
             log::info!(
@@ -744,4 +759,18 @@ fn plugin_error(e: PluginError) -> TaskError {
         PluginError::Config { .. } => (ErrorKind::Failed, false),
     };
     error(kind, &e.to_string(), retryable)
+}
+
+/// Whether a ledgered result is a failure another attempt could fix.
+fn is_retryable_failure(bytes: &[u8], limit: usize) -> bool {
+    matches!(
+        protocol::decode::<FromAgent>(bytes, limit),
+        Ok(FromAgent::Finished(TaskOutcome {
+            result: Err(TaskError {
+                retryable: true,
+                ..
+            }),
+            ..
+        }))
+    )
 }

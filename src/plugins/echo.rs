@@ -68,7 +68,8 @@ impl Plugin for Echo {
                 let retryable = matches!(task.input.get("retryable"), Some(Value::Bool(true)));
                 return Err(PluginError::Failed {
                     plugin: "echo".into(),
-                    message: msg.clone(),
+                    // The attempt number shows which run failed (retries run again).
+                    message: format!("{msg} (attempt {})", task.attempt),
                     retryable,
                 });
             }
