@@ -507,6 +507,18 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     untouched("bad port");
     assert_eq!(dev.releases(), releases);
 
+    // --- failure at `connect`: no systemctl on the device ---
+    let out = admin(&with(good.clone(), "--systemctl", "/nonexistent/systemctl"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step `connect` failed"), "{err}");
+    assert!(
+        err.contains("/nonexistent/systemctl not found on the device"),
+        "{err}"
+    );
+    untouched("no systemctl");
+    assert_eq!(dev.releases(), releases);
+
     // --- failure at `verify`: the agent refuses the configuration ---
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[agent]\nheartbeat_ms = 300\nturbo = true\n").unwrap();

@@ -534,9 +534,9 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
             &ctx.ssh(&format!(
                 "set -e; uname -m; hostname; \
                  if [ -L {cur} ]; then readlink {cur}; else echo -; fi; \
-                 command -v {sc} >/dev/null || {{ echo 'no {sysc} on the device' >&2; exit 3; }}",
+                 command -v {sc} >/dev/null || {{ echo {msg} >&2; exit 3; }}",
                 cur = q(&format!("{pre}/current")),
-                sysc = o.systemctl.replace('\'', ""),
+                msg = q(&format!("{} not found on the device", o.systemctl)),
             )),
         )
         .map_err(|(s, m)| fail(s, m, UNTOUCHED))?;
