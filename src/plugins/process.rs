@@ -177,14 +177,16 @@ async fn read_line_capped(
     max: usize,
 ) -> Result<Option<Vec<u8>>, String> {
     loop {
-        if let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            let line = buf.drain(..=i).take(i).collect();
-            return Ok(Some(line));
-        }
-        if buf.len() > max {
+        let newline = buf.iter().position(|b| *b == b'\n');
+        // A long line that arrived in one read still counts as too long.
+        if newline.unwrap_or(buf.len()) > max {
             return Err(format!(
                 "wrote an output line longer than max_line_bytes ({max})"
             ));
+        }
+        if let Some(i) = newline {
+            let line = buf.drain(..=i).take(i).collect();
+            return Ok(Some(line));
         }
         let mut chunk = [0u8; 16 * 1024];
         match r.read(&mut chunk).await {
