@@ -396,7 +396,8 @@ impl Plugin for Vad {
                 wav::read_wav(&path).map_err(|e| invalid("vad", "wav", e.to_string()))?
             }
             (None, Some(Value::Str(b64)), None) => {
-                let bytes = decode_base64(b64).map_err(|m| invalid("vad", "wav_base64", m))?;
+                let bytes =
+                    super::util::base64_decode(b64).map_err(|m| invalid("vad", "wav_base64", m))?;
                 wav::parse_wav(&bytes).map_err(|e| invalid("vad", "wav_base64", e.to_string()))?
             }
             (None, None, Some(Value::List(xs))) => xs
@@ -445,31 +446,6 @@ impl Plugin for Vad {
     }
 }
 
-/// Standard base64 (padding optional, whitespace ignored).
-fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for (i, c) in s.bytes().enumerate() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' | b' ' | b'\n' | b'\r' | b'\t' => continue,
-            _ => return Err(format!("byte {i} ({:?}) is not base64", c as char)),
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
 /// Builds `infer`/`vad` from their config tables, sharing one engine per
 /// model directory.
 pub(crate) fn build(
@@ -503,13 +479,6 @@ pub(crate) fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_decodes() {
-        assert_eq!(decode_base64("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(decode_base64("aGVsbG8").unwrap(), b"hello");
-        assert!(decode_base64("a*b").is_err());
-    }
 
     #[test]
     fn tensor_values_are_checked() {
