@@ -1,6 +1,7 @@
 //! The HTTP client behind `openclaw-admin`, its starter-config writer, and
 //! the cross build ([`build`]) and device install ([`flash`]) of the agent.
 
+pub mod bench;
 pub mod build;
 pub mod flash;
 

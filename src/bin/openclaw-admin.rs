@@ -160,6 +160,25 @@ struct FlashArgs {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Throughput and latency under load: a real server process, N agents
+    /// in this process (one MQTT connection each), C concurrent HTTP
+    /// clients, and a raw MQTT request/reply baseline through the same broker.
+    Dispatch {
+        #[arg(long, default_value_t = 10)]
+        agents: usize,
+        #[arg(long, default_value_t = 2000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        #[arg(long, default_value = "echo")]
+        plugin: String,
+        /// The server binary (default: openclaw-server next to this program).
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
+        /// Sequential round trips for the baseline.
+        #[arg(long, default_value_t = 1000)]
+        baseline: usize,
+    },
     /// End-to-end latency of sequential tasks (submit until result, over HTTP).
     Latency {
         #[arg(long, default_value_t = 1000)]
@@ -438,6 +457,57 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Health => {
             let h = client.health().context("health check failed")?;
             println!("{}", serde_json::to_string_pretty(&h)?);
+        }
+        Cmd::Bench(Bench::Dispatch {
+            agents,
+            tasks,
+            concurrency,
+            plugin,
+            server_bin,
+            baseline,
+        }) => {
+            let server_bin = match server_bin {
+                Some(p) => p,
+                None => std::env::current_exe()
+                    .context("locating this program")?
+                    .with_file_name("openclaw-server"),
+            };
+            let r = admin::bench::dispatch(&admin::bench::DispatchOptions {
+                agents,
+                tasks,
+                concurrency,
+                plugin,
+                server_bin,
+                baseline_round_trips: baseline.max(1),
+            })
+            .context("bench dispatch failed")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} tasks, {} agents, {} concurrent clients: {:.0} tasks/s over {:.2} s",
+                    r.tasks, r.agents, r.concurrency, r.throughput_per_s, r.wall_s
+                );
+                println!(
+                    "  latency  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+                    r.latency.p50_ms, r.latency.p95_ms, r.latency.p99_ms, r.latency.max_ms
+                );
+                println!(
+                    "  baseline raw MQTT round trip p50 {:.3} ms  p99 {:.3} ms; OpenClaw p50 / baseline p50 = {:.1}x",
+                    r.baseline_mqtt_rtt.p50_ms, r.baseline_mqtt_rtt.p99_ms, r.p50_ratio_to_baseline
+                );
+                println!(
+                    "  server CPU {:.0}% of one core, RSS {} kB (peak {} kB); agents+clients process RSS {} kB",
+                    r.server_cpu_percent, r.server_rss_kb, r.server_peak_rss_kb, r.agents_process_rss_kb
+                );
+                println!(
+                    "  lost {}  wrong {}  re-dispatched {}",
+                    r.lost, r.wrong, r.redispatched
+                );
+            }
+            if r.lost > 0 || r.wrong > 0 {
+                bail!("{} task(s) lost, {} wrong", r.lost, r.wrong);
+            }
         }
         Cmd::Bench(Bench::Latency {
             tasks,
