@@ -4,12 +4,11 @@
 
 mod common;
 
-use common::{task, Agent, Server};
+use common::{task, Agent, MqttPeer as Peer, Server};
 use openclaw::protocol::api::{Reply, TaskState};
 use openclaw::protocol::{self, topics, FromAgent, TaskSpec, ToAgent, Value};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn post_raw(server: &Server, body: &[u8]) -> (u16, serde_json::Value) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -157,73 +156,6 @@ fn http_bad_input_gets_clear_4xx() {
     }
     let t = server.wait(&server.submit(task("echo", json!(1))));
     assert_eq!(t.state, TaskState::Succeeded);
-}
-
-/// A raw MQTT peer for injecting bad payloads and reading replies.
-struct Peer {
-    client: Client,
-    rx: std::sync::mpsc::Receiver<rumqttc::Publish>,
-}
-
-impl Peer {
-    fn connect(port: u16, id: &str, subscribe: &[&str]) -> Peer {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_max_packet_size(4 << 20, 4 << 20);
-        let (client, mut conn) = Client::new(opts, 64);
-        for t in subscribe {
-            client.subscribe(*t, QoS::AtLeastOnce).unwrap();
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let n = subscribe.len();
-        std::thread::spawn(move || {
-            let mut acked = 0;
-            for ev in conn.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        acked += 1;
-                        if acked == n {
-                            let _ = ready_tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::ConnAck(_))) if n == 0 => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(p).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("peer subscribed");
-        Peer { client, rx }
-    }
-
-    fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .unwrap();
-    }
-
-    fn next_on(&self, topic: &str) -> rumqttc::Publish {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let p = self
-                .rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("nothing on {topic}"));
-            if p.topic == topic {
-                return p;
-            }
-        }
-    }
 }
 
 #[test]

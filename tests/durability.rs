@@ -6,10 +6,9 @@
 
 mod common;
 
-use common::{task, Agent, Server};
+use common::{task, Agent, MqttPeer, Server};
 use openclaw::protocol::api::TaskState;
 use openclaw::protocol::{self, topics, FromAgent, TaskSpec, ToAgent, Value};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,57 +16,24 @@ use std::time::{Duration, Instant};
 
 /// A raw MQTT peer that records every message on a device's results topic.
 struct Peer {
-    client: Client,
-    rx: std::sync::mpsc::Receiver<rumqttc::Publish>,
+    mqtt: MqttPeer,
     /// Everything seen so far on the results topic, in arrival order.
     seen: Vec<(FromAgent, Vec<u8>)>,
 }
 
 impl Peer {
     fn connect(port: u16, id: &str, device: &str) -> Peer {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_max_packet_size(4 << 20, 4 << 20);
-        let (client, mut conn) = Client::new(opts, 64);
-        client
-            .subscribe(topics::results(device), QoS::AtLeastOnce)
-            .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for ev in conn.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(p).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("peer subscribed");
         Peer {
-            client,
-            rx,
+            mqtt: MqttPeer::connect(port, id, &[&topics::results(device)]),
             seen: Vec::new(),
         }
     }
 
     fn send_task(&self, device: &str, spec: &TaskSpec) {
-        self.client
-            .publish(
-                topics::tasks(device),
-                QoS::AtLeastOnce,
-                false,
-                protocol::encode(&ToAgent::Task(spec.clone())),
-            )
-            .unwrap();
+        self.mqtt.publish(
+            &topics::tasks(device),
+            protocol::encode(&ToAgent::Task(spec.clone())),
+        );
     }
 
     /// Receives until `done` holds for what was seen (checked after each
@@ -77,6 +43,7 @@ impl Peer {
         while !done(&self.seen) {
             let left = deadline.saturating_duration_since(Instant::now());
             let p = self
+                .mqtt
                 .rx
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("timed out waiting: {what}"));

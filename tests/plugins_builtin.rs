@@ -7,9 +7,9 @@
 
 mod common;
 
-use common::{task, Agent, Server};
+use common::{task, Agent, MqttPeer, Server};
 use openclaw::protocol::api::{TaskState, TaskView};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -360,52 +360,6 @@ fn file_http_exec_transform_anomaly_through_a_real_agent() {
     ok(&server, "echo", json!({"still": "here"}));
 }
 
-/// An MQTT subscriber on the test server's embedded broker.
-struct Peer {
-    _client: Client,
-    rx: std::sync::mpsc::Receiver<rumqttc::Publish>,
-}
-
-impl Peer {
-    fn connect(port: u16, id: &str, topic: &str) -> Peer {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut conn) = Client::new(opts, 64);
-        client.subscribe(topic, QoS::AtLeastOnce).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for ev in conn.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(p).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("peer subscribed");
-        Peer {
-            _client: client,
-            rx,
-        }
-    }
-
-    fn next(&self) -> rumqttc::Publish {
-        self.rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("a message")
-    }
-}
-
 #[test]
 fn publish_puts_messages_on_the_broker_and_refuses_our_tree() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,7 +375,7 @@ fn publish_puts_messages_on_the_broker_and_refuses_our_tree() {
     );
     let mut agent = Agent::start(dir.path(), "pub-1", &server.broker(), &config);
     server.wait_online("pub-1");
-    let peer = Peer::connect(server.mqtt_port, "pb-peer", "plant/#");
+    let peer = MqttPeer::connect(server.mqtt_port, "pb-peer", &["plant/#"]);
 
     let r = ok(
         &server,
@@ -444,7 +398,7 @@ fn publish_puts_messages_on_the_broker_and_refuses_our_tree() {
         ("plant/line1/state", &b"running"[..])
     );
     // Retained: a late subscriber still gets it.
-    let late = Peer::connect(server.mqtt_port, "pb-late", "plant/line1/state");
+    let late = MqttPeer::connect(server.mqtt_port, "pb-late", &["plant/line1/state"]);
     let p = late.next();
     assert!(p.retain && &p.payload[..] == b"running", "{p:?}");
 

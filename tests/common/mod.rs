@@ -311,3 +311,80 @@ pub fn task(plugin: &str, input: serde_json::Value) -> SubmitRequest {
 pub fn succeeded(t: &TaskView) -> bool {
     t.state == TaskState::Succeeded
 }
+
+/// A plain MQTT client on a test broker: publishes raw payloads and
+/// collects what arrives on its subscriptions.
+pub struct MqttPeer {
+    pub client: rumqttc::Client,
+    pub rx: std::sync::mpsc::Receiver<rumqttc::Publish>,
+}
+
+impl MqttPeer {
+    /// Connects and returns once every subscription is acknowledged.
+    pub fn connect(port: u16, id: &str, subscribe: &[&str]) -> MqttPeer {
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut conn) = rumqttc::Client::new(opts, 64);
+        for t in subscribe {
+            client.subscribe(*t, rumqttc::QoS::AtLeastOnce).unwrap();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let n = subscribe.len();
+        std::thread::spawn(move || {
+            let mut acked = 0;
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        acked += 1;
+                        if acked == n {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) if n == 0 => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if tx.send(p).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("peer subscribed");
+        MqttPeer { client, rx }
+    }
+
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .unwrap();
+    }
+
+    /// The next message on `topic` (others are skipped), within 20 s.
+    pub fn next_on(&self, topic: &str) -> rumqttc::Publish {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let p = self
+                .rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("nothing on {topic}"));
+            if p.topic == topic {
+                return p;
+            }
+        }
+    }
+
+    /// The next message on any subscription, within 20 s.
+    pub fn next(&self) -> rumqttc::Publish {
+        self.rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a message within 20 s")
+    }
+}
