@@ -351,6 +351,23 @@ pub mod api {
         pub correlation: Option<String>,
     }
 
+    impl SubmitRequest {
+        /// A submission with every optional field left to the server's defaults.
+        pub fn new(plugin: impl Into<String>, input: serde_json::Value) -> Self {
+            SubmitRequest {
+                plugin: plugin.into(),
+                input,
+                priority: None,
+                target: None,
+                capability: None,
+                timeout_ms: None,
+                max_attempts: None,
+                reply_to: None,
+                correlation: None,
+            }
+        }
+    }
+
     /// Task states.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
     #[serde(rename_all = "snake_case")]

@@ -35,11 +35,13 @@ pub struct Percentiles {
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
+    pub mean_ms: f64,
     pub max_ms: f64,
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<Duration>) -> Percentiles {
+    /// Summarizes a non-empty set of samples.
+    pub fn of(mut v: Vec<Duration>) -> Percentiles {
         v.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let at = |p: f64| ms(v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]);
@@ -47,6 +49,7 @@ impl Percentiles {
             p50_ms: at(0.50),
             p95_ms: at(0.95),
             p99_ms: at(0.99),
+            mean_ms: ms(v.iter().sum::<Duration>() / v.len().max(1) as u32),
             max_ms: v.last().map(|d| ms(*d)).unwrap_or(0.0),
         }
     }
@@ -312,17 +315,7 @@ fn run_in(dir: &Path, opts: &DispatchOptions) -> Result<DispatchReport, AdminErr
                     break;
                 }
                 let input = serde_json::json!({ "i": i });
-                let req = SubmitRequest {
-                    plugin: plugin.clone(),
-                    input: input.clone(),
-                    priority: None,
-                    target: None,
-                    capability: None,
-                    timeout_ms: None,
-                    max_attempts: None,
-                    reply_to: None,
-                    correlation: None,
-                };
+                let req = SubmitRequest::new(plugin.clone(), input.clone());
                 let t = Instant::now();
                 let outcome = client
                     .submit(&req)

@@ -373,15 +373,11 @@ fn real_main() -> anyhow::Result<()> {
             wait_secs,
         } => {
             let req = SubmitRequest {
-                plugin,
-                input: parse_json("--input", &input)?,
                 priority,
                 target,
                 capability,
                 timeout_ms,
-                max_attempts: None,
-                reply_to: None,
-                correlation: None,
+                ..SubmitRequest::new(plugin, parse_json("--input", &input)?)
             };
             let r = client.submit(&req).context("submit failed")?;
             if !wait {
@@ -521,17 +517,7 @@ fn real_main() -> anyhow::Result<()> {
             let input = parse_json("--input", &input)?;
             let mut lat = Vec::with_capacity(tasks);
             for i in 0..warmup + tasks {
-                let req = SubmitRequest {
-                    plugin: plugin.clone(),
-                    input: input.clone(),
-                    priority: None,
-                    target: None,
-                    capability: None,
-                    timeout_ms: None,
-                    max_attempts: None,
-                    reply_to: None,
-                    correlation: None,
-                };
+                let req = SubmitRequest::new(plugin.clone(), input.clone());
                 let start = Instant::now();
                 let r = client.submit(&req).context("submit failed")?;
                 let t = client.wait(&r.id, Duration::from_secs(60))?;
@@ -543,27 +529,18 @@ fn real_main() -> anyhow::Result<()> {
                     lat.push(el);
                 }
             }
-            lat.sort();
-            let pct =
-                |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
-            let mean = lat.iter().sum::<Duration>() / lat.len() as u32;
-            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let n = lat.len();
+            let p = admin::bench::Percentiles::of(lat);
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({"tasks": lat.len(), "plugin": plugin,
-                        "p50_ms": ms(pct(0.5)), "p95_ms": ms(pct(0.95)), "p99_ms": ms(pct(0.99)),
-                        "mean_ms": ms(mean), "max_ms": ms(*lat.last().unwrap())})
+                    serde_json::json!({"tasks": n, "plugin": plugin, "p50_ms": p.p50_ms,
+                        "p95_ms": p.p95_ms, "p99_ms": p.p99_ms, "mean_ms": p.mean_ms, "max_ms": p.max_ms})
                 );
             } else {
                 println!(
-                    "{} sequential {plugin} tasks, submit to result over HTTP:\n  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  max {:.2} ms",
-                    lat.len(),
-                    ms(pct(0.5)),
-                    ms(pct(0.95)),
-                    ms(pct(0.99)),
-                    ms(mean),
-                    ms(*lat.last().unwrap())
+                    "{n} sequential {plugin} tasks, submit to result over HTTP:\n  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  max {:.2} ms",
+                    p.p50_ms, p.p95_ms, p.p99_ms, p.mean_ms, p.max_ms
                 );
             }
         }

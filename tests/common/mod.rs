@@ -295,17 +295,7 @@ impl Drop for Mosquitto {
 
 /// A submission with defaults.
 pub fn task(plugin: &str, input: serde_json::Value) -> SubmitRequest {
-    SubmitRequest {
-        plugin: plugin.into(),
-        input,
-        priority: None,
-        target: None,
-        capability: None,
-        timeout_ms: None,
-        max_attempts: None,
-        reply_to: None,
-        correlation: None,
-    }
+    SubmitRequest::new(plugin, input)
 }
 
 pub fn succeeded(t: &TaskView) -> bool {
