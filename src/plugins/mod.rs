@@ -10,11 +10,13 @@ pub mod anomaly;
 mod echo;
 pub mod exec;
 pub mod file;
+pub mod gpio;
 pub mod http;
 #[cfg(feature = "inference")]
 pub mod infer;
 pub mod process;
 pub mod publish;
+pub mod sensor;
 pub mod sysinfo;
 pub mod transform;
 mod util;
@@ -154,6 +156,8 @@ impl Registry {
                 "transform" => Arc::new(transform::Transform::from_config(table)?),
                 "publish" => Arc::new(publish::Publish::from_config(table)?),
                 "anomaly" => Arc::new(anomaly::Anomaly::from_config(table, board)?),
+                "gpio" => Arc::new(gpio::Gpio::from_config(table, board)?),
+                "sensor" => Arc::new(sensor::Sensor::from_config(table, board)?),
                 #[cfg(feature = "inference")]
                 "infer" | "vad" => infer::build(name, table, board, &mut engines)?,
                 other => return Err(PluginError::Unknown(other.to_string())),
