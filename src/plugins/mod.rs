@@ -14,6 +14,7 @@ pub mod gpio;
 pub mod http;
 #[cfg(feature = "inference")]
 pub mod infer;
+pub mod modbus;
 pub mod process;
 pub mod publish;
 pub mod sensor;
@@ -158,6 +159,7 @@ impl Registry {
                 "anomaly" => Arc::new(anomaly::Anomaly::from_config(table, board)?),
                 "gpio" => Arc::new(gpio::Gpio::from_config(table, board)?),
                 "sensor" => Arc::new(sensor::Sensor::from_config(table, board)?),
+                "modbus" => Arc::new(modbus::Modbus::from_config(table)?),
                 #[cfg(feature = "inference")]
                 "infer" | "vad" => infer::build(name, table, board, &mut engines)?,
                 other => return Err(PluginError::Unknown(other.to_string())),
