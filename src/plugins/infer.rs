@@ -4,6 +4,7 @@
 //! task is reused by the next. Runs are CPU-bound and go to tokio's blocking
 //! pool so the agent's event loop never waits on a model.
 
+use super::util::{cfg_str, config_err, failed, invalid};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::boards::Board;
 use crate::inference::{vad, wav, DType, Engine, ModelRepo, NamedTensor, TensorData};
@@ -18,30 +19,6 @@ pub(crate) struct EngineConfig {
     pub cache_bytes: usize,
 }
 
-fn config_err(plugin: &str, key: &str, message: impl Into<String>) -> PluginError {
-    PluginError::Config {
-        plugin: plugin.into(),
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
-fn string_key(
-    plugin: &str,
-    config: &toml::Table,
-    key: &str,
-) -> Result<Option<String>, PluginError> {
-    match config.get(key) {
-        None => Ok(None),
-        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(config_err(
-            plugin,
-            key,
-            format!("expected a string, found {v}"),
-        )),
-    }
-}
-
 impl EngineConfig {
     pub(crate) fn from_config(
         plugin: &str,
@@ -49,7 +26,7 @@ impl EngineConfig {
         board: &Board,
     ) -> Result<EngineConfig, PluginError> {
         let models_dir = PathBuf::from(
-            string_key(plugin, config, "models_dir")?.unwrap_or_else(|| "models".into()),
+            cfg_str(plugin, config, "models_dir")?.unwrap_or_else(|| "models".into()),
         );
         let cache_bytes = match config.get("cache_bytes") {
             None => board.limits.model_cache_bytes as usize,
@@ -72,22 +49,6 @@ impl EngineConfig {
         let repo = ModelRepo::open(&self.models_dir)
             .map_err(|e| config_err(plugin, "models_dir", e.to_string()))?;
         Ok(Arc::new(Engine::new(repo, self.cache_bytes)))
-    }
-}
-
-fn invalid(plugin: &str, field: &str, message: impl Into<String>) -> PluginError {
-    PluginError::InvalidInput {
-        plugin: plugin.into(),
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
-fn failed(plugin: &str, message: impl Into<String>) -> PluginError {
-    PluginError::Failed {
-        plugin: plugin.into(),
-        message: message.into(),
-        retryable: false,
     }
 }
 
@@ -319,7 +280,7 @@ impl Vad {
     /// Config keys: `models_dir`, `cache_bytes` (as `infer`), `audio_root`
     /// (folder `wav` paths are resolved in; without it only inline audio is accepted).
     pub fn new(engine: Arc<Engine>, config: &toml::Table) -> Result<Vad, PluginError> {
-        let audio_root = string_key("vad", config, "audio_root")?.map(PathBuf::from);
+        let audio_root = cfg_str("vad", config, "audio_root")?.map(PathBuf::from);
         Ok(Vad { engine, audio_root })
     }
 
