@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openclaw::inference::{
-    vad, wav, DType, Engine, InferenceError, ModelManifest, ModelRepo, NamedTensor, TensorData,
+    vad, wav, DType, Engine, InferenceError, LoadedModel, ModelManifest, ModelRepo, NamedTensor,
+    TensorData,
 };
 
 fn models_dir() -> PathBuf {
@@ -358,4 +359,31 @@ fn segments_from_probabilities() {
     assert!(
         vad::segments_from_probs(&short, 100 * vad::WINDOW, &vad::VadParams::default()).is_empty()
     );
+}
+
+#[test]
+fn f16_models_compute_in_f32_where_the_cpu_has_no_f16_arithmetic() {
+    use tract_onnx::prelude::*;
+    let repo = ModelRepo::open(models_dir()).unwrap();
+    let native = tract_linalg::has_fp16();
+    for name in ["sensor_anomaly_f16", "ocr_cls_f16"] {
+        let m = LoadedModel::load(&repo, name).unwrap();
+        assert_eq!(m.f16_widened(), !native, "{name}");
+        let f16_values = m
+            .plan()
+            .model()
+            .nodes()
+            .iter()
+            .flat_map(|n| &n.outputs)
+            .filter(|o| o.fact.datum_type == DatumType::F16)
+            .count();
+        if native {
+            assert!(f16_values > 0, "{name}: plan lost its f16 values");
+        } else {
+            assert_eq!(f16_values, 0, "{name}: f16 values left in the plan");
+        }
+    }
+    assert!(!LoadedModel::load(&repo, "sensor_anomaly")
+        .unwrap()
+        .f16_widened());
 }

@@ -3,8 +3,16 @@
 
 f16: onnxconverter-common, keep_io_types=True (inputs/outputs stay f32, so callers
 do not change; Cast nodes sit at the edges).
-int8: onnxruntime.quantization.quantize_static, QDQ format, per-tensor, MinMax
-calibration on fixed data (uint8 activations, int8 weights).
+int8: onnxruntime.quantization.quantize_static, QDQ format, MinMax
+calibration on fixed data (uint8 activations, int8 weights per output channel;
+the classifier is converted to opset 13 for that), then the activation
+QuantizeLinear/DequantizeLinear pairs are removed: weight-only int8. tract 0.23
+does not fuse DQ -> Conv -> Q into an integer conv, so with activation Q/DQ the
+convs still ran in f32 and the 144 scalar QuantizeLinear ops made the classifier
+7x slower than f32; QOperator (QLinearConv) and dynamic (ConvInteger) formats
+were slower still (docs/inference.md, scripts/models/int8_formats.py). With
+DQ only on the weights, tract folds them into f32 constants at load: the file is
+int8, the compute f32.
 Outputs are committed (each well under 2 MB); the script prints their sha256 for
 the manifests. Needs models/cache/ filled by fetch.py for the classifier.
 """
@@ -13,11 +21,13 @@ import pathlib
 
 import numpy as np
 import onnx
+from onnx import version_converter
 from onnxconverter_common import float16
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 import tempfile
+from collections import Counter
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 M = ROOT / "models"
@@ -70,7 +80,11 @@ def int8(src: pathlib.Path, dst: pathlib.Path, input_name: str, batches):
     with tempfile.TemporaryDirectory() as tmp:
         pre = pathlib.Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        model = unique_node_names(onnx.load(pre))
+        model = onnx.load(pre)
+        # Per-channel DequantizeLinear (axis) needs opset 13; the classifier is opset 11.
+        if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
+            model = version_converter.convert_version(model, 13)
+        model = unique_node_names(model)
         pre.write_bytes(model.SerializeToString())
         # Softmax stays f32: with a quantized Softmax output (Q/DQ around it)
         # tract 0.23 returns saturated probabilities (checked: 100/400 correct on
@@ -82,9 +96,56 @@ def int8(src: pathlib.Path, dst: pathlib.Path, input_name: str, batches):
 def _int8(src: pathlib.Path, dst: pathlib.Path, input_name: str, batches, exclude):
     quantize_static(str(src), str(dst), Reader(input_name, batches), quant_format=QuantFormat.QDQ,
                     nodes_to_exclude=exclude,
-                    per_channel=False, activation_type=QuantType.QUInt8,
+                    # Relu/Clip are otherwise folded into the activation Q ranges,
+                    # which weights_only() removes.
+                    extra_options={"QDQKeepRemovableActivations": True},
+                    per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
-    dst.write_bytes(unique_node_names(onnx.load(dst)).SerializeToString())
+    model = weights_only(onnx.load(dst))
+    onnx.checker.check_model(model)
+    # Same computation as the source graph: only DequantizeLinear nodes added.
+    ops = lambda m: Counter(n.op_type for n in m.graph.node if n.op_type != "DequantizeLinear")
+    assert ops(model) == ops(onnx.load(src)), (ops(model), ops(onnx.load(src)))
+    dst.write_bytes(unique_node_names(model).SerializeToString())
+
+
+def weights_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop QuantizeLinear -> DequantizeLinear pairs on activations (QDQ format),
+    keeping DequantizeLinear on initializers (the int8 weights, int32 biases)."""
+    g = model.graph
+    consts = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    nodes = list(g.node)
+    rename, drop = {}, set()
+    for qi, q in enumerate(nodes):
+        if q.op_type != "QuantizeLinear" or q.input[0] in consts or q.output[0] in outputs:
+            continue
+        users = [i for i, n in enumerate(nodes) if q.output[0] in n.input]
+        if not users or any(nodes[i].op_type != "DequantizeLinear" or nodes[i].output[0] in outputs
+                            for i in users):
+            continue
+        drop.add(qi)
+        for i in users:
+            drop.add(i)
+            rename[nodes[i].output[0]] = q.input[0]
+    keep = [onnx.NodeProto.FromString(n.SerializeToString()) for i, n in enumerate(nodes) if i not in drop]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    del g.node[:]
+    g.node.extend(keep)
+    # Scales and zero points of the removed pairs are left unused.
+    used = {i for n in keep for i in n.input}
+    inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    # value_info of removed tensors would be stale.
+    live = {o for n in keep for o in n.output}
+    vi = [v for v in g.value_info if v.name in live]
+    del g.value_info[:]
+    g.value_info.extend(vi)
+    return model
 
 
 def main():

@@ -20,6 +20,7 @@ pub struct LoadedModel {
     metadata: HashMap<String, String>,
     bytes: usize,
     load_time: Duration,
+    f16_widened: bool,
 }
 
 impl LoadedModel {
@@ -99,7 +100,29 @@ impl LoadedModel {
             );
             model.set_input_fact(ix, fact).map_err(load)?;
         }
-        let plan = model
+        let mut typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(load)?;
+        // Without native f16 arithmetic (x86, ARM before v8.2) tract runs f16 ops in
+        // its generic scalar kernels, 30x slower than f32 (docs/inference.md). There
+        // the f16 weights are widened once at load and the graph computes in f32, as
+        // ONNX Runtime's CPU provider does for ops that lack f16 kernels.
+        let f16_widened = !tract_onnx::prelude::tract_linalg::has_fp16() && computes_f16(&typed);
+        if f16_widened {
+            let widen = tract_onnx::tract_core::transform::get_transform("f16_to_f32")
+                .map_err(load)?
+                .ok_or_else(|| InferenceError::Load {
+                    model: m.name.clone(),
+                    detail: "tract has no f16_to_f32 transform".into(),
+                })?;
+            typed = widen.transform_into(typed).map_err(load)?;
+            log::info!(
+                "inference: `{}` computes in f32 (no native f16 on this CPU)",
+                m.name
+            );
+        }
+        let plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(load)?;
@@ -111,6 +134,7 @@ impl LoadedModel {
             // Weights dominate a plan's memory; the file size is a stable proxy.
             bytes: bytes.len(),
             load_time: started.elapsed(),
+            f16_widened,
         })
     }
 
@@ -132,6 +156,17 @@ impl LoadedModel {
     /// Bytes accounted to this model in the cache.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The optimized tract plan, for profiling (`benches/inference_profile.rs`).
+    pub fn plan(&self) -> &Arc<TypedRunnableModel> {
+        &self.plan
+    }
+
+    /// True when an f16 model was widened to compute in f32 because this CPU
+    /// has no native f16 arithmetic (the file and its accuracy stay f16).
+    pub fn f16_widened(&self) -> bool {
+        self.f16_widened
     }
 
     /// How long loading and optimizing took.
@@ -200,6 +235,15 @@ impl LoadedModel {
             .map(|(v, spec)| NamedTensor::from_tract(spec.name.clone(), v))
             .collect()
     }
+}
+
+/// Whether any value in the graph is f16.
+fn computes_f16(model: &TypedModel) -> bool {
+    model.nodes().iter().any(|n| {
+        n.outputs
+            .iter()
+            .any(|o| o.fact.datum_type == DatumType::F16)
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
