@@ -126,25 +126,128 @@ where
     root
 }
 
-/// Parses `mqtt://host:port` (or `tcp://`, or bare `host:port`) into host and port.
+/// Parses `mqtt://host:port` (or `tcp://`, or bare `host:port`; default port
+/// 1883) or `mqtts://host:port` (TLS, default port 8883) into host and port.
+/// [`broker_uses_tls`] tells the two apart.
 pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url);
+    let (rest, default_port) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, 8883)
+    } else if let Some(r) = url.strip_prefix("ssl://") {
+        (r, 8883)
+    } else {
+        (
+            url.strip_prefix("mqtt://")
+                .or_else(|| url.strip_prefix("tcp://"))
+                .unwrap_or(url),
+            1883,
+        )
+    };
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
+        Some((h, p)) if !p.ends_with(']') => (
             h,
             p.parse::<u16>()
                 .map_err(|_| format!("`{url}`: port `{p}` is not a number from 1 to 65535"))?,
         ),
-        None => (rest, 1883),
+        _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || rest.contains('/') {
-        return Err(format!("`{url}` is not of the form mqtt://HOST:PORT"));
+    if host.is_empty() || rest.contains('/') || rest.contains("://") {
+        return Err(format!(
+            "`{url}` is not of the form mqtt://HOST:PORT or mqtts://HOST:PORT"
+        ));
     }
     Ok((host.to_string(), port))
+}
+
+/// True for a `mqtts://` (or `ssl://`) broker URL: the connection uses TLS.
+pub fn broker_uses_tls(url: &str) -> bool {
+    url.starts_with("mqtts://") || url.starts_with("ssl://")
+}
+
+/// `[mqtt.tls]`: how to trust a `mqtts://` broker and, for mutual TLS, who we
+/// are. Private fleets run their own CA, so the CA file is required (the
+/// system's web roots are never trusted implicitly).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file with the CA certificate(s) that sign the broker's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain of this client (mutual TLS); needs `client_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// Checks the section against the broker URL: a `mqtts://` broker needs
+    /// a readable CA file with a certificate in it; a client certificate and
+    /// key come together and hold what their names say. `prefix` is the
+    /// section's key path (`mqtt.tls`) for the error.
+    pub fn validate(&self, broker: &str, file: &Path, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let any = self.ca_file.is_some()
+            || self.client_cert_file.is_some()
+            || self.client_key_file.is_some();
+        if !broker_uses_tls(broker) {
+            if any {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key("ca_file"),
+                    format!("TLS settings are given but the broker `{broker}` is not mqtts://"),
+                ));
+            }
+            return Ok(());
+        }
+        let Some(ca) = &self.ca_file else {
+            return Err(ConfigError::invalid(
+                file,
+                &key("ca_file"),
+                format!("the broker `{broker}` uses TLS: set the PEM file of the CA that signs its certificate"),
+            ));
+        };
+        check_pem(ca, "CERTIFICATE").map_err(|m| ConfigError::invalid(file, &key("ca_file"), m))?;
+        match (&self.client_cert_file, &self.client_key_file) {
+            (None, None) => {}
+            (Some(c), Some(k)) => {
+                check_pem(c, "CERTIFICATE")
+                    .map_err(|m| ConfigError::invalid(file, &key("client_cert_file"), m))?;
+                check_pem(k, "PRIVATE KEY")
+                    .map_err(|m| ConfigError::invalid(file, &key("client_key_file"), m))?;
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key("client_key_file"),
+                    "client_cert_file is set: set the key that goes with it",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    file,
+                    &key("client_cert_file"),
+                    "client_key_file is set: set the certificate that goes with it",
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A readable PEM file with at least one `-----BEGIN ...{what}-----` block.
+fn check_pem(path: &Path, what: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{what}-----")));
+    if found {
+        Ok(())
+    } else {
+        Err(format!("{} holds no PEM {what}", path.display()))
+    }
 }
 
 #[cfg(test)]
@@ -224,5 +327,80 @@ mod tests {
         assert!(parse_broker_url("mqtt://h:xx").is_err());
         assert!(parse_broker_url("mqtt://:1").is_err());
         assert!(parse_broker_url("http://h/x").is_err());
+        assert!(parse_broker_url("http://h:1").is_err());
+        assert_eq!(
+            parse_broker_url("mqtts://broker.lan").unwrap(),
+            ("broker.lan".into(), 8883)
+        );
+        assert_eq!(
+            parse_broker_url("mqtts://[::1]:8884").unwrap(),
+            ("::1".into(), 8884)
+        );
+        assert!(broker_uses_tls("mqtts://h:1") && !broker_uses_tls("mqtt://h:1"));
+    }
+
+    #[test]
+    fn tls_section_names_the_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Path::new("agent.toml");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err =
+            |t: &TlsSection, url: &str| t.validate(url, f, "mqtt.tls").unwrap_err().to_string();
+
+        let none = TlsSection::default();
+        assert!(none.validate("mqtt://h:1", f, "mqtt.tls").is_ok());
+        let e = err(&none, "mqtts://h:1");
+        assert!(
+            e.contains("agent.toml") && e.contains("mqtt.tls.ca_file"),
+            "{e}"
+        );
+
+        let with_ca = TlsSection {
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        };
+        assert!(with_ca.validate("mqtts://h:1", f, "mqtt.tls").is_ok());
+        let e = err(&with_ca, "mqtt://h:1");
+        assert!(e.contains("not mqtts://"), "{e}");
+
+        let missing = TlsSection {
+            ca_file: Some(dir.path().join("nope.pem")),
+            ..Default::default()
+        };
+        let e = err(&missing, "mqtts://h:1");
+        assert!(
+            e.contains("mqtt.tls.ca_file") && e.contains("nope.pem"),
+            "{e}"
+        );
+
+        // A key where the CA should be, and half a client identity.
+        let wrong = TlsSection {
+            ca_file: Some(key.clone()),
+            ..Default::default()
+        };
+        assert!(err(&wrong, "mqtts://h:1").contains("no PEM CERTIFICATE"));
+        let half = TlsSection {
+            ca_file: Some(ca.clone()),
+            client_cert_file: Some(ca.clone()),
+            client_key_file: None,
+        };
+        assert!(err(&half, "mqtts://h:1").contains("mqtt.tls.client_key_file"));
+        let full = TlsSection {
+            ca_file: Some(ca.clone()),
+            client_cert_file: Some(ca),
+            client_key_file: Some(key),
+        };
+        assert!(full.validate("mqtts://h:1", f, "mqtt.tls").is_ok());
     }
 }

@@ -62,6 +62,57 @@ pub fn client(opts: rumqttc::MqttOptions, cap: usize) -> (AsyncClient, EventLoop
     (client, eventloop)
 }
 
+/// Errors setting up TLS to a `mqtts://` broker.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("mqtt.tls.{key}: cannot read {}: {source}", path.display())]
+    Read {
+        key: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the broker `{0}` uses TLS but mqtt.tls.ca_file is not set")]
+    NoCa(String),
+}
+
+/// Switches `opts` to TLS when `broker` is a `mqtts://` URL: the broker's
+/// certificate must chain to `tls.ca_file` and match the host name of the
+/// URL; with a client certificate and key, the broker can check us too.
+/// A plain `mqtt://` URL leaves `opts` as it is.
+pub fn apply_tls(
+    opts: &mut rumqttc::MqttOptions,
+    broker: &str,
+    tls: &crate::config::TlsSection,
+) -> Result<(), TlsError> {
+    if !crate::config::broker_uses_tls(broker) {
+        return Ok(());
+    }
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| TlsError::Read {
+            key,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let ca_file = tls
+        .ca_file
+        .as_deref()
+        .ok_or_else(|| TlsError::NoCa(broker.to_string()))?;
+    let ca = read("ca_file", ca_file)?;
+    let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
+        (Some(c), Some(k)) => Some((read("client_cert_file", c)?, read("client_key_file", k)?)),
+        _ => None,
+    };
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        },
+    ));
+    Ok(())
+}
+
 /// Spawns the task that polls `eventloop` until `stop` is cancelled or a
 /// disconnect was sent.
 pub fn spawn_event_loop(

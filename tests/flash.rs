@@ -136,6 +136,8 @@ struct Device {
     systemctl: PathBuf,
     calls: PathBuf,
     pidfile: PathBuf,
+    /// Stands in for systemd's notify socket (`NOTIFY_SOCKET`).
+    notify: std::os::unix::net::UnixDatagram,
 }
 
 impl Device {
@@ -148,6 +150,7 @@ impl Device {
             systemctl: dir.join("bin/systemctl"),
             calls: state.join("systemctl.calls"),
             pidfile: state.join("agent.pid"),
+            notify: std::os::unix::net::UnixDatagram::bind(state.join("notify")).unwrap(),
         };
         std::fs::create_dir_all(d.systemctl.parent().unwrap()).unwrap();
         std::fs::write(
@@ -176,6 +179,11 @@ case "$1" in
     cmd=$(sed -n 's/^ExecStart=//p' "$unit")
     wd=$(sed -n 's/^WorkingDirectory=//p' "$unit")
     cd "$wd" || exit 1
+    # What systemd gives a Type=notify unit with a watchdog; a short period
+    # (0.4 s, not the unit's WatchdogSec) so the test sees pings soon.
+    if grep -q '^Type=notify' "$unit"; then
+      export NOTIFY_SOCKET={notify} WATCHDOG_USEC=400000
+    fi
     nohup $cmd >> {log} 2>&1 < /dev/null &
     echo $! > "$pidf" ;;
   stop) stop ;;
@@ -186,6 +194,7 @@ esac
                 unit = d.unit_dir.join("openclaw-agent.service").display(),
                 pidf = d.pidfile.display(),
                 log = state.join("agent.log").display(),
+                notify = state.join("notify").display(),
             ),
         )
         .unwrap();
@@ -450,7 +459,7 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
         "\nExecStart={pre}/current/bin/openclaw-agent --config {pre}/current/agent.toml\n"
     )));
     assert!(unit.contains("\nRestart=on-failure\n") && unit.contains("\nStartLimitBurst=10\n"));
-    assert!(!unit.contains("\nWatchdogSec"));
+    assert!(unit.contains("\nType=notify\n") && unit.contains("\nWatchdogSec=30\n"));
     assert_eq!(read(rel.join("openclaw-agent.service")), unit.as_bytes());
     assert!(dev.prefix.join("data").is_dir());
     assert_eq!(
@@ -464,6 +473,22 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
 
     // The agent runs from the install and works.
     let pid1 = dev.pid().expect("agent pid");
+    // It speaks systemd's notify protocol: READY=1, then watchdog pings.
+    dev.notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|m: &String| m.starts_with("READY=1"))
+        && seen.iter().filter(|m| m.as_str() == "WATCHDOG=1\n").count() >= 2)
+    {
+        let mut buf = [0u8; 512];
+        let n = dev
+            .notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no sd_notify message from the agent ({e}); got {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(seen[0].starts_with("READY=1\nSTATUS=agent "), "{seen:?}");
     assert!(alive(pid1));
     let exe = std::fs::read_link(format!("/proc/{pid1}/exe")).unwrap();
     assert!(exe.starts_with(&rel), "{exe:?}");

@@ -187,10 +187,11 @@ pub struct FlashReport {
 
 /// The systemd unit for an install under `prefix`.
 ///
-/// The agent does not implement the `sd_notify` watchdog protocol (no
-/// `READY=1`/`WATCHDOG=1` messages), so the unit sets no `WatchdogSec`:
-/// systemd would kill a healthy agent. It restarts the agent when it exits
-/// with an error or is killed, at most 10 times in 5 minutes.
+/// `Type=notify`: the agent says `READY=1` once its journal is replayed and
+/// its plugins are built, and pings `WATCHDOG=1` from its main loop at half
+/// `WatchdogSec` (src/agent/sd_notify.rs); a loop that stops turning is
+/// killed and restarted, like one that exited with an error, at most 10
+/// times in 5 minutes.
 pub fn unit_text(prefix: &str, board: &str) -> String {
     format!(
         "# Installed by openclaw-admin flash.\n\
@@ -202,11 +203,14 @@ pub fn unit_text(prefix: &str, board: &str) -> String {
          StartLimitBurst=10\n\
          \n\
          [Service]\n\
-         Type=simple\n\
+         Type=notify\n\
+         NotifyAccess=main\n\
          ExecStart={prefix}/current/bin/openclaw-agent --config {prefix}/current/agent.toml\n\
          WorkingDirectory={prefix}/data\n\
          Environment=RUST_LOG=info\n\
-         # No WatchdogSec: the agent sends no sd_notify watchdog pings yet.\n\
+         # Journal replay of a large inbox and model loading happen before READY=1.\n\
+         TimeoutStartSec=120\n\
+         WatchdogSec=30\n\
          Restart=on-failure\n\
          RestartSec=2\n\
          KillSignal=SIGTERM\n\
@@ -785,14 +789,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unit_restarts_and_sets_no_watchdog() {
+    fn unit_restarts_and_arms_the_watchdog() {
         let u = unit_text("/opt/openclaw", "rpi4");
         assert!(u.contains(
             "ExecStart=/opt/openclaw/current/bin/openclaw-agent --config /opt/openclaw/current/agent.toml\n"
         ));
         assert!(u.contains("Restart=on-failure\n"));
         assert!(u.contains("StartLimitBurst=10\n"));
-        assert!(!u.contains("\nWatchdogSec"));
+        assert!(u.contains("\nType=notify\nNotifyAccess=main\n"));
+        assert!(u.contains("\nWatchdogSec=30\n"));
     }
 
     #[test]

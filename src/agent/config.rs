@@ -31,6 +31,9 @@ pub struct MqttSection {
     pub max_payload_bytes: usize,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// TLS for a `mqtts://` broker.
+    #[serde(default)]
+    pub tls: config::TlsSection,
 }
 
 /// `[agent]`
@@ -116,6 +119,9 @@ impl AgentConfig {
         }
         config::parse_broker_url(&self.mqtt.broker)
             .map_err(|m| ConfigError::invalid(file, "mqtt.broker", m))?;
+        self.mqtt
+            .tls
+            .validate(&self.mqtt.broker, file, "mqtt.tls")?;
         if self.mqtt.keep_alive_secs == 0 || self.mqtt.keep_alive_secs > 3600 {
             return Err(ConfigError::invalid(
                 file,

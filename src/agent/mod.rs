@@ -19,6 +19,7 @@
 
 pub mod config;
 mod journal;
+pub mod sd_notify;
 
 pub use config::AgentConfig;
 
@@ -54,6 +55,8 @@ pub enum AgentError {
     },
     #[error("agent storage: {0}")]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Tls(#[from] crate::mqtt::TlsError),
 }
 
 /// A configured agent, ready to run.
@@ -131,6 +134,7 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             ..Default::default()
         };
+        crate::mqtt::apply_tls(&mut opts, &self.cfg.mqtt.broker, &self.cfg.mqtt.tls)?;
         will_status.heartbeat_ms = self.cfg.agent.heartbeat_ms as u32;
         opts.set_last_will(LastWill::new(
             topics::status(&id),
@@ -192,6 +196,16 @@ impl Agent {
             replayed: 0,
         };
         m.restore(recovered);
+        // Ready once the journal is replayed and plugins are built; the
+        // broker may be down for hours and the agent still serves.
+        let notify = sd_notify::Notifier::from_env();
+        notify.ready(&format!("agent {} serving", m.id));
+        let mut watchdog = tokio::time::interval(
+            notify
+                .watchdog_interval()
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The tick also drives batched fsyncs, so it runs at least as often.
         let tick_ms = match m.cfg.storage.fsync {
             config::FsyncMode::Batch => m.cfg.storage.batch_ms.clamp(1, 200),
@@ -208,8 +222,12 @@ impl Agent {
                     None => break,
                 },
                 _ = tick.tick() => m.on_tick(),
+                // From this loop, not a timer task of its own: a loop that
+                // stops turning stops the pings, and systemd restarts us.
+                _ = watchdog.tick(), if notify.watchdog_interval().is_some() => notify.watchdog(),
             }
         }
+        notify.stopping();
         // Say goodbye so the server re-routes at once rather than after the
         // keep-alive runs out. It re-queues what was here, so the journal
         // hands those tasks back rather than running them again at the next

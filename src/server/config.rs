@@ -40,6 +40,9 @@ pub struct MqttSection {
     pub max_connections: usize,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// TLS to an external `mqtts://` broker (the embedded one is plain TCP).
+    #[serde(default)]
+    pub tls: config::TlsSection,
 }
 
 /// `[storage]`
@@ -81,6 +84,14 @@ impl ServerConfig {
             }
             config::parse_broker_url(&self.mqtt.broker)
                 .map_err(|m| ConfigError::invalid(file, "mqtt.broker", m))?;
+            self.mqtt
+                .tls
+                .validate(&self.mqtt.broker, file, "mqtt.tls")?;
+        } else if self.mqtt.tls != config::TlsSection::default() {
+            return bad(
+                "mqtt.tls",
+                "TLS applies to an external mqtts:// broker; the embedded broker is plain TCP",
+            );
         }
         if self.mqtt.client_id.is_empty() {
             return bad("mqtt.client_id", "must not be empty");

@@ -32,6 +32,8 @@ pub enum ServerError {
     },
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::mqtt::TlsError),
 }
 
 /// Where a running server can be reached.
@@ -80,6 +82,9 @@ pub async fn run(
             cfg.mqtt.max_payload_bytes + 1024,
             cfg.mqtt.max_payload_bytes + 1024,
         );
+    if !cfg.mqtt.embedded {
+        crate::mqtt::apply_tls(&mut opts, &cfg.mqtt.broker, &cfg.mqtt.tls)?;
+    }
     let (client, eventloop) = crate::mqtt::client(opts, 8192);
     let (sched, handle, rx) = Scheduler::new(
         cfg.scheduler.clone(),
