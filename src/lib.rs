@@ -74,3 +74,17 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Runs a blocking call (an fsync) from async code without stalling the
+/// other tasks of the worker thread: on a multi-threaded runtime through
+/// `block_in_place`, which hands them to another worker first; elsewhere
+/// (current-thread runtimes, as in tests) directly.
+#[cfg(any(feature = "agent", feature = "server"))]
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}

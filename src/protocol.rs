@@ -301,6 +301,74 @@ pub struct DeviceStatus {
     pub storage: StorageCounters,
 }
 
+impl DeviceStatus {
+    /// Decodes a status, accepting each earlier shape of the struct too.
+    ///
+    /// `DeviceStatus` grows only at its end, without a version bump, and
+    /// every earlier shape stays readable here: a status from an older agent
+    /// (or one stored by an older server) decodes with the missing fields at
+    /// their defaults. The reverse does not hold: an older server rejects a
+    /// newer, longer status as malformed (trailing bytes), so upgrade the
+    /// server first. Shapes: 1.0 ends at `sent_ms`; 1.1 adds `storage`.
+    pub fn decode(bytes: &[u8], limit: usize) -> Result<DeviceStatus, ProtocolError> {
+        match decode::<DeviceStatus>(bytes, limit) {
+            Err(ProtocolError::Malformed(e)) => decode::<DeviceStatusV1_0>(bytes, limit)
+                .map(DeviceStatus::from)
+                .map_err(|_| ProtocolError::Malformed(e)),
+            r => r,
+        }
+    }
+}
+
+/// `DeviceStatus` as protocol 1 first shipped it (before `storage`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+struct DeviceStatusV1_0 {
+    device_id: String,
+    online: bool,
+    board: String,
+    agent_version: String,
+    plugins: Vec<String>,
+    capabilities: Vec<String>,
+    max_concurrency: u32,
+    queue_capacity: u32,
+    running: u32,
+    queued: u32,
+    load1: f32,
+    mem_total_kb: u64,
+    mem_available_kb: u64,
+    rss_kb: u64,
+    temperature_c: Option<f32>,
+    heartbeat_ms: u32,
+    malformed: u64,
+    sent_ms: u64,
+}
+
+impl From<DeviceStatusV1_0> for DeviceStatus {
+    fn from(o: DeviceStatusV1_0) -> DeviceStatus {
+        DeviceStatus {
+            device_id: o.device_id,
+            online: o.online,
+            board: o.board,
+            agent_version: o.agent_version,
+            plugins: o.plugins,
+            capabilities: o.capabilities,
+            max_concurrency: o.max_concurrency,
+            queue_capacity: o.queue_capacity,
+            running: o.running,
+            queued: o.queued,
+            load1: o.load1,
+            mem_total_kb: o.mem_total_kb,
+            mem_available_kb: o.mem_available_kb,
+            rss_kb: o.rss_kb,
+            temperature_c: o.temperature_c,
+            heartbeat_ms: o.heartbeat_ms,
+            malformed: o.malformed,
+            sent_ms: o.sent_ms,
+            storage: StorageCounters::default(),
+        }
+    }
+}
+
 /// Counters of an agent's durable journal, since it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct StorageCounters {
@@ -571,6 +639,50 @@ mod tests {
         );
     }
 
+    /// A status in the shape protocol 1 first shipped (before `storage`)
+    /// still decodes, with zero counters; the current shape round-trips;
+    /// garbage stays an error.
+    #[test]
+    fn device_status_accepts_the_older_shape() {
+        let old = DeviceStatusV1_0 {
+            device_id: "pi-1".into(),
+            online: true,
+            board: "sim".into(),
+            agent_version: "0.1.0".into(),
+            plugins: vec!["echo".into()],
+            max_concurrency: 4,
+            heartbeat_ms: 1000,
+            sent_ms: 42,
+            ..Default::default()
+        };
+        let bytes = encode(&old);
+        // The plain decoder sees a truncated struct...
+        assert!(matches!(
+            decode::<DeviceStatus>(&bytes, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+        // ...the status decoder reads it with default counters.
+        let got = DeviceStatus::decode(&bytes, 1024).unwrap();
+        assert_eq!(got.device_id, "pi-1");
+        assert_eq!(got.plugins, vec!["echo".to_string()]);
+        assert_eq!(
+            (got.max_concurrency, got.heartbeat_ms, got.sent_ms),
+            (4, 1000, 42)
+        );
+        assert_eq!(got.storage, StorageCounters::default());
+        let mut new = got.clone();
+        new.storage.write_errors = 3;
+        assert_eq!(DeviceStatus::decode(&encode(&new), 1024).unwrap(), new);
+        assert!(matches!(
+            DeviceStatus::decode(&[1, 0xff, 0xff], 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            DeviceStatus::decode(&bytes, 3),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+
     #[test]
     fn json_value_conversion_is_lossless() {
         let j = serde_json::json!({"n": -3, "f": 1.5, "s": "ü", "l": [true, null], "m": {}});
@@ -614,7 +726,7 @@ mod tests {
                 assert_eq!(encode(&again), canonical);
             }
             let _ = decode::<FromAgent>(&buf, 1024);
-            let _ = decode::<DeviceStatus>(&buf, 1024);
+            let _ = DeviceStatus::decode(&buf, 1024);
         }
     }
 

@@ -347,3 +347,49 @@ fn admin_cli_init_submit_task_devices() {
     ]);
     assert!(!ok && err.contains("ended failed"), "{err}");
 }
+
+/// `POST /v1/tasks?wait_ms=` submits and answers with the finished task in
+/// the same request (200), or with its current view (202) when the wait
+/// runs out; and `?state=running` lists a running task (the store does not
+/// record `running`, so the list comes from the scheduler's memory).
+#[test]
+fn submit_and_wait_in_one_request_and_list_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let _agent = Agent::start(dir.path(), "sw-1", &server.broker(), "");
+    server.wait_online("sw-1");
+
+    let c = &server.client;
+    let t = c
+        .submit_wait(&task("echo", json!({"a": 1})), Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result, Some(json!({"a": 1})));
+    assert_eq!(t.device.as_deref(), Some("sw-1"));
+
+    // The wait runs out first: the current, unfinished view.
+    let slow = c
+        .submit_wait(
+            &task("echo", json!({"sleep_ms": 3000})),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+    assert!(!slow.state.is_terminal(), "{slow:?}");
+    let start = std::time::Instant::now();
+    let running = loop {
+        let l = c.list(Some("running"), 10).unwrap();
+        if !l.is_empty() {
+            break l;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].id, slow.id);
+    assert_eq!(running[0].state, TaskState::Running);
+    assert!(c.list(Some("queued"), 10).unwrap().is_empty());
+    let done = server.wait(&slow.id);
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert!(done.started_ms.is_some(), "{done:?}");
+    assert!(c.list(Some("running"), 10).unwrap().is_empty());
+}

@@ -84,6 +84,14 @@ impl Client {
         self.answer(&url, self.agent.post(&url).send_json(req))
     }
 
+    /// `POST /v1/tasks?wait_ms=`: submits and waits up to `wait` for a
+    /// terminal state in the same request; the task's view then (not
+    /// terminal if the wait ran out).
+    pub fn submit_wait(&self, req: &SubmitRequest, wait: Duration) -> Result<TaskView, AdminError> {
+        let url = format!("{}/v1/tasks?wait_ms={}", self.base, wait.as_millis());
+        self.answer(&url, self.agent.post(&url).send_json(req))
+    }
+
     /// `GET /v1/tasks/{id}`, long-polling up to `wait` for a terminal state.
     pub fn task(&self, id: &str, wait: Option<Duration>) -> Result<TaskView, AdminError> {
         let url = match wait {

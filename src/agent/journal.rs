@@ -17,7 +17,7 @@
 //! (a crash during compaction, before anything was deleted) is ignored.
 
 use crate::protocol::TaskSpec;
-use crate::storage::{Log, LogOptions, Stats, StorageError};
+use crate::storage::{FsyncPolicy, Log, LogOptions, Stats, StorageError};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -207,6 +207,9 @@ pub struct Journal {
     log: Log,
     compact_at: u64,
     undecodable: u64,
+    /// Records appended by [`Journal::append_grouped`] that the next
+    /// [`Journal::commit`] must sync.
+    uncommitted: u64,
 }
 
 impl Journal {
@@ -227,6 +230,7 @@ impl Journal {
             log,
             compact_at: 0,
             undecodable,
+            uncommitted: 0,
         };
         if let Err(e) = j.compact(&snapshot_records(&state)) {
             log::warn!("agent journal: compaction at start failed, continuing: {e}");
@@ -237,6 +241,32 @@ impl Journal {
     /// Appends a record, synced as the fsync policy says.
     pub fn append(&mut self, r: &Record) -> Result<(), StorageError> {
         self.log.append(&encode(r))
+    }
+
+    /// Appends a record that is durable only after the next
+    /// [`Journal::commit`] (group commit): under `fsync = always` one sync
+    /// then covers every record of the batch, and the caller holds back
+    /// what depends on them (acks, launches, result publishes) until the
+    /// commit returns. Under `batch` and `never` the policy applies as in
+    /// [`Journal::append`].
+    pub fn append_grouped(&mut self, r: &Record) -> Result<(), StorageError> {
+        if self.log.options().fsync == FsyncPolicy::Always {
+            self.log.append_unsynced(&encode(r))?;
+            self.uncommitted += 1;
+            Ok(())
+        } else {
+            self.log.append(&encode(r))
+        }
+    }
+
+    /// Makes every grouped record durable (one sync, if any are waiting).
+    /// Returns how many records the sync covered.
+    pub fn commit(&mut self) -> Result<u64, StorageError> {
+        let n = std::mem::take(&mut self.uncommitted);
+        if n > 0 {
+            self.log.sync()?;
+        }
+        Ok(n)
     }
 
     /// Appends a record whose loss only causes a harmless repeat.
@@ -256,6 +286,10 @@ impl Journal {
         payloads.extend(records.iter().map(encode));
         payloads.push(encode(&Record::SnapshotEnd));
         let result = self.log.compact(payloads.iter().map(Vec::as_slice));
+        if result.is_ok() {
+            // The snapshot was written and synced: it holds every grouped record.
+            self.uncommitted = 0;
+        }
         let o = self.log.options();
         let (seg, max) = (o.segment_bytes, o.max_bytes);
         let live = self.log.total_bytes();

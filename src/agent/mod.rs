@@ -41,6 +41,19 @@ use tokio_util::sync::CancellationToken;
 /// Capacity of the fixed inbox; the effective bound is the configured queue capacity.
 const INBOX: usize = crate::boards::MAX_QUEUE_CAPACITY as usize;
 
+/// Most events handled under one journal commit.
+const GROUP: usize = 256;
+
+/// What waits for the journal commit of the batch it was decided in.
+enum Deferred {
+    /// Ack an MQTT publish (a task it carried is now on disk).
+    Ack(rumqttc::Publish),
+    /// Start a task whose slot is reserved in `running`.
+    Start(TaskSpec, CancellationToken),
+    /// Publish a result from the outbox.
+    Send(String),
+}
+
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -194,8 +207,10 @@ impl Agent {
             last_heartbeat: Instant::now() - Duration::from_secs(3600),
             journal,
             replayed: 0,
+            deferred: Vec::new(),
         };
         m.restore(recovered);
+        m.commit();
         // Ready once the journal is replayed and plugins are built; the
         // broker may be down for hours and the agent still serves.
         let notify = sd_notify::Notifier::from_env();
@@ -217,8 +232,18 @@ impl Agent {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 ev = rx.recv() => match ev {
-                    Some(Event::Mqtt(ev)) => m.on_mqtt(ev),
-                    Some(Event::Finished(outcome)) => m.on_finished(outcome),
+                    Some(ev) => {
+                        // Group commit: take what else is waiting, journal
+                        // it all, sync once, then act (see `commit`).
+                        m.on_event(ev);
+                        for _ in 1..GROUP {
+                            match rx.try_recv() {
+                                Ok(ev) => m.on_event(ev),
+                                Err(_) => break,
+                            }
+                        }
+                        m.commit();
+                    }
                     None => break,
                 },
                 _ = tick.tick() => m.on_tick(),
@@ -297,9 +322,57 @@ struct Manager {
     journal: Journal,
     /// Tasks found accepted but unfinished at start, run again.
     replayed: u64,
+    /// Effects held back until the batch's journal records are on disk.
+    deferred: Vec<Deferred>,
 }
 
 impl Manager {
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Mqtt(ev) => self.on_mqtt(ev),
+            Event::Finished(outcome) => self.on_finished(outcome),
+        }
+    }
+
+    /// Ends a batch: one journal sync for every record it wrote, then the
+    /// effects that had to wait for it, in order. Nothing is acked, started
+    /// or published before the record that justifies it is durable.
+    fn commit(&mut self) {
+        let journal = &mut self.journal;
+        let synced = match crate::blocking(|| journal.commit()) {
+            Ok(_) => true,
+            Err(e) => {
+                log::error!("agent {}: journal sync failed: {e}", self.id);
+                false
+            }
+        };
+        for d in std::mem::take(&mut self.deferred) {
+            match d {
+                Deferred::Ack(p) => {
+                    if let Err(e) = self.client.try_ack(&p) {
+                        log::warn!("agent {}: ack failed: {e}", self.id);
+                    }
+                }
+                Deferred::Start(spec, token) if synced => self.start(spec, token),
+                Deferred::Start(spec, _) => {
+                    // Not durably accepted: hand it back, as when the
+                    // append itself fails.
+                    self.running.remove(&spec.id);
+                    let _ = self.journal.append_unsynced(&Record::Released {
+                        task_id: spec.id.clone(),
+                    });
+                    self.publish_event(&FromAgent::Rejected {
+                        task_id: spec.id,
+                        reason: RejectReason::Busy,
+                    });
+                }
+                // A result whose record could not be synced is sent anyway
+                // (as when the append fails): the server has it then.
+                Deferred::Send(id) => self.send_result(&id),
+            }
+        }
+    }
+
     fn on_mqtt(&mut self, ev: MqttEvent) {
         match ev {
             MqttEvent::Connected { .. } => {
@@ -307,10 +380,9 @@ impl Manager {
                 self.publish_status();
                 // The broker may have lost the session and rumqttc drops its
                 // own unacked publishes then: the outbox is the record.
+                // (After the commit: some may have been recorded in this batch.)
                 let ids: Vec<String> = self.outbox.keys().cloned().collect();
-                for id in ids {
-                    self.send_result(&id);
-                }
+                self.deferred.extend(ids.into_iter().map(Deferred::Send));
             }
             MqttEvent::Disconnected(_) => self.connected = false,
             MqttEvent::Message(p) => {
@@ -326,10 +398,9 @@ impl Manager {
                         );
                     }
                 }
-                // Acked only now that the task is queued (or answered).
-                if let Err(e) = self.client.try_ack(&p) {
-                    log::warn!("agent {}: ack failed: {e}", self.id);
-                }
+                // Acked only once the task is queued (or answered) and
+                // its record is on disk: after the batch's commit.
+                self.deferred.push(Deferred::Ack(p));
             }
         }
     }
@@ -423,9 +494,10 @@ impl Manager {
             });
             return;
         }
-        // On disk before the caller acks the publish: a task the broker
-        // considers delivered is never lost by a crash.
-        if let Err(e) = self.journal.append(&Record::Accepted(spec.clone())) {
+        // On disk before the publish is acked (the ack waits for the
+        // batch's commit): a task the broker considers delivered is never
+        // lost by a crash.
+        if let Err(e) = self.journal.append_grouped(&Record::Accepted(spec.clone())) {
             log::error!(
                 "agent {}: cannot record task {}, handing it back: {e}",
                 self.id,
@@ -537,14 +609,21 @@ impl Manager {
         }
     }
 
+    /// Takes a concurrency slot for `spec` now; the plugin starts after the
+    /// batch's journal commit.
     fn launch(&mut self, spec: TaskSpec) {
-        let plugin = match self.registry.get(&spec.plugin) {
-            Some(p) => p,
-            None => return,
-        };
         let token = CancellationToken::new();
         self.running
             .insert(spec.id.clone(), (token.clone(), spec.clone()));
+        self.deferred.push(Deferred::Start(spec, token));
+    }
+
+    fn start(&mut self, spec: TaskSpec, token: CancellationToken) {
+        let Some(plugin) = self.registry.get(&spec.plugin) else {
+            // Checked before launch; never leave a slot taken.
+            self.running.remove(&spec.id);
+            return;
+        };
         self.publish_event(&FromAgent::Started {
             task_id: spec.id.clone(),
         });
@@ -624,7 +703,7 @@ impl Manager {
         let id = outcome.task_id;
         // Written before it is sent: once the server may have the result,
         // a restart must answer from the ledger, not run the task again.
-        if let Err(e) = self.journal.append(&Record::Finished {
+        if let Err(e) = self.journal.append_grouped(&Record::Finished {
             task_id: id.clone(),
             result: bytes.clone(),
             acked: false,
@@ -648,7 +727,7 @@ impl Manager {
                 last_sent: None,
             },
         );
-        self.send_result(&id);
+        self.deferred.push(Deferred::Send(id));
         self.maybe_compact();
     }
 

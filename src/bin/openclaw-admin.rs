@@ -178,6 +178,23 @@ enum Bench {
         /// Sequential round trips for the baseline.
         #[arg(long, default_value_t = 1000)]
         baseline: usize,
+        /// How clients submit: `http` (POST, then long-poll GET; one
+        /// blocking client per unit of concurrency), `http-wait` (POST
+        /// with ?wait_ms=, one request per task) or `mqtt` (JSON on
+        /// openclaw/v1/submit with reply_to; one connection keeping
+        /// `concurrency` tasks unfinished).
+        #[arg(long, default_value = "http", value_parser = ["http", "http-wait", "mqtt"])]
+        via: String,
+        /// Offered load in tasks/s (paced, open loop); default: as fast as
+        /// the clients go.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// The server's storage.synchronous.
+        #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
+        server_sync: String,
+        /// The agents' storage.fsync.
+        #[arg(long, default_value = "always", value_parser = ["always", "batch", "never"])]
+        agent_fsync: String,
     },
     /// End-to-end latency of sequential tasks (submit until result, over HTTP).
     Latency {
@@ -461,7 +478,14 @@ fn real_main() -> anyhow::Result<()> {
             plugin,
             server_bin,
             baseline,
+            via,
+            rate,
+            server_sync,
+            agent_fsync,
         }) => {
+            if rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+                bail!("--rate must be above 0");
+            }
             let server_bin = match server_bin {
                 Some(p) => p,
                 None => std::env::current_exe()
@@ -475,14 +499,32 @@ fn real_main() -> anyhow::Result<()> {
                 plugin,
                 server_bin,
                 baseline_round_trips: baseline.max(1),
+                via: match via.as_str() {
+                    "mqtt" => admin::bench::SubmitVia::Mqtt,
+                    "http-wait" => admin::bench::SubmitVia::HttpWait,
+                    _ => admin::bench::SubmitVia::Http,
+                },
+                rate,
+                server_sync,
+                agent_fsync,
             })
             .context("bench dispatch failed")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{} tasks, {} agents, {} concurrent clients: {:.0} tasks/s over {:.2} s",
-                    r.tasks, r.agents, r.concurrency, r.throughput_per_s, r.wall_s
+                    "{} tasks, {} agents, {} concurrent via {:?}{}: {:.0} tasks/s over {:.2} s (server sync {}, agent fsync {})",
+                    r.tasks,
+                    r.agents,
+                    r.concurrency,
+                    r.via,
+                    r.offered_rate_per_s
+                        .map(|x| format!(", offered {x:.0}/s"))
+                        .unwrap_or_default(),
+                    r.throughput_per_s,
+                    r.wall_s,
+                    r.server_sync,
+                    r.agent_fsync
                 );
                 println!(
                     "  latency  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
@@ -493,16 +535,26 @@ fn real_main() -> anyhow::Result<()> {
                     r.baseline_mqtt_rtt.p50_ms, r.baseline_mqtt_rtt.p99_ms, r.p50_ratio_to_baseline
                 );
                 println!(
-                    "  server CPU {:.0}% of one core, RSS {} kB (peak {} kB); agents+clients process RSS {} kB",
-                    r.server_cpu_percent, r.server_rss_kb, r.server_peak_rss_kb, r.agents_process_rss_kb
+                    "  server CPU {:.0}% of one core, RSS {} kB (peak {} kB); agents+clients CPU {:.0}%, RSS {} kB (+{} kB since start)",
+                    r.server_cpu_percent,
+                    r.server_rss_kb,
+                    r.server_peak_rss_kb,
+                    r.bench_cpu_percent,
+                    r.agents_process_rss_kb,
+                    r.agents_rss_growth_kb
                 );
                 println!(
-                    "  lost {}  wrong {}  re-dispatched {}",
-                    r.lost, r.wrong, r.redispatched
+                    "  peak in flight {}  lost {}  wrong {}  duplicate {}  re-dispatched {}",
+                    r.peak_in_flight, r.lost, r.wrong, r.duplicates, r.redispatched
                 );
             }
-            if r.lost > 0 || r.wrong > 0 {
-                bail!("{} task(s) lost, {} wrong", r.lost, r.wrong);
+            if r.lost > 0 || r.wrong > 0 || r.duplicates > 0 {
+                bail!(
+                    "{} task(s) lost, {} wrong, {} duplicate",
+                    r.lost,
+                    r.wrong,
+                    r.duplicates
+                );
             }
         }
         Cmd::Bench(Bench::Latency {

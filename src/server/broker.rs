@@ -19,6 +19,19 @@ pub enum BrokerError {
     NotReady(SocketAddr),
 }
 
+/// rumqttd keeps every publish in an in-memory log per topic filter and
+/// drops only whole segments, oldest first, once a filter has more than
+/// [`SEGMENTS`] of them: so memory per filter is bounded by about
+/// `SEGMENTS * SEGMENT_BYTES` (a segment may overrun by one packet), whether
+/// or not the messages were delivered. The 100 MiB x 10 used before let the
+/// server's RSS grow by ~1.6 kB per task, towards 1 GiB per filter. A
+/// subscriber that falls further behind than the log holds (~35,000 of our
+/// messages) skips ahead: a lost result is re-sent by the agent's outbox, a
+/// lost dispatch ends in the task's timeout.
+pub const SEGMENT_BYTES: usize = 1 << 20;
+/// See [`SEGMENT_BYTES`].
+pub const SEGMENTS: usize = 4;
+
 /// Starts rumqttd on `host:port` (port 0 picks a free one) in its own
 /// threads and waits until it accepts connections. Returns the bound address.
 pub fn start(
@@ -44,8 +57,8 @@ pub fn start(
 id = 0
 max_connections = {max_connections}
 max_outgoing_packet_count = 200
-max_segment_size = 104857600
-max_segment_count = 10
+max_segment_size = {segment}
+max_segment_count = {SEGMENTS}
 
 [v4.1]
 name = "openclaw-v4"
@@ -58,6 +71,7 @@ max_inflight_count = 500
 dynamic_filters = true
 "#,
         payload = max_payload + 1024,
+        segment = SEGMENT_BYTES,
     );
     let config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;

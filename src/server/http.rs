@@ -59,10 +59,20 @@ async fn health(State((h, _)): AppState) -> Result<Response, ApiError> {
     Ok(Json(health).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitQuery {
+    /// Submit and wait: answer with the task view once it is terminal, or
+    /// when this many milliseconds have passed.
+    wait_ms: Option<u64>,
+}
+
 async fn submit(
     State((h, max_body)): AppState,
+    q: Result<Query<SubmitQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::TooLarge(format!("body exceeds the limit of {max_body} bytes"))
@@ -77,7 +87,44 @@ async fn submit(
         ));
     }
     let resp = h.ask(|resp| Command::Submit { req, resp }).await??;
-    Ok((StatusCode::ACCEPTED, Json(resp)).into_response())
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(300_000));
+    if wait.is_zero() {
+        return Ok((StatusCode::ACCEPTED, Json(resp)).into_response());
+    }
+    // One request instead of a submit and a long poll. 200 once terminal,
+    // 202 with the current view if the wait ran out first.
+    match wait_for(&h, &resp.id, wait).await? {
+        Some(v) if v.state.is_terminal() => Ok(Json(v).into_response()),
+        Some(v) => Ok((StatusCode::ACCEPTED, Json(v)).into_response()),
+        None => Ok((StatusCode::ACCEPTED, Json(resp)).into_response()),
+    }
+}
+
+/// Waits up to `wait` for a task to be terminal; its view then (or the
+/// current one when the wait ran out), `None` if it does not exist.
+async fn wait_for(
+    h: &SchedulerHandle,
+    id: &str,
+    wait: Duration,
+) -> Result<Option<crate::protocol::api::TaskView>, ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    h.sender()
+        .send(Command::Wait {
+            id: id.to_string(),
+            resp: tx,
+        })
+        .await
+        .map_err(|_| ApiError::Unavailable("scheduler is shutting down".into()))?;
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(r)) => r,
+        _ => {
+            h.ask(|resp| Command::Get {
+                id: id.to_string(),
+                resp,
+            })
+            .await?
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -101,24 +148,7 @@ async fn task(
         })
         .await??
     } else {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        h.sender()
-            .send(Command::Wait {
-                id: id.clone(),
-                resp: tx,
-            })
-            .await
-            .map_err(|_| ApiError::Unavailable("scheduler is shutting down".into()))?;
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(r)) => r?,
-            _ => {
-                h.ask(|resp| Command::Get {
-                    id: id.clone(),
-                    resp,
-                })
-                .await??
-            }
-        }
+        wait_for(&h, &id, wait).await?
     };
     match found {
         Some(v) => Ok(Json(v).into_response()),

@@ -222,7 +222,7 @@ impl Scheduler {
         };
         let now = Instant::now();
         for (id, bytes, last_seen_ms) in s.store.devices()? {
-            if let Ok(status) = protocol::decode::<DeviceStatus>(&bytes, usize::MAX) {
+            if let Ok(status) = DeviceStatus::decode(&bytes, usize::MAX) {
                 s.devices.insert(
                     id,
                     Device {
@@ -287,7 +287,8 @@ impl Scheduler {
             if let Err(e) = self.dispatch() {
                 log::error!("scheduler: dispatch: {e}");
             }
-            let committed = match self.store.commit() {
+            let store = &mut self.store;
+            let committed = match crate::blocking(|| store.commit()) {
                 Ok(()) => true,
                 Err(e) => {
                     log::error!("scheduler: commit failed, refusing this batch's submissions: {e}");
@@ -390,6 +391,26 @@ impl Scheduler {
                         .map_err(|e| ApiError::Unavailable(e.to_string()));
                     let _ = resp.send(v);
                 }
+            }
+            Command::List {
+                state: Some(state),
+                limit,
+                resp,
+            } if !state.is_terminal() => {
+                // Unfinished tasks all live here, with their current state
+                // (the store does not record `running`).
+                let mut v: Vec<&Task> = self
+                    .tasks
+                    .values()
+                    .filter(|t| t.row.state == state)
+                    .collect();
+                v.sort_by_key(|t| Reverse(t.row.created_ms));
+                let v = v
+                    .iter()
+                    .take(limit as usize)
+                    .map(|t| t.row.view())
+                    .collect();
+                let _ = resp.send(Ok(v));
             }
             Command::List { state, limit, resp } => {
                 let v = self
@@ -525,7 +546,11 @@ impl Scheduler {
             ))));
         }
         let row = TaskRow {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered (UUID v7): new ids go to the end of the primary
+            // key index, so a batch of submissions dirties a page or two of
+            // it instead of one random page each (fewer WAL writes per
+            // commit).
+            id: uuid::Uuid::now_v7().to_string(),
             plugin: req.plugin,
             input: req.input.to_string(),
             priority,
@@ -733,17 +758,15 @@ impl Scheduler {
         };
         let device = device.to_string();
         match kind {
-            topics::Kind::Status => {
-                match protocol::decode::<DeviceStatus>(&p.payload, self.max_payload) {
-                    Ok(s) if s.device_id == device => self.on_status(s)?,
-                    Ok(s) => log::warn!(
-                        "status on {} names another device `{}`; ignored",
-                        p.topic,
-                        s.device_id
-                    ),
-                    Err(e) => log::warn!("malformed status on {}: {e}", p.topic),
-                }
-            }
+            topics::Kind::Status => match DeviceStatus::decode(&p.payload, self.max_payload) {
+                Ok(s) if s.device_id == device => self.on_status(s)?,
+                Ok(s) => log::warn!(
+                    "status on {} names another device `{}`; ignored",
+                    p.topic,
+                    s.device_id
+                ),
+                Err(e) => log::warn!("malformed status on {}: {e}", p.topic),
+            },
             topics::Kind::Results => {
                 match protocol::decode::<FromAgent>(&p.payload, self.max_payload) {
                     Ok(msg) => self.on_agent(&device, msg)?,
@@ -764,23 +787,27 @@ impl Scheduler {
         } else {
             serde_json::from_slice(payload).map_err(|e| format!("invalid submission: {e}"))
         };
-        // A broken submission may still name where to answer.
-        let loose: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
-        let field = |k: &str| {
-            loose
-                .as_ref()
-                .and_then(|v| v.get(k))
-                .and_then(|v| v.as_str())
-                .map(String::from)
-        };
-        let (reply_to, correlation) = (field("reply_to"), field("correlation"));
-        let error = match parsed {
-            Ok(req) => match self.submit(req) {
-                Ok(_) => return Ok(()),
-                Err(SubmitFail::Api(e)) => e.to_string(),
-                Err(SubmitFail::Store(e)) => return Err(e),
-            },
-            Err(e) => e,
+        let (error, reply_to, correlation) = match parsed {
+            Ok(req) => {
+                let (reply_to, correlation) = (req.reply_to.clone(), req.correlation.clone());
+                match self.submit(req) {
+                    Ok(_) => return Ok(()),
+                    Err(SubmitFail::Api(e)) => (e.to_string(), reply_to, correlation),
+                    Err(SubmitFail::Store(e)) => return Err(e),
+                }
+            }
+            Err(e) => {
+                // A broken submission may still name where to answer.
+                let loose: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
+                let field = |k: &str| {
+                    loose
+                        .as_ref()
+                        .and_then(|v| v.get(k))
+                        .and_then(|v| v.as_str())
+                        .map(String::from)
+                };
+                (e, field("reply_to"), field("correlation"))
+            }
         };
         log::warn!("rejected submission on {}: {error}", topics::SUBMIT);
         if let Some(topic) =
@@ -861,8 +888,10 @@ impl Scheduler {
                                     t.row.timeout_ms + self.cfg.timeout_grace_ms,
                                 ),
                         );
-                        let row = t.row.clone();
-                        self.store.save(&row)?;
+                        // Not written to the store: after a restart a
+                        // running task is recovered exactly like a
+                        // dispatched one, and the terminal write carries
+                        // `started_ms`. One write per task fewer.
                     }
                 }
             }
@@ -990,13 +1019,22 @@ impl Scheduler {
             return Ok(());
         }
         let now = Instant::now();
-        let candidates: Vec<((Reverse<i64>, u64), String)> = self
-            .queue
-            .iter()
-            .take(QUEUE_SCAN)
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
-        for (key, id) in candidates {
+        // Walk the queue in order with a cursor, not a copy of its first
+        // QUEUE_SCAN entries: with thousands queued and a few slots free,
+        // copying them cost an allocation per queued task per batch.
+        let mut cursor: Option<(Reverse<i64>, u64)> = None;
+        for _ in 0..QUEUE_SCAN {
+            let next = match cursor {
+                None => self.queue.iter().next(),
+                Some(c) => self
+                    .queue
+                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                    .next(),
+            };
+            let Some((key, id)) = next.map(|(k, v)| (*k, v.clone())) else {
+                break;
+            };
+            cursor = Some(key);
             if !self
                 .devices
                 .values()

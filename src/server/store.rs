@@ -150,11 +150,19 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts or replaces a task.
+    /// Inserts a task, or updates the columns that change over its life.
+    /// An upsert, not `INSERT OR REPLACE`: a replace deletes and re-inserts
+    /// the row and every index entry, the upsert rewrites the row in place
+    /// and only the index entries whose columns changed.
     pub fn save(&mut self, t: &TaskRow) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "INSERT OR REPLACE INTO tasks ({COLUMNS}) VALUES \
-             (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"
+            "INSERT INTO tasks ({COLUMNS}) VALUES \
+             (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19) \
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, \
+             attempts = excluded.attempts, device = excluded.device, \
+             result = excluded.result, error = excluded.error, \
+             dispatched_ms = excluded.dispatched_ms, started_ms = excluded.started_ms, \
+             finished_ms = excluded.finished_ms"
         ))?;
         stmt.execute(params![
             t.id,
