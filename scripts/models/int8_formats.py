@@ -57,6 +57,10 @@ pin = {{ batch = 1 }}
 
 [[outputs]]
 name = "save_infer_model/scale_0.tmp_1"
+
+[postprocess]
+kind = "classes"
+labels = ["0", "180"]
 '''
 
 
