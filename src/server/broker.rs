@@ -27,10 +27,18 @@ pub enum BrokerError {
 /// server's RSS grow by ~1.6 kB per task, towards 1 GiB per filter. A
 /// subscriber that falls further behind than the log holds (~35,000 of our
 /// messages) skips ahead: a lost result is re-sent by the agent's outbox, a
-/// lost dispatch ends in the task's timeout.
+/// lost dispatch ends in the task's timeout. The bound counts topic and
+/// payload bytes; a stored message costs more than that in memory (with
+/// these sizes for every filter, 10 agents and 200,000 tasks took the
+/// server to ~250 MB; with [`DEVICE_SEGMENT_BYTES`] for device topics, 87 MB).
 pub const SEGMENT_BYTES: usize = 1 << 20;
 /// See [`SEGMENT_BYTES`].
 pub const SEGMENTS: usize = 4;
+/// The log of each device's task topic, which one agent reads and the
+/// server fills only up to that device's capacity (dispatches, result acks,
+/// cancels): a few hundred messages behind at most, so 4 x 64 KiB is ample,
+/// and memory no longer grows by megabytes per device.
+pub const DEVICE_SEGMENT_BYTES: usize = 64 << 10;
 
 /// Starts rumqttd on `host:port` (port 0 picks a free one) in its own
 /// threads and waits until it accepts connections. Returns the bound address.
@@ -60,6 +68,10 @@ max_outgoing_packet_count = 200
 max_segment_size = {segment}
 max_segment_count = {SEGMENTS}
 
+[router.custom_segment."{device_tasks}"]
+max_segment_size = {DEVICE_SEGMENT_BYTES}
+max_segment_count = {SEGMENTS}
+
 [v4.1]
 name = "openclaw-v4"
 listen = "{addr}"
@@ -72,6 +84,7 @@ dynamic_filters = true
 "#,
         payload = max_payload + 1024,
         segment = SEGMENT_BYTES,
+        device_tasks = crate::protocol::topics::tasks("+"),
     );
     let config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
