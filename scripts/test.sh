@@ -24,6 +24,12 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# Fault tests (tests/faults.rs): network namespaces, veth, netem; tmpfs mounts.
+command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v mount >/dev/null 2>&1 || missing+=(mount)
+# libFuzzer (scripts/fuzz.sh) is C++.
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -54,3 +60,6 @@ cargo clippy --all-targets --all-features -- -D warnings
 
 log "cargo test (all features)"
 cargo test --all-features -- --test-threads=2
+
+log "fuzzing: every cargo-fuzz target for a bounded time (scripts/fuzz.sh)"
+bash scripts/fuzz.sh

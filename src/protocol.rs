@@ -132,8 +132,10 @@ pub mod topics {
 }
 
 /// A self-describing value that postcard can carry (postcard cannot encode
-/// `serde_json::Value`, which needs `deserialize_any`). Converts losslessly
-/// from and to JSON except that `Bytes` become an array of numbers in JSON.
+/// `serde_json::Value`, which needs `deserialize_any`). Converts to JSON
+/// losslessly except that `Bytes` become an array of numbers. From JSON,
+/// integers above `i64::MAX` become floats (rounded); the submit boundary
+/// uses [`Value::try_from_json`], which refuses them instead.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub enum Value {
     #[default]
@@ -154,6 +156,51 @@ impl Value {
             Value::Map(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
         }
+    }
+}
+
+impl Value {
+    /// Converts JSON exactly, or says where it cannot: an integer above
+    /// `i64::MAX` has no exact form here. The error names the number and
+    /// its path (`.a[2]`).
+    pub fn try_from_json(v: &serde_json::Value) -> Result<Value, String> {
+        fn walk(v: &serde_json::Value, path: &mut String) -> Result<Value, String> {
+            Ok(match v {
+                serde_json::Value::Number(n) if n.as_i64().is_none() && n.is_u64() => {
+                    let at = if path.is_empty() {
+                        "the top level"
+                    } else {
+                        path.as_str()
+                    };
+                    return Err(format!(
+                        "integer {n} at {at} is out of range (-2^63 to 2^63-1); send it as a string"
+                    ));
+                }
+                serde_json::Value::Array(a) => {
+                    let mut out = Vec::with_capacity(a.len());
+                    for (i, x) in a.iter().enumerate() {
+                        let len = path.len();
+                        path.push_str(&format!("[{i}]"));
+                        out.push(walk(x, path)?);
+                        path.truncate(len);
+                    }
+                    Value::List(out)
+                }
+                serde_json::Value::Object(o) => {
+                    let mut out = Vec::with_capacity(o.len());
+                    for (k, x) in o {
+                        let len = path.len();
+                        path.push('.');
+                        path.push_str(k);
+                        out.push((k.clone(), walk(x, path)?));
+                        path.truncate(len);
+                    }
+                    Value::Map(out)
+                }
+                other => Value::from(other.clone()),
+            })
+        }
+        walk(v, &mut String::new())
     }
 }
 
@@ -226,6 +273,11 @@ pub enum RejectReason {
     Busy,
     /// It is shutting down.
     ShuttingDown,
+    /// Its journal's disk is full: it cannot record the task durably, so it
+    /// does not take it (counted in [`StorageCounters::no_space_errors`]).
+    NoSpace,
+    /// Its journal could not record the task for another I/O error.
+    StorageFailed,
 }
 
 /// Category of a task failure.
@@ -380,6 +432,9 @@ pub struct StorageCounters {
     pub segments_dropped: u64,
     /// Journal writes that failed (a full disk included); the agent carried on.
     pub write_errors: u64,
+    /// Of those, writes refused for lack of space (ENOSPC). Each task the
+    /// agent could not record for it was rejected with [`RejectReason::NoSpace`].
+    pub no_space_errors: u64,
 }
 
 /// JSON types of the external boundary (HTTP API and `openclaw/v1/submit`).
@@ -687,6 +742,48 @@ mod tests {
     fn json_value_conversion_is_lossless() {
         let j = serde_json::json!({"n": -3, "f": 1.5, "s": "ü", "l": [true, null], "m": {}});
         assert_eq!(serde_json::Value::from(Value::from(j.clone())), j);
+    }
+
+    /// Found by the `submit_json` fuzz target: without serde_json's
+    /// `float_roundtrip` a long number was parsed 1 ulp off, so the input the
+    /// server stored (as JSON text) and parsed again for the agent was not
+    /// the number submitted. Correctly rounded now: text, value, text agree.
+    #[test]
+    fn long_numbers_parse_the_same_after_a_round_trip() {
+        let body =
+            "{\"plugin\":\"ec{\"\n,\"input\":491111111111111199999999999999999999999999999999}";
+        let req: api::SubmitRequest = serde_json::from_str(body).unwrap();
+        let stored = req.input.to_string();
+        let again: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert_eq!(again, req.input, "{stored}");
+        assert_eq!(req.input.as_f64(), Some(4.911111111111112e47));
+    }
+
+    /// Found by the `submit_json` fuzz target: a JSON integer above
+    /// `i64::MAX` became a rounded float on its way to the agent. The submit
+    /// boundary now refuses it, naming where it is; everything in range
+    /// converts exactly.
+    #[test]
+    fn integers_beyond_i64_are_refused_not_rounded() {
+        let j: serde_json::Value =
+            serde_json::from_str(r#"{"a": [1, {"b": 9333333999999299993}]}"#).unwrap();
+        let lossy = serde_json::Value::from(Value::from(j.clone()));
+        assert_ne!(lossy, j, "From still rounds (documented)");
+        let e = Value::try_from_json(&j).unwrap_err();
+        assert!(
+            e.contains("9333333999999299993") && e.contains(".a[1].b"),
+            "{e}"
+        );
+        let e = Value::try_from_json(&serde_json::json!(u64::MAX)).unwrap_err();
+        assert!(e.contains("top level"), "{e}");
+        for ok in [
+            serde_json::json!({"max": i64::MAX, "min": i64::MIN, "f": -0.0, "g": 1e300}),
+            serde_json::json!([[[]], {}, "", null, 9_223_372_036_854_775_807u64]),
+        ] {
+            let v = Value::try_from_json(&ok).unwrap();
+            let wire: Value = decode(&encode(&v), usize::MAX).unwrap();
+            assert_eq!(serde_json::Value::from(wire), ok);
+        }
     }
 
     /// Fuzz-like, fixed seed (the cargo-fuzz target needs nightly): 10,000

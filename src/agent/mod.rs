@@ -503,9 +503,14 @@ impl Manager {
                 self.id,
                 spec.id
             );
+            // Not "busy": the server tells the submitter why.
+            let reason = match e {
+                StorageError::NoSpace { .. } => RejectReason::NoSpace,
+                _ => RejectReason::StorageFailed,
+            };
             self.publish_event(&FromAgent::Rejected {
                 task_id: spec.id,
-                reason: RejectReason::Busy,
+                reason,
             });
             return;
         }
@@ -811,6 +816,7 @@ impl Manager {
                     replayed_tasks: self.replayed,
                     segments_dropped: s.segments_dropped,
                     write_errors: s.write_errors,
+                    no_space_errors: s.no_space_errors,
                 }
             },
         }

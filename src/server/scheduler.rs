@@ -137,8 +137,12 @@ struct Task {
     key: (Reverse<i64>, u64),
     not_before: Instant,
     deadline: Option<Instant>,
-    /// Device to favour (the one that had it before a server restart).
-    prefer: Option<String>,
+    /// The device that had it before a server restart, and until when the
+    /// task waits for that device to come back rather than go to another:
+    /// it may have run it already, and only its ledger knows.
+    prefer: Option<(String, Instant)>,
+    /// When the task was last published to its device (while dispatched).
+    last_sent: Option<Instant>,
 }
 
 struct Device {
@@ -239,7 +243,16 @@ impl Scheduler {
         let mut recovered = 0;
         s.store.begin()?;
         for mut row in s.store.unfinished()? {
-            let prefer = row.device.take();
+            // As long as the server would wait before declaring the device
+            // lost (its heartbeat interval times offline_after_missed).
+            let prefer = row.device.take().map(|d| {
+                let hb = s
+                    .devices
+                    .get(&d)
+                    .map_or(5000, |x| x.status.heartbeat_ms.max(100) as u64);
+                let wait = Duration::from_millis(hb * s.cfg.offline_after_missed as u64);
+                (d, now + wait)
+            });
             if row.state != TaskState::Queued {
                 // The interrupted dispatch is retried as the same attempt; the
                 // previous device is favoured so its ledger answers a repeat.
@@ -498,7 +511,11 @@ impl Scheduler {
                 return bad("`capability` must not be empty".into());
             }
         }
-        let input: Value = req.input.clone().into();
+        // Exactly what was submitted reaches the agent, or a clear 400.
+        let input = match Value::try_from_json(&req.input) {
+            Ok(v) => v,
+            Err(m) => return bad(format!("`input`: {m}")),
+        };
         let size = protocol::encode(&input).len();
         if size + 512 > self.max_payload {
             return Err(SubmitFail::Api(ApiError::TooLarge(format!(
@@ -597,7 +614,7 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, row: TaskRow, not_before: Instant, prefer: Option<String>) {
+    fn enqueue(&mut self, row: TaskRow, not_before: Instant, prefer: Option<(String, Instant)>) {
         self.seq += 1;
         let score = row.priority as i64 * self.cfg.aging_ms as i64 - row.created_ms as i64;
         let key = (Reverse(score), self.seq);
@@ -610,6 +627,7 @@ impl Scheduler {
                 not_before,
                 deadline: None,
                 prefer,
+                last_sent: None,
             },
         );
     }
@@ -903,11 +921,21 @@ impl Scheduler {
                     if let Some(d) = self.devices.get_mut(device) {
                         d.busy_until = Some(Instant::now() + Duration::from_millis(250));
                     }
-                    let why = match reason {
-                        RejectReason::Busy => "device busy",
-                        RejectReason::ShuttingDown => "device shutting down",
+                    // A device that cannot store tasks uses up an attempt:
+                    // the task fails with the reason instead of bouncing forever.
+                    let (why, counts) = match reason {
+                        RejectReason::Busy => ("device busy".to_string(), false),
+                        RejectReason::ShuttingDown => ("device shutting down".to_string(), false),
+                        RejectReason::NoSpace => (
+                            format!("device {device}: disk full, no space left to record the task"),
+                            true,
+                        ),
+                        RejectReason::StorageFailed => (
+                            format!("device {device}: storage error, could not record the task"),
+                            true,
+                        ),
                     };
-                    self.requeue(&task_id, why, false)?;
+                    self.requeue(&task_id, &why, counts)?;
                 }
             }
             FromAgent::Finished(outcome) => {
@@ -972,6 +1000,32 @@ impl Scheduler {
             .collect();
         for id in late {
             self.device_lost(&id, "missed heartbeats")?;
+        }
+        // A dispatch can be lost on the way (a broker restart, a session the
+        // broker dropped): one not started after as long as a device is given
+        // to show life goes to the same device again. The agent answers a
+        // repeat without running it twice (already queued, running or done).
+        let mut resend = Vec::new();
+        for t in self.tasks.values_mut() {
+            if t.row.state != TaskState::Dispatched {
+                continue;
+            }
+            let Some(d) = t.row.device.as_ref().and_then(|d| self.devices.get(d)) else {
+                continue;
+            };
+            let wait = Duration::from_millis(d.status.heartbeat_ms.max(100) as u64)
+                * self.cfg.offline_after_missed;
+            if d.online && t.last_sent.is_some_and(|s| now.duration_since(s) >= wait) {
+                t.last_sent = Some(now);
+                resend.push((d.status.device_id.clone(), spec_of(&t.row)));
+            }
+        }
+        for (dev, spec) in resend {
+            log::info!(
+                "task {}: not started on {dev} yet, sending it again",
+                spec.id
+            );
+            self.publish(topics::tasks(&dev), protocol::encode(&ToAgent::Task(spec)));
         }
         let expired: Vec<(String, Option<String>, u64)> = self
             .tasks
@@ -1046,11 +1100,15 @@ impl Scheduler {
             if t.not_before > now {
                 continue;
             }
-            let preferred = t
+            let prefer = t
                 .prefer
                 .as_ref()
-                .and_then(|p| self.devices.get(p))
-                .filter(|d| self.eligible(d, t, now));
+                .and_then(|(p, until)| Some((self.devices.get(p)?, *until)));
+            if prefer.is_some_and(|(d, until)| !d.online && now < until) {
+                // Not back yet: sending it elsewhere could do it twice.
+                continue;
+            }
+            let preferred = prefer.map(|(d, _)| d).filter(|d| self.eligible(d, t, now));
             let chosen = preferred
                 .or_else(|| {
                     self.devices
@@ -1073,6 +1131,7 @@ impl Scheduler {
             t.row.dispatched_ms = Some(crate::now_ms());
             t.deadline =
                 Some(now + Duration::from_millis(t.row.timeout_ms + self.cfg.timeout_grace_ms));
+            t.last_sent = Some(now);
             let spec = spec_of(&t.row);
             let row = t.row.clone();
             self.store.save(&row)?;
@@ -1285,6 +1344,101 @@ mod tests {
         will.plugins.clear();
         heartbeat(s, &will);
         assert_eq!(s.devices["b"].status.plugins, vec!["echo".to_string()]);
+    }
+
+    /// Found by tests/faults.rs (server SIGKILL under load): after a
+    /// restart, a task that was on device `a` went to whichever device came
+    /// back first and ran twice. Now it waits for `a` (whose ledger knows
+    /// it) as long as `a` would take to be declared lost, then goes on.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_a_dispatched_task_waits_for_its_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = Store::open(dir.path(), "normal").unwrap();
+            let (client, el) =
+                AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10_000);
+            let (mut s, _h, rx) = Scheduler::new(cfg(), store, client, 1 << 20).unwrap();
+            s.connected = true;
+            (s, rx, el)
+        };
+        let id = {
+            let (mut s, _rx, _el) = open();
+            heartbeat(&mut s, &status("a", &[], 2));
+            let id = submit(&mut s, req(None, None));
+            s.dispatch().unwrap();
+            assert_eq!(device_of(&s, &id).as_deref(), Some("a"));
+            id
+        }; // the server dies here
+        {
+            let (mut s, _rx, _el) = open();
+            heartbeat(&mut s, &status("b", &[], 2));
+            for _ in 0..2 {
+                s.dispatch().unwrap();
+                assert_eq!(s.tasks[&id].row.state, TaskState::Queued, "went to b");
+                tokio::time::advance(Duration::from_millis(1000)).await;
+                heartbeat(&mut s, &status("b", &[], 2));
+            }
+            heartbeat(&mut s, &status("a", &[], 2));
+            s.dispatch().unwrap();
+            assert_eq!(device_of(&s, &id).as_deref(), Some("a"));
+            assert_eq!(s.tasks[&id].row.attempts, 1, "the same attempt");
+        } // and again; this time `a` stays away
+        let (mut s, _rx, _el) = open();
+        heartbeat(&mut s, &status("b", &[], 2));
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        s.dispatch().unwrap();
+        assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        heartbeat(&mut s, &status("b", &[], 2));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(&s, &id).as_deref(), Some("b"), "a is lost");
+    }
+
+    /// Found by tests/faults.rs (server SIGKILL under load): a dispatch lost
+    /// on the way left its task Dispatched until it timed out. It is sent
+    /// again to the same device after 3 heartbeat intervals without a start.
+    #[tokio::test(start_paused = true)]
+    async fn a_dispatch_not_started_is_sent_again() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 2));
+        let mut long = req(None, None);
+        long.timeout_ms = Some(60_000);
+        let id = submit(s, long);
+        s.dispatch().unwrap();
+        let sent = |s: &Scheduler| {
+            s.effects
+                .iter()
+                .filter(|e| {
+                    matches!(e, Effect::Publish { topic, payload, .. }
+                    if topic == &topics::tasks("a")
+                        && matches!(protocol::decode::<ToAgent>(payload, usize::MAX),
+                            Ok(ToAgent::Task(t)) if t.id == id))
+                })
+                .count()
+        };
+        assert_eq!(sent(s), 1);
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        heartbeat(s, &status("a", &[], 2));
+        s.on_tick().unwrap();
+        assert_eq!(sent(s), 1, "too early");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        s.on_tick().unwrap();
+        assert_eq!(sent(s), 2, "sent again");
+        assert_eq!(s.tasks[&id].row.attempts, 1, "the same attempt");
+        // Started: never again.
+        s.on_agent(
+            "a",
+            FromAgent::Started {
+                task_id: id.clone(),
+            },
+        )
+        .unwrap();
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        heartbeat(s, &status("a", &[], 2));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        s.on_tick().unwrap();
+        assert_eq!(sent(s), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -188,6 +188,12 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent with fast heartbeats; `config` is extra TOML.
     pub fn start(dir: &Path, id: &str, broker: &str, config: &str) -> Agent {
+        Self::start_with(dir, id, broker, config, &[])
+    }
+
+    /// Like [`Agent::start`], the binary run through `prefix` (e.g.
+    /// `ip netns exec NAME`, which execs it: the child is the agent).
+    pub fn start_with(dir: &Path, id: &str, broker: &str, config: &str, prefix: &[&str]) -> Agent {
         let data = dir.join(format!("agent-{id}"));
         std::fs::create_dir_all(&data).unwrap();
         let cfg = data.join("agent.toml");
@@ -199,7 +205,16 @@ impl Agent {
             ),
         )
         .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_openclaw-agent"))
+        let bin = env!("CARGO_BIN_EXE_openclaw-agent");
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&cfg)
             .arg("--id")
@@ -250,14 +265,11 @@ impl Drop for Agent {
 pub struct Mosquitto {
     child: Child,
     pub port: u16,
+    conf: PathBuf,
 }
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is not installed: run scripts/test.sh (apt-get install mosquitto)");
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
@@ -268,6 +280,23 @@ impl Mosquitto {
             ),
         )
         .unwrap();
+        Self::spawn(conf, port)
+    }
+
+    /// SIGKILLs the broker (its sessions and queued messages are gone:
+    /// `persistence false`) and starts a new one on the same port.
+    pub fn restart(&mut self) {
+        kill(&mut self.child);
+        let next = Self::spawn(self.conf.clone(), self.port);
+        let old = std::mem::replace(self, next);
+        drop(old); // already killed and reaped
+    }
+
+    fn spawn(conf: PathBuf, port: u16) -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed: run scripts/test.sh (apt-get install mosquitto)");
         let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
@@ -283,7 +312,7 @@ impl Mosquitto {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Mosquitto { child, port }
+        Mosquitto { child, port, conf }
     }
 }
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target in fuzz/ for a bounded time on stable Rust.
+#
+# cargo-fuzz asks for nightly only for sanitizer flags (-Z...); with
+# `-s none` what remains is stable codegen options plus `--cfg fuzzing`,
+# and RUSTC_BOOTSTRAP=1 lets stable accept the rest. No AddressSanitizer
+# then: libFuzzer still finds panics, failed assertions, aborts, timeouts
+# and out-of-memory. A crash fails this script; the input is saved under
+# fuzz/artifacts/TARGET/ (and printed in base64 by libFuzzer). Turn each
+# one into a regression test in the module it broke.
+#
+#   scripts/fuzz.sh                 # every target, FUZZ_SECONDS each (default 45)
+#   scripts/fuzz.sh submit_json 300 # one target, 300 s
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO_FUZZ_VERSION=0.13.2
+seconds="${2:-${FUZZ_SECONDS:-45}}"
+cache="$HOME/.cache/openclaw"
+target_dir="$cache/fuzz-target"
+
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  echo "== installing cargo-fuzz $CARGO_FUZZ_VERSION (into ~/.cargo/bin)"
+  cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi
+command -v g++ >/dev/null 2>&1 || { echo "g++ is needed to build libFuzzer (apt-get install g++)" >&2; exit 1; }
+
+if [ $# -ge 1 ]; then
+  targets=("$1")
+else
+  targets=(envelope_decode segment_recovery config_parse submit_json)
+fi
+
+export RUSTC_BOOTSTRAP=1
+# The main build's target dir would be rebuilt with fuzz flags each time.
+unset CARGO_TARGET_DIR
+for t in "${targets[@]}"; do
+  corpus="$cache/fuzz-corpus/$t"
+  mkdir -p "$corpus"
+  dirs=("$corpus")
+  [ -d "fuzz/seeds/$t" ] && dirs+=("fuzz/seeds/$t")
+  echo "== fuzz $t for ${seconds}s (corpus $corpus)"
+  cargo fuzz run -s none --target-dir "$target_dir" "$t" "${dirs[@]}" -- \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+done
+echo "== fuzzing: no crash in ${#targets[@]} target(s), ${seconds}s each"
