@@ -274,7 +274,7 @@ pub enum RejectReason {
     /// It is shutting down.
     ShuttingDown,
     /// Its journal's disk is full: it cannot record the task durably, so it
-    /// does not take it (counted in [`StorageCounters::no_space_errors`]).
+    /// does not take it (counted in [`StorageCounters::write_errors`]).
     NoSpace,
     /// Its journal could not record the task for another I/O error.
     StorageFailed,
@@ -431,10 +431,8 @@ pub struct StorageCounters {
     /// Whole segments dropped, oldest first, to stay within `storage.max_bytes`.
     pub segments_dropped: u64,
     /// Journal writes that failed (a full disk included); the agent carried on.
+    /// A task it could not record is rejected ([`RejectReason::NoSpace`]).
     pub write_errors: u64,
-    /// Of those, writes refused for lack of space (ENOSPC). Each task the
-    /// agent could not record for it was rejected with [`RejectReason::NoSpace`].
-    pub no_space_errors: u64,
 }
 
 /// JSON types of the external boundary (HTTP API and `openclaw/v1/submit`).

@@ -816,7 +816,6 @@ impl Manager {
                     replayed_tasks: self.replayed,
                     segments_dropped: s.segments_dropped,
                     write_errors: s.write_errors,
-                    no_space_errors: s.no_space_errors,
                 }
             },
         }
