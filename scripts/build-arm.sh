@@ -2,11 +2,15 @@
 # Cross-builds openclaw-agent for a board, from its profile in boards/.
 #
 #   scripts/build-arm.sh [--board NAME|FILE] [--release | --profile NAME]
+#                        [--inference | --no-inference]
 #
 #   --board    board profile name (boards/NAME.toml) or a profile file;
 #              default generic-aarch64 (runs on any 64-bit ARM Linux board)
 #   --release  build with the `release` profile (opt-level s, fat LTO, strip)
 #   --profile  any other cargo profile
+#   --inference / --no-inference
+#              build with or without on-device inference (tract); default:
+#              with it when the board profile lists models
 #
 # The profile's `target` picks the Rust target, its `cpu` adds
 # `-C target-cpu=<cpu>` unless it is `generic`. Linker, +crt-static and the
@@ -30,14 +34,17 @@ die() { printf 'build-arm: %s\n' "$*" >&2; exit 1; }
 
 board=generic-aarch64
 profile=dev
+inference=auto
 while [ $# -gt 0 ]; do
   case "$1" in
+    --inference) inference=yes; shift ;;
+    --no-inference) inference=no; shift ;;
     --board) [ $# -ge 2 ] || die "--board needs a value"; board=$2; shift 2 ;;
     --board=*) board=${1#*=}; shift ;;
     --release) profile=release; shift ;;
     --profile) [ $# -ge 2 ] || die "--profile needs a value"; profile=$2; shift 2 ;;
     --profile=*) profile=${1#*=}; shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -62,6 +69,15 @@ target=$(board_key target)
 cpu=$(board_key cpu)
 [ -n "$target" ] || die "$board_file has no target"
 [ -n "$cpu" ] || cpu=generic
+if [ "$inference" = auto ]; then
+  if grep -Eq '^[[:space:]]*models[[:space:]]*=[[:space:]]*\[[[:space:]]*"' "$board_file"; then
+    inference=yes
+  else
+    inference=no
+  fi
+fi
+features=agent
+[ "$inference" = yes ] && features=agent,inference
 
 case "$target" in
   aarch64-*|armv7-*|arm-*) ;;
@@ -89,13 +105,13 @@ if [ -n "${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-}" ]; then
   unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
 fi
 
-args=(build --target "$target" --no-default-features --features agent --bin openclaw-agent --profile "$profile")
+args=(build --target "$target" --no-default-features --features "$features" --bin openclaw-agent --profile "$profile")
 if [ "$cpu" != generic ]; then
   # Appended to the target's rustflags from .cargo/config.toml.
   args+=(--config "target.$target.rustflags=['-C','target-cpu=$cpu']")
 fi
 
-echo "build-arm: board $(basename "$board_file" .toml): target $target, cpu $cpu, profile $profile"
+echo "build-arm: board $(basename "$board_file" .toml): target $target, cpu $cpu, profile $profile, features $features"
 echo "build-arm: RUSTC=$RUSTC $CARGO ${args[*]}"
 echo "build-arm: CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 start=$(date +%s)

@@ -6,10 +6,12 @@
 #      (the package's own service is not needed and not started here);
 #   2. the cross toolchain (scripts/cross-toolchain.sh: Debian's rustc-web,
 #      the arm64 std, gcc-aarch64-linux-gnu, qemu-user-static);
-#   3. the aarch64 agent for board rpi4 (scripts/build-arm.sh), which
-#      tests/arm.rs runs under qemu; the test rebuilds it incrementally with
-#      the same flags, so this build is what makes that test fast;
-#   4. the library's unit tests for aarch64, run under qemu.
+#   3. the aarch64 agent for board rpi4 (scripts/build-arm.sh; with
+#      inference, since the profile lists models), which tests/arm.rs runs
+#      under qemu; the test rebuilds it incrementally with the same flags, so
+#      this build is what makes that test fast;
+#   4. the library's unit tests for aarch64 (agent and inference), run under
+#      qemu.
 #
 # Cross builds go to $OPENCLAW_CROSS_TARGET_DIR (default
 # ~/.cache/openclaw/cross-target), never to the host build's target dir.
@@ -45,6 +47,6 @@ log "unit tests for aarch64 under qemu"
 # and qemu-user does not pass RLIMIT_AS/DATA/STACK through to the host
 # (they would limit the emulator itself), so the limit cannot bite there.
 RUSTC=/usr/bin/rustc nice -n 5 /usr/bin/cargo test --target aarch64-unknown-linux-gnu \
-  --no-default-features --features agent --lib \
+  --no-default-features --features agent,inference --lib \
   --config "target.aarch64-unknown-linux-gnu.rustflags=['-C','target-cpu=cortex-a72']" \
   -- --skip plugins::process::tests::memory_limit_applies

@@ -9,66 +9,13 @@
 
 mod common;
 
+use common::golden::{
+    assert_probabilities, assert_same_segments, ort_segments, plugins_config, repo, segments,
+    sensor_cases,
+};
 use common::{task, Agent, Server};
-use openclaw::inference::vad;
 use openclaw::protocol::api::TaskState;
 use serde_json::json;
-use std::path::PathBuf;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn plugins_config() -> String {
-    let models = repo().join("models");
-    format!(
-        "[plugins.infer]\nmodels_dir = {m:?}\n[plugins.vad]\nmodels_dir = {m:?}\naudio_root = {a:?}\n",
-        m = models.display().to_string(),
-        a = models.join("golden").display().to_string()
-    )
-}
-
-fn golden(name: &str) -> serde_json::Value {
-    let p = repo().join("models/golden").join(name);
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-/// Speech segments ONNX Runtime's probabilities give for the golden WAV.
-fn ort_segments() -> Vec<(f64, f64)> {
-    let g = golden("silero_vad.json");
-    let probs: Vec<f32> = g["probs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_f64().unwrap() as f32)
-        .collect();
-    let n = g["samples"].as_u64().unwrap() as usize;
-    vad::segments_from_probs(&probs, n, &vad::VadParams::default())
-        .into_iter()
-        .map(|s| (s.start_s as f64, s.end_s as f64))
-        .collect()
-}
-
-fn segments(result: &serde_json::Value) -> Vec<(f64, f64)> {
-    result["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["start_s"].as_f64().unwrap(), s["end_s"].as_f64().unwrap()))
-        .collect()
-}
-
-fn assert_same_segments(got: &[(f64, f64)], want: &[(f64, f64)]) {
-    assert!(!want.is_empty(), "the golden WAV has speech");
-    assert_eq!(got.len(), want.len(), "got {got:?}, ORT {want:?}");
-    for (g, w) in got.iter().zip(want) {
-        // One 32 ms window of slack.
-        assert!(
-            (g.0 - w.0).abs() <= 0.033 && (g.1 - w.1).abs() <= 0.033,
-            "got {got:?}, ORT {want:?}"
-        );
-    }
-}
 
 #[test]
 fn vad_and_infer_answer_through_a_real_agent() {
@@ -96,24 +43,10 @@ fn vad_and_infer_answer_through_a_real_agent() {
     assert_same_segments(&segments(&t.result.unwrap()), &want);
 
     // Generic inference against ORT's golden probabilities.
-    let g = golden("sensor_anomaly.json");
-    for case in g["cases"].as_array().unwrap() {
-        let inp = &case["inputs"][0];
-        let input = json!({"model": "sensor_anomaly", "inputs": [
-            {"name": inp["name"], "dtype": "f32", "shape": inp["shape"], "data": inp["values"]}]});
+    for (input, want) in sensor_cases() {
         let t = server.wait(&server.submit(task("infer", input)));
         assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
-        let out = &t.result.unwrap()["outputs"];
-        let probs = out
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"] == "probabilities")
-            .expect("probabilities output");
-        let want = case["outputs"][0]["values"].as_array().unwrap();
-        for (a, b) in probs["data"].as_array().unwrap().iter().zip(want) {
-            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5);
-        }
+        assert_probabilities(&t.result.unwrap(), &want);
     }
 
     // Bad input: clear errors naming plugin and field; the agent keeps going.

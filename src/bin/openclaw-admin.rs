@@ -92,9 +92,14 @@ enum Cmd {
         /// Release profile (opt-level s, fat LTO, stripped).
         #[arg(long)]
         release: bool,
-        /// Also build on-device inference (tract).
-        #[arg(long)]
+        /// Build with on-device inference (tract). Default: when the board
+        /// profile lists models.
+        #[arg(long, conflicts_with = "no_inference")]
         inference: bool,
+        /// Build without on-device inference, even if the board lists models
+        /// (a smaller agent; `infer`/`vad` tasks then fail as unknown plugins).
+        #[arg(long)]
+        no_inference: bool,
         /// OpenClaw source tree (default: the current directory or a parent).
         #[arg(long)]
         manifest_dir: Option<PathBuf>,
@@ -253,6 +258,7 @@ fn real_main() -> anyhow::Result<()> {
             board,
             release,
             inference,
+            no_inference,
             manifest_dir,
             target_dir,
         } => {
@@ -270,7 +276,11 @@ fn real_main() -> anyhow::Result<()> {
             };
             let mut o = build::BuildOptions::new(&board, &dir);
             o.release = release;
-            if inference {
+            let lists_models = !openclaw::boards::Board::load(&board)
+                .context("board profile")?
+                .models
+                .is_empty();
+            if inference || (lists_models && !no_inference) {
                 o.features.push("inference".into());
             }
             if let Some(t) = target_dir {

@@ -16,7 +16,7 @@ struct Args {
     /// Board profile: a built-in name (sim, rpi5, rpi4, rpi3, zero2w, generic-aarch64) or a file.
     #[arg(long)]
     board: Option<String>,
-    /// Broker to connect to, mqtt://HOST:PORT.
+    /// Broker to connect to, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS: set [mqtt.tls] in the config).
     #[arg(long)]
     broker: Option<String>,
     /// Device id (default: the host name).

@@ -1,6 +1,8 @@
 //! Test harness: real server, agent and mosquitto processes on loopback.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use openclaw::admin::Client;
 use openclaw::protocol::api::{DeviceView, SubmitRequest, TaskState, TaskView};
 use std::io::{BufRead, BufReader};
