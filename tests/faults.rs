@@ -611,10 +611,6 @@ impl Drop for NetPair {
 }
 
 #[test]
-#[ignore = "finds an open bug: after the degraded phase the agent's rumqttc session livelocks \
-            (packet id collisions, 'Timeout while waiting to resolve collision', reconnect with \
-            session present, repeat), heartbeats never get through and the server re-queues its \
-            tasks every second; passed before main's a7b31ca, fails after. Run with --ignored."]
 fn partition_of_an_agent_netns_then_loss_and_delay_lose_nothing() {
     let name = "partition_of_an_agent_netns_then_loss_and_delay_lose_nothing";
     if !privileged(name) {
