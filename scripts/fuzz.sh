@@ -19,6 +19,10 @@ seconds="${2:-${FUZZ_SECONDS:-45}}"
 cache="$HOME/.cache/openclaw"
 target_dir="$cache/fuzz-target"
 
+# The main build's target dir would be rebuilt with fuzz flags each time
+# (and `cargo install` would build cargo-fuzz there).
+unset CARGO_TARGET_DIR
+
 if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
   echo "== installing cargo-fuzz $CARGO_FUZZ_VERSION (into ~/.cargo/bin)"
   cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
@@ -32,8 +36,6 @@ else
 fi
 
 export RUSTC_BOOTSTRAP=1
-# The main build's target dir would be rebuilt with fuzz flags each time.
-unset CARGO_TARGET_DIR
 for t in "${targets[@]}"; do
   corpus="$cache/fuzz-corpus/$t"
   mkdir -p "$corpus"
