@@ -555,3 +555,63 @@ fn python_sdk_unit_tests_pass() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("Ran ") && text.contains("OK"), "{text}");
 }
+
+/// The agent checks input against each plugin's declaration before
+/// `execute`, and holds a plugin to its concurrency limit (`concurrency = 1`
+/// here): its tasks wait in the agent's queue and run one after another.
+#[test]
+fn declared_schema_and_concurrency_are_enforced_by_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let config = "[plugins.echo]\nconcurrency = 1\n[plugins.sysinfo]\n";
+    let mut agent = Agent::start(dir.path(), "decl-1", &server.broker(), config);
+    server.wait_online("decl-1");
+
+    // The schema's own wording ("expected integer", "unknown field"), not
+    // the plugins' in-execute checks: refused before `execute`.
+    all_fail(
+        &server,
+        "echo",
+        &[
+            (json!({"sleep_ms": "soon"}), "`sleep_ms`: expected integer"),
+            (json!({"sleep_ms": -1}), "`sleep_ms`: -1 is out of range"),
+            (json!({"panic": "yes"}), "`panic`: expected boolean"),
+        ],
+    );
+    all_fail(
+        &server,
+        "sysinfo",
+        &[
+            (json!({"verbose": true}), "`verbose`: unknown field"),
+            (json!([1]), "`input`: expected null or object"),
+        ],
+    );
+
+    let ids: Vec<String> = (0..3)
+        .map(|i| server.submit(task("echo", json!({"sleep_ms": 300, "n": i}))))
+        .collect();
+    let other = server.submit(task("sysinfo", json!({})));
+    let mut done: Vec<TaskView> = ids.iter().map(|id| server.wait(id)).collect();
+    let other = server.wait(&other);
+    assert_eq!(other.state, TaskState::Succeeded, "{other:?}");
+    for t in &done {
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    }
+    done.sort_by_key(|t| t.started_ms);
+    for w in done.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        // One at a time: the next starts only after the previous finished.
+        assert!(
+            b.started_ms.unwrap() >= a.finished_ms.unwrap(),
+            "overlap: {a:?} {b:?}"
+        );
+    }
+    // A plugin at its limit does not hold up the others: sysinfo, queued
+    // behind the echoes, ran while they waited for their slot.
+    assert!(
+        other.finished_ms.unwrap() < done[2].started_ms.unwrap(),
+        "sysinfo waited for echo: {other:?} {:?}",
+        done[2]
+    );
+    assert!(agent.alive());
+}

@@ -198,6 +198,7 @@ impl Agent {
             queue_capacity,
             max_concurrency,
             running: HashMap::new(),
+            per_plugin: HashMap::new(),
             outbox: HashMap::new(),
             ledger: HashMap::new(),
             ledger_order: VecDeque::new(),
@@ -310,6 +311,10 @@ struct Manager {
     max_concurrency: usize,
     /// Running tasks: their cancel token and spec (for journal snapshots).
     running: HashMap<String, (CancellationToken, TaskSpec)>,
+    /// Running tasks per plugin, held under each plugin's declared
+    /// concurrency; tasks beyond it wait in `inbox` like tasks beyond
+    /// `max_concurrency`.
+    per_plugin: HashMap<String, usize>,
     /// Results the server has not confirmed yet.
     outbox: HashMap<String, Pending>,
     /// Finished task ids and their encoded results, bounded.
@@ -357,7 +362,7 @@ impl Manager {
                 Deferred::Start(spec, _) => {
                     // Not durably accepted: hand it back, as when the
                     // append itself fails.
-                    self.running.remove(&spec.id);
+                    self.free_slot(&spec.id);
                     let _ = self.journal.append_unsynced(&Record::Released {
                         task_id: spec.id.clone(),
                     });
@@ -485,7 +490,17 @@ impl Manager {
             self.unknown_plugin(spec);
             return;
         }
-        let run_now = self.running.len() < self.max_concurrency;
+        // Checked against the plugin's declaration before it is queued:
+        // a bad task never waits for a slot or reaches `execute`.
+        if let Err(e) = self.registry.check_input(&spec.plugin, &spec.input) {
+            self.finish(TaskOutcome {
+                task_id: spec.id,
+                result: Err(plugin_error(e)),
+                elapsed_us: 0,
+            });
+            return;
+        }
+        let run_now = self.has_room(&spec.plugin);
         if !run_now && self.inbox.len() >= self.queue_capacity {
             log::info!("agent {}: busy, rejecting task {}", self.id, spec.id);
             self.publish_event(&FromAgent::Rejected {
@@ -569,7 +584,7 @@ impl Manager {
             );
             if self.registry.get(&spec.plugin).is_none() {
                 self.unknown_plugin(spec);
-            } else if self.running.len() < self.max_concurrency {
+            } else if self.has_room(&spec.plugin) {
                 self.launch(spec);
             } else if self.inbox.len() < INBOX {
                 // Over queue_capacity only if the configuration shrank.
@@ -614,9 +629,55 @@ impl Manager {
         }
     }
 
-    /// Takes a concurrency slot for `spec` now; the plugin starts after the
-    /// batch's journal commit.
+    /// Whether a task of `plugin` may start now: under both the agent's
+    /// and the plugin's concurrency limit.
+    fn has_room(&self, plugin: &str) -> bool {
+        self.running.len() < self.max_concurrency
+            && self.per_plugin.get(plugin).copied().unwrap_or(0) < self.registry.concurrency(plugin)
+    }
+
+    /// Gives back a running task's slots (the agent's and its plugin's).
+    fn free_slot(&mut self, task_id: &str) {
+        if let Some((_, spec)) = self.running.remove(task_id) {
+            if let Some(n) = self.per_plugin.get_mut(&spec.plugin) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Starts waiting tasks in arrival order, skipping those whose plugin
+    /// is at its limit.
+    fn launch_waiting(&mut self) {
+        while self.running.len() < self.max_concurrency {
+            let Some(pos) = self.inbox.iter().position(|t| self.has_room(&t.plugin)) else {
+                break;
+            };
+            let spec = if pos == 0 {
+                self.inbox.pop_front()
+            } else {
+                let mut kept = heapless::Deque::new();
+                let mut taken = None;
+                for (i, t) in std::mem::take(&mut self.inbox).into_iter().enumerate() {
+                    if i == pos {
+                        taken = Some(t);
+                    } else {
+                        let _ = kept.push_back(t);
+                    }
+                }
+                self.inbox = kept;
+                taken
+            };
+            match spec {
+                Some(spec) => self.launch(spec),
+                None => break,
+            }
+        }
+    }
+
+    /// Takes a concurrency slot for `spec` now (the agent's and its
+    /// plugin's); the plugin starts after the batch's journal commit.
     fn launch(&mut self, spec: TaskSpec) {
+        *self.per_plugin.entry(spec.plugin.clone()).or_insert(0) += 1;
         let token = CancellationToken::new();
         self.running
             .insert(spec.id.clone(), (token.clone(), spec.clone()));
@@ -626,7 +687,7 @@ impl Manager {
     fn start(&mut self, spec: TaskSpec, token: CancellationToken) {
         let Some(plugin) = self.registry.get(&spec.plugin) else {
             // Checked before launch; never leave a slot taken.
-            self.running.remove(&spec.id);
+            self.free_slot(&spec.id);
             return;
         };
         self.publish_event(&FromAgent::Started {
@@ -683,14 +744,9 @@ impl Manager {
     }
 
     fn on_finished(&mut self, outcome: TaskOutcome) {
-        self.running.remove(&outcome.task_id);
+        self.free_slot(&outcome.task_id);
         self.finish(outcome);
-        while self.running.len() < self.max_concurrency {
-            match self.inbox.pop_front() {
-                Some(spec) => self.launch(spec),
-                None => break,
-            }
-        }
+        self.launch_waiting();
     }
 
     /// Records a result in ledger and outbox, then sends it.

@@ -5,6 +5,7 @@
 //! Each point is compared with the `window` points before it (not itself),
 //! so a spike does not dilute its own baseline.
 
+use super::schema::Schema;
 use super::util::{as_f64, cfg_str, cfg_u64, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
@@ -377,6 +378,32 @@ impl Anomaly {
 impl Plugin for Anomaly {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        Schema::object()
+            .field(
+                "values",
+                Schema::array(Schema::number()).len(1, self.max_points),
+            )
+            .field(
+                "timestamps",
+                Schema::array(Schema::any()).len(1, self.max_points),
+            )
+            .field("window", Schema::integer(2, 100_000))
+            .field("z_threshold", Schema::number())
+            .field("high", Schema::number())
+            .field("low", Schema::number())
+            .field("on", Schema::enumeration(&["value", "z"]))
+            .field(
+                "features",
+                Schema::array(Schema::array(Schema::number()).len(8, 8)).len(1, 10_000),
+            )
+            .field("model", Schema::enumeration(&["sensor_anomaly"]))
+    }
+
+    fn concurrency(&self) -> usize {
+        super::util::cpus()
     }
 
     fn capabilities(&self) -> Vec<String> {

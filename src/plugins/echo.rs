@@ -3,6 +3,7 @@
 //! with that message, `panic` panics — so tests can exercise the agent's
 //! timeouts, retries and panic isolation with a real plugin.
 
+use super::schema::Schema;
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
 use async_trait::async_trait;
@@ -45,6 +46,31 @@ fn invalid(field: &str, message: &str) -> PluginError {
 impl Plugin for Echo {
     fn name(&self) -> &'static str {
         "echo"
+    }
+
+    fn input_schema(&self) -> Schema {
+        // Any value comes back; in an object these fields are diagnostic aids.
+        Schema::any()
+            .desc("any value, returned unchanged")
+            .field(
+                "sleep_ms",
+                Schema::integer(0, self.max_sleep_ms.min(i64::MAX as u64) as i64)
+                    .desc("wait this long first (cancellable)"),
+            )
+            .field("fail", Schema::string().desc("fail with this message"))
+            .field(
+                "retryable",
+                Schema::boolean().desc("with `fail`: retryable"),
+            )
+            .field(
+                "panic",
+                Schema::boolean().desc("panic (tests panic isolation)"),
+            )
+    }
+
+    fn concurrency(&self) -> usize {
+        // Nothing shared: the agent's max_concurrency is the limit.
+        super::MAX_PLUGIN_CONCURRENCY
     }
 
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {

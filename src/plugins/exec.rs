@@ -6,6 +6,7 @@
 //! timeout (the whole group is killed on timeout or cancel) and capped
 //! output (the rest is drained and dropped, and the result says so).
 
+use super::schema::Schema;
 use super::util::{cfg_str, cfg_str_list, cfg_u64, config_err, failed, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
@@ -183,6 +184,22 @@ fn kill_group(pid: Option<u32>) {
 impl Plugin for Exec {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        let names: Vec<&str> = self.commands.keys().map(String::as_str).collect();
+        // Other fields feed the commands' `{input.FIELD}` templates.
+        Schema::object()
+            .req(
+                "command",
+                Schema::enumeration(&names).desc("a configured command"),
+            )
+            .field("stdin", Schema::string())
+            .open()
+    }
+
+    fn concurrency(&self) -> usize {
+        4
     }
 
     fn capabilities(&self) -> Vec<String> {

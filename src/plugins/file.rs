@@ -6,6 +6,7 @@
 //! must stay under the canonical root; for paths that may not exist yet
 //! (write, the destination of move) the parent is canonicalized instead.
 
+use super::schema::Schema;
 use super::util::{base64_decode, base64_encode};
 use super::util::{blocking, cfg_str, cfg_u64, config_err, failed, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
@@ -385,6 +386,32 @@ impl FilePlugin {
 impl Plugin for FilePlugin {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        let path = || Schema::string().len(1, 4096);
+        Schema::object()
+            .req(
+                "op",
+                Schema::enumeration(&["read", "write", "list", "hash", "move", "delete"]),
+            )
+            .field("path", path().desc("relative to the configured root"))
+            .field("encoding", Schema::enumeration(&["utf8", "base64"]))
+            .field("content", Schema::string().desc("text to write"))
+            .field("content_base64", Schema::string().desc("bytes to write"))
+            .field("append", Schema::boolean())
+            .field("from", path())
+            .field("to", path())
+            .field("overwrite", Schema::boolean())
+            .when("op", "read", &["path"])
+            .when("op", "write", &["path"])
+            .when("op", "hash", &["path"])
+            .when("op", "delete", &["path"])
+            .when("op", "move", &["from", "to"])
+    }
+
+    fn concurrency(&self) -> usize {
+        4
     }
 
     fn validate(&self) -> Result<(), PluginError> {

@@ -13,6 +13,7 @@
 //! are in-memory ([`SimPin`]); without it, a board without a `gpio_chip`
 //! (like `sim`) is a config error.
 
+use super::schema::{Kind, Schema};
 use super::util::{config_err, failed, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::boards::Board;
@@ -225,6 +226,30 @@ fn level(input: &Input) -> Result<bool, PluginError> {
 impl Plugin for Gpio {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let names: Vec<&str> = pins.keys().map(String::as_str).collect();
+        Schema::object()
+            .req("op", Schema::enumeration(&["read", "write", "pulse"]))
+            .req(
+                "pin",
+                Schema::enumeration(&names).desc("a pin of the board's pin map"),
+            )
+            .field(
+                "value",
+                Schema::of(&[Kind::Boolean, Kind::String, Kind::Integer])
+                    .desc("true/false, \"high\"/\"low\" or 1/0"),
+            )
+            .field("pulse_ms", Schema::integer(1, MAX_PULSE_MS))
+            .when("op", "write", &["value"])
+            .when("op", "pulse", &["pulse_ms"])
+    }
+
+    fn concurrency(&self) -> usize {
+        // Pins are independent; each call holds the bank only briefly.
+        4
     }
 
     fn capabilities(&self) -> Vec<String> {

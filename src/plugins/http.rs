@@ -5,6 +5,7 @@
 //! response cannot lead the agent to a host off the list. The blocking
 //! client runs on tokio's blocking pool.
 
+use super::schema::Schema;
 use super::util::{blocking, cfg_str_list, cfg_u64, config_err, failed, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
@@ -271,6 +272,31 @@ impl Http {
 impl Plugin for Http {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        Schema::object()
+            .req(
+                "url",
+                Schema::string()
+                    .len(1, 8192)
+                    .desc("http://HOST[:PORT]/..., host on the allow-list"),
+            )
+            .field(
+                "method",
+                Schema::enumeration(&["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
+            )
+            .field(
+                "headers",
+                Schema::object().open().desc("name -> string value"),
+            )
+            .field("body", Schema::string())
+            .field("json", Schema::any().desc("sent as application/json"))
+            .field("timeout_ms", Schema::integer(1, self.max_timeout_ms as i64))
+    }
+
+    fn concurrency(&self) -> usize {
+        8
     }
 
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {

@@ -4,6 +4,7 @@
 //! task is reused by the next. Runs are CPU-bound and go to tokio's blocking
 //! pool so the agent's event loop never waits on a model.
 
+use super::schema::{Kind, Schema};
 use super::util::{cfg_str, config_err, failed, invalid};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::boards::Board;
@@ -200,6 +201,31 @@ impl Plugin for Infer {
         "infer"
     }
 
+    fn input_schema(&self) -> Schema {
+        let tensor = Schema::object()
+            .req("name", Schema::string().desc("the model's input name"))
+            .field(
+                "dtype",
+                Schema::enumeration(&["f32", "i64", "i32", "u8", "i8", "bool"]),
+            )
+            .req("shape", Schema::array(Schema::integer(0, i64::MAX)))
+            .req(
+                "data",
+                Schema::array(Schema::of(&[Kind::Number, Kind::Boolean])),
+            );
+        Schema::object()
+            .req(
+                "model",
+                Schema::enumeration(&self.engine.repo().names()).desc("a model of models_dir"),
+            )
+            .req("inputs", Schema::array(tensor).len(1, 64))
+    }
+
+    fn concurrency(&self) -> usize {
+        // CPU-bound on the blocking pool: one run per core.
+        super::util::cpus()
+    }
+
     fn capabilities(&self) -> Vec<String> {
         self.models.iter().map(|m| format!("model:{m}")).collect()
     }
@@ -323,6 +349,24 @@ impl Vad {
 impl Plugin for Vad {
     fn name(&self) -> &'static str {
         "vad"
+    }
+
+    fn input_schema(&self) -> Schema {
+        // Exactly one of the three; `execute` says so when that fails.
+        Schema::object()
+            .field(
+                "wav",
+                Schema::string().desc("path of a WAV file in audio_root"),
+            )
+            .field("wav_base64", Schema::string().desc("a WAV file, base64"))
+            .field(
+                "pcm",
+                Schema::array(Schema::number()).desc("16 kHz mono samples, -1..1"),
+            )
+    }
+
+    fn concurrency(&self) -> usize {
+        super::util::cpus()
     }
 
     fn capabilities(&self) -> Vec<String> {

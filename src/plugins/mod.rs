@@ -17,6 +17,7 @@ pub mod infer;
 pub mod modbus;
 pub mod process;
 pub mod publish;
+pub mod schema;
 pub mod sensor;
 pub mod sysinfo;
 pub mod transform;
@@ -31,6 +32,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use echo::Echo;
+pub use schema::Schema;
 pub use sysinfo::SysInfo;
 
 /// Errors of plugins, at build time or for one task.
@@ -89,6 +91,13 @@ pub trait Plugin: Send + Sync {
     fn validate(&self) -> Result<(), PluginError> {
         Ok(())
     }
+    /// The input it accepts. The agent checks every task against it before
+    /// `execute` (and before queueing it); checks beyond the shape stay in
+    /// `execute`.
+    fn input_schema(&self) -> Schema;
+    /// How many of its tasks may run at once on this agent (at least 1).
+    /// A `concurrency` key in the plugin's config table overrides it.
+    fn concurrency(&self) -> usize;
     /// Runs one task.
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError>;
 }
@@ -100,21 +109,37 @@ pub(crate) fn check_keys(
     known: &[&str],
 ) -> Result<(), PluginError> {
     for key in config.keys() {
-        if key != "enabled" && !known.contains(&key.as_str()) {
+        if key != "enabled" && key != "concurrency" && !known.contains(&key.as_str()) {
             return Err(PluginError::Config {
                 plugin: plugin.into(),
                 key: key.clone(),
-                message: format!("unknown key (known: enabled, {})", known.join(", ")),
+                message: format!(
+                    "unknown key (known: enabled, concurrency, {})",
+                    known.join(", ")
+                ),
             });
         }
     }
     Ok(())
 }
 
+/// A plugin with its declarations, as the agent dispatches to it.
+#[derive(Clone)]
+pub struct Entry {
+    pub plugin: Arc<dyn Plugin>,
+    /// Checked before `execute`.
+    pub schema: Arc<Schema>,
+    /// Most tasks of this plugin running at once.
+    pub concurrency: usize,
+}
+
+/// Highest per-plugin `concurrency` a config may set.
+pub const MAX_PLUGIN_CONCURRENCY: usize = 1024;
+
 /// The plugins an agent runs, by name.
 #[derive(Clone, Default)]
 pub struct Registry {
-    plugins: BTreeMap<String, Arc<dyn Plugin>>,
+    plugins: BTreeMap<String, Entry>,
 }
 
 impl Registry {
@@ -142,12 +167,30 @@ impl Registry {
                 continue;
             }
             if name == "process" {
-                // One table, any number of plugins (see docs/plugins.md).
+                // One table, any number of plugins (see docs/plugins.md);
+                // each declares its concurrency in its manifest.
                 for p in process::build(table)? {
                     reg.add(p)?;
                 }
                 continue;
             }
+            let concurrency = match table.get("concurrency") {
+                None => None,
+                Some(toml::Value::Integer(i))
+                    if *i >= 1 && *i as usize <= MAX_PLUGIN_CONCURRENCY =>
+                {
+                    Some(*i as usize)
+                }
+                Some(v) => {
+                    return Err(PluginError::Config {
+                        plugin: name.clone(),
+                        key: "concurrency".into(),
+                        message: format!(
+                            "expected an integer from 1 to {MAX_PLUGIN_CONCURRENCY}, found {v}"
+                        ),
+                    })
+                }
+            };
             let plugin: Arc<dyn Plugin> = match name.as_str() {
                 "echo" => Arc::new(Echo::from_config(table)?),
                 "sysinfo" => Arc::new(SysInfo::from_config(table, board)?),
@@ -164,21 +207,57 @@ impl Registry {
                 "infer" | "vad" => infer::build(name, table, board, &mut engines)?,
                 other => return Err(PluginError::Unknown(other.to_string())),
             };
-            reg.add(plugin)?;
+            reg.add_with(plugin, concurrency)?;
         }
         Ok(reg)
     }
 
-    /// Adds a plugin after validating it.
+    /// Adds a plugin after validating it, with its declared concurrency.
     pub fn add(&mut self, plugin: Arc<dyn Plugin>) -> Result<(), PluginError> {
+        self.add_with(plugin, None)
+    }
+
+    /// Adds a plugin after validating it; `concurrency` overrides its own.
+    pub fn add_with(
+        &mut self,
+        plugin: Arc<dyn Plugin>,
+        concurrency: Option<usize>,
+    ) -> Result<(), PluginError> {
         plugin.validate()?;
-        self.plugins.insert(plugin.name().to_string(), plugin);
+        let concurrency = concurrency.unwrap_or_else(|| plugin.concurrency()).max(1);
+        let schema = Arc::new(plugin.input_schema());
+        self.plugins.insert(
+            plugin.name().to_string(),
+            Entry {
+                plugin,
+                schema,
+                concurrency,
+            },
+        );
         Ok(())
     }
 
     /// The plugin called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Plugin>> {
-        self.plugins.get(name).cloned()
+        self.plugins.get(name).map(|e| e.plugin.clone())
+    }
+
+    /// The plugin called `name` with its declarations.
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.plugins.get(name)
+    }
+
+    /// Checks a task's input against the plugin's declaration.
+    pub fn check_input(&self, name: &str, input: &Value) -> Result<(), PluginError> {
+        match self.plugins.get(name) {
+            Some(e) => e.schema.check(name, input),
+            None => Err(PluginError::Unknown(name.to_string())),
+        }
+    }
+
+    /// The concurrency limit of `name` (0 when unknown).
+    pub fn concurrency(&self, name: &str) -> usize {
+        self.plugins.get(name).map_or(0, |e| e.concurrency)
     }
 
     /// Names of all plugins.
@@ -186,12 +265,27 @@ impl Registry {
         self.plugins.keys().cloned().collect()
     }
 
+    /// Every plugin's input declaration as JSON Schema, with its
+    /// concurrency limit (`x-concurrency`), by name.
+    pub fn schemas(&self) -> serde_json::Value {
+        let mut all = serde_json::Map::new();
+        for (name, e) in &self.plugins {
+            let mut s = e.schema.to_json();
+            if let serde_json::Value::Object(o) = &mut s {
+                o.insert("x-concurrency".into(), e.concurrency.into());
+                o.insert("x-version".into(), e.plugin.version().into());
+            }
+            all.insert(name.clone(), s);
+        }
+        serde_json::Value::Object(all)
+    }
+
     /// Capabilities of all plugins: `plugin:NAME` for each, plus their own.
     pub fn capabilities(&self) -> Vec<String> {
         let mut caps: Vec<String> = Vec::new();
-        for p in self.plugins.values() {
-            caps.push(format!("plugin:{}", p.name()));
-            caps.extend(p.capabilities());
+        for e in self.plugins.values() {
+            caps.push(format!("plugin:{}", e.plugin.name()));
+            caps.extend(e.plugin.capabilities());
         }
         caps.sort();
         caps.dedup();

@@ -7,6 +7,7 @@
 //! RTU over a serial line is not built in (it needs `tokio-serial`, which
 //! pulls in libudev); put an RTU-to-TCP gateway in front of serial devices.
 
+use super::schema::{Kind, Schema};
 use super::util::{cfg_u64, config_err, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
@@ -375,6 +376,54 @@ fn list<'a>(input: &Input<'a>, max: i64) -> Result<&'a [Value], PluginError> {
 impl Plugin for Modbus {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        let names: Vec<&str> = self.devices.keys().map(String::as_str).collect();
+        Schema::object()
+            .field(
+                "device",
+                Schema::enumeration(&names).desc("a configured device (optional when only one)"),
+            )
+            .req(
+                "op",
+                Schema::enumeration(&[
+                    "read_holding",
+                    "read_input",
+                    "read_coils",
+                    "read_discrete",
+                    "write_register",
+                    "write_registers",
+                    "write_coil",
+                    "write_coils",
+                ]),
+            )
+            .req(
+                "address",
+                Schema::integer(0, 65535).desc("0-based protocol address"),
+            )
+            .field(
+                "count",
+                Schema::integer(1, MAX_READ_BITS).desc("registers 1..=125, bits 1..=2000"),
+            )
+            .field(
+                "value",
+                Schema::of(&[Kind::Integer, Kind::Boolean]).desc("register 0..=65535 or coil"),
+            )
+            .field(
+                "values",
+                Schema::array(Schema::of(&[Kind::Integer, Kind::Boolean]))
+                    .len(1, MAX_WRITE_BITS as usize),
+            )
+            .when("op", "write_register", &["value"])
+            .when("op", "write_coil", &["value"])
+            .when("op", "write_registers", &["values"])
+            .when("op", "write_coils", &["values"])
+    }
+
+    fn concurrency(&self) -> usize {
+        // Devices often take few connections; an RTU line one request.
+        4
     }
 
     fn capabilities(&self) -> Vec<String> {

@@ -98,6 +98,31 @@ const TYPES: &[&str] = &[
 ];
 
 impl Schema {
+    /// The manifest's declaration in the agent's form (other fields pass).
+    fn declaration(&self) -> super::Schema {
+        use super::schema::Kind;
+        let mut s = super::Schema::object().open();
+        for (f, t) in &self.types {
+            let kinds: &[Kind] = match t.as_str() {
+                "string" => &[Kind::String],
+                "number" => &[Kind::Number],
+                "integer" => &[Kind::Integer],
+                "boolean" => &[Kind::Boolean],
+                "array" => &[Kind::Array],
+                "object" => &[Kind::Object],
+                _ => &[],
+            };
+            s = s.field(f, super::Schema::of(kinds));
+        }
+        for f in &self.required {
+            if !self.types.contains_key(f) {
+                s = s.field(f, super::Schema::any());
+            }
+        }
+        s.required = self.required.clone();
+        s
+    }
+
     fn check(&self, plugin: &str, input: &Value) -> Result<(), PluginError> {
         if !matches!(input, Value::Map(_)) {
             return Err(invalid(plugin, "input", "expected an object"));
@@ -511,6 +536,14 @@ impl Plugin for ProcessPlugin {
 
     fn capabilities(&self) -> Vec<String> {
         self.m.capabilities.clone()
+    }
+
+    fn input_schema(&self) -> super::Schema {
+        self.m.input.declaration()
+    }
+
+    fn concurrency(&self) -> usize {
+        self.m.concurrency
     }
 
     fn validate(&self) -> Result<(), PluginError> {

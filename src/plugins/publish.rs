@@ -6,6 +6,7 @@
 //! `connect_timeout_ms`, so a dead broker fails the task clearly instead of
 //! queueing messages forever.
 
+use super::schema::Schema;
 use super::util::{base64_decode, cfg_str, cfg_u64, config_err, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::mqtt::{Backoff, MqttEvent};
@@ -169,6 +170,25 @@ impl Drop for Publish {
 impl Plugin for Publish {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        Schema::object()
+            .req(
+                "topic",
+                Schema::string()
+                    .len(1, 65_535)
+                    .desc("outside openclaw/..., no $ or wildcards"),
+            )
+            .field("payload", Schema::string())
+            .field("json", Schema::any())
+            .field("payload_base64", Schema::string())
+            .field("qos", Schema::integer(0, 1))
+            .field("retain", Schema::boolean())
+    }
+
+    fn concurrency(&self) -> usize {
+        16
     }
 
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {

@@ -9,6 +9,7 @@
 //! [`SimBme280`] register map seeded with the datasheet's example
 //! calibration. Without it, a board without an `i2c_bus` is a config error.
 
+use super::schema::Schema;
 use super::util::{blocking, config_err, failed, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::boards::Board;
@@ -456,6 +457,19 @@ pub fn open_board(board: &Board) -> Result<linux_embedded_hal::I2cdev, PluginErr
 impl Plugin for Sensor {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        let names: Vec<&str> = self.sensors.keys().map(String::as_str).collect();
+        Schema::object().req(
+            "sensor",
+            Schema::enumeration(&names).desc("a sensor of the board profile"),
+        )
+    }
+
+    fn concurrency(&self) -> usize {
+        // One I2C bus: one transaction sequence at a time.
+        1
     }
 
     fn capabilities(&self) -> Vec<String> {

@@ -2,6 +2,7 @@
 //! straight from `/proc`, `/sys` and `statvfs` (no extra crate, works the same
 //! on ARM). The readers are public because heartbeats use them too.
 
+use super::schema::{Kind, Schema};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::boards::Board;
 use crate::protocol::Value;
@@ -127,6 +128,18 @@ impl SysInfo {
 impl Plugin for SysInfo {
     fn name(&self) -> &'static str {
         "sysinfo"
+    }
+
+    fn input_schema(&self) -> Schema {
+        Schema {
+            additional: false,
+            ..Schema::of(&[Kind::Null, Kind::Object]).desc("nothing, or an empty object")
+        }
+    }
+
+    fn concurrency(&self) -> usize {
+        // Each task samples the CPU for 100 ms; two is plenty.
+        2
     }
 
     fn validate(&self) -> Result<(), PluginError> {

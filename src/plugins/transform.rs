@@ -6,6 +6,7 @@
 //! (keep these fields, in this order), `aggregate` (group and reduce). The
 //! language is documented in docs/plugins.md.
 
+use super::schema::Schema;
 use super::util::cfg_u64;
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
@@ -574,6 +575,42 @@ fn aggregate(a: &J, recs: &[Rec]) -> Result<(Vec<String>, Vec<Rec>), PluginError
 impl Plugin for Transform {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn input_schema(&self) -> Schema {
+        Schema::object()
+            .field(
+                "records",
+                Schema::array(Schema::object().open()).len(0, self.max_records),
+            )
+            .field("csv", Schema::string().desc("text with a header row"))
+            .field(
+                "filter",
+                Schema::array(
+                    Schema::object()
+                        .req("field", Schema::string())
+                        .req(
+                            "op",
+                            Schema::enumeration(&[
+                                "==", "!=", ">", ">=", "<", "<=", "contains", "in", "exists",
+                            ]),
+                        )
+                        .field("value", Schema::any()),
+                ),
+            )
+            .field(
+                "map",
+                Schema::object()
+                    .open()
+                    .desc("new field -> {field|value, mul, div, add, sub, round}"),
+            )
+            .field("select", Schema::array(Schema::string()))
+            .field("aggregate", Schema::object().open())
+            .field("format", Schema::enumeration(&["records", "csv"]))
+    }
+
+    fn concurrency(&self) -> usize {
+        super::util::cpus()
     }
 
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {

@@ -161,6 +161,12 @@ impl<'a> Input<'a> {
     }
 }
 
+/// Cores available to this process (the default concurrency of CPU-bound
+/// plugins).
+pub(crate) fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// A number as f64 (ints and floats only).
 pub(crate) fn as_f64(v: &Value) -> Option<f64> {
     match v {
