@@ -319,7 +319,7 @@ fn file_http_exec_transform_anomaly_through_a_real_agent() {
             (json!({"values": [1, "x"]}), "`values[1]`"),
             (json!({"values": [1, 2], "high": 1, "low": 5}), "`low`"),
             (json!({"values": [1, 2], "window": 0}), "`window`"),
-            (json!({"series": [1, 2]}), "`values`"),
+            (json!({"series": [1, 2]}), "`series`: unknown field"),
         ],
     );
     #[cfg(feature = "inference")]

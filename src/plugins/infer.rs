@@ -218,7 +218,8 @@ impl Plugin for Infer {
                 "model",
                 Schema::enumeration(&self.engine.repo().names()).desc("a model of models_dir"),
             )
-            .req("inputs", Schema::array(tensor).len(1, 64))
+            // An empty list reaches the engine, which names the inputs it needs.
+            .req("inputs", Schema::array(tensor).len(0, 64))
     }
 
     fn concurrency(&self) -> usize {
