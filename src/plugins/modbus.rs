@@ -1,18 +1,23 @@
-//! `modbus`: reads and writes registers and coils of configured Modbus TCP
-//! devices (PLCs, drives, meters: how factory equipment is reached).
+//! `modbus`: reads and writes registers and coils of configured Modbus
+//! devices (PLCs, drives, meters: how factory equipment is reached), over
+//! TCP or RTU on a serial line.
 //!
 //! Tasks name a device from the config's `devices` table, never an address,
-//! so the agent talks only to configured peers. One TCP connection per task:
-//! connect, one request, disconnect, all within the device's `timeout_ms`.
-//! RTU over a serial line is not built in (it needs `tokio-serial`, which
-//! pulls in libudev); put an RTU-to-TCP gateway in front of serial devices.
+//! so the agent talks only to configured peers. TCP: one connection per
+//! task: connect, one request, disconnect, all within the device's
+//! `timeout_ms`. RTU: the serial port is opened per task (termios via libc,
+//! [`super::serial`]; no tokio-serial, no libudev), one request at a time
+//! per line (devices sharing a port share its lock), then closed.
 
 use super::schema::{Kind, Schema};
+use super::serial::{LineSettings, Parity, SerialPort, BAUDS};
 use super::util::{cfg_u64, config_err, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
 use async_trait::async_trait;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_modbus::prelude::*;
 
@@ -24,10 +29,24 @@ const MAX_WRITE_REGS: i64 = 123;
 const MAX_READ_BITS: i64 = 2000;
 const MAX_WRITE_BITS: i64 = 1968;
 
+/// How a device is reached.
+#[derive(Debug, Clone)]
+enum Link {
+    /// `host:port` as configured.
+    Tcp(String),
+    /// A serial port; the lock is shared by the devices on that port.
+    Rtu {
+        path: PathBuf,
+        line: LineSettings,
+        lock: Arc<tokio::sync::Mutex<()>>,
+    },
+}
+
 /// One configured device.
 #[derive(Debug, Clone)]
 struct Device {
-    /// `host:port` as configured.
+    link: Link,
+    /// For messages: `host:port` or `serial PATH`.
     address: String,
     unit: u8,
     timeout: Duration,
@@ -38,6 +57,17 @@ struct Device {
 pub struct Modbus {
     devices: BTreeMap<String, Device>,
 }
+
+const DEVICE_KEYS: &[&str] = &[
+    "address",
+    "serial",
+    "baud",
+    "parity",
+    "data_bits",
+    "stop_bits",
+    "unit",
+    "timeout_ms",
+];
 
 /// One parsed request.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,8 +94,11 @@ struct Request {
 }
 
 impl Modbus {
-    /// Config: `[plugins.modbus.devices.NAME]` tables with `address`
-    /// (`host:port`, required), `unit` (0..=255, default 1) and `timeout_ms`
+    /// Config: `[plugins.modbus.devices.NAME]` tables with either `address`
+    /// (`host:port`: Modbus TCP) or `serial` (a tty path: Modbus RTU, with
+    /// `baud` (9600), `parity` (`none`, `even`, `odd`; default `even`, the
+    /// Modbus RTU default), `data_bits` (8; 7 or 8), `stop_bits` (1; 1 or 2)),
+    /// `unit` (TCP 0..=255, RTU 1..=247; default 1) and `timeout_ms`
     /// (default 2000).
     pub fn from_config(config: &toml::Table) -> Result<Modbus, PluginError> {
         check_keys(NAME, config, &["devices"])?;
@@ -79,6 +112,17 @@ impl Modbus {
                         return Err(config_err(NAME, &key, "expected a table"));
                     };
                     devices.insert(name.clone(), Self::device(&key, d)?);
+                }
+                // Devices on one serial port share one lock: one frame on
+                // the wire at a time.
+                let mut locks: BTreeMap<PathBuf, Arc<tokio::sync::Mutex<()>>> = BTreeMap::new();
+                for d in devices.values_mut() {
+                    if let Link::Rtu { path, lock, .. } = &mut d.link {
+                        *lock = locks
+                            .entry(path.clone())
+                            .or_insert_with(|| lock.clone())
+                            .clone();
+                    }
                 }
             }
             Some(v) => {
@@ -94,26 +138,45 @@ impl Modbus {
 
     fn device(key: &str, d: &toml::Table) -> Result<Device, PluginError> {
         for k in d.keys() {
-            if !["address", "unit", "timeout_ms"].contains(&k.as_str()) {
+            if !DEVICE_KEYS.contains(&k.as_str()) {
                 return Err(config_err(
                     NAME,
                     &format!("{key}.{k}"),
-                    "unknown key (known: address, unit, timeout_ms)",
+                    format!("unknown key (known: {})", DEVICE_KEYS.join(", ")),
+                ));
+            }
+        }
+        let timeout_ms = cfg_u64(NAME, d, "timeout_ms", 2000, 1, 600_000)
+            .map_err(|e| rekey(e, &format!("{key}.timeout_ms")))?;
+        if d.contains_key("serial") {
+            return Self::rtu_device(key, d, Duration::from_millis(timeout_ms));
+        }
+        for k in ["baud", "parity", "data_bits", "stop_bits"] {
+            if d.contains_key(k) {
+                return Err(config_err(
+                    NAME,
+                    &format!("{key}.{k}"),
+                    "only for serial (RTU) devices: set `serial` instead of `address`",
                 ));
             }
         }
         let akey = format!("{key}.address");
-        let address = match d.get("address") {
-            Some(toml::Value::String(s)) => s.clone(),
-            Some(v) => {
-                return Err(config_err(
+        let address =
+            match d.get("address") {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(v) => {
+                    return Err(config_err(
+                        NAME,
+                        &akey,
+                        format!("expected a string, found {v}"),
+                    ))
+                }
+                None => return Err(config_err(
                     NAME,
                     &akey,
-                    format!("expected a string, found {v}"),
-                ))
-            }
-            None => return Err(config_err(NAME, &akey, "missing (expected \"host:port\")")),
-        };
+                    "missing (expected \"host:port\" for TCP, or `serial` = a tty path for RTU)",
+                )),
+            };
         let ok = address
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok());
@@ -126,12 +189,79 @@ impl Modbus {
         }
         let unit = cfg_u64(NAME, d, "unit", 1, 0, 255)
             .map_err(|e| rekey(e, &format!("{key}.unit")))? as u8;
-        let timeout_ms = cfg_u64(NAME, d, "timeout_ms", 2000, 1, 600_000)
-            .map_err(|e| rekey(e, &format!("{key}.timeout_ms")))?;
         Ok(Device {
+            link: Link::Tcp(address.clone()),
             address,
             unit,
             timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+
+    fn rtu_device(key: &str, d: &toml::Table, timeout: Duration) -> Result<Device, PluginError> {
+        if d.contains_key("address") {
+            return Err(config_err(
+                NAME,
+                &format!("{key}.address"),
+                "give either `address` (TCP) or `serial` (RTU), not both",
+            ));
+        }
+        let skey = format!("{key}.serial");
+        let path = match d.get("serial") {
+            Some(toml::Value::String(s)) if s.starts_with('/') => PathBuf::from(s),
+            Some(v) => {
+                return Err(config_err(
+                    NAME,
+                    &skey,
+                    format!("expected an absolute tty path such as \"/dev/ttyUSB0\", found {v}"),
+                ))
+            }
+            None => unreachable!("checked by the caller"),
+        };
+        let baud = cfg_u64(NAME, d, "baud", 9600, 1, 4_000_000)
+            .map_err(|e| rekey(e, &format!("{key}.baud")))? as u32;
+        if !BAUDS.contains(&baud) {
+            let known: Vec<String> = BAUDS.iter().map(|b| b.to_string()).collect();
+            return Err(config_err(
+                NAME,
+                &format!("{key}.baud"),
+                format!("{baud} is not a standard rate ({})", known.join(", ")),
+            ));
+        }
+        let parity = match d.get("parity") {
+            None => Parity::Even,
+            Some(toml::Value::String(s)) if s == "none" => Parity::None,
+            Some(toml::Value::String(s)) if s == "even" => Parity::Even,
+            Some(toml::Value::String(s)) if s == "odd" => Parity::Odd,
+            Some(v) => {
+                return Err(config_err(
+                    NAME,
+                    &format!("{key}.parity"),
+                    format!("expected \"none\", \"even\" or \"odd\", found {v}"),
+                ))
+            }
+        };
+        let data_bits = cfg_u64(NAME, d, "data_bits", 8, 7, 8)
+            .map_err(|e| rekey(e, &format!("{key}.data_bits")))? as u8;
+        let stop_bits = cfg_u64(NAME, d, "stop_bits", 1, 1, 2)
+            .map_err(|e| rekey(e, &format!("{key}.stop_bits")))? as u8;
+        // 0 is broadcast (no device answers) and 248..=255 are reserved on
+        // a serial line.
+        let unit = cfg_u64(NAME, d, "unit", 1, 1, 247)
+            .map_err(|e| rekey(e, &format!("{key}.unit")))? as u8;
+        Ok(Device {
+            address: format!("serial {}", path.display()),
+            link: Link::Rtu {
+                path,
+                line: LineSettings {
+                    baud,
+                    parity,
+                    data_bits,
+                    stop_bits,
+                },
+                lock: Arc::new(tokio::sync::Mutex::new(())),
+            },
+            unit,
+            timeout,
         })
     }
 
@@ -235,14 +365,31 @@ impl Modbus {
             retryable,
         };
         let work = async {
-            let addr = tokio::net::lookup_host(&dev.address)
-                .await
-                .map_err(|e| fail(format!("{what}: cannot resolve the address: {e}"), true))?
-                .next()
-                .ok_or_else(|| fail(format!("{what}: the address resolves to nothing"), true))?;
-            let mut ctx = tcp::connect_slave(addr, Slave(dev.unit))
-                .await
-                .map_err(|e| fail(format!("{what}: cannot connect: {e}"), true))?;
+            let (mut ctx, _line) = match &dev.link {
+                Link::Tcp(address) => {
+                    let addr = tokio::net::lookup_host(address)
+                        .await
+                        .map_err(|e| {
+                            fail(format!("{what}: cannot resolve the address: {e}"), true)
+                        })?
+                        .next()
+                        .ok_or_else(|| {
+                            fail(format!("{what}: the address resolves to nothing"), true)
+                        })?;
+                    let ctx = tcp::connect_slave(addr, Slave(dev.unit))
+                        .await
+                        .map_err(|e| fail(format!("{what}: cannot connect: {e}"), true))?;
+                    (ctx, None)
+                }
+                Link::Rtu { path, line, lock } => {
+                    // Held until the answer is in: one frame on the line.
+                    let guard = lock.clone().lock_owned().await;
+                    let port = SerialPort::open(path, line).map_err(|e| {
+                        fail(format!("{what}: cannot open the serial port: {e}"), true)
+                    })?;
+                    (rtu::attach_slave(port, Slave(dev.unit)), Some(guard))
+                }
+            };
             let a = r.address;
             let values = match &r.op {
                 Op::ReadHolding { count } => {
@@ -283,7 +430,10 @@ impl Modbus {
             .await
             .map_err(|_| {
                 fail(
-                    format!("{what}: no answer within timeout_ms ({ms} ms)"),
+                    format!(
+                        "{what}: no answer from unit {} within timeout_ms ({ms} ms)",
+                        dev.unit
+                    ),
                     true,
                 )
             })??;
@@ -727,6 +877,40 @@ mod tests {
                 "`devices.a.port`",
             ),
             ("allow = []", "`allow`"),
+            // RTU: unit 0 is broadcast (nobody answers), 248.. reserved.
+            (
+                "[devices.a]\nserial = \"/dev/ttyS0\"\nunit = 0",
+                "`devices.a.unit`",
+            ),
+            (
+                "[devices.a]\nserial = \"/dev/ttyS0\"\nunit = 248",
+                "`devices.a.unit`",
+            ),
+            (
+                "[devices.a]\nserial = \"/dev/ttyS0\"\nbaud = 12345",
+                "`devices.a.baud`",
+            ),
+            (
+                "[devices.a]\nserial = \"/dev/ttyS0\"\nparity = \"mark\"",
+                "`devices.a.parity`",
+            ),
+            (
+                "[devices.a]\nserial = \"/dev/ttyS0\"\ndata_bits = 9",
+                "`devices.a.data_bits`",
+            ),
+            (
+                "[devices.a]\nserial = \"/dev/ttyS0\"\nstop_bits = 3",
+                "`devices.a.stop_bits`",
+            ),
+            ("[devices.a]\nserial = \"ttyS0\"", "`devices.a.serial`"),
+            (
+                "[devices.a]\nserial = \"/dev/ttyS0\"\naddress = \"x:1\"",
+                "`devices.a.address`",
+            ),
+            (
+                "[devices.a]\naddress = \"x:502\"\nbaud = 9600",
+                "`devices.a.baud`",
+            ),
         ] {
             let e = Modbus::from_config(&toml::from_str(cfg).unwrap())
                 .unwrap_err()
