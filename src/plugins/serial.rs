@@ -122,10 +122,14 @@ impl SerialPort {
         // Non-blocking reads return what is there; tokio does the waiting.
         t.c_cc[libc::VMIN] = 0;
         t.c_cc[libc::VTIME] = 0;
+        // What cfsetispeed/cfsetospeed do on Linux, by hand: the static
+        // aarch64 glibc has no `cfsetispeed@GLIBC_2.17` for the libc crate
+        // to link against.
+        t.c_cflag = (t.c_cflag & !libc::CBAUD) | baud;
+        t.c_ispeed = baud;
+        t.c_ospeed = baud;
         // SAFETY: valid termios and fd.
         unsafe {
-            check(libc::cfsetispeed(&mut t, baud), "cfsetispeed")?;
-            check(libc::cfsetospeed(&mut t, baud), "cfsetospeed")?;
             check(
                 libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, &t),
                 "tcsetattr",
