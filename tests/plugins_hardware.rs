@@ -80,7 +80,7 @@ fn gpio_and_sensor_through_a_real_agent() {
         &server,
         "gpio",
         json!({"op": "read", "pin": "lamp"}),
-        "known: button, led",
+        "`lamp` is not one of: button, led",
     );
     fails(
         &server,
@@ -98,7 +98,7 @@ fn gpio_and_sensor_through_a_real_agent() {
         &server,
         "sensor",
         json!({"sensor": "outdoor"}),
-        "known: ambient",
+        "`outdoor` is not one of: ambient",
     );
     fails(&server, "sensor", json!({"sensor": 1}), "`sensor`");
     assert!(agent.alive());
