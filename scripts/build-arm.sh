@@ -6,7 +6,8 @@
 #
 #   --board    board profile name (boards/NAME.toml) or a profile file;
 #              default generic-aarch64 (runs on any 64-bit ARM Linux board)
-#   --release  build with the `release` profile (opt-level s, fat LTO, strip)
+#   --release  build with the `edge` profile (release at opt-level z: fat
+#              LTO, strip, unwinding kept), what boards get
 #   --profile  any other cargo profile
 #   --inference / --no-inference
 #              build with or without on-device inference (tract); default:
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     --no-inference) inference=no; shift ;;
     --board) [ $# -ge 2 ] || die "--board needs a value"; board=$2; shift 2 ;;
     --board=*) board=${1#*=}; shift ;;
-    --release) profile=release; shift ;;
+    --release) profile=edge; shift ;;
     --profile) [ $# -ge 2 ] || die "--profile needs a value"; profile=$2; shift 2 ;;
     --profile=*) profile=${1#*=}; shift ;;
     -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! RUSTC=/usr/bin/rustc nice -n 5 /usr/bin/cargo build --target T --no-default-features \
-//!     --features agent --bin openclaw-agent --profile dev|release \
+//!     --features agent --bin openclaw-agent --profile dev|edge \
 //!     [--config "target.T.rustflags=['-C','target-cpu=CPU']"]
 //! ```
 
@@ -47,7 +47,8 @@ pub enum BuildError {
 pub struct BuildOptions {
     /// Board profile name or file.
     pub board: String,
-    /// `release` profile (opt-level s, fat LTO, stripped) instead of `dev`.
+    /// The `edge` profile (release with opt-level "z": fat LTO, stripped,
+    /// unwinding kept) instead of `dev`.
     pub release: bool,
     /// Cargo features of the agent build (`agent`, optionally `inference`).
     pub features: Vec<String>,
@@ -223,7 +224,7 @@ pub fn cargo_args(opts: &BuildOptions, board: &Board) -> Vec<String> {
         "--bin".into(),
         "openclaw-agent".into(),
         "--profile".into(),
-        if opts.release { "release" } else { "dev" }.into(),
+        if opts.release { "edge" } else { "dev" }.into(),
     ];
     if board.cpu != "generic" {
         // Appended to the target's rustflags from .cargo/config.toml.
@@ -291,11 +292,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
             ),
         });
     }
-    let profile = if opts.release { "release" } else { "dev" };
+    let profile = if opts.release { "edge" } else { "dev" };
     let binary = opts
         .target_dir
         .join(&board.target)
-        .join(if opts.release { "release" } else { "debug" })
+        .join(if opts.release { "edge" } else { "debug" })
         .join("openclaw-agent");
     let size = std::fs::metadata(&binary)
         .map_err(|_| BuildError::Missing(binary.clone()))?
@@ -367,7 +368,7 @@ mod tests {
         let g = Board::load("generic-aarch64").unwrap();
         let a = cargo_args(&o, &g).join(" ");
         assert!(
-            a.contains("--profile release") && !a.contains("target-cpu"),
+            a.contains("--profile edge") && !a.contains("target-cpu"),
             "{a}"
         );
     }

@@ -320,7 +320,7 @@ fn real_main() -> anyhow::Result<()> {
             let binary = f.binary.unwrap_or_else(|| {
                 build::default_target_dir()
                     .join(&b.target)
-                    .join("release/openclaw-agent")
+                    .join("edge/openclaw-agent")
             });
             let mut o = flash::FlashOptions::new(&f.board, &f.host, &args.server, &binary);
             o.port = f.port;
