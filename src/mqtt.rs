@@ -1,7 +1,8 @@
 //! The one task that owns an MQTT event loop (agent and server share it).
 //!
-//! It never blocks: incoming publishes go to a bounded channel with
-//! `try_send`, subscriptions are re-made on every ConnAck (rumqttc does not
+//! It never blocks a thread: incoming publishes go to a bounded channel, and
+//! when that is full it stops reading from the broker until there is room
+//! (back-pressure through TCP, never a dropped message), subscriptions are re-made on every ConnAck (rumqttc does not
 //! restore them and a restarted broker has lost them), and after an error it
 //! backs off, doubling up to a ceiling, because rumqttc reconnects at once
 //! and would otherwise spin.
@@ -125,7 +126,7 @@ pub fn spawn_event_loop(
     name: String,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut dropped: u64 = 0;
+        let mut waits: u64 = 0;
         loop {
             let ev = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -143,17 +144,16 @@ pub fn spawn_event_loop(
                             log::error!("{name}: cannot subscribe to {topic}: {e}");
                         }
                     }
-                    let _ = sink.try_send(MqttEvent::Connected {
+                    let ev = MqttEvent::Connected {
                         session_present: ack.session_present,
-                    });
+                    };
+                    if !deliver(&sink, ev, &stop, &mut waits, &name).await {
+                        break;
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Err(e) = sink.try_send(MqttEvent::Message(p)) {
-                        // Left unacked: the sender's own retry brings it back.
-                        dropped += 1;
-                        log::warn!(
-                            "{name}: inbound queue full, dropped a message ({dropped} so far): {e}"
-                        );
+                    if !deliver(&sink, MqttEvent::Message(p), &stop, &mut waits, &name).await {
+                        break;
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
@@ -175,9 +175,72 @@ pub fn spawn_event_loop(
     })
 }
 
+/// Hands `ev` to the owner. When its queue is full the loop stops reading
+/// from the broker until there is room (TCP holds the rest) rather than drop
+/// the message: a dropped publish stays unacknowledged, and a broker
+/// redelivers it only after the next reconnect, so a submission or result
+/// would sit unseen until then. Owners never wait on this loop (they use
+/// `try_publish`/`try_ack`), so the wait cannot deadlock. False when the
+/// loop should end (stop requested, or the owner is gone).
+async fn deliver(
+    sink: &mpsc::Sender<MqttEvent>,
+    ev: MqttEvent,
+    stop: &CancellationToken,
+    waits: &mut u64,
+    name: &str,
+) -> bool {
+    match sink.try_send(ev) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(ev)) => {
+            *waits += 1;
+            if waits.is_power_of_two() {
+                log::warn!("{name}: inbound queue full, reading paused ({waits} times so far)");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => false,
+                r = sink.send(ev) => r.is_ok(),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_waits_instead_of_dropping() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let mut waits = 0;
+        let ev = |n: u16| {
+            let mut p = Publish::new("t", QoS::AtLeastOnce, vec![]);
+            p.pkid = n;
+            MqttEvent::Message(p)
+        };
+        assert!(deliver(&tx, ev(1), &stop, &mut waits, "t").await);
+        // The queue is full: the second waits until the owner takes the first.
+        let consumer = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(MqttEvent::Message(p)) = rx.recv().await {
+                got.push(p.pkid);
+                if got.len() == 2 {
+                    break;
+                }
+            }
+            got
+        });
+        assert!(deliver(&tx, ev(2), &stop, &mut waits, "t").await);
+        assert_eq!(consumer.await.unwrap(), vec![1, 2]);
+        // Stop while waiting on a full queue ends the wait; a closed queue too.
+        let (tx, rx) = mpsc::channel(1);
+        tx.try_send(ev(3)).unwrap();
+        stop.cancel();
+        assert!(!deliver(&tx, ev(4), &stop, &mut waits, "t").await);
+        drop(rx);
+        assert!(!deliver(&tx, ev(5), &CancellationToken::new(), &mut waits, "t").await);
+    }
 
     #[test]
     fn backoff_doubles_to_ceiling_and_resets() {
