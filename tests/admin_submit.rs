@@ -17,6 +17,9 @@
 
 mod common;
 
+use common::golden::{
+    assert_probabilities, assert_same_segments, ort_segments, segments, sensor_cases,
+};
 use common::{Agent, MqttPeer, Server};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -253,35 +256,18 @@ fn every_builtin_and_the_python_example_answer_openclaw_admin_submit() {
     assert_eq!(r["values"], json!([1006, 4242, 1008]));
     answered.push("modbus");
 
-    // 9. infer: the sensor model on ORT's golden case.
-    let g: Value = serde_json::from_str(
-        &std::fs::read_to_string(models.join("golden/sensor_anomaly.json")).unwrap(),
-    )
-    .unwrap();
-    let case = &g["cases"][0];
-    let inp = &case["inputs"][0];
-    let r = ok(
-        &server,
-        "infer",
-        json!({"model": "sensor_anomaly", "inputs": [
-            {"name": inp["name"], "dtype": "f32", "shape": inp["shape"], "data": inp["values"]}]}),
-    );
-    let probs = r["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["name"] == "probabilities")
-        .expect("probabilities");
-    let want = case["outputs"][0]["values"].as_array().unwrap();
-    for (a, b) in probs["data"].as_array().unwrap().iter().zip(want) {
-        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5);
+    // 9. infer: the sensor model on ORT's golden cases.
+    for (input, want) in sensor_cases() {
+        let r = ok(&server, "infer", input);
+        assert_probabilities(&r, &want);
     }
     answered.push("infer");
 
     // ... and vad (Silero) on the golden speech WAV (a file in audio_root:
     // inline base64 would pass the argument-list limit of one exec).
     let r = ok(&server, "vad", json!({"wav": "vad_speech_16k.wav"}));
-    assert!(!r["segments"].as_array().unwrap().is_empty(), "{r}");
+    // The speech segments ONNX Runtime's probabilities give, within a window.
+    assert_same_segments(&segments(&r), &ort_segments());
     assert!((r["duration_s"].as_f64().unwrap() - 151653.0 / 16000.0).abs() < 1e-6);
     answered.push("vad");
 
