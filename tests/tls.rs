@@ -5,13 +5,12 @@
 
 mod common;
 
-use common::{free_port, task, Agent, Server};
+use common::{task, Agent, Mosquitto, Server};
 use openclaw::protocol::api::TaskState;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -102,58 +101,6 @@ fn make_cert(dir: &Path, ca: &str, name: &str, san: &str, eku: &str) -> (PathBuf
     )
 }
 
-/// mosquitto with one TLS listener that requires a client certificate.
-struct TlsMosquitto {
-    child: Child,
-    port: u16,
-}
-
-impl TlsMosquitto {
-    fn start(dir: &Path, ca: &Path, cert: &Path, key: &Path) -> TlsMosquitto {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is not installed: run scripts/test.sh (apt-get install mosquitto)");
-        let port = free_port();
-        let conf = dir.join("mosquitto-tls.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
-                 persistence false\nmax_packet_size 2000000\n\
-                 cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
-                ca.display(),
-                cert.display(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        TlsMosquitto { child, port }
-    }
-}
-
-impl Drop for TlsMosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn agent_and_server_over_mutual_tls_to_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,7 +123,16 @@ fn agent_and_server_over_mutual_tls_to_mosquitto() {
         std::fs::set_permissions(f.unwrap().path(), std::fs::Permissions::from_mode(0o644))
             .unwrap();
     }
-    let broker = TlsMosquitto::start(d, &ca, &broker_cert, &broker_key);
+    // One TLS listener that requires a client certificate.
+    let broker = Mosquitto::start_with(
+        d,
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            ca.display(),
+            broker_cert.display(),
+            broker_key.display()
+        ),
+    );
     let url = format!("mqtts://localhost:{}", broker.port);
 
     let srv_conf = d.join("server.toml");

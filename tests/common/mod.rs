@@ -272,13 +272,18 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
+        Self::start_with(dir, "")
+    }
+
+    /// Like `start`, with `extra` lines for the listener (TLS files, ...).
+    pub fn start_with(dir: &Path, extra: &str) -> Mosquitto {
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
-                 persistence false\nmax_packet_size 2000000\n"
+                 persistence false\nmax_packet_size 2000000\n{extra}"
             ),
         )
         .unwrap();
