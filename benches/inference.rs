@@ -14,7 +14,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion, Throughput};
-use openclaw::inference::{LoadedModel, ModelRepo, NamedTensor};
+use openclaw::inference::{LoadedModel, ModelRepo};
+
+mod common;
+use common::inputs;
 
 const MODELS: &[&str] = &[
     "sensor_anomaly",
@@ -54,26 +57,6 @@ fn repinned(repo: &ModelRepo, name: &str, symbol: &str, value: usize) -> ModelRe
         }
     }
     ModelRepo::from_manifests(repo.dir(), vec![m])
-}
-
-fn inputs(m: &LoadedModel) -> Vec<NamedTensor> {
-    m.manifest()
-        .inputs
-        .iter()
-        .zip(m.input_shapes())
-        .map(|(spec, shape)| {
-            let fill = if matches!(spec.name.as_str(), "h" | "c") {
-                0.0
-            } else {
-                0.1
-            };
-            NamedTensor::f32(
-                spec.name.clone(),
-                shape.clone(),
-                vec![fill; shape.iter().product()],
-            )
-        })
-        .collect()
 }
 
 fn latency(c: &mut Criterion) {

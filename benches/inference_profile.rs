@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use openclaw::inference::{LoadedModel, ModelRepo, NamedTensor};
+use openclaw::inference::{LoadedModel, ModelRepo};
+
+mod common;
+use common::inputs;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{SimpleState, TValue};
 use tract_onnx::tract_core::plan::eval;
@@ -32,26 +35,9 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
     let repo = ModelRepo::open(&dir).expect("models directory");
     let m = LoadedModel::load(&repo, name).unwrap_or_else(|e| panic!("{e}"));
-    let inputs: TVec<TValue> = m
-        .manifest()
-        .inputs
-        .iter()
-        .zip(m.input_shapes())
-        .map(|(spec, shape)| {
-            let fill = if matches!(spec.name.as_str(), "h" | "c") {
-                0.0
-            } else {
-                0.1
-            };
-            NamedTensor::f32(
-                spec.name.clone(),
-                shape.clone(),
-                vec![fill; shape.iter().product()],
-            )
-            .to_tract()
-            .expect("input")
-            .into_tvalue()
-        })
+    let inputs: TVec<TValue> = inputs(&m)
+        .into_iter()
+        .map(|t| t.to_tract().expect("input").into_tvalue())
         .collect();
     let plan = m.plan();
     let model = plan.model();

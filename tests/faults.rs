@@ -216,6 +216,18 @@ fn check_exactly_once(
     }
 }
 
+/// Agents `ids` with config `cfg`, each seen online by `server`.
+fn start_online(dir: &Path, server: &Server, ids: &[&str], cfg: &str) -> Vec<Agent> {
+    let agents = ids
+        .iter()
+        .map(|id| Agent::start(dir, id, &server.broker(), cfg))
+        .collect();
+    for id in ids {
+        server.wait_online(id);
+    }
+    agents
+}
+
 #[test]
 fn server_sigkill_under_load_every_accepted_task_ends_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,13 +235,7 @@ fn server_sigkill_under_load_every_accepted_task_ends_once() {
     let mut server = Server::start(&dir.path().join("srv"), &[]);
     let cfg = effects.agent_config("");
     let ids = ["sk-a", "sk-b", "sk-c"];
-    let _agents: Vec<Agent> = ids
-        .iter()
-        .map(|id| Agent::start(dir.path(), id, &server.broker(), &cfg))
-        .collect();
-    for id in ids {
-        server.wait_online(id);
-    }
+    let _agents = start_online(dir.path(), &server, &ids, &cfg);
 
     let total = 240;
     let load = Load::start(&server.http, "sk", total, 6);
@@ -260,13 +266,7 @@ fn mosquitto_restart_under_load_all_results_arrive_once() {
     let server = Server::start_with_broker(&dir.path().join("srv"), broker.port, &[]);
     let cfg = effects.agent_config("");
     let ids = ["mq-a", "mq-b", "mq-c"];
-    let _agents: Vec<Agent> = ids
-        .iter()
-        .map(|id| Agent::start(dir.path(), id, &server.broker(), &cfg))
-        .collect();
-    for id in ids {
-        server.wait_online(id);
-    }
+    let _agents = start_online(dir.path(), &server, &ids, &cfg);
 
     let total = 240;
     let load = Load::start(&server.http, "mq", total, 6);
