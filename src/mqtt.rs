@@ -7,7 +7,10 @@
 //! backs off, doubling up to a ceiling, because rumqttc reconnects at once
 //! and would otherwise spin.
 
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttState, Outgoing, Packet, Publish, QoS,
+    Request, StateError, Subscribe,
+};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -118,7 +121,6 @@ pub fn apply_tls(
 /// disconnect was sent.
 pub fn spawn_event_loop(
     mut eventloop: EventLoop,
-    client: AsyncClient,
     subscriptions: Vec<(String, QoS)>,
     sink: mpsc::Sender<MqttEvent>,
     mut backoff: Backoff,
@@ -139,10 +141,12 @@ pub fn spawn_event_loop(
                         "{name}: connected (session present: {})",
                         ack.session_present
                     );
-                    for (topic, qos) in &subscriptions {
-                        if let Err(e) = client.try_subscribe(topic.clone(), *qos) {
-                            log::error!("{name}: cannot subscribe to {topic}: {e}");
-                        }
+                    // Ahead of everything queued: through the client's channel
+                    // a subscription could find it full (a backlog built while
+                    // offline) and be lost, leaving the owner deaf.
+                    for (topic, qos) in subscriptions.iter().rev() {
+                        let sub = Subscribe::new(topic.clone(), *qos);
+                        eventloop.pending.push_front(Request::Subscribe(sub));
                     }
                     let ev = MqttEvent::Connected {
                         session_present: ack.session_present,
@@ -162,6 +166,9 @@ pub fn spawn_event_loop(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if matches!(e, ConnectionError::MqttState(StateError::CollisionTimeout)) {
+                        forget_unacked(&mut eventloop, &name);
+                    }
                     let delay = backoff.next_delay();
                     log::warn!("{name}: connection error: {e}; retrying in {delay:?}");
                     let _ = sink.try_send(MqttEvent::Disconnected(e.to_string()));
@@ -173,6 +180,29 @@ pub fn spawn_event_loop(
             }
         }
     })
+}
+
+/// Drops rumqttc's own record of unacknowledged outgoing publishes.
+///
+/// rumqttc numbers publishes 1..=inflight and, when the next number is still
+/// unacknowledged, parks the publish as a "collision" and takes no new
+/// requests until that number's ack arrives; after two keep-alives it fails
+/// the connection, and its reconnect keeps the parked publish and replays
+/// the old ones (upstream rumqtt#1014, #1056). The netns partition test
+/// caught an agent (1 run in 6) colliding on every publish for minutes after
+/// the link healed, sending no heartbeat. Everything we publish is either
+/// periodic (status) or re-sent by its owner until the peer confirms it
+/// (results, dispatches), so starting from a fresh state loses nothing.
+fn forget_unacked(eventloop: &mut EventLoop, name: &str) {
+    let opts = &eventloop.mqtt_options;
+    let fresh = MqttState::new(opts.inflight(), opts.manual_acks());
+    // The failed poll already moved the unacknowledged publishes to `pending`.
+    eventloop.state = fresh;
+    log::warn!(
+        "{name}: packet ids stuck in collision; dropping {} queued request(s), their owners re-send them",
+        eventloop.pending.len()
+    );
+    eventloop.pending.clear();
 }
 
 /// Hands `ev` to the owner. When its queue is full the loop stops reading

@@ -161,7 +161,6 @@ impl Agent {
         let loop_stop = CancellationToken::new();
         let loop_handle = spawn_event_loop(
             eventloop,
-            client.clone(),
             vec![(topics::tasks(&id), QoS::AtLeastOnce)],
             mqtt_tx,
             Backoff::new(
@@ -296,7 +295,13 @@ impl Agent {
 struct Pending {
     bytes: Vec<u8>,
     last_sent: Option<Instant>,
+    /// Sends on this connection; each unconfirmed one doubles the wait.
+    sends: u32,
 }
+
+/// Results re-sent per tick at most, so a backlog never fills the MQTT
+/// client's queue and crowds out the heartbeat.
+const RESEND_BUDGET: usize = 128;
 
 struct Manager {
     id: String,
@@ -386,6 +391,9 @@ impl Manager {
                 // The broker may have lost the session and rumqttc drops its
                 // own unacked publishes then: the outbox is the record.
                 // (After the commit: some may have been recorded in this batch.)
+                for p in self.outbox.values_mut() {
+                    p.sends = 0;
+                }
                 let ids: Vec<String> = self.outbox.keys().cloned().collect();
                 self.deferred.extend(ids.into_iter().map(Deferred::Send));
             }
@@ -481,6 +489,7 @@ impl Manager {
                 Pending {
                     bytes,
                     last_sent: None,
+                    sends: 0,
                 },
             );
             self.send_result(&spec.id);
@@ -562,6 +571,7 @@ impl Manager {
                 Pending {
                     bytes,
                     last_sent: None,
+                    sends: 0,
                 },
             );
         }
@@ -786,6 +796,7 @@ impl Manager {
             Pending {
                 bytes,
                 last_sent: None,
+                sends: 0,
             },
         );
         self.deferred.push(Deferred::Send(id));
@@ -803,7 +814,10 @@ impl Manager {
                 false,
                 p.bytes.clone(),
             ) {
-                Ok(()) => p.last_sent = Some(Instant::now()),
+                Ok(()) => {
+                    p.last_sent = Some(Instant::now());
+                    p.sends += 1;
+                }
                 Err(e) => log::debug!("agent {}: result {id} not sent yet: {e}", self.id),
             }
         }
@@ -830,11 +844,20 @@ impl Manager {
         if self.last_heartbeat.elapsed() >= Duration::from_millis(self.cfg.agent.heartbeat_ms) {
             self.publish_status();
         }
+        // An unconfirmed result waits twice as long before each re-send (up
+        // to 64x): on a slow link, re-sending everything every period piled
+        // copies into the client's queue faster than the link drained it,
+        // and the heartbeat behind them went late, so the server gave the
+        // device up. A new connection starts every result over.
         let resend = Duration::from_millis(self.cfg.agent.result_resend_ms);
         let due: Vec<String> = self
             .outbox
             .iter()
-            .filter(|(_, p)| p.last_sent.is_none_or(|t| t.elapsed() >= resend))
+            .filter(|(_, p)| {
+                let wait = resend * (1u32 << p.sends.saturating_sub(1).min(6));
+                p.last_sent.is_none_or(|t| t.elapsed() >= wait)
+            })
+            .take(RESEND_BUDGET)
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {

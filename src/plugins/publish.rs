@@ -135,7 +135,6 @@ impl Publish {
         let (tx, mut rx) = mpsc::channel(16);
         crate::mqtt::spawn_event_loop(
             eventloop,
-            client.clone(),
             Vec::new(),
             tx,
             Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),

@@ -97,7 +97,6 @@ pub async fn run(
     let loop_stop = CancellationToken::new();
     let loop_handle = spawn_event_loop(
         eventloop,
-        client.clone(),
         vec![
             (topics::ALL_STATUS.to_string(), QoS::AtLeastOnce),
             (topics::ALL_RESULTS.to_string(), QoS::AtLeastOnce),

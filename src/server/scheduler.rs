@@ -120,6 +120,20 @@ impl SchedulerHandle {
 
 type Waiter = oneshot::Sender<Result<Option<TaskView>, ApiError>>;
 
+/// How a task goes back to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Requeue {
+    /// It failed with a retryable error: the attempt counts and the retry
+    /// backs off exponentially.
+    Failed,
+    /// Its device went away: the attempt counts (a task that kills its agent
+    /// must not bounce forever) but the retry waits only the base back-off,
+    /// since it is not the task's fault and a lost device gets no dispatches.
+    DeviceLost,
+    /// The device refused it unstarted (busy, shutting down): free and at once.
+    Free,
+}
+
 enum Effect {
     Publish {
         topic: String,
@@ -707,7 +721,8 @@ impl Scheduler {
 
     /// Puts a dispatched task back in the queue, or fails it when its
     /// attempts are used up.
-    fn requeue(&mut self, id: &str, reason: &str, count_attempt: bool) -> Result<(), StoreError> {
+    fn requeue(&mut self, id: &str, reason: &str, how: Requeue) -> Result<(), StoreError> {
+        let count_attempt = how != Requeue::Free;
         let Some(t) = self.tasks.get(id) else {
             return Ok(());
         };
@@ -722,11 +737,13 @@ impl Scheduler {
         }
         self.unassign(&row);
         self.tasks.remove(id);
-        let delay = if count_attempt {
-            let exp = row.attempts.saturating_sub(1).min(16);
-            (self.cfg.retry_backoff_ms << exp).min(self.cfg.retry_backoff_max_ms)
-        } else {
-            0
+        let delay = match how {
+            Requeue::Failed => {
+                let exp = row.attempts.saturating_sub(1).min(16);
+                (self.cfg.retry_backoff_ms << exp).min(self.cfg.retry_backoff_max_ms)
+            }
+            Requeue::DeviceLost => self.cfg.retry_backoff_ms,
+            Requeue::Free => 0,
         };
         log::info!(
             "task {id}: back to the queue ({reason}); attempt {} of {}, retry in {delay} ms",
@@ -885,7 +902,7 @@ impl Scheduler {
         };
         log::warn!("device {id}: {why}; re-queueing {} task(s)", assigned.len());
         for task in assigned {
-            self.requeue(&task, &format!("device {id}: {why}"), true)?;
+            self.requeue(&task, &format!("device {id}: {why}"), Requeue::DeviceLost)?;
         }
         Ok(())
     }
@@ -924,15 +941,17 @@ impl Scheduler {
                     // A device that cannot store tasks uses up an attempt:
                     // the task fails with the reason instead of bouncing forever.
                     let (why, counts) = match reason {
-                        RejectReason::Busy => ("device busy".to_string(), false),
-                        RejectReason::ShuttingDown => ("device shutting down".to_string(), false),
+                        RejectReason::Busy => ("device busy".to_string(), Requeue::Free),
+                        RejectReason::ShuttingDown => {
+                            ("device shutting down".to_string(), Requeue::Free)
+                        }
                         RejectReason::NoSpace => (
                             format!("device {device}: disk full, no space left to record the task"),
-                            true,
+                            Requeue::Failed,
                         ),
                         RejectReason::StorageFailed => (
                             format!("device {device}: storage error, could not record the task"),
-                            true,
+                            Requeue::Failed,
                         ),
                     };
                     self.requeue(&task_id, &why, counts)?;
@@ -968,7 +987,7 @@ impl Scheduler {
                                     self.terminate(&id, TaskState::Cancelled, None, Some(msg))?;
                                 }
                                 _ if e.retryable && attempts_left => {
-                                    self.requeue(&id, &msg, true)?;
+                                    self.requeue(&id, &msg, Requeue::Failed)?;
                                 }
                                 _ => {
                                     self.terminate(&id, TaskState::Failed, None, Some(msg))?;

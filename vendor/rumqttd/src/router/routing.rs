@@ -1,3 +1,4 @@
+use bytes::Bytes;
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
@@ -1213,6 +1214,13 @@ fn append_to_commitlog(
     if let Some(alias) = topic_alias {
         validate_and_set_topic_alias(&mut publish, connection, alias)?;
     };
+
+    // OPENCLAW-PATCH: topic and payload are views into the connection's
+    // read buffer; kept in the commit log they would keep that whole buffer
+    // alive (10 KiB or more per message in the worst case). Own copies make
+    // the log's memory what its segment bound says.
+    publish.topic = Bytes::copy_from_slice(&publish.topic);
+    publish.payload = Bytes::copy_from_slice(&publish.payload);
 
     let topic = std::str::from_utf8(&publish.topic)?;
 
