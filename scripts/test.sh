@@ -23,6 +23,7 @@ command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v make >/dev/null 2>&1 || missing+=(make)  # jemalloc's build (the server's allocator)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # Fault tests (tests/faults.rs): network namespaces, veth, netem; tmpfs mounts.
 command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing+=(iproute2)
