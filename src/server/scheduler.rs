@@ -1271,6 +1271,14 @@ mod tests {
         }
     }
 
+    /// A task that neither times out nor runs out of attempts in a test.
+    fn long_req() -> SubmitRequest {
+        let mut long = req(None, None);
+        long.timeout_ms = Some(60_000);
+        long.max_attempts = Some(10);
+        long
+    }
+
     fn device_of(s: &Scheduler, id: &str) -> Option<String> {
         s.tasks[id].row.device.clone()
     }
@@ -1365,6 +1373,34 @@ mod tests {
         assert_eq!(s.devices["b"].status.plugins, vec!["echo".to_string()]);
     }
 
+    /// Found by tests/faults.rs (netns partition): each loss of a device
+    /// doubled its tasks' wait, so after a flapping link a task sat queued
+    /// for up to 30 s with its device back. A lost device costs an attempt
+    /// but only the base delay, however often it happens.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_device_costs_an_attempt_but_not_a_growing_wait() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 1));
+        let id = submit(s, long_req());
+        s.dispatch().unwrap();
+        for (lost, next) in [("a", "b"), ("b", "a"), ("a", "b")] {
+            assert_eq!(device_of(s, &id).as_deref(), Some(lost));
+            // `next` beats, `lost` falls silent until declared lost.
+            for _ in 0..4 {
+                tokio::time::advance(Duration::from_millis(900)).await;
+                heartbeat(s, &status(next, &[], 1));
+                s.on_tick().unwrap();
+            }
+            assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+            tokio::time::advance(Duration::from_millis(501)).await;
+            heartbeat(s, &status(next, &[], 1));
+            s.dispatch().unwrap();
+        }
+        assert_eq!(device_of(s, &id).as_deref(), Some("b"));
+        assert_eq!(s.tasks[&id].row.attempts, 4);
+    }
+
     /// Found by tests/faults.rs (server SIGKILL under load): after a
     /// restart, a task that was on device `a` went to whichever device came
     /// back first and ran twice. Now it waits for `a` (whose ledger knows
@@ -1421,9 +1457,7 @@ mod tests {
         let mut r = rig();
         let s = &mut r.s;
         heartbeat(s, &status("a", &[], 2));
-        let mut long = req(None, None);
-        long.timeout_ms = Some(60_000);
-        let id = submit(s, long);
+        let id = submit(s, long_req());
         s.dispatch().unwrap();
         let sent = |s: &Scheduler| {
             s.effects
