@@ -12,6 +12,8 @@
 # difference is printed as the agent's share (an estimate: qemu's code and
 # translation cache are in the first figure, the guest's pages in both).
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 
 bin=${1:?usage: scripts/agent-footprint.sh BINARY [SECONDS]}
 idle=${2:-20}

@@ -28,6 +28,8 @@
 #
 # Install the toolchain first with scripts/cross-toolchain.sh. See docs/cross.md.
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 

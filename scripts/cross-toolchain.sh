@@ -31,6 +31,8 @@
 #   OPENCLAW_CROSS_ARCHES      Debian architectures to fetch std for
 #                              (default "arm64 armhf"; arm64 is required)
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 
 export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C
@@ -106,7 +108,10 @@ $(apt-cache policy rustc-web)"
 fi
 log "Debian Rust toolchain version: $V"
 
-pkg_version() { dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null | awk '$1=="ii" {print $2}'; }
+# Installed version of a package, or nothing. dpkg-query exits 1 for a package
+# that is not installed; under pipefail that used to kill the script inside
+# this command substitution without a word on a fresh machine (issue 14).
+pkg_version() { { dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null || true; } | awk '$1=="ii" {print $2}'; }
 want=()
 for p in "rustc-web=$V" "cargo-web=$V" gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf \
          libc6-dev-arm64-cross libc6-dev-armhf-cross qemu-user-static; do
@@ -172,7 +177,7 @@ for arch in $CROSS_ARCHES; do
     sleep $((attempt * 5))
   done
   if [ -z "$ok" ]; then
-    offered=$(apt-cache madison "libstd-rust-web-dev:$arch" 2>/dev/null | awk -F'|' '{gsub(/ /,"",$2); print $2}' | paste -sd, -)
+    offered=$({ apt-cache madison "libstd-rust-web-dev:$arch" 2>/dev/null || true; } | awk -F'|' '{gsub(/ /,"",$2); print $2}' | paste -sd, -)
     msg="$triple: Debian std $V for $arch is not available from the mirror right now (offered: ${offered:-nothing}); the compiler is $V so an older std cannot be used. Re-run this script later."
     warn "$msg"
     missing+=("$msg")

@@ -11,6 +11,8 @@
 # Usage: scripts/demo.sh            (from anywhere; honours CARGO_TARGET_DIR)
 # Env:   DEMO_BENCH_TASKS=200       tasks for the latency benchmark
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bench_tasks="${DEMO_BENCH_TASKS:-200}"

@@ -12,6 +12,8 @@
 #   scripts/fuzz.sh                 # every target, FUZZ_SECONDS each (default 45)
 #   scripts/fuzz.sh submit_json 300 # one target, 300 s
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.2

@@ -17,6 +17,8 @@
 # ~/.cache/openclaw/cross-target), never to the host build's target dir.
 # Idempotent; as root or with sudo. See docs/cross.md for timings.
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }

@@ -6,6 +6,8 @@
 # integration with real processes, inference goldens, the aarch64 agent under
 # qemu, flashing over SSH).
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }

@@ -3,6 +3,8 @@
 # silence / speech / silence, so VAD segments are known by construction.
 # Needs Debian's espeak-ng and sox. The output is committed; rerun only to change it.
 set -euo pipefail
+# shellcheck source=scripts/lib/err-trap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/err-trap.sh"
 cd "$(dirname "$0")/../.."
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 espeak-ng -v en-us -s 150 -w "$tmp/a.wav" "Hello, this is open claw, running on the edge."
