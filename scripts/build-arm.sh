@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Cross-builds openclaw-agent for a board, from its profile in boards/.
 #
-#   scripts/build-arm.sh [--board NAME|FILE] [--release | --profile NAME]
+#   scripts/build-arm.sh [--board NAME|FILE] [--arch aarch64|armv7] [--release | --profile NAME]
 #                        [--inference | --no-inference]
 #
 #   --board    board profile name (boards/NAME.toml) or a profile file;
 #              default generic-aarch64 (runs on any 64-bit ARM Linux board)
+#   --arch     build the board for another architecture than its profile's:
+#              armv7 for a Pi 3 or Zero 2 W on a 32-bit OS image
 #   --release  build with the `edge` profile (release at opt-level z: fat
 #              LTO, strip, unwinding kept), what boards get
 #   --profile  any other cargo profile
@@ -36,6 +38,7 @@ ROOT=$(pwd)
 die() { printf 'build-arm: %s\n' "$*" >&2; exit 1; }
 
 board=generic-aarch64
+arch=""
 profile=dev
 inference=auto
 while [ $# -gt 0 ]; do
@@ -44,6 +47,8 @@ while [ $# -gt 0 ]; do
     --no-inference) inference=no; shift ;;
     --board) [ $# -ge 2 ] || die "--board needs a value"; board=$2; shift 2 ;;
     --board=*) board=${1#*=}; shift ;;
+    --arch) [ $# -ge 2 ] || die "--arch needs a value"; arch=$2; shift 2 ;;
+    --arch=*) arch=${1#*=}; shift ;;
     --release) profile=edge; shift ;;
     --profile) [ $# -ge 2 ] || die "--profile needs a value"; profile=$2; shift 2 ;;
     --profile=*) profile=${1#*=}; shift ;;
@@ -72,6 +77,14 @@ target=$(board_key target)
 cpu=$(board_key cpu)
 [ -n "$target" ] || die "$board_file has no target"
 [ -n "$cpu" ] || cpu=generic
+# --arch: the board on another architecture than its profile's (a Pi 3 or
+# Zero 2 W running a 32-bit OS image), as `openclaw-admin build --arch` does.
+case "$arch" in
+  "") ;;
+  aarch64|arm64) target=aarch64-unknown-linux-gnu ;;
+  armv7|armhf) target=armv7-unknown-linux-gnueabihf ;;
+  *) die "unknown --arch $arch (known: aarch64, armv7)" ;;
+esac
 if [ "$inference" = auto ]; then
   if grep -Eq '^[[:space:]]*models[[:space:]]*=[[:space:]]*\[[[:space:]]*"' "$board_file"; then
     inference=yes

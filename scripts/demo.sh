@@ -44,17 +44,19 @@ if ! command -v cc >/dev/null 2>&1; then
 fi
 
 # --- 2. Build ---------------------------------------------------------------
-say "building openclaw-server, openclaw-agent, openclaw-admin (cargo build --bins)"
+say "building openclaw-server, openclaw-agent, openclaw-admin for speed (cargo build --release --bins: opt-level 3, fat LTO)"
 cd "$repo"
 # Ask cargo where it put the binaries (this honours CARGO_TARGET_DIR and any
 # target-dir setting in .cargo/config.toml) instead of guessing.
-build_json="$(cargo build --bins --message-format=json-render-diagnostics)"
+# The release profile is what users run on the PC (Cargo.toml: opt-level 3,
+# fat LTO, one codegen unit); boards get `edge` from `openclaw-admin build`.
+build_json="$(cargo build --release --bins --message-format=json-render-diagnostics)"
 bin_path() {
     local p
     p="$(printf '%s\n' "$build_json" |
         grep -o "\"executable\":\"[^\"]*/$1\"" | tail -n 1 | sed 's/^"executable":"//; s/"$//')"
     if [[ -z "$p" ]]; then
-        p="${CARGO_TARGET_DIR:-$repo/target}/debug/$1"
+        p="${CARGO_TARGET_DIR:-$repo/target}/release/$1"
     fi
     [[ -x "$p" ]] || die "built binary $1 not found (looked at $p)"
     printf '%s\n' "$p"

@@ -10,7 +10,9 @@
 #      inference, since the profile lists models), which tests/arm.rs runs
 #      under qemu; the test rebuilds it incrementally with the same flags, so
 #      this build is what makes that test fast;
-#   4. the library's unit tests for aarch64 (agent and inference), run under
+#   4. the armv7 agent for rpi3 (`--arch armv7`: a Pi 3 or Zero 2 W on a
+#      32-bit OS), which tests/arm.rs also runs under qemu;
+#   5. the library's unit tests for aarch64 (agent and inference), run under
 #      qemu.
 #
 # Cross builds go to $OPENCLAW_CROSS_TARGET_DIR (default
@@ -42,6 +44,10 @@ unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
 
 log "aarch64 agent for rpi4 (scripts/build-arm.sh --board rpi4)"
 NICE=5 scripts/build-arm.sh --board rpi4
+
+log "armv7 agent for rpi3 on a 32-bit OS (scripts/build-arm.sh --board rpi3 --arch armv7)"
+# tests/arm.rs runs it under qemu-arm-static (echo, int8 sensor inference).
+NICE=5 scripts/build-arm.sh --board rpi3 --arch armv7
 
 log "unit tests for aarch64 under qemu"
 # Same target-cpu as the rpi4 agent, so the dependencies built above are reused.

@@ -9,9 +9,14 @@
 //!
 //! ```text
 //! RUSTC=/usr/bin/rustc nice -n 5 /usr/bin/cargo build --target T --no-default-features \
-//!     --features agent --bin openclaw-agent --profile dev|edge \
+//!     --features agent --bin openclaw-agent --profile dev|edge|release \
 //!     [--config "target.T.rustflags=['-C','target-cpu=CPU']"]
 //! ```
+//!
+//! `--release` picks `edge` (size) for a board's ARM target and `release`
+//! (speed) for this PC's own architecture (the `sim` board, heavy nodes).
+//! `--arch` builds a board for another architecture than its profile's, such
+//! as `--board rpi3 --arch armv7` for a Pi 3 or Zero 2 W on a 32-bit OS.
 
 use crate::boards::Board;
 use std::path::{Path, PathBuf};
@@ -40,6 +45,31 @@ pub enum BuildError {
     Cargo { status: String, command: String },
     #[error("cargo finished but {0} is missing")]
     Missing(PathBuf),
+    #[error("unknown --arch `{0}` (known: aarch64, armv7, x86_64)")]
+    Arch(String),
+}
+
+/// The Rust target for an `--arch` value (Debian's names are accepted too).
+pub fn target_for_arch(arch: &str) -> Option<&'static str> {
+    match arch {
+        "aarch64" | "arm64" => Some("aarch64-unknown-linux-gnu"),
+        "armv7" | "armhf" => Some("armv7-unknown-linux-gnueabihf"),
+        "x86_64" | "amd64" => Some("x86_64-unknown-linux-gnu"),
+        _ => None,
+    }
+}
+
+/// The cargo profile of a build for `target`: `dev` without `release`;
+/// with it, `release` (opt-level 3) for this machine's own architecture,
+/// where speed matters, and `edge` (opt-level z) for a board's.
+pub fn profile_for(release: bool, target: &str) -> &'static str {
+    if !release {
+        "dev"
+    } else if target.starts_with(std::env::consts::ARCH) {
+        "release"
+    } else {
+        "edge"
+    }
 }
 
 /// Options of a build.
@@ -47,9 +77,13 @@ pub enum BuildError {
 pub struct BuildOptions {
     /// Board profile name or file.
     pub board: String,
-    /// The `edge` profile (release with opt-level "z": fat LTO, stripped,
-    /// unwinding kept) instead of `dev`.
+    /// An optimized build instead of `dev`: the `edge` profile (opt-level
+    /// "z", fat LTO, stripped, unwinding kept) for a board's target,
+    /// `release` (opt-level 3) for this machine's own ([`profile_for`]).
     pub release: bool,
+    /// Build for this architecture instead of the profile's target
+    /// ([`target_for_arch`]).
+    pub arch: Option<String>,
     /// Cargo features of the agent build (`agent`, optionally `inference`).
     pub features: Vec<String>,
     /// The OpenClaw source tree (holds `Cargo.toml` and `.cargo/config.toml`).
@@ -70,6 +104,7 @@ impl BuildOptions {
         BuildOptions {
             board: board.to_string(),
             release: false,
+            arch: None,
             features: vec!["agent".into()],
             manifest_dir: manifest_dir.to_path_buf(),
             target_dir: default_target_dir(),
@@ -224,7 +259,7 @@ pub fn cargo_args(opts: &BuildOptions, board: &Board) -> Vec<String> {
         "--bin".into(),
         "openclaw-agent".into(),
         "--profile".into(),
-        if opts.release { "edge" } else { "dev" }.into(),
+        profile_for(opts.release, &board.target).into(),
     ];
     if board.cpu != "generic" {
         // Appended to the target's rustflags from .cargo/config.toml.
@@ -237,9 +272,20 @@ pub fn cargo_args(opts: &BuildOptions, board: &Board) -> Vec<String> {
     args
 }
 
+/// The board profile of `opts`, with its target replaced by `opts.arch`'s.
+pub fn load_board(opts: &BuildOptions) -> Result<Board, BuildError> {
+    let mut board = Board::load(&opts.board)?;
+    if let Some(arch) = &opts.arch {
+        board.target = target_for_arch(arch)
+            .ok_or_else(|| BuildError::Arch(arch.clone()))?
+            .to_string();
+    }
+    Ok(board)
+}
+
 /// Builds the agent for `opts.board`; cargo's progress goes to stderr.
 pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
-    let board = Board::load(&opts.board)?;
+    let board = load_board(opts)?;
     if !is_source(&opts.manifest_dir) {
         return Err(BuildError::NotSource(opts.manifest_dir.clone()));
     }
@@ -292,11 +338,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput, BuildError> {
             ),
         });
     }
-    let profile = if opts.release { "edge" } else { "dev" };
+    let profile = profile_for(opts.release, &board.target);
     let binary = opts
         .target_dir
         .join(&board.target)
-        .join(if opts.release { "edge" } else { "debug" })
+        .join(if profile == "dev" { "debug" } else { profile })
         .join("openclaw-agent");
     let size = std::fs::metadata(&binary)
         .map_err(|_| BuildError::Missing(binary.clone()))?
@@ -371,6 +417,37 @@ mod tests {
             a.contains("--profile edge") && !a.contains("target-cpu"),
             "{a}"
         );
+    }
+
+    #[test]
+    fn release_is_edge_for_boards_and_speed_for_this_pc() {
+        assert_eq!(profile_for(false, "aarch64-unknown-linux-gnu"), "dev");
+        let host = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+        assert_eq!(profile_for(true, &host), "release");
+        let other = if std::env::consts::ARCH == "aarch64" {
+            "armv7-unknown-linux-gnueabihf"
+        } else {
+            "aarch64-unknown-linux-gnu"
+        };
+        assert_eq!(profile_for(true, other), "edge");
+        let mut o = BuildOptions::new("sim", Path::new("."));
+        o.release = true;
+        let b = load_board(&o).unwrap();
+        assert!(cargo_args(&o, &b).join(" ").contains("--profile release"));
+    }
+
+    #[test]
+    fn arch_replaces_the_board_target() {
+        let mut o = BuildOptions::new("rpi3", Path::new("."));
+        o.arch = Some("armv7".into());
+        let b = load_board(&o).unwrap();
+        assert_eq!(b.target, "armv7-unknown-linux-gnueabihf");
+        let a = cargo_args(&o, &b).join(" ");
+        assert!(a.contains("--target armv7-unknown-linux-gnueabihf"), "{a}");
+        assert!(a.contains("target-cpu=cortex-a53"), "{a}");
+        o.arch = Some("mips".into());
+        let e = load_board(&o).unwrap_err().to_string();
+        assert!(e.contains("unknown --arch `mips`"), "{e}");
     }
 
     #[test]

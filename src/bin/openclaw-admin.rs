@@ -89,9 +89,15 @@ enum Cmd {
         /// Board profile: a built-in name or a file.
         #[arg(long)]
         board: String,
-        /// Release profile (opt-level s, fat LTO, stripped).
+        /// Optimized build: the `edge` profile (opt-level z, fat LTO,
+        /// stripped) for a board's ARM target, `release` (opt-level 3) for
+        /// this PC's own architecture (`sim`, heavy nodes).
         #[arg(long)]
         release: bool,
+        /// Build for this architecture instead of the board profile's:
+        /// `aarch64`, `armv7` (Pi 3 / Zero 2 W on a 32-bit OS), `x86_64`.
+        #[arg(long)]
+        arch: Option<String>,
         /// Build with on-device inference (tract). Default: when the board
         /// profile lists models.
         #[arg(long, conflicts_with = "no_inference")]
@@ -257,6 +263,7 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Build {
             board,
             release,
+            arch,
             inference,
             no_inference,
             manifest_dir,
@@ -276,6 +283,7 @@ fn real_main() -> anyhow::Result<()> {
             };
             let mut o = build::BuildOptions::new(&board, &dir);
             o.release = release;
+            o.arch = arch;
             let lists_models = !openclaw::boards::Board::load(&board)
                 .context("board profile")?
                 .models

@@ -70,14 +70,20 @@ pub fn assert_same_segments(got: &[(f64, f64)], want: &[(f64, f64)]) {
 /// `(infer task input, ORT's probabilities)` for each golden case of the
 /// sensor model.
 pub fn sensor_cases() -> Vec<(serde_json::Value, Vec<f64>)> {
-    let g = golden("sensor_anomaly.json");
+    sensor_cases_of("sensor_anomaly")
+}
+
+/// [`sensor_cases`] for one variant of the sensor model (`sensor_anomaly`,
+/// `_f16`, `_int8`), with ONNX Runtime's probabilities for that variant.
+pub fn sensor_cases_of(model: &str) -> Vec<(serde_json::Value, Vec<f64>)> {
+    let g = golden(&format!("{model}.json"));
     g["cases"]
         .as_array()
         .unwrap()
         .iter()
         .map(|case| {
             let inp = &case["inputs"][0];
-            let input = serde_json::json!({"model": "sensor_anomaly", "inputs": [
+            let input = serde_json::json!({"model": model, "inputs": [
                 {"name": inp["name"], "dtype": "f32", "shape": inp["shape"], "data": inp["values"]}]});
             let want = case["outputs"][0]["values"]
                 .as_array()
@@ -92,6 +98,11 @@ pub fn sensor_cases() -> Vec<(serde_json::Value, Vec<f64>)> {
 
 /// The `probabilities` output of an `infer` result, within 1e-5 of `want`.
 pub fn assert_probabilities(result: &serde_json::Value, want: &[f64]) {
+    assert_probabilities_within(result, want, 1e-5)
+}
+
+/// The `probabilities` output of an `infer` result, within `tol` of `want`.
+pub fn assert_probabilities_within(result: &serde_json::Value, want: &[f64], tol: f64) {
     let probs = result["outputs"]
         .as_array()
         .unwrap()
@@ -101,6 +112,6 @@ pub fn assert_probabilities(result: &serde_json::Value, want: &[f64]) {
     let got = probs["data"].as_array().unwrap();
     assert_eq!(got.len(), want.len(), "{result}");
     for (a, b) in got.iter().zip(want) {
-        assert!((a.as_f64().unwrap() - b).abs() < 1e-5, "{result}");
+        assert!((a.as_f64().unwrap() - b).abs() < tol, "{result}");
     }
 }
