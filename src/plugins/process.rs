@@ -227,37 +227,50 @@ async fn watch(
     max_memory_mb: u64,
     killed_for: Arc<Mutex<Option<String>>>,
 ) {
-    let how = cgroup::mechanism("");
     let mut tick = tokio::time::interval(cgroup::POLL);
     loop {
         tick.tick().await;
-        let pids = match &group {
-            Some(g) => g.pids(),
-            None => cgroup::group_members(pgid),
-        };
-        let rss = cgroup::rss_bytes(&pids);
-        let why = if pids.len() as u64 > max_processes {
-            format!(
-                "it and its children ran {} processes, more than max_processes ({max_processes}) ({how}); all killed",
-                pids.len()
-            )
-        } else if rss > max_memory_mb << 20 {
-            format!(
-                "it and its children used {} MiB, more than max_memory_mb ({max_memory_mb}) ({how}); all killed",
-                rss >> 20
-            )
-        } else {
-            continue;
-        };
-        *killed_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-        match &group {
-            Some(g) => g.kill(),
-            None => unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            },
+        if over_limits(group.as_deref(), pgid, max_processes, max_memory_mb, &killed_for) {
+            return;
         }
-        return;
     }
+}
+
+/// Counts once; past a limit, records why and kills them all.
+fn over_limits(
+    group: Option<&cgroup::Group>,
+    pgid: i32,
+    max_processes: u64,
+    max_memory_mb: u64,
+    killed_for: &Mutex<Option<String>>,
+) -> bool {
+    let how = cgroup::mechanism("");
+    let pids = match group {
+        Some(g) => g.pids(),
+        None => cgroup::group_members(pgid),
+    };
+    let rss = cgroup::rss_bytes(&pids);
+    let why = if pids.len() as u64 > max_processes {
+        format!(
+            "it and its children ran {} processes, more than max_processes ({max_processes}) ({how}); all killed",
+            pids.len()
+        )
+    } else if rss > max_memory_mb << 20 {
+        format!(
+            "it and its children used {} MiB, more than max_memory_mb ({max_memory_mb}) ({how}); all killed",
+            rss >> 20
+        )
+    } else {
+        return false;
+    };
+    *killed_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    match group {
+        Some(g) => g.kill(),
+        None => unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        },
+    }
+    true
 }
 
 fn kill_group(pid: Option<u32>) {
@@ -770,6 +783,25 @@ impl Plugin for ProcessPlugin {
         let answer = self
             .exchange(&mut w, msg, &task.id, deadline, tasks_deadline, Some(&task.cancel))
             .await?;
+        // Where the agent counts, it counts once more at the answer: a
+        // plugin that forked past its limit between two counts does not
+        // get its answer through.
+        if w.watchdog.is_some() {
+            let pgid = w.child.id().unwrap_or(0) as i32;
+            if over_limits(
+                w.group.as_deref(),
+                pgid,
+                self.m.max_processes,
+                self.m.max_memory_mb,
+                &w.killed_for,
+            ) {
+                let why = w.killed_for.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                return Err(self.fail(format!(
+                    "plugin process: {}; it will be restarted",
+                    why.unwrap_or_default()
+                )));
+            }
+        }
         // Answered (even with an error): the process is fine; keep it.
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
         match answer {
