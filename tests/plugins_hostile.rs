@@ -63,7 +63,8 @@ fn wait_alive(server: &Server, agent: &mut Agent, id: &str, limit: Duration) -> 
         }
         assert!(
             start.elapsed() < limit,
-            "task {id} not finished within {limit:?}: {:?}", t.state
+            "task {id} not finished within {limit:?}: {:?}",
+            t.state
         );
     }
 }
@@ -151,7 +152,13 @@ fn procs_with(needle: &str) -> Vec<i32> {
         };
         let cmd: String = String::from_utf8_lossy(&cmd).replace('\0', " ");
         let zombie = std::fs::read_to_string(e.path().join("stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(true);
         if cmd.contains(needle) && !zombie {
             out.push(pid);
@@ -319,7 +326,8 @@ fn a_task_that_kills_the_agent_is_not_run_again_blindly() {
     let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let server = big_server(&dir.path().join("srv"));
-    let cfg = "[plugins.exec.commands.sh]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"{input.script}\"]\n";
+    let cfg =
+        "[plugins.exec.commands.sh]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"{input.script}\"]\n";
     let id = "loop-1";
     let mut agent = Agent::start(dir.path(), id, &server.broker(), cfg);
     server.wait_online(id);
@@ -371,7 +379,9 @@ fn a_task_that_kills_the_agent_is_not_run_again_blindly() {
         e.message.contains("crashed") && !e.retryable,
         "killer: {e:?}"
     );
-    let i = finished.get(&innocent).expect("the innocent task was answered");
+    let i = finished
+        .get(&innocent)
+        .expect("the innocent task was answered");
     assert!(i.is_ok(), "innocent: {i:?}");
     let t = server.wait(&innocent);
     assert_eq!(t.state, TaskState::Succeeded, "innocent: {:?}", t.error);
@@ -420,7 +430,7 @@ fn file_root_escape_race_is_closed() {
                 let _ = std::os::unix::fs::symlink(&outside, &dl);
                 let _ = std::fs::remove_dir_all(root.join("d"));
                 let _ = std::fs::rename(&dl, root.join("d"));
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     std::thread::yield_now();
                 }
             }
@@ -572,9 +582,7 @@ fn file_appends_are_capped_per_file_and_in_total() {
     );
     let mut agent = Agent::start(dir.path(), "cap-1", &server.broker(), &cfg);
     server.wait_online("cap-1");
-    let w = |path: &str, n: usize, append: bool| {
-        json!({"op": "write", "path": path, "content": "x".repeat(n), "append": append})
-    };
+    let w = |path: &str, n: usize, append: bool| json!({"op": "write", "path": path, "content": "x".repeat(n), "append": append});
     ok(&server, &mut agent, "file", w("a", 60, true));
     fails(
         &server,
@@ -707,7 +715,10 @@ fn hash_is_capped_and_sigterm_ends_the_agent_within_its_deadline() {
     for id in [&t, &h] {
         let start = Instant::now();
         while server.client.task(id, None).unwrap().started_ms.is_none() {
-            assert!(start.elapsed() < Duration::from_secs(20), "{id} not started");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{id} not started"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -724,7 +735,10 @@ fn hash_is_capped_and_sigterm_ends_the_agent_within_its_deadline() {
         !agent.alive(),
         "still running 20 s after SIGTERM (a blocking call held the runtime)"
     );
-    assert!(took < Duration::from_secs(10), "exited {took:?} after SIGTERM");
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after SIGTERM"
+    );
     drop(silent);
 }
 
@@ -987,7 +1001,10 @@ fn process_plugins_are_contained() {
         env.get("OPENCLAW_TEST_SECRET").is_none(),
         "the agent's environment leaked: {names:?}"
     );
-    assert!(env.get("PATH").is_some() && env.get("HOME").is_some(), "{names:?}");
+    assert!(
+        env.get("PATH").is_some() && env.get("HOME").is_some(),
+        "{names:?}"
+    );
     assert!(env.get("RUST_LOG").is_none(), "{names:?}");
 
     // A fork bomb, bounded for the test's sake: 200 children against the
@@ -1048,14 +1065,22 @@ fn process_plugins_are_contained() {
 fn process_plugin_manifest_env_and_process_limit() {
     let _one = serial();
     let dir = tempfile::tempdir().unwrap();
-    let p = contain_plugin(dir.path(), "max_processes = 8\n[env]\nPLUGIN_MODE = \"test\"");
+    let p = contain_plugin(
+        dir.path(),
+        "max_processes = 8\n[env]\nPLUGIN_MODE = \"test\"",
+    );
     let server = big_server(&dir.path().join("srv"));
     let cfg = format!("[plugins.process]\ndirs = [{}]\n", toml_str(&p));
     let mut agent = Agent::start(dir.path(), "cont-2", &server.broker(), &cfg);
     server.wait_online("cont-2");
     let env = ok(&server, &mut agent, "contain", json!({"do": "env"}));
     assert_eq!(env["PLUGIN_MODE"], "test");
-    let r = ok(&server, &mut agent, "contain", json!({"do": "fork", "n": 3}));
+    let r = ok(
+        &server,
+        &mut agent,
+        "contain",
+        json!({"do": "fork", "n": 3}),
+    );
     assert_eq!(r, json!(3));
     let t = fails(
         &server,

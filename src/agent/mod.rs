@@ -851,7 +851,11 @@ impl Manager {
             task_id: spec.id.clone(),
             alone,
         }) {
-            log::warn!("agent {}: cannot record the start of {}: {e}", self.id, spec.id);
+            log::warn!(
+                "agent {}: cannot record the start of {}: {e}",
+                self.id,
+                spec.id
+            );
         }
         let token = CancellationToken::new();
         self.running
@@ -888,7 +892,10 @@ impl Manager {
             let timed_out = || {
                 Err(error(
                     ErrorKind::Timeout,
-                    &format!("plugin `{name}` did not finish within {} ms", timeout.as_millis()),
+                    &format!(
+                        "plugin `{name}` did not finish within {} ms",
+                        timeout.as_millis()
+                    ),
                     false,
                 ))
             };
@@ -965,8 +972,7 @@ impl Manager {
             // Out of `running` (the result is recorded, a re-delivery is
             // answered from the ledger) but its slots stay taken.
             if let Some((_, spec)) = self.running.remove(&outcome.task_id) {
-                self.lingering
-                    .insert(outcome.task_id.clone(), spec.plugin);
+                self.lingering.insert(outcome.task_id.clone(), spec.plugin);
             }
         } else {
             self.free_slot(&outcome.task_id);

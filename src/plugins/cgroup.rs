@@ -103,7 +103,12 @@ fn own_cgroup() -> io::Result<PathBuf> {
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(|p| PathBuf::from(p.trim_start_matches('/')))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup v2 entry in /proc/self/cgroup"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no cgroup v2 entry in /proc/self/cgroup",
+            )
+        })
 }
 
 fn write(path: &Path, text: &str) -> io::Result<()> {
@@ -184,7 +189,10 @@ fn detect() -> io::Result<Hierarchy> {
     if let Ok(rd) = std::fs::read_dir(&here) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("openclaw-").and_then(|p| p.parse::<u32>().ok()) {
+            if let Some(pid) = name
+                .strip_prefix("openclaw-")
+                .and_then(|p| p.parse::<u32>().ok())
+            {
                 if !Path::new(&format!("/proc/{pid}")).exists() {
                     remove_tree(&e.path());
                 }
@@ -210,7 +218,10 @@ fn detect() -> io::Result<Hierarchy> {
     }
     // Joining must work: a cgroup we cannot move processes into is useless.
     if !base.join("cgroup.procs").exists() {
-        return Err(io::Error::other(format!("{} is not a cgroup", base.display())));
+        return Err(io::Error::other(format!(
+            "{} is not a cgroup",
+            base.display()
+        )));
     }
     controllers = controllers && has_controllers(&base) && enable(&base).is_ok();
     Ok(Hierarchy { base, controllers })

@@ -109,7 +109,11 @@ fn open_beneath(dir: RawFd, rel: &Path, flags: i32, mode: u32) -> io::Result<Own
         // SAFETY: open_how is plain data; zeroed then filled.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = flags as u64;
-        how.mode = if flags & libc::O_CREAT != 0 { mode as u64 } else { 0 };
+        how.mode = if flags & libc::O_CREAT != 0 {
+            mode as u64
+        } else {
+            0
+        };
         how.resolve =
             libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
         // SAFETY: the documented openat2 arguments.
@@ -230,7 +234,10 @@ fn read_names(dir: &OwnedFd, stop: &Stop, max: usize) -> Result<(Vec<Vec<u8>>, b
             )
         };
         if n < 0 {
-            return Err(failed(NAME, format!("listing: {}", io::Error::last_os_error())));
+            return Err(failed(
+                NAME,
+                format!("listing: {}", io::Error::last_os_error()),
+            ));
         }
         if n == 0 {
             return Ok((names, false));
@@ -369,9 +376,14 @@ impl FilePlugin {
         let p = self.plain(field, rel)?;
         let name = p
             .components()
-            .filter(|c| matches!(c, Component::Normal(_)))
-            .next_back()
-            .ok_or_else(|| super::util::invalid(NAME, field, format!("`{rel}` names no file (the root itself)")))?;
+            .rfind(|c| matches!(c, Component::Normal(_)))
+            .ok_or_else(|| {
+                super::util::invalid(
+                    NAME,
+                    field,
+                    format!("`{rel}` names no file (the root itself)"),
+                )
+            })?;
         let name = PathBuf::from(name.as_os_str());
         let parent = p.parent().unwrap_or(Path::new(""));
         let parent = if parent.as_os_str().is_empty() {
@@ -462,8 +474,13 @@ impl FilePlugin {
         }
         let mut total = 0u64;
         let mut seen = 0usize;
-        let mut folders = vec![openat(self.dir.as_raw_fd(), Path::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)
-            .map_err(|e| failed(NAME, format!("measuring the root: {e}")))?];
+        let mut folders = vec![openat(
+            self.dir.as_raw_fd(),
+            Path::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| failed(NAME, format!("measuring the root: {e}")))?];
         while let Some(d) = folders.pop() {
             let (names, _) = read_names(&d, stop, USAGE_MAX_ENTRIES)?;
             for n in names {
@@ -503,7 +520,14 @@ impl FilePlugin {
     }
 
     /// Refuses a write that would leave a file of `new_size` bytes (from `old_size`).
-    fn check_sizes(&self, input: &Input, rel: &str, old_size: u64, new_size: u64, stop: &Stop) -> Result<(), PluginError> {
+    fn check_sizes(
+        &self,
+        input: &Input,
+        rel: &str,
+        old_size: u64,
+        new_size: u64,
+        stop: &Stop,
+    ) -> Result<(), PluginError> {
         if new_size > self.max_file_bytes {
             return Err(input.err(
                 "content",
@@ -566,7 +590,11 @@ impl FilePlugin {
                 Ok(fd) => {
                     let m = stat(&fd).map_err(|e| failed(NAME, format!("`{rel}`: {e}")))?;
                     if m.file_type().is_symlink() {
-                        return Err(self.lookup_err("path", rel, io::Error::from_raw_os_error(libc::ELOOP)));
+                        return Err(self.lookup_err(
+                            "path",
+                            rel,
+                            io::Error::from_raw_os_error(libc::ELOOP),
+                        ));
                     }
                     if m.is_dir() {
                         return Err(input.err("path", format!("`{rel}` is a folder")));
@@ -637,7 +665,12 @@ impl FilePlugin {
             stop.check(NAME)?;
             use std::os::unix::ffi::OsStrExt;
             let name = std::ffi::OsStr::from_bytes(&n);
-            let Ok(fd) = openat(d.as_raw_fd(), Path::new(name), libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+            let Ok(fd) = openat(
+                d.as_raw_fd(),
+                Path::new(name),
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+            ) else {
                 continue; // gone since
             };
             let meta = stat(&fd).map_err(|err| failed(NAME, format!("listing `{rel}`: {err}")))?;
@@ -718,12 +751,22 @@ impl FilePlugin {
         }
         let (from_dir, from_name) = self.parent("from", from_rel)?;
         let (to_dir, to_name) = self.parent("to", to_rel)?;
-        let (a, b) = (cstr(&from_name).map_err(|e| input.err("from", e.to_string()))?, cstr(&to_name).map_err(|e| input.err("to", e.to_string()))?);
+        let (a, b) = (
+            cstr(&from_name).map_err(|e| input.err("from", e.to_string()))?,
+            cstr(&to_name).map_err(|e| input.err("to", e.to_string()))?,
+        );
         let flags: libc::c_uint = if overwrite { 0 } else { libc::RENAME_NOREPLACE };
         let (fd_from, fd_to) = (from_dir.as_raw_fd(), to_dir.as_raw_fd());
         // SAFETY: two directory handles we hold and NUL-terminated names.
         let r = unsafe {
-            libc::syscall(libc::SYS_renameat2, fd_from, a.as_ptr(), fd_to, b.as_ptr(), flags)
+            libc::syscall(
+                libc::SYS_renameat2,
+                fd_from,
+                a.as_ptr(),
+                fd_to,
+                b.as_ptr(),
+                flags,
+            )
         };
         let result = if r == 0 {
             Ok(())
@@ -732,7 +775,8 @@ impl FilePlugin {
             if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
                 // No renameat2 (or no RENAME_NOREPLACE on this filesystem):
                 // check, then rename.
-                if !overwrite && openat(fd_to, &to_name, libc::O_PATH | libc::O_NOFOLLOW, 0).is_ok() {
+                if !overwrite && openat(fd_to, &to_name, libc::O_PATH | libc::O_NOFOLLOW, 0).is_ok()
+                {
                     Err(io::Error::from_raw_os_error(libc::EEXIST))
                 } else if unsafe { libc::renameat(fd_from, a.as_ptr(), fd_to, b.as_ptr()) } == 0 {
                     Ok(())
@@ -752,7 +796,10 @@ impl FilePlugin {
                 ))
             }
             Err(e) => {
-                return Err(failed(NAME, format!("moving `{from_rel}` to `{to_rel}`: {e}")))
+                return Err(failed(
+                    NAME,
+                    format!("moving `{from_rel}` to `{to_rel}`: {e}"),
+                ))
             }
         }
         Ok(map(vec![
@@ -920,14 +967,25 @@ mod tests {
         std::fs::write(dir.path().join("sub/f"), "x").unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("sub"), dir.path().join("in")).unwrap();
-        let root = openat(libc::AT_FDCWD, dir.path(), libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        let root = openat(
+            libc::AT_FDCWD,
+            dir.path(),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .unwrap();
         let r = root.as_raw_fd();
         for rel in ["sub/f", "sub", "."] {
             walk_beneath(r, Path::new(rel), libc::O_PATH | libc::O_NOFOLLOW, 0).unwrap();
         }
         for rel in ["out/x", "in/f", "out"] {
-            let e = walk_beneath(r, Path::new(rel), libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
-                .unwrap_err();
+            let e = walk_beneath(
+                r,
+                Path::new(rel),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )
+            .unwrap_err();
             assert!(
                 matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)),
                 "{rel}: {e}"
@@ -941,9 +999,7 @@ mod tests {
     fn writes_are_capped_per_file_and_in_total() {
         let dir = tempfile::tempdir().unwrap();
         let p = plugin(dir.path(), "max_file_bytes = 10\nmax_total_bytes = 20");
-        let w = |path: &str, n: usize, append: bool| {
-            json!({"op": "write", "path": path, "content": "x".repeat(n), "append": append})
-        };
+        let w = |path: &str, n: usize, append: bool| json!({"op": "write", "path": path, "content": "x".repeat(n), "append": append});
         run(&p, w("a", 6, true)).unwrap();
         let e = run(&p, w("a", 6, true)).unwrap_err();
         assert!(e.contains("max_file_bytes"), "{e}");
@@ -1016,17 +1072,28 @@ mod tests {
             json!({"op": "hash", "path": "fifo"}),
         ] {
             let e = run(&p, op.clone()).unwrap_err();
-            assert!(e.contains("not a regular file") && e.contains("fifo"), "{op}: {e}");
+            assert!(
+                e.contains("not a regular file") && e.contains("fifo"),
+                "{op}: {e}"
+            );
         }
         let r = run(&p, json!({"op": "list"})).unwrap();
         let kinds: Vec<(String, String)> = r["entries"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["name"].as_str().unwrap().into(), e["type"].as_str().unwrap().into()))
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().into(),
+                    e["type"].as_str().unwrap().into(),
+                )
+            })
             .collect();
         assert!(kinds.contains(&("fifo".into(), "fifo".into())), "{kinds:?}");
-        assert!(kinds.contains(&("outdir".into(), "symlink".into())), "{kinds:?}");
+        assert!(
+            kinds.contains(&("outdir".into(), "symlink".into())),
+            "{kinds:?}"
+        );
         let t: toml::Table = toml::from_str("root = \"/no/such/dir\"").unwrap();
         assert!(FilePlugin::from_config(&t)
             .unwrap_err()

@@ -148,7 +148,13 @@ fn tensor_from_value(v: &Value, i: usize) -> Result<NamedTensor, PluginError> {
     let want = shape
         .iter()
         .try_fold(1usize, |n, d| n.checked_mul(*d))
-        .ok_or_else(|| invalid("infer", &field("shape"), format!("{shape:?} has too many values")))?;
+        .ok_or_else(|| {
+            invalid(
+                "infer",
+                &field("shape"),
+                format!("{shape:?} has too many values"),
+            )
+        })?;
     if nums.len() != want {
         return Err(invalid(
             "infer",

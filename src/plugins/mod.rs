@@ -34,9 +34,9 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use echo::Echo;
-pub use util::result_budget;
 pub use schema::Schema;
 pub use sysinfo::SysInfo;
+pub use util::result_budget;
 
 /// Errors of plugins, at build time or for one task.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -103,7 +103,10 @@ impl Work {
     }
 
     /// Runs `f` with this handle as the current task's work.
-    pub fn scope<F: std::future::Future>(self, f: F) -> impl std::future::Future<Output = F::Output> {
+    pub fn scope<F: std::future::Future>(
+        self,
+        f: F,
+    ) -> impl std::future::Future<Output = F::Output> {
         WORK.scope(self, f)
     }
 

@@ -230,7 +230,13 @@ async fn watch(
     let mut tick = tokio::time::interval(cgroup::POLL);
     loop {
         tick.tick().await;
-        if over_limits(group.as_deref(), pgid, max_processes, max_memory_mb, &killed_for) {
+        if over_limits(
+            group.as_deref(),
+            pgid,
+            max_processes,
+            max_memory_mb,
+            &killed_for,
+        ) {
             return;
         }
     }
@@ -413,7 +419,9 @@ impl ProcessPlugin {
                 return Err(config_err(
                     "process",
                     &key,
-                    format!("env.{k}: a variable name is letters, digits and _, its value has no NUL"),
+                    format!(
+                        "env.{k}: a variable name is letters, digits and _, its value has no NUL"
+                    ),
                 ));
             }
         }
@@ -596,7 +604,10 @@ impl ProcessPlugin {
         let config = serde_json::to_value(&self.m.config).unwrap_or_default();
         let msg = serde_json::json!({"type": "validate", "id": "validate", "config": config});
         let deadline = Instant::now() + Duration::from_millis(self.m.timeout_ms);
-        match self.exchange(&mut w, msg, "validate", deadline, false, None).await {
+        match self
+            .exchange(&mut w, msg, "validate", deadline, false, None)
+            .await
+        {
             Ok(Ok(serde_json::Value::Bool(false))) => {
                 Err(self.fail("validate answered false: the plugin refused its config"))
             }
@@ -680,13 +691,15 @@ impl ProcessPlugin {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone()
                     .or_else(|| {
-                        w.group
-                            .as_ref()
-                            .and_then(|g| g.limit_events(self.m.max_memory_mb, self.m.max_processes))
+                        w.group.as_ref().and_then(|g| {
+                            g.limit_events(self.m.max_memory_mb, self.m.max_processes)
+                        })
                     })
                     .map(|l| format!(": {l}"))
                     .unwrap_or_default();
-                Err(self.fail(format!("plugin process {why}{how}{limit}; it will be restarted")))
+                Err(self.fail(format!(
+                    "plugin process {why}{how}{limit}; it will be restarted"
+                )))
             }
         }
     }
@@ -781,7 +794,14 @@ impl Plugin for ProcessPlugin {
         });
         // On a broken process `w` is dropped here, which kills its group.
         let answer = self
-            .exchange(&mut w, msg, &task.id, deadline, tasks_deadline, Some(&task.cancel))
+            .exchange(
+                &mut w,
+                msg,
+                &task.id,
+                deadline,
+                tasks_deadline,
+                Some(&task.cancel),
+            )
             .await?;
         // Where the agent counts, it counts once more at the answer: a
         // plugin that forked past its limit between two counts does not
@@ -795,7 +815,11 @@ impl Plugin for ProcessPlugin {
                 self.m.max_memory_mb,
                 &w.killed_for,
             ) {
-                let why = w.killed_for.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let why = w
+                    .killed_for
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 return Err(self.fail(format!(
                     "plugin process: {}; it will be restarted",
                     why.unwrap_or_default()

@@ -310,7 +310,7 @@ fn csv_rows(text: &str, b: &Budget) -> Result<Vec<Vec<String>>, PluginError> {
                 row.push(std::mem::take(&mut cell));
                 if !(row.len() == 1 && row[0].is_empty()) {
                     rows.push(std::mem::take(&mut row));
-                    if rows.len() % 1024 == 0 {
+                    if rows.len().is_multiple_of(1024) {
                         b.tick()?;
                     }
                 }
@@ -613,11 +613,7 @@ fn number(x: f64) -> J {
     }
 }
 
-fn aggregate(
-    a: &J,
-    recs: &[Rec],
-    b: &mut Budget,
-) -> Result<(Vec<String>, Vec<Rec>), PluginError> {
+fn aggregate(a: &J, recs: &[Rec], b: &mut Budget) -> Result<(Vec<String>, Vec<Rec>), PluginError> {
     let spec = a
         .as_object()
         .ok_or_else(|| err("aggregate", "expected an object"))?;
@@ -678,7 +674,10 @@ fn aggregate(
         match index.get(&text) {
             Some(&i) => groups[i].1.push(r),
             None => {
-                b.charge("aggregate", 2 * (ENTRY + text.len()) + key.iter().map(cost).sum::<usize>())?;
+                b.charge(
+                    "aggregate",
+                    2 * (ENTRY + text.len()) + key.iter().map(cost).sum::<usize>(),
+                )?;
                 index.insert(text, groups.len());
                 groups.push((key, vec![r]));
             }
@@ -850,7 +849,10 @@ mod tests {
             attempt: 1,
         });
         let e = t()
-            .run_until(&json!({"records": [{"a": 1}], "filter": [{"field": "a", "op": ">", "value": 0}]}), &stop)
+            .run_until(
+                &json!({"records": [{"a": 1}], "filter": [{"field": "a", "op": ">", "value": 0}]}),
+                &stop,
+            )
             .unwrap_err();
         assert_eq!(e, PluginError::Cancelled(NAME.into()));
     }

@@ -222,7 +222,10 @@ impl Stop {
     }
 
     pub fn stopped(&self) -> bool {
-        self.cancel.is_cancelled() || self.deadline.is_some_and(|d| std::time::Instant::now() >= d)
+        self.cancel.is_cancelled()
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
     }
 
     /// `Err(Cancelled)` once the task is cancelled or past its deadline.
