@@ -643,6 +643,7 @@ fn timed_out_work_stops_and_keeps_its_slot_until_it_ends() {
     let before = cpu_secs(pid);
     std::thread::sleep(Duration::from_secs(2));
     let burnt = cpu_secs(pid) - before;
+    eprintln!("slots: {burnt:.2} s of agent CPU in the 2 s after six transforms timed out");
     assert!(
         burnt < 0.5,
         "{burnt:.2} s of CPU in the 2 s after every transform had timed out"
@@ -667,6 +668,7 @@ fn timed_out_work_stops_and_keeps_its_slot_until_it_ends() {
     assert_eq!(a.state, TaskState::TimedOut, "{:?}", a.error);
     assert_eq!(b.state, TaskState::Succeeded, "{:?}", b.error);
     let waited = b.started_ms.unwrap() - a.started_ms.unwrap();
+    eprintln!("slots: the second http task started {waited} ms after the first");
     assert!(
         waited >= 2500,
         "b started {waited} ms after a: a's slot was given away while its call still ran"
@@ -731,6 +733,7 @@ fn hash_is_capped_and_sigterm_ends_the_agent_within_its_deadline() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let took = sent.elapsed();
+    eprintln!("shutdown: exited {took:?} after SIGTERM");
     assert!(
         !agent.alive(),
         "still running 20 s after SIGTERM (a blocking call held the runtime)"
@@ -808,6 +811,7 @@ fn exec_children_die_with_their_task() {
     let left = survivors("sleep 3031", Duration::from_millis(100));
     kill_all("sleep 3031");
     assert!(left.is_empty(), "survived: {left:?}");
+    eprintln!("exec: {burnt:.2} s of agent CPU in the 2 s after a stderr flood timed out");
     assert!(burnt < 0.3, "the agent used {burnt:.2} s of CPU in 2 s");
 
     // A grandchild in its own session holding stdout open: the command's
