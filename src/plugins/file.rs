@@ -197,6 +197,34 @@ fn reopen(dir: RawFd, rel: &Path, handle: &OwnedFd, flags: i32) -> io::Result<Fi
     Ok(f)
 }
 
+/// Reads the regular file `rel` beneath `root` with the same guarantees as
+/// the file plugin (never outside, no symlinks, no special files), at most
+/// `max` bytes. For other plugins reading from a configured folder.
+pub(crate) fn read_beneath(root: &Path, rel: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let dir = openat(libc::AT_FDCWD, root, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let fd = open_beneath(dir.as_raw_fd(), rel, libc::O_PATH, 0)?;
+    let m = stat(&fd)?;
+    if !m.file_type().is_file() {
+        return Err(io::Error::other(format!(
+            "not a regular file (it is a {})",
+            kind(&m)
+        )));
+    }
+    if m.len() > max {
+        return Err(io::Error::other(format!(
+            "{} bytes, more than {max}",
+            m.len()
+        )));
+    }
+    let f = reopen(dir.as_raw_fd(), rel, &fd, libc::O_RDONLY)?;
+    let mut buf = Vec::new();
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::other(format!("grew past {max} bytes")));
+    }
+    Ok(buf)
+}
+
 fn stat(fd: &OwnedFd) -> io::Result<Metadata> {
     File::from(fd.try_clone()?).metadata()
 }

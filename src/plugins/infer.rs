@@ -424,16 +424,20 @@ impl Plugin for Vad {
             task.input.get("pcm"),
         ) {
             (Some(Value::Str(rel)), None, None) => {
-                let path = self.resolve(rel)?;
-                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                if size > MAX_WAV_BYTES {
-                    return Err(invalid(
-                        "vad",
-                        "wav",
-                        format!("`{rel}` has {size} bytes, more than {MAX_WAV_BYTES}"),
-                    ));
-                }
-                wav::read_wav(&path).map_err(|e| invalid("vad", "wav", e.to_string()))?
+                // Checked by name, then read through a handle on the root
+                // (no symlinks, no special files, capped): see file.rs.
+                self.resolve(rel)?;
+                let root = self.audio_root.as_deref().unwrap_or(Path::new("."));
+                let bytes = super::file::read_beneath(root, Path::new(rel), MAX_WAV_BYTES)
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::ELOOP) => invalid(
+                            "vad",
+                            "wav",
+                            format!("`{rel}` is a symlink or goes through one; not followed"),
+                        ),
+                        _ => invalid("vad", "wav", format!("`{rel}`: {e}")),
+                    })?;
+                wav::parse_wav(&bytes).map_err(|e| invalid("vad", "wav", e.to_string()))?
             }
             (None, Some(Value::Str(b64)), None) => {
                 let bytes =
