@@ -826,10 +826,21 @@ fn exec_children_die_with_their_task() {
             10_000,
         ),
     );
-    kill_all("sleep 3041");
     assert_eq!(t.state, TaskState::Succeeded, "{:?}", t.error);
     assert_eq!(t.result.unwrap()["stdout"], "done\n");
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Where the agent has a cgroup v2 (this machine), the command's cgroup
+    // takes the escaped process with it.
+    let escaped = survivors("sleep 3041", Duration::from_secs(2));
+    kill_all("sleep 3041");
+    if std::path::Path::new("/sys/fs/cgroup/cgroup.procs").exists()
+        || std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()
+    {
+        assert!(
+            escaped.is_empty(),
+            "a setsid child of exec survived: {escaped:?}"
+        );
+    }
     assert!(agent.alive());
 }
 

@@ -1,4 +1,5 @@
-//! Containment of process plugins: a cgroup v2 per plugin (and one per
+//! Containment of process plugins (and of exec's commands, for the kill
+//! only): a cgroup v2 per plugin (and one per
 //! worker process under it) where the agent can make one, and a count of
 //! processes and memory by the agent where the kernel cannot enforce them.
 //!
@@ -237,7 +238,8 @@ pub(crate) struct Group {
 }
 
 impl Group {
-    /// A new cgroup for one worker of `plugin`, limits set where enforced.
+    /// A new cgroup for one worker of `plugin`, limits set where enforced
+    /// (`u64::MAX`: no limit).
     pub fn create(plugin: &str, memory_bytes: u64, max_processes: u64) -> io::Result<Group> {
         let h = hierarchy().ok_or_else(|| io::Error::other("no cgroup v2"))?;
         let parent = h.base.join(plugin);
@@ -257,10 +259,19 @@ impl Group {
                 .map_err(io::Error::other)?,
             dir,
         };
+        let limit = |v: u64| {
+            if v == u64::MAX {
+                "max".to_string()
+            } else {
+                v.to_string()
+            }
+        };
         if h.controllers {
-            write(&g.dir.join("memory.max"), &memory_bytes.to_string())?;
-            let _ = write(&g.dir.join("memory.swap.max"), "0");
-            write(&g.dir.join("pids.max"), &max_processes.to_string())?;
+            write(&g.dir.join("memory.max"), &limit(memory_bytes))?;
+            if memory_bytes != u64::MAX {
+                let _ = write(&g.dir.join("memory.swap.max"), "0");
+            }
+            write(&g.dir.join("pids.max"), &limit(max_processes))?;
         }
         Ok(g)
     }

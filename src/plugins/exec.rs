@@ -12,9 +12,12 @@
 //! own timeout, the task's deadline, a cancel, the agent dropping the
 //! plugin's future) nothing it started keeps running under the group, and
 //! the agent stops reading a process that escaped the group (`setsid`):
-//! that one gets EPIPE on its next write. After a normal exit the group is
-//! killed too (children left behind), and output still open is read for at
-//! most a moment, so a grandchild holding the pipe cannot hold the result.
+//! that one gets EPIPE on its next write. Where the agent can make cgroups
+//! (see `cgroup.rs`) each command also runs in one of its own, and the
+//! guard's `cgroup.kill` reaches such a process too. After a normal exit the
+//! group is killed too (children left behind), and output still open is read
+//! for at most a moment, so a grandchild holding the pipe cannot hold the
+//! result.
 
 use super::schema::Schema;
 use super::util::{cfg_str, cfg_str_list, cfg_u64, config_err, failed, map, Input};
@@ -201,11 +204,17 @@ fn take(c: &Captured) -> (Vec<u8>, bool) {
 struct Running {
     pgid: Option<u32>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The command's cgroup where the agent can make one: its kill reaches
+    /// what left the process group too.
+    group: Option<Arc<super::cgroup::Group>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         kill_group(self.pgid);
+        if let Some(g) = &self.group {
+            g.kill();
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -314,6 +323,15 @@ impl Plugin for Exec {
         if let Some(cwd) = &cmd.cwd {
             c.current_dir(cwd);
         }
+        let group = super::cgroup::hierarchy()
+            .and_then(|_| super::cgroup::Group::create("exec", u64::MAX, u64::MAX).ok())
+            .map(Arc::new);
+        if let Some(g) = group.clone() {
+            // SAFETY: only open/write/close between fork and exec.
+            unsafe {
+                c.pre_exec(move || g.join_from_child());
+            }
+        }
         let started = Instant::now();
         let mut child = c.spawn().map_err(|e| {
             failed(
@@ -327,6 +345,7 @@ impl Plugin for Exec {
         let mut running = Running {
             pgid: child.id(),
             tasks: Vec::new(),
+            group,
         };
         if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
             running.tasks.push(tokio::spawn(async move {
