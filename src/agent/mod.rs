@@ -303,6 +303,14 @@ impl Agent {
         if let Err(e) = m.journal.sync() {
             log::warn!("agent {}: journal sync at shutdown failed: {e}", m.id);
         }
+        let mut bye = m.status();
+        bye.online = false;
+        let _ = client.try_publish(
+            m.status_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            protocol::encode(&bye),
+        );
         // The cancelled work stops (or not) while the goodbye goes out; a
         // thread in a call nothing can interrupt does not hold the exit
         // past the deadline.
@@ -333,14 +341,6 @@ impl Agent {
                 }
             }
         }
-        let mut bye = m.status();
-        bye.online = false;
-        let _ = client.try_publish(
-            m.status_topic.clone(),
-            QoS::AtLeastOnce,
-            true,
-            protocol::encode(&bye),
-        );
         let _ = client.try_disconnect();
         if tokio::time::timeout(Duration::from_secs(2), loop_handle)
             .await
