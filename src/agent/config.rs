@@ -49,6 +49,14 @@ pub struct AgentSection {
     pub queue_capacity: Option<u32>,
     pub result_resend_ms: u64,
     pub ledger_size: usize,
+    /// At shutdown, how long running tasks may take to stop after they are
+    /// cancelled; the agent exits then even if some have not.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+fn default_shutdown_timeout_ms() -> u64 {
+    5000
 }
 
 /// `fsync` values of `[storage]`.
@@ -103,7 +111,31 @@ impl AgentConfig {
             cfg.id = hostname();
         }
         cfg.validate(&name)?;
+        cfg.fit_plugin_caps();
         Ok(cfg)
+    }
+
+    /// The caps on what `http` and `file` return, as defaults that fit the
+    /// result in one MQTT payload (base64 and envelope included), so a
+    /// capped response comes back `truncated` instead of `TooLarge`. A value
+    /// set in the config is kept; one that cannot fit is warned about.
+    fn fit_plugin_caps(&mut self) {
+        let budget = crate::plugins::result_budget(self.mqtt.max_payload_bytes as u64);
+        for (plugin, key) in [("http", "max_response_bytes"), ("file", "max_read_bytes")] {
+            let Some(table) = self.plugins.get_mut(plugin) else {
+                continue;
+            };
+            match table.get(key) {
+                None => {
+                    table.insert(key.into(), toml::Value::Integer(budget as i64));
+                }
+                Some(toml::Value::Integer(v)) if *v as u64 > budget => log::warn!(
+                    "plugins.{plugin}.{key} = {v} may not come back: its result, base64-encoded with the envelope, can exceed mqtt.max_payload_bytes ({}); at most {budget} always fits",
+                    self.mqtt.max_payload_bytes
+                ),
+                Some(_) => {}
+            }
+        }
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
@@ -269,6 +301,18 @@ mod tests {
             assert!(e.contains("agent.toml") && e.contains(key), "{text}: {e}");
         }
         assert_eq!(cfg.storage.fsync, FsyncMode::Always);
+        // The caps of http and file follow the payload limit.
+        std::fs::write(
+            &f,
+            "[mqtt]\nmax_payload_bytes = 65536\n[plugins.http]\n[plugins.file]\nroot = \"/\"\nmax_read_bytes = 7\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(Some(&f), toml::Table::new()).unwrap();
+        assert_eq!(
+            c.plugins["http"]["max_response_bytes"].as_integer(),
+            Some(43008)
+        );
+        assert_eq!(c.plugins["file"]["max_read_bytes"].as_integer(), Some(7));
         cfg.storage.log_options().validate().unwrap();
     }
 }

@@ -6,7 +6,10 @@
 //!
 //! - **pending**: tasks accepted and not finished. They are run again after a
 //!   restart (at least once: a plugin may have had its effect before the
-//!   crash without its `Finished` being written);
+//!   crash without its `Finished` being written). `Started` records say
+//!   which of them were running when the agent died, and whether alone: the
+//!   agent re-runs those one at a time, and fails one it died under while
+//!   it ran alone instead of running it a third time (see `crate::agent`);
 //! - **ledger**: the last `ledger_size` finished task ids with their encoded
 //!   results, so a re-delivered id is answered, never re-run;
 //! - **outbox**: finished results the server has not confirmed, re-sent.
@@ -46,6 +49,9 @@ pub enum Record {
     SnapshotBegin,
     /// End of a complete snapshot.
     SnapshotEnd,
+    /// The plugin of an accepted task is about to run; `alone` when nothing
+    /// else runs beside it (the re-run of a task interrupted by a crash).
+    Started { task_id: String, alone: bool },
 }
 
 /// The state rebuilt at start.
@@ -57,6 +63,8 @@ pub struct Recovered {
     pub ledger: Vec<(String, Vec<u8>)>,
     /// Results not confirmed by the server.
     pub outbox: Vec<(String, Vec<u8>)>,
+    /// Pending tasks whose plugin had started, with whether it ran alone.
+    pub started: Vec<(String, bool)>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +74,7 @@ struct State {
     ledger_order: VecDeque<String>,
     outbox: HashMap<String, Vec<u8>>,
     outbox_order: Vec<String>,
+    started: HashMap<String, bool>,
 }
 
 impl State {
@@ -84,6 +93,7 @@ impl State {
                 acked,
             } => {
                 self.pending.retain(|p| p.id != task_id);
+                self.started.remove(&task_id);
                 if acked {
                     self.outbox.remove(&task_id);
                 } else {
@@ -105,7 +115,15 @@ impl State {
             Record::Acked { task_id } => {
                 self.outbox.remove(&task_id);
             }
-            Record::Released { task_id } => self.pending.retain(|p| p.id != task_id),
+            Record::Released { task_id } => {
+                self.pending.retain(|p| p.id != task_id);
+                self.started.remove(&task_id);
+            }
+            Record::Started { task_id, alone } => {
+                if self.pending.iter().any(|p| p.id == task_id) {
+                    self.started.insert(task_id, alone);
+                }
+            }
             Record::SnapshotBegin | Record::SnapshotEnd => {}
         }
     }
@@ -117,8 +135,13 @@ impl State {
             ledger_order,
             mut outbox,
             outbox_order,
+            started,
         } = self;
         Recovered {
+            started: pending
+                .iter()
+                .filter_map(|p| started.get(&p.id).map(|a| (p.id.clone(), *a)))
+                .collect(),
             pending,
             ledger: ledger_order
                 .into_iter()
@@ -198,6 +221,10 @@ pub fn snapshot_records(state: &Recovered) -> Vec<Record> {
             }),
     );
     out.extend(state.pending.iter().cloned().map(Record::Accepted));
+    out.extend(state.started.iter().map(|(id, alone)| Record::Started {
+        task_id: id.clone(),
+        alone: *alone,
+    }));
     out
 }
 
@@ -387,6 +414,36 @@ mod tests {
         // The ledger window: only the newest stay.
         let (s, _) = replay(&payloads, 1);
         assert_eq!(s.ledger, vec![("b".into(), b"b".to_vec())]);
+    }
+
+    #[test]
+    fn started_marks_survive_replay_and_snapshots() {
+        let started = |id: &str, alone| Record::Started {
+            task_id: id.into(),
+            alone,
+        };
+        let recs = [
+            Record::Accepted(spec("a")),
+            Record::Accepted(spec("b")),
+            Record::Accepted(spec("c")),
+            started("a", false),
+            started("b", false),
+            fin("b"),
+            started("c", true),
+            // Not pending: ignored.
+            started("zz", false),
+        ];
+        let payloads: Vec<Vec<u8>> = recs.iter().map(encode).collect();
+        let (s, _) = replay(&payloads, 10);
+        assert_eq!(s.pending, vec![spec("a"), spec("c")]);
+        assert_eq!(s.started, vec![("a".into(), false), ("c".into(), true)]);
+        let snap: Vec<Vec<u8>> = std::iter::once(Record::SnapshotBegin)
+            .chain(snapshot_records(&s))
+            .chain(std::iter::once(Record::SnapshotEnd))
+            .map(|r| encode(&r))
+            .collect();
+        let (again, _) = replay(&snap, 10);
+        assert_eq!(again, s);
     }
 
     #[test]

@@ -16,6 +16,23 @@
 //! a second time. The window is the plugin's own run plus one journal write;
 //! nothing that was recorded as finished is ever run again (while it is in
 //! the ledger window, `agent.ledger_size`).
+//!
+//! A task may be what killed the agent (an allocation it could not get, a
+//! stack overflow, the OOM killer). The journal records each start, so the
+//! tasks that were running at a crash are known after it: they run again
+//! one at a time, with nothing else running (new tasks wait in the queue).
+//! One the agent dies under while it runs alone like this is failed
+//! (`Failed`, not retryable) at the next start instead of run a third time,
+//! so a task that kills the agent costs two restarts, not a crash loop, and
+//! the tasks that only happened to run beside it still finish.
+//!
+//! A task's concurrency slot is held until its plugin's work has really
+//! ended, not only until its result was sent (see [`crate::plugins::Work`]):
+//! after a timeout or a cancel the result goes out at once, the plugin gets
+//! a moment to stop by itself, then its future is dropped; a blocking
+//! thread that is still running keeps the slot until it returns. At
+//! shutdown the agent waits `agent.shutdown_timeout_ms` at most for running
+//! work, then exits anyway.
 
 pub mod config;
 mod journal;
@@ -25,7 +42,7 @@ pub use config::AgentConfig;
 
 use crate::boards::Board;
 use crate::mqtt::{spawn_event_loop, Backoff, MqttEvent};
-use crate::plugins::{sysinfo, PluginError, Registry, TaskContext};
+use crate::plugins::{sysinfo, PluginError, Registry, TaskContext, Work};
 use crate::protocol::{
     self, topics, DeviceStatus, ErrorKind, FromAgent, RejectReason, StorageCounters, TaskError,
     TaskOutcome, TaskSpec, ToAgent,
@@ -33,7 +50,7 @@ use crate::protocol::{
 use crate::storage::StorageError;
 use journal::{Journal, Record};
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +60,11 @@ const INBOX: usize = crate::boards::MAX_QUEUE_CAPACITY as usize;
 
 /// Most events handled under one journal commit.
 const GROUP: usize = 256;
+
+/// After a timeout or cancel, how long a plugin's future may take to stop
+/// by itself (exec kills its process group, a process plugin its worker)
+/// before the agent drops it.
+const STOP_GRACE: Duration = Duration::from_millis(1000);
 
 /// What waits for the journal commit of the batch it was decided in.
 enum Deferred {
@@ -81,7 +103,12 @@ pub struct Agent {
 
 enum Event {
     Mqtt(MqttEvent),
-    Finished(TaskOutcome),
+    /// A task's result; `true` when its work is still running (it timed out
+    /// or was cancelled and has not stopped yet): its slot stays taken until
+    /// [`Event::WorkEnded`].
+    Finished(TaskOutcome, bool),
+    /// Everything the task's plugin started has ended.
+    WorkEnded(String),
 }
 
 impl Agent {
@@ -197,6 +224,9 @@ impl Agent {
             queue_capacity,
             max_concurrency,
             running: HashMap::new(),
+            lingering: HashMap::new(),
+            suspects: VecDeque::new(),
+            alone: None,
             per_plugin: HashMap::new(),
             outbox: HashMap::new(),
             ledger: HashMap::new(),
@@ -262,6 +292,7 @@ impl Agent {
             .keys()
             .cloned()
             .chain(m.inbox.iter().map(|t| t.id.clone()))
+            .chain(m.suspects.iter().map(|t| t.id.clone()))
             .collect();
         for (token, _) in m.running.values() {
             token.cancel();
@@ -280,6 +311,36 @@ impl Agent {
             true,
             protocol::encode(&bye),
         );
+        // The cancelled work stops (or not) while the goodbye goes out; a
+        // thread in a call nothing can interrupt does not hold the exit
+        // past the deadline.
+        let mut live: HashSet<String> = m
+            .running
+            .keys()
+            .chain(m.lingering.keys())
+            .cloned()
+            .collect();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(m.cfg.agent.shutdown_timeout_ms);
+        while !live.is_empty() {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(Event::Finished(o, false)) => { live.remove(&o.task_id); }
+                    Some(Event::WorkEnded(id)) => { live.remove(&id); }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    log::warn!(
+                        "agent {}: {} task(s) still running {} ms after the shutdown began; exiting anyway",
+                        m.id,
+                        live.len(),
+                        m.cfg.agent.shutdown_timeout_ms
+                    );
+                    break;
+                }
+            }
+        }
         let _ = client.try_disconnect();
         if tokio::time::timeout(Duration::from_secs(2), loop_handle)
             .await
@@ -316,6 +377,14 @@ struct Manager {
     max_concurrency: usize,
     /// Running tasks: their cancel token and spec (for journal snapshots).
     running: HashMap<String, (CancellationToken, TaskSpec)>,
+    /// Tasks whose result is out but whose work has not ended (timed out
+    /// or cancelled, still stopping), by plugin: they keep their slots.
+    lingering: HashMap<String, String>,
+    /// Tasks that were running when the agent died, waiting to run again
+    /// alone (see the module docs).
+    suspects: VecDeque<TaskSpec>,
+    /// The suspect running alone now.
+    alone: Option<String>,
     /// Running tasks per plugin, held under each plugin's declared
     /// concurrency; tasks beyond it wait in `inbox` like tasks beyond
     /// `max_concurrency`.
@@ -340,7 +409,8 @@ impl Manager {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Mqtt(ev) => self.on_mqtt(ev),
-            Event::Finished(outcome) => self.on_finished(outcome),
+            Event::Finished(outcome, still) => self.on_finished(outcome, still),
+            Event::WorkEnded(id) => self.on_work_ended(&id),
         }
     }
 
@@ -424,6 +494,18 @@ impl Manager {
             ToAgent::Cancel { task_id } => {
                 if let Some((token, _)) = self.running.get(&task_id) {
                     token.cancel();
+                } else if let Some(pos) = self.suspects.iter().position(|t| t.id == task_id) {
+                    self.suspects.remove(pos);
+                    self.finish(TaskOutcome {
+                        task_id,
+                        result: Err(error(
+                            ErrorKind::Cancelled,
+                            "cancelled before it started",
+                            false,
+                        )),
+                        elapsed_us: 0,
+                    });
+                    self.launch_waiting();
                 } else if let Some(pos) = self.inbox.iter().position(|t| t.id == task_id) {
                     let mut kept = heapless::Deque::new();
                     for (i, t) in std::mem::take(&mut self.inbox).into_iter().enumerate() {
@@ -457,7 +539,10 @@ impl Manager {
     }
 
     fn on_task(&mut self, spec: TaskSpec) {
-        if self.running.contains_key(&spec.id) || self.inbox.iter().any(|t| t.id == spec.id) {
+        if self.running.contains_key(&spec.id)
+            || self.inbox.iter().any(|t| t.id == spec.id)
+            || self.suspects.iter().any(|t| t.id == spec.id)
+        {
             log::debug!("agent {}: task {} already here", self.id, spec.id);
             return;
         }
@@ -576,39 +661,74 @@ impl Manager {
             );
         }
         self.replayed = rec.pending.len() as u64;
+        let started: HashMap<String, bool> = rec.started.into_iter().collect();
         log::info!(
-            "agent {}: journal recovered: {} ledgered, {} result(s) to re-send, {} task(s) to run again, {} damaged record(s) skipped",
+            "agent {}: journal recovered: {} ledgered, {} result(s) to re-send, {} task(s) to run again ({} were running), {} damaged record(s) skipped",
             self.id,
             self.ledger.len(),
             self.outbox.len(),
             rec.pending.len(),
+            started.len(),
             self.journal.skipped()
         );
         for spec in rec.pending {
-            // Accepted before the crash but not recorded as finished: run
-            // again (at least once; see the module docs).
-            log::warn!(
-                "agent {}: task {} was interrupted by a restart; running it again",
-                self.id,
-                spec.id
-            );
             if self.registry.get(&spec.plugin).is_none() {
                 self.unknown_plugin(spec);
-            } else if self.has_room(&spec.plugin) {
-                self.launch(spec);
-            } else if self.inbox.len() < INBOX {
-                // Over queue_capacity only if the configuration shrank.
-                let _ = self.inbox.push_back(spec);
-            } else {
-                let _ = self.journal.append(&Record::Released {
-                    task_id: spec.id.clone(),
-                });
-                self.publish_event(&FromAgent::Rejected {
-                    task_id: spec.id,
-                    reason: RejectReason::Busy,
-                });
+                continue;
+            }
+            match started.get(&spec.id) {
+                Some(true) => {
+                    // Ran alone when the agent died, after it had already
+                    // died once with it running: it is what kills the agent.
+                    log::error!(
+                        "agent {}: task {} (plugin `{}`) was running alone when the agent died, the second crash it was running in; failing it instead of running it again",
+                        self.id,
+                        spec.id,
+                        spec.plugin
+                    );
+                    let msg = format!(
+                        "the agent crashed twice while this task ran (plugin `{}`), the second time with nothing else running; it is not run again",
+                        spec.plugin
+                    );
+                    self.finish(TaskOutcome {
+                        task_id: spec.id,
+                        result: Err(error(ErrorKind::Failed, &msg, false)),
+                        elapsed_us: 0,
+                    });
+                }
+                Some(false) => {
+                    // Running at a crash: maybe its cause. Run again alone.
+                    log::warn!(
+                        "agent {}: task {} was running when the agent stopped unexpectedly; running it again, alone",
+                        self.id,
+                        spec.id
+                    );
+                    self.suspects.push_back(spec);
+                }
+                None => {
+                    // Accepted, never started: run again (at least once; see
+                    // the module docs).
+                    log::warn!(
+                        "agent {}: task {} was accepted before a restart; running it now",
+                        self.id,
+                        spec.id
+                    );
+                    if self.inbox.len() < INBOX {
+                        // Over queue_capacity only if the configuration shrank.
+                        let _ = self.inbox.push_back(spec);
+                    } else {
+                        let _ = self.journal.append(&Record::Released {
+                            task_id: spec.id.clone(),
+                        });
+                        self.publish_event(&FromAgent::Rejected {
+                            task_id: spec.id,
+                            reason: RejectReason::Busy,
+                        });
+                    }
+                }
             }
         }
+        self.launch_waiting();
     }
 
     /// Rewrites the journal as the live state once it has grown enough.
@@ -621,7 +741,16 @@ impl Manager {
                 .running
                 .values()
                 .map(|(_, spec)| spec.clone())
+                .chain(self.suspects.iter().cloned())
                 .chain(self.inbox.iter().cloned())
+                .collect(),
+            // Every running task has started (alone: the suspect running by
+            // itself); a waiting suspect keeps the mark of its first run.
+            started: self
+                .running
+                .keys()
+                .map(|id| (id.clone(), self.alone.as_deref() == Some(id.as_str())))
+                .chain(self.suspects.iter().map(|t| (t.id.clone(), false)))
                 .collect(),
             ledger: self
                 .ledger_order
@@ -639,10 +768,18 @@ impl Manager {
         }
     }
 
+    /// Tasks holding a slot: running, or finished but still stopping.
+    fn busy(&self) -> usize {
+        self.running.len() + self.lingering.len()
+    }
+
     /// Whether a task of `plugin` may start now: under both the agent's
-    /// and the plugin's concurrency limit.
+    /// and the plugin's concurrency limit, and no task interrupted by a
+    /// crash is waiting to run alone.
     fn has_room(&self, plugin: &str) -> bool {
-        self.running.len() < self.max_concurrency
+        self.suspects.is_empty()
+            && self.alone.is_none()
+            && self.busy() < self.max_concurrency
             && self.per_plugin.get(plugin).copied().unwrap_or(0) < self.registry.concurrency(plugin)
     }
 
@@ -653,12 +790,28 @@ impl Manager {
                 *n = n.saturating_sub(1);
             }
         }
+        if self.alone.as_deref() == Some(task_id) {
+            self.alone = None;
+        }
     }
 
     /// Starts waiting tasks in arrival order, skipping those whose plugin
-    /// is at its limit.
+    /// is at its limit. Tasks interrupted by a crash go first, one at a
+    /// time with nothing else running.
     fn launch_waiting(&mut self) {
-        while self.running.len() < self.max_concurrency {
+        if self.alone.is_some() {
+            return;
+        }
+        if !self.suspects.is_empty() {
+            if self.busy() == 0 {
+                if let Some(spec) = self.suspects.pop_front() {
+                    self.alone = Some(spec.id.clone());
+                    self.launch_as(spec, true);
+                }
+            }
+            return;
+        }
+        while self.busy() < self.max_concurrency {
             let Some(pos) = self.inbox.iter().position(|t| self.has_room(&t.plugin)) else {
                 break;
             };
@@ -687,7 +840,23 @@ impl Manager {
     /// Takes a concurrency slot for `spec` now (the agent's and its
     /// plugin's); the plugin starts after the batch's journal commit.
     fn launch(&mut self, spec: TaskSpec) {
+        self.launch_as(spec, false)
+    }
+
+    fn launch_as(&mut self, spec: TaskSpec, alone: bool) {
         *self.per_plugin.entry(spec.plugin.clone()).or_insert(0) += 1;
+        // Durable with the batch, before the plugin starts: after a crash
+        // the agent knows this task was running (see the module docs).
+        if let Err(e) = self.journal.append_grouped(&Record::Started {
+            task_id: spec.id.clone(),
+            alone,
+        }) {
+            log::warn!(
+                "agent {}: cannot record the start of {}: {e}",
+                self.id,
+                spec.id
+            );
+        }
         let token = CancellationToken::new();
         self.running
             .insert(spec.id.clone(), (token.clone(), spec.clone()));
@@ -705,6 +874,7 @@ impl Manager {
         });
         let events = self.events.clone();
         let timeout = Duration::from_millis(spec.timeout_ms.max(1));
+        let id = self.id.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let ctx = TaskContext {
@@ -715,11 +885,22 @@ impl Manager {
                 attempt: spec.attempt,
             };
             let name = spec.plugin.clone();
+            let (work, mut work_ended) = Work::new();
             // Its own task, so a panic is caught by the JoinHandle.
-            let handle = tokio::spawn(async move { plugin.execute(ctx).await });
+            let mut handle = tokio::spawn(work.scope(async move { plugin.execute(ctx).await }));
             let abort = handle.abort_handle();
-            let result = tokio::select! {
-                r = handle => match r {
+            let timed_out = || {
+                Err(error(
+                    ErrorKind::Timeout,
+                    &format!(
+                        "plugin `{name}` did not finish within {} ms",
+                        timeout.as_millis()
+                    ),
+                    false,
+                ))
+            };
+            let mut result = tokio::select! {
+                r = &mut handle => match r {
                     Ok(Ok(v)) => Ok(v),
                     Ok(Err(e)) => Err(plugin_error(e)),
                     Err(j) if j.is_panic() => {
@@ -735,27 +916,77 @@ impl Manager {
                 },
                 _ = tokio::time::sleep(timeout) => {
                     token.cancel();
-                    abort.abort();
-                    Err(error(ErrorKind::Timeout, &format!("plugin `{name}` did not finish within {} ms", timeout.as_millis()), false))
+                    timed_out()
                 }
-                _ = token.cancelled() => {
-                    abort.abort();
-                    Err(error(ErrorKind::Cancelled, "cancelled", false))
-                }
+                _ = token.cancelled() => Err(error(ErrorKind::Cancelled, "cancelled", false)),
             };
+            // A plugin that gave up at the task's own deadline (its timer
+            // and ours fire together) reports the task's timeout.
+            if matches!(&result, Err(e) if e.kind != ErrorKind::Timeout && e.kind != ErrorKind::Panicked)
+                && started.elapsed() >= timeout
+                && !token.is_cancelled()
+            {
+                result = timed_out();
+            }
+            token.cancel();
+            let running = !handle.is_finished() || !work_ended.ended();
+            let task_id = spec.id;
             let _ = events
-                .send(Event::Finished(TaskOutcome {
-                    task_id: spec.id,
-                    result,
-                    elapsed_us: started.elapsed().as_micros() as u64,
-                }))
+                .send(Event::Finished(
+                    TaskOutcome {
+                        task_id: task_id.clone(),
+                        result,
+                        elapsed_us: started.elapsed().as_micros() as u64,
+                    },
+                    running,
+                ))
                 .await;
+            if !running {
+                return;
+            }
+            // The result is out; the slot stays taken until the work ends.
+            if tokio::time::timeout(STOP_GRACE, &mut handle).await.is_err() {
+                abort.abort();
+                let _ = handle.await;
+            }
+            let since = Instant::now();
+            let mut waiting = std::pin::pin!(work_ended.wait());
+            loop {
+                tokio::select! {
+                    _ = &mut waiting => break,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => log::warn!(
+                        "agent {id}: task {task_id} (plugin `{name}`) ended {} s ago but its work is still running; its slot stays taken",
+                        since.elapsed().as_secs()
+                    ),
+                }
+            }
+            let _ = events.send(Event::WorkEnded(task_id)).await;
         });
     }
 
-    fn on_finished(&mut self, outcome: TaskOutcome) {
-        self.free_slot(&outcome.task_id);
+    fn on_finished(&mut self, outcome: TaskOutcome, still_running: bool) {
+        if self.alone.as_deref() == Some(outcome.task_id.as_str()) {
+            self.alone = None;
+        }
+        if still_running {
+            // Out of `running` (the result is recorded, a re-delivery is
+            // answered from the ledger) but its slots stay taken.
+            if let Some((_, spec)) = self.running.remove(&outcome.task_id) {
+                self.lingering.insert(outcome.task_id.clone(), spec.plugin);
+            }
+        } else {
+            self.free_slot(&outcome.task_id);
+        }
         self.finish(outcome);
+        self.launch_waiting();
+    }
+
+    fn on_work_ended(&mut self, task_id: &str) {
+        if let Some(plugin) = self.lingering.remove(task_id) {
+            if let Some(n) = self.per_plugin.get_mut(&plugin) {
+                *n = n.saturating_sub(1);
+            }
+        }
         self.launch_waiting();
     }
 
@@ -878,7 +1109,7 @@ impl Manager {
             capabilities: self.capabilities(),
             max_concurrency: self.max_concurrency as u32,
             queue_capacity: self.queue_capacity as u32,
-            running: self.running.len() as u32,
+            running: self.busy() as u32,
             queued: self.inbox.len() as u32,
             load1: sysinfo::load_average()[0],
             mem_total_kb: mem.total_kb,

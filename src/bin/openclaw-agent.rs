@@ -74,8 +74,13 @@ fn real_main() -> anyhow::Result<()> {
         return Ok(());
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let token = openclaw::shutdown_on_signal();
         agent.run(token).await.context("agent failed")
-    })
+    });
+    // `run` already waited `agent.shutdown_timeout_ms` for running work;
+    // a blocking thread still in a call nothing interrupts does not keep
+    // the process alive (dropping the runtime would wait for it).
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
 }

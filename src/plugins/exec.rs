@@ -2,9 +2,22 @@
 //!
 //! Each command is a program plus argument templates; `{input.FIELD}` in a
 //! template is replaced by that field of the task input (a string, number or
-//! bool). The process gets its own process group, a clean environment, a
-//! timeout (the whole group is killed on timeout or cancel) and capped
-//! output (the rest is drained and dropped, and the result says so).
+//! bool; never one whose text starts with `-`, so no value becomes an
+//! option: `-1` is refused like `-rf`). The process gets its own process
+//! group, a clean environment, a timeout and capped output (the rest is
+//! drained and dropped, and the result says so).
+//!
+//! The child is held by a guard whose drop kills its whole process group
+//! and stops the output readers, so however the run ends (the command's
+//! own timeout, the task's deadline, a cancel, the agent dropping the
+//! plugin's future) nothing it started keeps running under the group, and
+//! the agent stops reading a process that escaped the group (`setsid`):
+//! that one gets EPIPE on its next write. Where the agent can make cgroups
+//! (see `cgroup.rs`) each command also runs in one of its own, and the
+//! guard's `cgroup.kill` reaches such a process too. After a normal exit the
+//! group is killed too (children left behind), and output still open is read
+//! for at most a moment, so a grandchild holding the pipe cannot hold the
+//! result.
 
 use super::schema::Schema;
 use super::util::{cfg_str, cfg_str_list, cfg_u64, config_err, failed, map, Input};
@@ -14,8 +27,13 @@ use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+/// After the command exits, how long output still open (a grandchild
+/// holding the pipe) is read before the readers are stopped.
+const DRAIN: Duration = Duration::from_millis(300);
 
 const NAME: &str = "exec";
 
@@ -128,11 +146,6 @@ fn fill(template: &str, input: &Input) -> Result<String, PluginError> {
         let field = &after[..end];
         let v = match input.get(field) {
             Some(Value::Str(s)) => {
-                // A value that looks like an option could change what the
-                // program does; numbers (e.g. -5) are fine.
-                if s.starts_with('-') {
-                    return Err(input.err(field, "must not start with `-`"));
-                }
                 if s.contains('\0') {
                     return Err(input.err(field, "must not contain NUL"));
                 }
@@ -144,6 +157,15 @@ fn fill(template: &str, input: &Input) -> Result<String, PluginError> {
             Some(_) => return Err(input.err(field, "expected a string, number or bool")),
             None => return Err(input.err(field, "missing (used by the command's arguments)")),
         };
+        // A value that looks like an option changes what the program does,
+        // whatever its JSON type: `ls {input.path}` with -1 is `ls -1`, and
+        // `kill -TERM {input.pid}` with -1 signals every process.
+        if v.starts_with('-') {
+            return Err(input.err(
+                field,
+                format!("must not start with `-` (got `{v}`): a value never becomes an option"),
+            ));
+        }
         out.push_str(&v);
         rest = &after[end + 1..];
     }
@@ -151,24 +173,52 @@ fn fill(template: &str, input: &Input) -> Result<String, PluginError> {
     Ok(out)
 }
 
-/// Reads up to `limit` bytes and drains the rest so the child never blocks.
-async fn read_capped(mut r: impl AsyncRead + Unpin, limit: usize) -> (Vec<u8>, bool) {
-    let mut kept = Vec::new();
+/// Output kept from one stream, and whether some was dropped.
+type Captured = Arc<Mutex<(Vec<u8>, bool)>>;
+
+/// Reads up to `limit` bytes into `into` and drains the rest so the child
+/// never blocks, until the stream ends (or the reader is aborted).
+async fn read_capped(mut r: impl AsyncRead + Unpin, limit: usize, into: Captured) {
     let mut buf = [0u8; 8192];
-    let mut truncated = false;
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = limit.saturating_sub(kept.len());
+                let mut c = into.lock().unwrap_or_else(|p| p.into_inner());
+                let room = limit.saturating_sub(c.0.len());
                 if n > room {
-                    truncated = true;
+                    c.1 = true;
                 }
-                kept.extend_from_slice(&buf[..n.min(room)]);
+                c.0.extend_from_slice(&buf[..n.min(room)]);
             }
         }
     }
-    (kept, truncated)
+}
+
+fn take(c: &Captured) -> (Vec<u8>, bool) {
+    std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// A started command. Dropped, however the run ends, it kills the whole
+/// process group and stops the tasks feeding and reading the child.
+struct Running {
+    pgid: Option<u32>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The command's cgroup where the agent can make one: its kill reaches
+    /// what left the process group too.
+    group: Option<Arc<super::cgroup::Group>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kill_group(self.pgid);
+        if let Some(g) = &self.group {
+            g.kill();
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 fn kill_group(pid: Option<u32>) {
@@ -273,6 +323,15 @@ impl Plugin for Exec {
         if let Some(cwd) = &cmd.cwd {
             c.current_dir(cwd);
         }
+        let group = super::cgroup::hierarchy()
+            .and_then(|_| super::cgroup::Group::create("exec", u64::MAX, u64::MAX).ok())
+            .map(Arc::new);
+        if let Some(g) = group.clone() {
+            // SAFETY: only open/write/close between fork and exec.
+            unsafe {
+                c.pre_exec(move || g.join_from_child());
+            }
+        }
         let started = Instant::now();
         let mut child = c.spawn().map_err(|e| {
             failed(
@@ -283,25 +342,32 @@ impl Plugin for Exec {
                 ),
             )
         })?;
-        let pid = child.id();
+        let mut running = Running {
+            pgid: child.id(),
+            tasks: Vec::new(),
+            group,
+        };
         if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
-            tokio::spawn(async move {
+            running.tasks.push(tokio::spawn(async move {
                 let _ = w.write_all(&data).await;
-            });
+            }));
         }
-        let out = tokio::spawn(read_capped(
+        let (out, err): (Captured, Captured) = Default::default();
+        running.tasks.push(tokio::spawn(read_capped(
             child.stdout.take().unwrap(),
             self.max_output_bytes,
-        ));
-        let err = tokio::spawn(read_capped(
+            out.clone(),
+        )));
+        running.tasks.push(tokio::spawn(read_capped(
             child.stderr.take().unwrap(),
             self.max_output_bytes,
-        ));
+            err.clone(),
+        )));
         let timeout = Duration::from_millis(cmd.timeout_ms);
         let status = tokio::select! {
             s = child.wait() => s.map_err(|e| failed(NAME, format!("command `{name}`: {e}")))?,
             _ = tokio::time::sleep(timeout) => {
-                kill_group(pid);
+                drop(running);
                 let _ = child.wait().await;
                 return Err(PluginError::Failed {
                     plugin: NAME.into(),
@@ -310,15 +376,26 @@ impl Plugin for Exec {
                 });
             }
             _ = task.cancel.cancelled() => {
-                kill_group(pid);
+                drop(running);
                 let _ = child.wait().await;
                 return Err(PluginError::Cancelled(NAME.into()));
             }
         };
-        // Grandchildren may hold the pipes open after the child exits.
-        kill_group(pid);
-        let (stdout, stdout_truncated) = out.await.unwrap_or_default();
-        let (stderr, stderr_truncated) = err.await.unwrap_or_default();
+        // Children left behind go with the group; one that left the group
+        // may hold the pipes: read for a moment, then stop reading.
+        kill_group(running.pgid);
+        // Reaped: the group id may be reused from here on.
+        running.pgid = None;
+        let tasks = &mut running.tasks;
+        let drained = async {
+            for t in tasks.iter_mut() {
+                let _ = t.await;
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN, drained).await;
+        drop(running);
+        let (stdout, stdout_truncated) = take(&out);
+        let (stderr, stderr_truncated) = take(&err);
         use std::os::unix::process::ExitStatusExt;
         Ok(map(vec![
             ("command", Value::Str(name.into())),
@@ -458,6 +535,8 @@ mod tests {
             (json!({"command": "rm"}), "`command`"),
             (json!({"command": "echo", "n": 1}), "`who`"),
             (json!({"command": "echo", "who": "-rf", "n": 1}), "`who`"),
+            (json!({"command": "echo", "who": "x", "n": -1}), "`n`"),
+            (json!({"command": "echo", "who": -2.5, "n": 1}), "`who`"),
             (json!({"command": "echo", "who": [1], "n": 1}), "`who`"),
             (json!({"command": "cat", "stdin": 5}), "`stdin`"),
         ] {

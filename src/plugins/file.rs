@@ -1,36 +1,299 @@
 //! `file`: read, write, list, hash, move and delete files inside one
 //! configured root folder.
 //!
-//! Every path is relative to `root`; `..`, absolute paths and symlinks that
-//! lead out of the root are refused. Existing paths are canonicalized and
-//! must stay under the canonical root; for paths that may not exist yet
-//! (write, the destination of move) the parent is canonicalized instead.
+//! The root is opened once, at start, as a handle; every path of a task is
+//! resolved relative to that handle by the kernel with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
+//! and `O_NOFOLLOW`, so a lookup can neither leave the root nor follow a
+//! symlink, whatever else renames, swaps or plants links inside the root
+//! meanwhile (the check and the open are one system call). Kernels without
+//! `openat2` (before 5.6, or a seccomp filter that refuses it) get the
+//! same guarantee from a walk that opens each component relative to the
+//! previous one with `O_NOFOLLOW`. `..` and absolute paths are refused
+//! before any lookup.
+//!
+//! What a path leads to is checked on the opened file itself (`fstat` of
+//! the handle): anything but a regular file (or a folder, for `list`) is
+//! refused before any I/O. Files are first opened with `O_PATH` (which
+//! reads or writes nothing and does not block on a FIFO), checked, then
+//! reopened through that same handle for reading or writing with
+//! `O_NONBLOCK`. Symlinks are never followed: they are listed, and can be
+//! deleted (dangling or not), nothing else. Writes are capped per task
+//! (`max_write_bytes`), per file (`max_file_bytes`, appends included) and
+//! for the whole root (`max_total_bytes`), and `hash` by the file's size
+//! (`max_hash_bytes`); long loops (hash, list) stop when the task is
+//! cancelled or past its deadline.
 
 use super::schema::Schema;
-use super::util::{base64_decode, base64_encode};
+use super::util::{base64_decode, base64_encode, Stop};
 use super::util::{blocking, cfg_str, cfg_u64, config_err, failed, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use std::io::Read;
+use std::ffi::CString;
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const NAME: &str = "file";
+
+/// The `max_read_bytes` that still comes back in one result under the
+/// default 1 MiB MQTT payload, base64 and envelope included (672 KiB).
+pub const DEFAULT_MAX_READ_BYTES: u64 = super::util::result_budget(1 << 20);
+
+/// How long a measurement of the root's total size is trusted (the
+/// plugin's own writes are added to it in between).
+const USAGE_TTL: Duration = Duration::from_secs(10);
+
+/// Entries the total-size walk looks at, at most.
+const USAGE_MAX_ENTRIES: usize = 200_000;
+
+/// Set once openat2 turned out to be missing: use the walk from then on.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, Default)]
+struct Usage {
+    bytes: u64,
+    measured: Option<Instant>,
+}
 
 /// The file plugin.
 #[derive(Debug, Clone)]
 pub struct FilePlugin {
     root: PathBuf,
+    /// `O_PATH | O_DIRECTORY` handle on the root: every lookup starts here.
+    dir: Arc<OwnedFd>,
     max_read_bytes: u64,
     max_write_bytes: u64,
     max_list_entries: u64,
+    max_hash_bytes: u64,
+    max_file_bytes: u64,
+    max_total_bytes: u64,
+    usage: Arc<Mutex<Usage>>,
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains NUL"))
+}
+
+fn fd_or_err(fd: libc::c_long) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+fn openat(dir: RawFd, name: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    // SAFETY: a valid NUL-terminated path and a descriptor we hold.
+    let fd = unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
+    fd_or_err(fd as libc::c_long)
+}
+
+/// Opens `rel` beneath `dir` with the kernel's guarantee: never outside,
+/// never through a symlink (the last component not followed either).
+fn open_beneath(dir: RawFd, rel: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        let c = cstr(rel)?;
+        // SAFETY: open_how is plain data; zeroed then filled.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = flags as u64;
+        how.mode = if flags & libc::O_CREAT != 0 {
+            mode as u64
+        } else {
+            0
+        };
+        how.resolve =
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: the documented openat2 arguments.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir,
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        match fd_or_err(fd) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                log::info!("file plugin: no openat2 on this kernel; resolving paths component by component");
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    walk_beneath(dir, rel, flags, mode)
+}
+
+/// The same guarantee without openat2: each component opened relative to
+/// the previous one, `O_NOFOLLOW` every time (`rel` has no `..`).
+fn walk_beneath(dir: RawFd, rel: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let parts: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    let Some((last, inner)) = parts.split_last() else {
+        return openat(dir, Path::new("."), flags, mode);
+    };
+    let mut held: Option<OwnedFd> = None;
+    for part in inner {
+        let at = held.as_ref().map_or(dir, |f| f.as_raw_fd());
+        let next = openat(
+            at,
+            Path::new(part),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| {
+            // A symlink opened with O_NOFOLLOW | O_DIRECTORY: ENOTDIR.
+            let link = openat(at, Path::new(part), libc::O_PATH | libc::O_NOFOLLOW, 0)
+                .ok()
+                .and_then(|f| File::from(f).metadata().ok())
+                .is_some_and(|m| m.file_type().is_symlink());
+            if link {
+                io::Error::from_raw_os_error(libc::ELOOP)
+            } else {
+                e
+            }
+        })?;
+        held = Some(next);
+    }
+    let at = held.as_ref().map_or(dir, |f| f.as_raw_fd());
+    openat(at, Path::new(last), flags, mode)
+}
+
+/// Opens the file behind an `O_PATH` handle again for I/O: the same file,
+/// whatever happened to its name since (through /proc's handle links; with
+/// no /proc, by a second lookup that must find the same file).
+fn reopen(dir: RawFd, rel: &Path, handle: &OwnedFd, flags: i32) -> io::Result<File> {
+    let flags = flags | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    let proc_link = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    let f = match openat(libc::AT_FDCWD, &proc_link, flags, 0) {
+        Ok(f) => File::from(f),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            File::from(open_beneath(dir, rel, flags, 0)?)
+        }
+        Err(e) => return Err(e),
+    };
+    let (a, b) = (File::from(handle.try_clone()?).metadata()?, f.metadata()?);
+    if a.dev() != b.dev() || a.ino() != b.ino() || !b.file_type().is_file() {
+        return Err(io::Error::other("it was replaced while being opened"));
+    }
+    Ok(f)
+}
+
+/// Reads the regular file `rel` beneath `root` with the same guarantees as
+/// the file plugin (never outside, no symlinks, no special files), at most
+/// `max` bytes. For other plugins reading from a configured folder.
+pub(crate) fn read_beneath(root: &Path, rel: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let dir = openat(libc::AT_FDCWD, root, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let fd = open_beneath(dir.as_raw_fd(), rel, libc::O_PATH, 0)?;
+    let m = stat(&fd)?;
+    if !m.file_type().is_file() {
+        return Err(io::Error::other(format!(
+            "not a regular file (it is a {})",
+            kind(&m)
+        )));
+    }
+    if m.len() > max {
+        return Err(io::Error::other(format!(
+            "{} bytes, more than {max}",
+            m.len()
+        )));
+    }
+    let f = reopen(dir.as_raw_fd(), rel, &fd, libc::O_RDONLY)?;
+    let mut buf = Vec::new();
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::other(format!("grew past {max} bytes")));
+    }
+    Ok(buf)
+}
+
+fn stat(fd: &OwnedFd) -> io::Result<Metadata> {
+    File::from(fd.try_clone()?).metadata()
+}
+
+fn kind(m: &Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_symlink() {
+        "symlink"
+    } else if t.is_dir() {
+        "dir"
+    } else if t.is_file() {
+        "file"
+    } else if t.is_fifo() {
+        "fifo"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "device"
+    }
+}
+
+/// Names in a folder (not `.` and `..`), read with getdents64.
+fn read_names(dir: &OwnedFd, stop: &Stop, max: usize) -> Result<(Vec<Vec<u8>>, bool), PluginError> {
+    let mut names = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        stop.check(NAME)?;
+        // SAFETY: a buffer of the given length and a directory descriptor.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(failed(
+                NAME,
+                format!("listing: {}", io::Error::last_os_error()),
+            ));
+        }
+        if n == 0 {
+            return Ok((names, false));
+        }
+        let mut at = 0usize;
+        while at < n as usize {
+            // struct linux_dirent64 { u64 ino; i64 off; u16 reclen; u8 type; char name[]; }
+            let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+            let name = &buf[at + 19..at + reclen];
+            let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+            if name != b"." && name != b".." {
+                if names.len() >= max {
+                    return Ok((names, true));
+                }
+                names.push(name.to_vec());
+            }
+            at += reclen;
+        }
+    }
 }
 
 impl FilePlugin {
     /// Config keys: `root` (required, an existing folder), `max_read_bytes`
-    /// (default 1 MiB), `max_write_bytes` (default 1 MiB), `max_list_entries`
-    /// (default 10000).
+    /// (default 672 KiB: what comes back base64-encoded in one result under
+    /// the default MQTT payload limit), `max_write_bytes` (default 1 MiB),
+    /// `max_list_entries` (default 10000), `max_hash_bytes` (default
+    /// 1 GiB), `max_file_bytes` (default 64 MiB), `max_total_bytes`
+    /// (default 1 GiB).
     pub fn from_config(config: &toml::Table) -> Result<FilePlugin, PluginError> {
         check_keys(
             NAME,
@@ -40,18 +303,40 @@ impl FilePlugin {
                 "max_read_bytes",
                 "max_write_bytes",
                 "max_list_entries",
+                "max_hash_bytes",
+                "max_file_bytes",
+                "max_total_bytes",
             ],
         )?;
         let root = cfg_str(NAME, config, "root")?
             .ok_or_else(|| config_err(NAME, "root", "required: the folder tasks may use"))?;
-        let root = Path::new(&root)
+        let canonical = Path::new(&root)
             .canonicalize()
             .map_err(|e| config_err(NAME, "root", format!("{root}: {e}")))?;
+        let dir = openat(
+            libc::AT_FDCWD,
+            &canonical,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| config_err(NAME, "root", format!("{root}: {e}")))?;
         Ok(FilePlugin {
-            root,
-            max_read_bytes: cfg_u64(NAME, config, "max_read_bytes", 1 << 20, 1, 1 << 30)?,
+            root: canonical,
+            dir: Arc::new(dir),
+            max_read_bytes: cfg_u64(
+                NAME,
+                config,
+                "max_read_bytes",
+                DEFAULT_MAX_READ_BYTES,
+                1,
+                1 << 30,
+            )?,
             max_write_bytes: cfg_u64(NAME, config, "max_write_bytes", 1 << 20, 1, 1 << 30)?,
             max_list_entries: cfg_u64(NAME, config, "max_list_entries", 10_000, 1, 1 << 20)?,
+            max_hash_bytes: cfg_u64(NAME, config, "max_hash_bytes", 1 << 30, 1, 1 << 50)?,
+            max_file_bytes: cfg_u64(NAME, config, "max_file_bytes", 64 << 20, 1, 1 << 50)?,
+            max_total_bytes: cfg_u64(NAME, config, "max_total_bytes", 1 << 30, 1, 1 << 60)?,
+            usage: Arc::new(Mutex::new(Usage::default())),
         })
     }
 
@@ -59,6 +344,7 @@ impl FilePlugin {
     fn plain<'p>(&self, field: &str, rel: &'p str) -> Result<&'p Path, PluginError> {
         let p = Path::new(rel);
         if rel.is_empty()
+            || rel.contains('\0')
             || p.is_absolute()
             || p.components()
                 .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
@@ -74,69 +360,82 @@ impl FilePlugin {
         Ok(p)
     }
 
-    /// An existing path: canonical form (symlinks followed) must be inside root.
-    fn existing(&self, field: &str, rel: &str) -> Result<PathBuf, PluginError> {
+    /// A lookup error as the task's error, naming the field.
+    fn lookup_err(&self, field: &str, rel: &str, e: io::Error) -> PluginError {
+        let message = match e.raw_os_error() {
+            Some(libc::ELOOP) => format!(
+                "`{rel}` is a symlink or goes through one; symlinks are not followed (one could lead outside the root)"
+            ),
+            Some(libc::EXDEV) => format!("`{rel}` leads outside the root"),
+            Some(libc::ENOTDIR) => format!("`{rel}`: a component is not a folder"),
+            _ => format!("`{rel}`: {e}"),
+        };
+        super::util::invalid(NAME, field, message)
+    }
+
+    /// `O_PATH` handle on `rel` itself (a symlink is not followed) and what it is.
+    fn inspect(&self, field: &str, rel: &str) -> Result<(OwnedFd, Metadata), PluginError> {
         let p = self.plain(field, rel)?;
-        let full = self
-            .root
-            .join(p)
-            .canonicalize()
-            .map_err(|e| super::util::invalid(NAME, field, format!("`{rel}`: {e}")))?;
-        if !full.starts_with(&self.root) {
+        let fd = open_beneath(self.dir.as_raw_fd(), p, libc::O_PATH, 0)
+            .map_err(|e| self.lookup_err(field, rel, e))?;
+        let m = stat(&fd).map_err(|e| failed(NAME, format!("`{rel}`: {e}")))?;
+        Ok((fd, m))
+    }
+
+    /// A regular file to read: refused as anything else, before any I/O.
+    fn regular(&self, field: &str, rel: &str) -> Result<(OwnedFd, Metadata), PluginError> {
+        let (fd, m) = self.inspect(field, rel)?;
+        let t = m.file_type();
+        if t.is_symlink() {
+            return Err(self.lookup_err(field, rel, io::Error::from_raw_os_error(libc::ELOOP)));
+        }
+        if !t.is_file() {
             return Err(super::util::invalid(
                 NAME,
                 field,
-                format!("`{rel}` leads outside the root"),
+                format!("`{rel}` is not a regular file (it is a {})", kind(&m)),
             ));
         }
-        Ok(full)
+        Ok((fd, m))
     }
 
-    /// A path that may not exist yet: its parent must canonicalize inside
-    /// root; if it exists as a symlink, the link's target must be inside too.
-    /// Returns the path with the canonical parent (the link itself, not its target).
-    fn new_path(&self, field: &str, rel: &str) -> Result<PathBuf, PluginError> {
+    /// The parent folder of `rel` (a handle) and its last component.
+    fn parent(&self, field: &str, rel: &str) -> Result<(OwnedFd, PathBuf), PluginError> {
         let p = self.plain(field, rel)?;
         let name = p
-            .file_name()
-            .ok_or_else(|| super::util::invalid(NAME, field, format!("`{rel}` names no file")))?;
-        let parent = self.root.join(p.parent().unwrap_or(Path::new("")));
-        let parent = parent.canonicalize().map_err(|e| {
-            super::util::invalid(NAME, field, format!("parent folder of `{rel}`: {e}"))
-        })?;
-        if !parent.starts_with(&self.root) {
-            return Err(super::util::invalid(
-                NAME,
-                field,
-                format!("`{rel}` leads outside the root"),
-            ));
-        }
-        let full = parent.join(name);
-        if let Ok(meta) = std::fs::symlink_metadata(&full) {
-            if meta.file_type().is_symlink() {
-                // A dangling link or one pointing out would let a write escape.
-                match full.canonicalize() {
-                    Ok(t) if t.starts_with(&self.root) => {}
-                    _ => {
-                        return Err(super::util::invalid(
-                            NAME,
-                            field,
-                            format!("`{rel}` is a symlink leading outside the root"),
-                        ))
-                    }
-                }
-            }
-        }
-        Ok(full)
+            .components()
+            .rfind(|c| matches!(c, Component::Normal(_)))
+            .ok_or_else(|| {
+                super::util::invalid(
+                    NAME,
+                    field,
+                    format!("`{rel}` names no file (the root itself)"),
+                )
+            })?;
+        let name = PathBuf::from(name.as_os_str());
+        let parent = p.parent().unwrap_or(Path::new(""));
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        let fd = open_beneath(
+            self.dir.as_raw_fd(),
+            parent,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| self.lookup_err(field, rel, e))?;
+        Ok((fd, name))
     }
 
-    fn run(&self, input: &Input) -> Result<Value, PluginError> {
+    fn run(&self, input: &Input, stop: &Stop) -> Result<Value, PluginError> {
         let op = input.str("op")?;
         match op {
             "read" => self.read(input),
-            "write" => self.write(input),
-            "list" => self.list(input),
-            "hash" => self.hash(input),
+            "write" => self.write(input, stop),
+            "list" => self.list(input, stop),
+            "hash" => self.hash(input, stop),
             "move" => self.rename(input),
             "delete" => self.delete(input),
             other => Err(input.err(
@@ -148,15 +447,11 @@ impl FilePlugin {
 
     fn read(&self, input: &Input) -> Result<Value, PluginError> {
         let rel = input.str("path")?;
-        let path = self.existing("path", rel)?;
         let encoding = input.opt_str("encoding")?.unwrap_or("utf8");
         if !matches!(encoding, "utf8" | "base64") {
             return Err(input.err("encoding", "expected `utf8` or `base64`"));
         }
-        let meta = std::fs::metadata(&path).map_err(|e| input.err("path", e.to_string()))?;
-        if !meta.is_file() {
-            return Err(input.err("path", format!("`{rel}` is not a regular file")));
-        }
+        let (fd, meta) = self.regular("path", rel)?;
         if meta.len() > self.max_read_bytes {
             return Err(input.err(
                 "path",
@@ -167,10 +462,12 @@ impl FilePlugin {
                 ),
             ));
         }
+        let f = reopen(self.dir.as_raw_fd(), Path::new(rel), &fd, libc::O_RDONLY)
+            .map_err(|e| failed(NAME, format!("opening `{rel}`: {e}")))?;
         // Read at most limit+1 bytes: the file may grow after the stat.
         let mut buf = Vec::new();
-        std::fs::File::open(&path)
-            .and_then(|f| f.take(self.max_read_bytes + 1).read_to_end(&mut buf))
+        f.take(self.max_read_bytes + 1)
+            .read_to_end(&mut buf)
             .map_err(|e| failed(NAME, format!("reading `{rel}`: {e}")))?;
         if buf.len() as u64 > self.max_read_bytes {
             return Err(input.err("path", format!("`{rel}` grew past max_read_bytes")));
@@ -194,9 +491,99 @@ impl FilePlugin {
         ]))
     }
 
-    fn write(&self, input: &Input) -> Result<Value, PluginError> {
+    /// Bytes of regular files under the root: measured by a walk at most
+    /// every USAGE_TTL, the plugin's own writes added in between.
+    fn usage(&self, stop: &Stop) -> Result<u64, PluginError> {
+        {
+            let u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            if u.measured.is_some_and(|t| t.elapsed() < USAGE_TTL) {
+                return Ok(u.bytes);
+            }
+        }
+        let mut total = 0u64;
+        let mut seen = 0usize;
+        let mut folders = vec![openat(
+            self.dir.as_raw_fd(),
+            Path::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| failed(NAME, format!("measuring the root: {e}")))?];
+        while let Some(d) = folders.pop() {
+            let (names, _) = read_names(&d, stop, USAGE_MAX_ENTRIES)?;
+            for n in names {
+                seen += 1;
+                if seen > USAGE_MAX_ENTRIES {
+                    break;
+                }
+                use std::os::unix::ffi::OsStrExt;
+                let name = Path::new(std::ffi::OsStr::from_bytes(&n));
+                let Ok(fd) = openat(d.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+                    continue;
+                };
+                let Ok(m) = stat(&fd) else { continue };
+                if m.file_type().is_file() {
+                    total += m.len();
+                } else if m.file_type().is_dir() {
+                    if let Ok(sub) = openat(
+                        d.as_raw_fd(),
+                        name,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        0,
+                    ) {
+                        folders.push(sub);
+                    }
+                }
+            }
+        }
+        let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        u.bytes = total;
+        u.measured = Some(Instant::now());
+        Ok(total)
+    }
+
+    fn grew(&self, delta: i64) {
+        let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        u.bytes = u.bytes.saturating_add_signed(delta);
+    }
+
+    /// Refuses a write that would leave a file of `new_size` bytes (from `old_size`).
+    fn check_sizes(
+        &self,
+        input: &Input,
+        rel: &str,
+        old_size: u64,
+        new_size: u64,
+        stop: &Stop,
+    ) -> Result<(), PluginError> {
+        if new_size > self.max_file_bytes {
+            return Err(input.err(
+                "content",
+                format!(
+                    "`{rel}` would have {new_size} bytes, more than max_file_bytes ({})",
+                    self.max_file_bytes
+                ),
+            ));
+        }
+        if new_size > old_size {
+            let used = self.usage(stop)?;
+            let after = used + (new_size - old_size);
+            if after > self.max_total_bytes {
+                return Err(input.err(
+                    "content",
+                    format!(
+                        "the root would hold {after} bytes, more than max_total_bytes ({}; {used} in use)",
+                        self.max_total_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, input: &Input, stop: &Stop) -> Result<Value, PluginError> {
         let rel = input.str("path")?;
-        let path = self.new_path("path", rel)?;
+        let p = self.plain("path", rel)?;
         let bytes = match (input.get("content"), input.get("content_base64")) {
             (Some(Value::Str(s)), None) => s.clone().into_bytes(),
             (None, Some(Value::Str(s))) => {
@@ -222,28 +609,67 @@ impl FilePlugin {
             ));
         }
         let append = input.opt_bool("append")?.unwrap_or(false);
-        if path.is_dir() {
-            return Err(input.err("path", format!("`{rel}` is a folder")));
-        }
-        // Not a link when checked: refuse one planted since (O_NOFOLLOW).
-        let was_link = path
-            .symlink_metadata()
-            .is_ok_and(|m| m.file_type().is_symlink());
-        let res = {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut o = std::fs::OpenOptions::new();
-            o.write(true).create(true);
-            if append {
-                o.append(true);
-            } else {
-                o.truncate(true);
+        let len = bytes.len() as u64;
+        let dir = self.dir.as_raw_fd();
+        // Existing: checked, then reopened through its handle. Missing:
+        // created with O_EXCL (which never opens what appeared meanwhile).
+        let (mut f, old) = loop {
+            match open_beneath(dir, p, libc::O_PATH, 0) {
+                Ok(fd) => {
+                    let m = stat(&fd).map_err(|e| failed(NAME, format!("`{rel}`: {e}")))?;
+                    if m.file_type().is_symlink() {
+                        return Err(self.lookup_err(
+                            "path",
+                            rel,
+                            io::Error::from_raw_os_error(libc::ELOOP),
+                        ));
+                    }
+                    if m.is_dir() {
+                        return Err(input.err("path", format!("`{rel}` is a folder")));
+                    }
+                    if !m.file_type().is_file() {
+                        return Err(input.err(
+                            "path",
+                            format!("`{rel}` is not a regular file (it is a {})", kind(&m)),
+                        ));
+                    }
+                    let new_size = if append { m.len() + len } else { len };
+                    self.check_sizes(input, rel, m.len(), new_size, stop)?;
+                    let flags = libc::O_WRONLY | if append { libc::O_APPEND } else { 0 };
+                    let f = reopen(dir, p, &fd, flags)
+                        .map_err(|e| failed(NAME, format!("opening `{rel}`: {e}")))?;
+                    if !append {
+                        f.set_len(0)
+                            .map_err(|e| failed(NAME, format!("truncating `{rel}`: {e}")))?;
+                    }
+                    break (f, m.len());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    self.check_sizes(input, rel, 0, len, stop)?;
+                    match open_beneath(
+                        dir,
+                        p,
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NONBLOCK,
+                        0o644,
+                    ) {
+                        Ok(fd) => break (File::from(fd), 0),
+                        // Appeared since: look again.
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                            return Err(input.err(
+                                "path",
+                                format!("the parent folder of `{rel}` does not exist"),
+                            ))
+                        }
+                        Err(e) => return Err(self.lookup_err("path", rel, e)),
+                    }
+                }
+                Err(e) => return Err(self.lookup_err("path", rel, e)),
             }
-            if !was_link {
-                o.custom_flags(libc::O_NOFOLLOW);
-            }
-            o.open(&path).and_then(|mut f| f.write_all(&bytes))
         };
+        let res = f.write_all(&bytes);
+        let new_size = f.metadata().map(|m| m.len()).unwrap_or(old);
+        self.grew(new_size as i64 - old as i64);
         res.map_err(|e| failed(NAME, format!("writing `{rel}`: {e}")))?;
         Ok(map(vec![
             ("path", Value::Str(rel.into())),
@@ -251,34 +677,32 @@ impl FilePlugin {
         ]))
     }
 
-    fn list(&self, input: &Input) -> Result<Value, PluginError> {
+    fn list(&self, input: &Input, stop: &Stop) -> Result<Value, PluginError> {
         let rel = input.opt_str("path")?.unwrap_or(".");
-        let dir = self.existing("path", rel)?;
-        let rd = std::fs::read_dir(&dir).map_err(|e| input.err("path", format!("`{rel}`: {e}")))?;
+        let p = self.plain("path", rel)?;
+        let d = open_beneath(
+            self.dir.as_raw_fd(),
+            p,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK,
+            0,
+        )
+        .map_err(|e| self.lookup_err("path", rel, e))?;
+        let (names, truncated) = read_names(&d, stop, self.max_list_entries as usize)?;
         let mut entries = Vec::new();
-        let mut truncated = false;
-        for e in rd {
-            let e = e.map_err(|e| failed(NAME, format!("listing `{rel}`: {e}")))?;
-            if entries.len() as u64 >= self.max_list_entries {
-                truncated = true;
-                break;
-            }
-            let meta = e
-                .path()
-                .symlink_metadata()
-                .map_err(|err| failed(NAME, format!("listing `{rel}`: {err}")))?;
-            let kind = if meta.file_type().is_symlink() {
-                "symlink"
-            } else if meta.is_dir() {
-                "dir"
-            } else {
-                "file"
+        for n in names {
+            stop.check(NAME)?;
+            use std::os::unix::ffi::OsStrExt;
+            let name = std::ffi::OsStr::from_bytes(&n);
+            let Ok(fd) = openat(
+                d.as_raw_fd(),
+                Path::new(name),
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+            ) else {
+                continue; // gone since
             };
-            entries.push((
-                e.file_name().to_string_lossy().into_owned(),
-                kind,
-                meta.len(),
-            ));
+            let meta = stat(&fd).map_err(|err| failed(NAME, format!("listing `{rel}`: {err}")))?;
+            entries.push((name.to_string_lossy().into_owned(), kind(&meta), meta.len()));
         }
         entries.sort();
         Ok(map(vec![
@@ -302,18 +726,26 @@ impl FilePlugin {
         ]))
     }
 
-    fn hash(&self, input: &Input) -> Result<Value, PluginError> {
+    fn hash(&self, input: &Input, stop: &Stop) -> Result<Value, PluginError> {
         let rel = input.str("path")?;
-        let path = self.existing("path", rel)?;
-        if !path.is_file() {
-            return Err(input.err("path", format!("`{rel}` is not a regular file")));
+        let (fd, meta) = self.regular("path", rel)?;
+        if meta.len() > self.max_hash_bytes {
+            return Err(input.err(
+                "path",
+                format!(
+                    "`{rel}` has {} bytes, more than max_hash_bytes ({})",
+                    meta.len(),
+                    self.max_hash_bytes
+                ),
+            ));
         }
-        let mut f = std::fs::File::open(&path)
+        let mut f = reopen(self.dir.as_raw_fd(), Path::new(rel), &fd, libc::O_RDONLY)
             .map_err(|e| failed(NAME, format!("opening `{rel}`: {e}")))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut size: u64 = 0;
         loop {
+            stop.check(NAME)?;
             let n = f
                 .read(&mut buf)
                 .map_err(|e| failed(NAME, format!("reading `{rel}`: {e}")))?;
@@ -321,6 +753,9 @@ impl FilePlugin {
                 break;
             }
             size += n as u64;
+            if size > self.max_hash_bytes {
+                return Err(input.err("path", format!("`{rel}` grew past max_hash_bytes")));
+            }
             h.update(&buf[..n]);
         }
         let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
@@ -331,31 +766,70 @@ impl FilePlugin {
         ]))
     }
 
-    /// The path of an existing entry itself (a symlink is not followed), after
-    /// checking that what it leads to is inside root.
-    fn existing_entry(&self, field: &str, rel: &str) -> Result<PathBuf, PluginError> {
-        self.existing(field, rel)?;
-        let entry = self.new_path(field, rel)?;
-        if entry == self.root {
-            return Err(super::util::invalid(NAME, field, "the root itself"));
-        }
-        Ok(entry)
-    }
-
     fn rename(&self, input: &Input) -> Result<Value, PluginError> {
         let from_rel = input.str("from")?;
         let to_rel = input.str("to")?;
-        let from = self.existing_entry("from", from_rel)?;
-        let to = self.new_path("to", to_rel)?;
         let overwrite = input.opt_bool("overwrite")?.unwrap_or(false);
-        if to.symlink_metadata().is_ok() && !overwrite {
+        let (_, m) = self.inspect("from", from_rel)?;
+        if m.file_type().is_symlink() {
             return Err(input.err(
-                "to",
-                format!("`{to_rel}` exists; set `overwrite: true` to replace it"),
+                "from",
+                format!("`{from_rel}` is a symlink; symlinks are not followed or moved (one could lead outside the root), only deleted"),
             ));
         }
-        std::fs::rename(&from, &to)
-            .map_err(|e| failed(NAME, format!("moving `{from_rel}` to `{to_rel}`: {e}")))?;
+        let (from_dir, from_name) = self.parent("from", from_rel)?;
+        let (to_dir, to_name) = self.parent("to", to_rel)?;
+        let (a, b) = (
+            cstr(&from_name).map_err(|e| input.err("from", e.to_string()))?,
+            cstr(&to_name).map_err(|e| input.err("to", e.to_string()))?,
+        );
+        let flags: libc::c_uint = if overwrite { 0 } else { libc::RENAME_NOREPLACE };
+        let (fd_from, fd_to) = (from_dir.as_raw_fd(), to_dir.as_raw_fd());
+        // SAFETY: two directory handles we hold and NUL-terminated names.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                fd_from,
+                a.as_ptr(),
+                fd_to,
+                b.as_ptr(),
+                flags,
+            )
+        };
+        let result = if r == 0 {
+            Ok(())
+        } else {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+                // No renameat2 (or no RENAME_NOREPLACE on this filesystem):
+                // check, then rename.
+                if !overwrite && openat(fd_to, &to_name, libc::O_PATH | libc::O_NOFOLLOW, 0).is_ok()
+                {
+                    Err(io::Error::from_raw_os_error(libc::EEXIST))
+                } else if unsafe { libc::renameat(fd_from, a.as_ptr(), fd_to, b.as_ptr()) } == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            } else {
+                Err(e)
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !overwrite => {
+                return Err(input.err(
+                    "to",
+                    format!("`{to_rel}` exists; set `overwrite: true` to replace it"),
+                ))
+            }
+            Err(e) => {
+                return Err(failed(
+                    NAME,
+                    format!("moving `{from_rel}` to `{to_rel}`: {e}"),
+                ))
+            }
+        }
         Ok(map(vec![
             ("from", Value::Str(from_rel.into())),
             ("to", Value::Str(to_rel.into())),
@@ -364,17 +838,20 @@ impl FilePlugin {
 
     fn delete(&self, input: &Input) -> Result<Value, PluginError> {
         let rel = input.str("path")?;
-        let path = self.existing_entry("path", rel)?;
-        let meta = path
-            .symlink_metadata()
-            .map_err(|e| input.err("path", format!("`{rel}`: {e}")))?;
-        // Folders only when empty: no recursive deletes from a task.
-        let res = if meta.is_dir() {
-            std::fs::remove_dir(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        res.map_err(|e| failed(NAME, format!("deleting `{rel}`: {e}")))?;
+        let (dir, name) = self.parent("path", rel)?;
+        let (_, meta) = self.inspect("path", rel)?;
+        let c = cstr(&name).map_err(|e| input.err("path", e.to_string()))?;
+        // Folders only when empty: no recursive deletes from a task. A
+        // symlink is removed itself (dangling or not), never its target.
+        let flag = if meta.is_dir() { libc::AT_REMOVEDIR } else { 0 };
+        // SAFETY: a directory handle we hold and a NUL-terminated name.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flag) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(failed(NAME, format!("deleting `{rel}`: {e}")));
+        }
+        if meta.file_type().is_file() {
+            self.grew(-(meta.len() as i64));
+        }
         Ok(map(vec![
             ("path", Value::Str(rel.into())),
             ("deleted", Value::Bool(true)),
@@ -429,9 +906,10 @@ impl Plugin for FilePlugin {
         Input::new(NAME, &task.input)?;
         let me = self.clone();
         let value = task.input.clone();
+        let stop = Stop::of(&task);
         blocking(NAME, &task, move || {
             let input = Input::new(NAME, &value)?;
-            me.run(&input)
+            me.run(&input, &stop)
         })
         .await
     }
@@ -451,7 +929,7 @@ mod tests {
     fn run(p: &FilePlugin, v: serde_json::Value) -> Result<serde_json::Value, String> {
         let v = Value::from(v);
         let input = Input::new(NAME, &v).map_err(|e| e.to_string())?;
-        p.run(&input)
+        p.run(&input, &Stop::never())
             .map(serde_json::Value::from)
             .map_err(|e| e.to_string())
     }
@@ -510,6 +988,57 @@ mod tests {
     }
 
     #[test]
+    fn walk_without_openat2_gives_the_same_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/f"), "x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("sub"), dir.path().join("in")).unwrap();
+        let root = openat(
+            libc::AT_FDCWD,
+            dir.path(),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .unwrap();
+        let r = root.as_raw_fd();
+        for rel in ["sub/f", "sub", "."] {
+            walk_beneath(r, Path::new(rel), libc::O_PATH | libc::O_NOFOLLOW, 0).unwrap();
+        }
+        for rel in ["out/x", "in/f", "out"] {
+            let e = walk_beneath(
+                r,
+                Path::new(rel),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)),
+                "{rel}: {e}"
+            );
+            let e = open_beneath(r, Path::new(rel), libc::O_RDONLY, 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{rel}: {e}");
+        }
+    }
+
+    #[test]
+    fn writes_are_capped_per_file_and_in_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plugin(dir.path(), "max_file_bytes = 10\nmax_total_bytes = 20");
+        let w = |path: &str, n: usize, append: bool| json!({"op": "write", "path": path, "content": "x".repeat(n), "append": append});
+        run(&p, w("a", 6, true)).unwrap();
+        let e = run(&p, w("a", 6, true)).unwrap_err();
+        assert!(e.contains("max_file_bytes"), "{e}");
+        run(&p, w("b", 9, false)).unwrap();
+        let e = run(&p, w("c", 9, false)).unwrap_err();
+        assert!(e.contains("max_total_bytes"), "{e}");
+        run(&p, json!({"op": "delete", "path": "b"})).unwrap();
+        run(&p, w("c", 9, false)).unwrap();
+    }
+
+    #[test]
     fn hostile_paths_and_limits_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
@@ -537,7 +1066,6 @@ mod tests {
                 "`to`",
             ),
             (json!({"op": "move", "from": "link", "to": "l2"}), "`from`"),
-            (json!({"op": "delete", "path": "link"}), "`path`"),
             (json!({"op": "delete", "path": "."}), "`path`"),
             (json!({"op": "read", "path": "big"}), "max_read_bytes"),
             (
@@ -555,6 +1083,45 @@ mod tests {
         }
         assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"s");
         assert!(!outside.path().join("new").exists());
+        // A symlink inside pointing inside is not followed either; any
+        // symlink can be deleted, the link and not its target.
+        std::os::unix::fs::symlink(dir.path().join("big"), dir.path().join("inner")).unwrap();
+        let e = run(&p, json!({"op": "read", "path": "inner"})).unwrap_err();
+        assert!(e.contains("symlink"), "{e}");
+        run(&p, json!({"op": "delete", "path": "link"})).unwrap();
+        run(&p, json!({"op": "delete", "path": "inner"})).unwrap();
+        assert!(dir.path().join("big").exists() && outside.path().join("secret").exists());
+        // Special files: refused before any I/O (a FIFO open would block).
+        let fifo = CString::new(dir.path().join("fifo").display().to_string()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        for op in [
+            json!({"op": "read", "path": "fifo"}),
+            json!({"op": "write", "path": "fifo", "content": "x"}),
+            json!({"op": "hash", "path": "fifo"}),
+        ] {
+            let e = run(&p, op.clone()).unwrap_err();
+            assert!(
+                e.contains("not a regular file") && e.contains("fifo"),
+                "{op}: {e}"
+            );
+        }
+        let r = run(&p, json!({"op": "list"})).unwrap();
+        let kinds: Vec<(String, String)> = r["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().into(),
+                    e["type"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert!(kinds.contains(&("fifo".into(), "fifo".into())), "{kinds:?}");
+        assert!(
+            kinds.contains(&("outdir".into(), "symlink".into())),
+            "{kinds:?}"
+        );
         let t: toml::Table = toml::from_str("root = \"/no/such/dir\"").unwrap();
         assert!(FilePlugin::from_config(&t)
             .unwrap_err()

@@ -15,6 +15,25 @@ use std::time::{Duration, Instant};
 
 const NAME: &str = "http";
 
+/// The `max_response_bytes` that still comes back in one result under the
+/// default 1 MiB MQTT payload, base64 and envelope included (672 KiB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = super::util::result_budget(1 << 20);
+
+/// Headers a task may not set: they decide where the request goes (`host`:
+/// another backend behind a reverse proxy on an allowed address) and how
+/// its body is framed (request smuggling), and the client sets them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
 /// The http plugin.
 #[derive(Debug, Clone)]
 pub struct Http {
@@ -36,8 +55,10 @@ struct Call {
 
 impl Http {
     /// Config keys: `allow` (list of `host` or `host:port`; default empty),
-    /// `max_response_bytes` (default 1 MiB), `max_request_bytes` (default
-    /// 1 MiB), `timeout_ms` (default 10000), `max_timeout_ms` (default 60000).
+    /// `max_response_bytes` (default 672 KiB: what comes back in one result
+    /// under the default MQTT payload limit, see [`DEFAULT_MAX_RESPONSE_BYTES`]),
+    /// `max_request_bytes` (default 1 MiB), `timeout_ms` (default 10000),
+    /// `max_timeout_ms` (default 60000).
     pub fn from_config(config: &toml::Table) -> Result<Http, PluginError> {
         check_keys(
             NAME,
@@ -69,7 +90,14 @@ impl Http {
         let max_timeout_ms = cfg_u64(NAME, config, "max_timeout_ms", 60_000, 1, 3_600_000)?;
         Ok(Http {
             allow,
-            max_response_bytes: cfg_u64(NAME, config, "max_response_bytes", 1 << 20, 1, 1 << 30)?,
+            max_response_bytes: cfg_u64(
+                NAME,
+                config,
+                "max_response_bytes",
+                DEFAULT_MAX_RESPONSE_BYTES,
+                1,
+                1 << 30,
+            )?,
             max_request_bytes: cfg_u64(NAME, config, "max_request_bytes", 1 << 20, 0, 1 << 30)?,
             default_timeout_ms: cfg_u64(NAME, config, "timeout_ms", 10_000, 1, max_timeout_ms)?,
             max_timeout_ms,
@@ -136,6 +164,15 @@ impl Http {
                         || ureq::http::HeaderValue::from_str(&v).is_err()
                     {
                         return Err(input.err(&format!("headers.{k}"), "not a valid HTTP header"));
+                    }
+                    if RESERVED_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
+                        return Err(input.err(
+                            &format!("headers.{k}"),
+                            format!(
+                                "may not be set by a task (the agent sets it from the URL and body; reserved: {})",
+                                RESERVED_HEADERS.join(", ")
+                            ),
+                        ));
                     }
                     headers.push((k.clone(), v));
                 }
@@ -414,6 +451,15 @@ mod tests {
             (
                 json!({"url": "http://example.com/", "headers": "x"}),
                 "`headers`",
+            ),
+            (
+                json!({"url": "http://example.com/", "headers": {"Host": "admin.internal"}}),
+                "`headers.Host`",
+            ),
+            (
+                json!({"url": "http://example.com/", "method": "POST", "body": "x",
+                       "headers": {"transfer-encoding": "chunked"}}),
+                "`headers.transfer-encoding`",
             ),
             (
                 json!({"url": "http://example.com/", "timeout_ms": 0}),

@@ -53,18 +53,15 @@ impl EngineConfig {
     }
 }
 
-/// Runs blocking model work off the async threads, honouring cancellation.
-async fn blocking<T: Send + 'static>(
-    plugin: &str,
-    task: &TaskContext,
-    f: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
-) -> Result<T, PluginError> {
-    let handle = tokio::task::spawn_blocking(f);
-    tokio::select! {
-        r = handle => r.map_err(|e| failed(plugin, format!("model run aborted: {e}")))?,
-        _ = task.cancel.cancelled() => Err(PluginError::Cancelled(plugin.into())),
-    }
-}
+use super::util::{blocking, Stop};
+
+/// Values the outputs of one `infer` task may have in all: more could not
+/// come back in one result anyway (about 9 bytes each in the envelope).
+const MAX_OUTPUT_VALUES: usize = 1 << 18;
+
+/// Largest WAV file `vad` reads from its `audio_root` (about 35 minutes of
+/// 16 kHz 16-bit mono); a bigger one is refused before it is read.
+const MAX_WAV_BYTES: u64 = 64 << 20;
 
 /// The generic `infer` plugin: named tensors in, named tensors out.
 pub struct Infer {
@@ -147,7 +144,17 @@ fn tensor_from_value(v: &Value, i: usize) -> Result<NamedTensor, PluginError> {
             ))
         }
     };
-    let want: usize = shape.iter().product();
+    // Checked: dimensions like [2^32, 2^32] must not wrap to a small count.
+    let want = shape
+        .iter()
+        .try_fold(1usize, |n, d| n.checked_mul(*d))
+        .ok_or_else(|| {
+            invalid(
+                "infer",
+                &field("shape"),
+                format!("{shape:?} has too many values"),
+            )
+        })?;
     if nums.len() != want {
         return Err(invalid(
             "infer",
@@ -259,27 +266,46 @@ impl Plugin for Infer {
                 ))
             }
         };
-        let inputs = match task.input.get("inputs") {
-            Some(Value::List(l)) => l
-                .iter()
-                .enumerate()
-                .map(|(i, v)| tensor_from_value(v, i))
-                .collect::<Result<Vec<_>, _>>()?,
-            _ => return Err(invalid("infer", "inputs", "expected a list of tensors")),
-        };
+        if !matches!(task.input.get("inputs"), Some(Value::List(_))) {
+            return Err(invalid("infer", "inputs", "expected a list of tensors"));
+        }
         let engine = self.engine.clone();
         let started = std::time::Instant::now();
+        let input = task.input.clone();
+        let stop = Stop::of(&task);
+        // Pre- and post-processing on the blocking thread too, each step
+        // checking for a cancel or the deadline; the model run itself
+        // cannot be interrupted (its thread keeps the task's slot).
         let outputs = blocking("infer", &task, move || {
-            engine
+            let mut inputs = Vec::new();
+            if let Some(Value::List(l)) = input.get("inputs") {
+                for (i, v) in l.iter().enumerate() {
+                    stop.check("infer")?;
+                    inputs.push(tensor_from_value(v, i)?);
+                }
+            }
+            stop.check("infer")?;
+            let outputs = engine
                 .run(&model, inputs)
-                .map_err(|e| invalid_or_failed(e.to_string()))
+                .map_err(|e| invalid_or_failed(e.to_string()))?;
+            stop.check("infer")?;
+            let values: usize = outputs.iter().map(|t| t.data.len()).sum();
+            if values > MAX_OUTPUT_VALUES {
+                return Err(failed(
+                    "infer",
+                    format!("the outputs have {values} values, more than one result carries ({MAX_OUTPUT_VALUES})"),
+                ));
+            }
+            let mut out = Vec::with_capacity(outputs.len());
+            for t in outputs {
+                stop.check("infer")?;
+                out.push(tensor_to_value(t));
+            }
+            Ok(out)
         })
         .await?;
         Ok(Value::Map(vec![
-            (
-                "outputs".into(),
-                Value::List(outputs.into_iter().map(tensor_to_value).collect()),
-            ),
+            ("outputs".into(), Value::List(outputs)),
             (
                 "elapsed_us".into(),
                 Value::Int(started.elapsed().as_micros() as i64),
@@ -398,8 +424,20 @@ impl Plugin for Vad {
             task.input.get("pcm"),
         ) {
             (Some(Value::Str(rel)), None, None) => {
-                let path = self.resolve(rel)?;
-                wav::read_wav(&path).map_err(|e| invalid("vad", "wav", e.to_string()))?
+                // Checked by name, then read through a handle on the root
+                // (no symlinks, no special files, capped): see file.rs.
+                self.resolve(rel)?;
+                let root = self.audio_root.as_deref().unwrap_or(Path::new("."));
+                let bytes = super::file::read_beneath(root, Path::new(rel), MAX_WAV_BYTES)
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::ELOOP) => invalid(
+                            "vad",
+                            "wav",
+                            format!("`{rel}` is a symlink or goes through one; not followed"),
+                        ),
+                        _ => invalid("vad", "wav", format!("`{rel}`: {e}")),
+                    })?;
+                wav::parse_wav(&bytes).map_err(|e| invalid("vad", "wav", e.to_string()))?
             }
             (None, Some(Value::Str(b64)), None) => {
                 let bytes =

@@ -7,6 +7,7 @@
 //! misbehaving plugin fails its task, not the agent.
 
 pub mod anomaly;
+mod cgroup;
 mod echo;
 pub mod exec;
 pub mod file;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use echo::Echo;
 pub use schema::Schema;
 pub use sysinfo::SysInfo;
+pub use util::result_budget;
 
 /// Errors of plugins, at build time or for one task.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -73,6 +75,60 @@ pub struct TaskContext {
     /// Set when the task is cancelled or times out; long plugins should watch it.
     pub cancel: CancellationToken,
     pub attempt: u32,
+}
+
+tokio::task_local! {
+    static WORK: Work;
+}
+
+/// A handle held by everything a task's plugin runs: the plugin's own
+/// future (the agent runs it inside [`Work::scope`]) and every blocking
+/// thread it starts through the plugins' helpers. The agent keeps the
+/// task's concurrency slot until the last handle is gone, so work that
+/// goes on after its task timed out or was cancelled still counts against
+/// the limits (a thread stuck in a call that cannot be interrupted keeps
+/// its slot, and the next task of that plugin waits).
+#[derive(Clone, Debug)]
+pub struct Work(#[allow(dead_code)] tokio::sync::mpsc::Sender<()>);
+
+/// The other end of [`Work`]: tells when every handle is gone.
+#[derive(Debug)]
+pub struct WorkEnded(tokio::sync::mpsc::Receiver<()>);
+
+impl Work {
+    /// A new handle and its end signal.
+    pub fn new() -> (Work, WorkEnded) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (Work(tx), WorkEnded(rx))
+    }
+
+    /// Runs `f` with this handle as the current task's work.
+    pub fn scope<F: std::future::Future>(
+        self,
+        f: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        WORK.scope(self, f)
+    }
+
+    /// The current task's handle, when called inside [`Work::scope`].
+    pub fn current() -> Option<Work> {
+        WORK.try_with(Clone::clone).ok()
+    }
+}
+
+impl WorkEnded {
+    /// Whether every handle is gone already.
+    pub fn ended(&mut self) -> bool {
+        matches!(
+            self.0.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        )
+    }
+
+    /// Waits until every handle is gone.
+    pub async fn wait(mut self) {
+        while self.0.recv().await.is_some() {}
+    }
 }
 
 /// The plugin interface.

@@ -6,9 +6,17 @@
 //! `concurrency` processes, one task at a time each). A process that dies is
 //! restarted on the next task; one that times out, crashes, writes garbage
 //! or an over-long line is killed and fails only that task. Memory (address
-//! space) and CPU time are capped with setrlimit before exec.
+//! space) and CPU time are capped per process with setrlimit before exec;
+//! the process and everything it starts are held together in a cgroup v2
+//! of their own where the agent can make one (`memory.max`, `pids.max`,
+//! `cgroup.kill`), or counted by the agent where it cannot (see
+//! [`super::cgroup`]). The environment is cleared: `PATH`, `LANG` and
+//! `HOME` are passed on, plus the manifest's `[env]`. What a plugin writes
+//! to the agent's log (log messages, stderr) loses its control characters
+//! and is cut to a bounded length.
 
-use super::util::{cfg_str_list, config_err, failed, invalid};
+use super::cgroup;
+use super::util::{cfg_str_list, config_err, failed, invalid, log_safe};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
 use async_trait::async_trait;
@@ -61,6 +69,12 @@ pub struct Manifest {
     pub max_cpu_secs: u64,
     #[serde(default = "default_line")]
     pub max_line_bytes: usize,
+    /// Processes at once: the plugin's and everything it starts.
+    #[serde(default = "default_processes")]
+    pub max_processes: u64,
+    /// Environment variables set for the process, besides PATH, LANG and HOME.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
     /// Sent to the process in the `validate` message.
     #[serde(default)]
     pub config: toml::Table,
@@ -81,6 +95,12 @@ fn default_cpu() -> u64 {
 fn default_line() -> usize {
     1 << 20
 }
+fn default_processes() -> u64 {
+    64
+}
+
+/// Longest log line a plugin gets into the agent's log (bytes kept).
+const LOG_LINE: usize = 1000;
 
 /// Input schema: required fields and their types.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -177,12 +197,86 @@ struct Worker {
     stdin: ChildStdin,
     /// Result/error replies, or why the stream ended.
     replies: mpsc::Receiver<Result<Reply, String>>,
+    /// Its cgroup, where the agent could make one.
+    group: Option<Arc<cgroup::Group>>,
+    /// The agent's count of its processes and memory, where the kernel
+    /// does not enforce them.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    /// Why the watchdog killed it.
+    killed_for: Arc<Mutex<Option<String>>>,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
         kill_group(self.child.id());
+        if let Some(g) = &self.group {
+            g.kill();
+        }
+        if let Some(w) = &self.watchdog {
+            w.abort();
+        }
     }
+}
+
+/// Counts the worker's processes and their resident memory every
+/// [`cgroup::POLL`] and kills them all past a limit, saying why.
+async fn watch(
+    group: Option<Arc<cgroup::Group>>,
+    pgid: i32,
+    max_processes: u64,
+    max_memory_mb: u64,
+    killed_for: Arc<Mutex<Option<String>>>,
+) {
+    let mut tick = tokio::time::interval(cgroup::POLL);
+    loop {
+        tick.tick().await;
+        if over_limits(
+            group.as_deref(),
+            pgid,
+            max_processes,
+            max_memory_mb,
+            &killed_for,
+        ) {
+            return;
+        }
+    }
+}
+
+/// Counts once; past a limit, records why and kills them all.
+fn over_limits(
+    group: Option<&cgroup::Group>,
+    pgid: i32,
+    max_processes: u64,
+    max_memory_mb: u64,
+    killed_for: &Mutex<Option<String>>,
+) -> bool {
+    let how = cgroup::mechanism("");
+    let pids = match group {
+        Some(g) => g.pids(),
+        None => cgroup::group_members(pgid),
+    };
+    let rss = cgroup::rss_bytes(&pids);
+    let why = if pids.len() as u64 > max_processes {
+        format!(
+            "it and its children ran {} processes, more than max_processes ({max_processes}) ({how}); all killed",
+            pids.len()
+        )
+    } else if rss > max_memory_mb << 20 {
+        format!(
+            "it and its children used {} MiB, more than max_memory_mb ({max_memory_mb}) ({how}); all killed",
+            rss >> 20
+        )
+    } else {
+        return false;
+    };
+    *killed_for.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    match group {
+        Some(g) => g.kill(),
+        None => unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        },
+    }
+    true
 }
 
 fn kill_group(pid: Option<u32>) {
@@ -229,10 +323,20 @@ async fn log_stderr(name: &'static str, mut r: impl AsyncRead + Unpin) {
     const KEEP: usize = 500;
     let mut line: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
-    let flush = |line: &mut Vec<u8>| {
+    let mut dropped = 0usize;
+    let flush = |line: &mut Vec<u8>, dropped: &mut usize| {
         if !line.is_empty() {
-            log::warn!("plugin {name} (stderr): {}", String::from_utf8_lossy(line));
+            let more = if *dropped > 0 {
+                format!(" [{dropped} more bytes]")
+            } else {
+                String::new()
+            };
+            log::warn!(
+                "plugin {name} (stderr): {}{more}",
+                log_safe(&String::from_utf8_lossy(line), KEEP)
+            );
             line.clear();
+            *dropped = 0;
         }
     };
     loop {
@@ -242,13 +346,15 @@ async fn log_stderr(name: &'static str, mut r: impl AsyncRead + Unpin) {
         };
         for &b in &chunk[..n] {
             if b == b'\n' {
-                flush(&mut line);
+                flush(&mut line, &mut dropped);
             } else if line.len() < KEEP {
                 line.push(b);
+            } else {
+                dropped += 1;
             }
         }
     }
-    flush(&mut line);
+    flush(&mut line, &mut dropped);
 }
 
 /// A process plugin.
@@ -304,6 +410,21 @@ impl ProcessPlugin {
         range("max_memory_mb", m.max_memory_mb, 16, 1 << 20)?;
         range("max_cpu_secs", m.max_cpu_secs, 1, 1 << 30)?;
         range("max_line_bytes", m.max_line_bytes as u64, 1024, 1 << 30)?;
+        range("max_processes", m.max_processes, 1, 1 << 16)?;
+        for (k, v) in &m.env {
+            let ok_name = !k.is_empty()
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !k.starts_with(|c: char| c.is_ascii_digit());
+            if !ok_name || v.contains('\0') {
+                return Err(config_err(
+                    "process",
+                    &key,
+                    format!(
+                        "env.{k}: a variable name is letters, digits and _, its value has no NUL"
+                    ),
+                ));
+            }
+        }
         for (f, t) in &m.input.types {
             if !TYPES.contains(&t.as_str()) {
                 return Err(config_err(
@@ -348,6 +469,31 @@ impl ProcessPlugin {
     /// Starts a process and runs the `validate` handshake.
     async fn start(&self) -> Result<Worker, PluginError> {
         let mut cmd = tokio::process::Command::new(self.program());
+        // Nothing of the agent's environment (its secrets) but these.
+        cmd.env_clear();
+        for (k, default) in [
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            ("LANG", "C.UTF-8"),
+            ("HOME", "/"),
+        ] {
+            cmd.env(k, std::env::var_os(k).unwrap_or_else(|| default.into()));
+        }
+        cmd.envs(&self.m.env);
+        let group = match cgroup::hierarchy() {
+            Some(_) => match cgroup::Group::create(
+                self.name,
+                self.m.max_memory_mb << 20,
+                self.m.max_processes,
+            ) {
+                Ok(g) => Some(Arc::new(g)),
+                Err(e) => {
+                    log::warn!("plugin {}: no cgroup for this process ({e}); counting its process group instead", self.name);
+                    None
+                }
+            },
+            None => None,
+        };
+        let joins = group.clone();
         cmd.args(&self.m.args)
             .current_dir(&self.dir)
             .stdin(Stdio::piped())
@@ -372,6 +518,10 @@ impl ProcessPlugin {
                     || libc::setrlimit(libc::RLIMIT_CPU, &cpu_lim) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Into its cgroup before exec: nothing it starts is outside.
+                if let Some(g) = &joins {
+                    g.join_from_child()?;
                 }
                 Ok(())
             });
@@ -411,7 +561,7 @@ impl ProcessPlugin {
                             "debug" => log::Level::Debug,
                             _ => log::Level::Info,
                         };
-                        log::log!(lvl, "plugin {name}: {message}");
+                        log::log!(lvl, "plugin {name}: {}", log_safe(&message, LOG_LINE));
                     }
                     Ok(reply) => {
                         if tx.send(Ok(reply)).await.is_err() {
@@ -419,8 +569,7 @@ impl ProcessPlugin {
                         }
                     }
                     Err(e) => {
-                        let shown: String =
-                            String::from_utf8_lossy(&line).chars().take(120).collect();
+                        let shown = log_safe(&String::from_utf8_lossy(&line), 120);
                         let _ = tx
                             .send(Err(format!(
                                 "wrote a line that is not a protocol message ({e}): {shown:?}"
@@ -432,15 +581,33 @@ impl ProcessPlugin {
             }
         });
         tokio::spawn(log_stderr(name, stderr));
+        let killed_for = Arc::new(Mutex::new(None));
+        let enforced = group.is_some() && cgroup::hierarchy().is_some_and(|h| h.controllers);
+        let watchdog = match (enforced, child.id()) {
+            (false, Some(pid)) => Some(tokio::spawn(watch(
+                group.clone(),
+                pid as i32,
+                self.m.max_processes,
+                self.m.max_memory_mb,
+                killed_for.clone(),
+            ))),
+            _ => None,
+        };
         let mut w = Worker {
             child,
             stdin,
             replies,
+            group,
+            watchdog,
+            killed_for,
         };
         let config = serde_json::to_value(&self.m.config).unwrap_or_default();
         let msg = serde_json::json!({"type": "validate", "id": "validate", "config": config});
         let deadline = Instant::now() + Duration::from_millis(self.m.timeout_ms);
-        match self.exchange(&mut w, msg, "validate", deadline, None).await {
+        match self
+            .exchange(&mut w, msg, "validate", deadline, false, None)
+            .await
+        {
             Ok(Ok(serde_json::Value::Bool(false))) => {
                 Err(self.fail("validate answered false: the plugin refused its config"))
             }
@@ -462,6 +629,7 @@ impl ProcessPlugin {
         msg: serde_json::Value,
         id: &str,
         deadline: Instant,
+        tasks_deadline: bool,
         cancel: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<Result<serde_json::Value, String>, PluginError> {
         let mut line = serde_json::to_vec(&msg).unwrap_or_default();
@@ -483,9 +651,15 @@ impl ProcessPlugin {
         let got = tokio::select! {
             r = tokio::time::timeout_at(deadline.into(), answer) => match r {
                 Ok(r) => r,
+                // The deadline that expired: the task's own, when it came
+                // before the manifest's `timeout_ms`.
                 Err(_) => return Err(PluginError::Failed {
                     plugin: self.name.into(),
-                    message: format!("no answer within timeout_ms ({timeout_ms} ms); process killed"),
+                    message: if tasks_deadline {
+                        "no answer before the task's deadline (its timeout); process killed".to_string()
+                    } else {
+                        format!("no answer within the manifest's timeout_ms ({timeout_ms} ms); process killed")
+                    },
                     retryable: false,
                 }),
             },
@@ -511,7 +685,21 @@ impl ProcessPlugin {
                     }
                     _ => String::new(),
                 };
-                Err(self.fail(format!("plugin process {why}{how}; it will be restarted")))
+                let limit = w
+                    .killed_for
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .or_else(|| {
+                        w.group.as_ref().and_then(|g| {
+                            g.limit_events(self.m.max_memory_mb, self.m.max_processes)
+                        })
+                    })
+                    .map(|l| format!(": {l}"))
+                    .unwrap_or_default();
+                Err(self.fail(format!(
+                    "plugin process {why}{how}{limit}; it will be restarted"
+                )))
             }
         }
     }
@@ -596,9 +784,9 @@ impl Plugin for ProcessPlugin {
             Some(w) => w,
             None => self.start().await?,
         };
-        let deadline = task
-            .deadline
-            .min(Instant::now() + Duration::from_millis(self.m.timeout_ms));
+        let own = Instant::now() + Duration::from_millis(self.m.timeout_ms);
+        let tasks_deadline = task.deadline < own;
+        let deadline = task.deadline.min(own);
         let msg = serde_json::json!({
             "type": "execute",
             "id": task.id,
@@ -606,8 +794,38 @@ impl Plugin for ProcessPlugin {
         });
         // On a broken process `w` is dropped here, which kills its group.
         let answer = self
-            .exchange(&mut w, msg, &task.id, deadline, Some(&task.cancel))
+            .exchange(
+                &mut w,
+                msg,
+                &task.id,
+                deadline,
+                tasks_deadline,
+                Some(&task.cancel),
+            )
             .await?;
+        // Where the agent counts, it counts once more at the answer: a
+        // plugin that forked past its limit between two counts does not
+        // get its answer through.
+        if w.watchdog.is_some() {
+            let pgid = w.child.id().unwrap_or(0) as i32;
+            if over_limits(
+                w.group.as_deref(),
+                pgid,
+                self.m.max_processes,
+                self.m.max_memory_mb,
+                &w.killed_for,
+            ) {
+                let why = w
+                    .killed_for
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                return Err(self.fail(format!(
+                    "plugin process: {}; it will be restarted",
+                    why.unwrap_or_default()
+                )));
+            }
+        }
         // Answered (even with an error): the process is fine; keep it.
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(w);
         match answer {

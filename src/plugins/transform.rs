@@ -5,13 +5,22 @@
 //! `filter` (all conditions must hold), `map` (computed fields), `select`
 //! (keep these fields, in this order), `aggregate` (group and reduce). The
 //! language is documented in docs/plugins.md.
+//!
+//! Hostile programs: every step charges what it builds against
+//! `max_work_bytes` (an estimate of the records' memory) before building
+//! it, so a program that would need gigabytes (a long constant copied into
+//! every record, groups times fields, a long `select` list) fails at once
+//! instead of taking the agent's memory; and every loop over the records
+//! checks the task's cancel flag and deadline, so a timed-out transform
+//! stops computing.
 
 use super::schema::Schema;
-use super::util::cfg_u64;
+use super::util::{cfg_u64, Stop};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
 use async_trait::async_trait;
 use serde_json::{Map, Value as J};
+use std::collections::HashSet;
 
 const NAME: &str = "transform";
 
@@ -19,6 +28,63 @@ const NAME: &str = "transform";
 #[derive(Debug)]
 pub struct Transform {
     max_records: usize,
+    max_work_bytes: usize,
+}
+
+/// Estimated memory of one JSON value (serde_json's enum) and of one map
+/// entry beyond its key's text and its value: a few words each.
+const VALUE: usize = 32;
+const ENTRY: usize = 48;
+
+/// Estimated memory of `v`, nested values included.
+fn cost(v: &J) -> usize {
+    match v {
+        J::String(s) => VALUE + s.len(),
+        J::Array(a) => VALUE + a.iter().map(cost).sum::<usize>(),
+        J::Object(o) => rec_cost(o),
+        _ => VALUE,
+    }
+}
+
+fn rec_cost(r: &Rec) -> usize {
+    VALUE
+        + r.iter()
+            .map(|(k, v)| ENTRY + k.len() + cost(v))
+            .sum::<usize>()
+}
+
+/// What a run may still build, and whether it should stop.
+struct Budget<'a> {
+    used: usize,
+    max: usize,
+    stop: &'a Stop,
+}
+
+impl Budget<'_> {
+    /// Takes `n` bytes for what `field` is about to build.
+    fn charge(&mut self, field: &str, n: usize) -> Result<(), PluginError> {
+        self.used = self.used.saturating_add(n);
+        if self.used > self.max {
+            return Err(err(
+                field,
+                format!(
+                    "the records would need more than max_work_bytes ({} bytes, an estimate of their memory); \
+                     use fewer records, fields or groups, or raise max_work_bytes",
+                    self.max
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn give_back(&mut self, n: usize) {
+        self.used = self.used.saturating_sub(n);
+    }
+
+    /// Between two records: stops once the task is cancelled or past its deadline.
+    fn tick(&self) -> Result<(), PluginError> {
+        self.stop.check(NAME)
+    }
 }
 
 type Rec = Map<String, J>;
@@ -28,16 +94,30 @@ fn err(field: &str, message: impl Into<String>) -> PluginError {
 }
 
 impl Transform {
-    /// Config keys: `max_records` (default 100000).
+    /// Config keys: `max_records` (default 100000), `max_work_bytes`
+    /// (default 64 MiB).
     pub fn from_config(config: &toml::Table) -> Result<Transform, PluginError> {
-        check_keys(NAME, config, &["max_records"])?;
+        check_keys(NAME, config, &["max_records", "max_work_bytes"])?;
         Ok(Transform {
             max_records: cfg_u64(NAME, config, "max_records", 100_000, 1, 10_000_000)? as usize,
+            max_work_bytes: cfg_u64(NAME, config, "max_work_bytes", 64 << 20, 1 << 16, 1 << 36)?
+                as usize,
         })
     }
 
     /// Runs the whole pipeline on a JSON input.
     pub fn run(&self, input: &J) -> Result<J, PluginError> {
+        self.run_until(input, &Stop::never())
+    }
+
+    /// Runs the pipeline, giving up with `Cancelled` once `stop` says so.
+    fn run_until(&self, input: &J, stop: &Stop) -> Result<J, PluginError> {
+        let mut budget = Budget {
+            used: 0,
+            max: self.max_work_bytes,
+            stop,
+        };
+        let b = &mut budget;
         let obj = input
             .as_object()
             .ok_or_else(|| err("input", "expected an object"))?;
@@ -63,16 +143,30 @@ impl Transform {
         // (CSV header, then mapped fields, or the `select` list).
         let mut columns: Vec<String> = Vec::new();
         let mut recs = match (obj.get("records"), obj.get("csv")) {
-            (Some(J::Array(a)), None) => a
-                .iter()
-                .enumerate()
-                .map(|(i, r)| match r {
-                    J::Object(o) => Ok(o.clone()),
-                    _ => Err(err(&format!("records[{i}]"), "expected an object")),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+            (Some(J::Array(a)), None) => {
+                if a.len() > self.max_records {
+                    return Err(err(
+                        "records",
+                        format!(
+                            "{} records, more than max_records ({})",
+                            a.len(),
+                            self.max_records
+                        ),
+                    ));
+                }
+                a.iter()
+                    .enumerate()
+                    .map(|(i, r)| match r {
+                        J::Object(o) => {
+                            b.charge("records", rec_cost(o))?;
+                            Ok(o.clone())
+                        }
+                        _ => Err(err(&format!("records[{i}]"), "expected an object")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
             (None, Some(J::String(s))) => {
-                let (header, recs) = parse_csv(s)?;
+                let (header, recs) = parse_csv(s, self.max_records, b)?;
                 columns = header;
                 recs
             }
@@ -97,10 +191,19 @@ impl Transform {
         }
         if let Some(f) = obj.get("filter") {
             let conds = parse_filter(f)?;
-            recs.retain(|r| conds.iter().all(|c| c.holds(r)));
+            let mut kept = Vec::with_capacity(recs.len());
+            for r in recs {
+                b.tick()?;
+                if conds.iter().all(|c| c.holds(&r)) {
+                    kept.push(r);
+                } else {
+                    b.give_back(rec_cost(&r));
+                }
+            }
+            recs = kept;
         }
         if let Some(m) = obj.get("map") {
-            apply_map(m, &mut recs)?;
+            apply_map(m, &mut recs, b)?;
             if let Some(m) = m.as_object() {
                 for k in m.keys() {
                     if !columns.contains(k) {
@@ -119,21 +222,37 @@ impl Transform {
                 _ => return Err(err("select", "expected a list of field names")),
             };
             columns = fields.clone();
+            // The fixed part of every new record, checked once up front.
+            let per_record = VALUE
+                + fields
+                    .iter()
+                    .map(|f| ENTRY + f.len() + VALUE)
+                    .sum::<usize>();
+            if per_record.saturating_mul(recs.len()) > b.max.saturating_sub(b.used) {
+                b.charge("select", per_record.saturating_mul(recs.len()))?;
+            }
             for r in recs.iter_mut() {
+                b.tick()?;
                 let mut out = Map::new();
                 for f in &fields {
-                    out.insert(f.clone(), r.get(f).cloned().unwrap_or(J::Null));
+                    let v = r.get(f).cloned().unwrap_or(J::Null);
+                    b.charge("select", ENTRY + f.len() + cost(&v))?;
+                    out.insert(f.clone(), v);
                 }
+                b.give_back(rec_cost(r));
                 *r = out;
             }
         }
         if let Some(a) = obj.get("aggregate") {
-            (columns, recs) = aggregate(a, &recs)?;
+            (columns, recs) = aggregate(a, &recs, b)?;
         }
         let count = recs.len();
+        let mut seen: HashSet<String> = columns.iter().cloned().collect();
         for r in &recs {
+            b.tick()?;
             for k in r.keys() {
-                if !columns.contains(k) {
+                if !seen.contains(k) {
+                    seen.insert(k.clone());
                     columns.push(k.clone());
                 }
             }
@@ -145,7 +264,7 @@ impl Transform {
         };
         let mut out = Map::new();
         if format == "csv" {
-            out.insert("csv".into(), J::String(to_csv(&columns, &recs)));
+            out.insert("csv".into(), J::String(to_csv(&columns, &recs, b)?));
         } else {
             out.insert(
                 "records".into(),
@@ -159,7 +278,7 @@ impl Transform {
 }
 
 /// Splits CSV text into rows of cells (RFC 4180 quotes, `""` escapes).
-fn csv_rows(text: &str) -> Result<Vec<Vec<String>>, PluginError> {
+fn csv_rows(text: &str, b: &Budget) -> Result<Vec<Vec<String>>, PluginError> {
     let mut rows = Vec::new();
     let mut row = Vec::new();
     let mut cell = String::new();
@@ -191,6 +310,9 @@ fn csv_rows(text: &str) -> Result<Vec<Vec<String>>, PluginError> {
                 row.push(std::mem::take(&mut cell));
                 if !(row.len() == 1 && row[0].is_empty()) {
                     rows.push(std::mem::take(&mut row));
+                    if rows.len().is_multiple_of(1024) {
+                        b.tick()?;
+                    }
                 }
                 row.clear();
             }
@@ -218,17 +340,31 @@ fn csv_cell(s: &str) -> J {
     }
 }
 
-fn parse_csv(text: &str) -> Result<(Vec<String>, Vec<Rec>), PluginError> {
-    let mut rows = csv_rows(text)?.into_iter();
+fn parse_csv(
+    text: &str,
+    max_records: usize,
+    b: &mut Budget,
+) -> Result<(Vec<String>, Vec<Rec>), PluginError> {
+    let mut rows = csv_rows(text, b)?.into_iter();
     let header: Vec<String> = rows
         .next()
         .ok_or_else(|| err("csv", "empty: expected a header row"))?
         .into_iter()
         .map(|h| h.trim().to_string())
         .collect();
+    if rows.len() > max_records {
+        return Err(err(
+            "records",
+            format!(
+                "{} records, more than max_records ({max_records})",
+                rows.len()
+            ),
+        ));
+    }
     let recs = rows
         .enumerate()
         .map(|(i, row)| {
+            b.tick()?;
             if row.len() != header.len() {
                 return Err(err(
                     "csv",
@@ -240,21 +376,25 @@ fn parse_csv(text: &str) -> Result<(Vec<String>, Vec<Rec>), PluginError> {
                     ),
                 ));
             }
-            Ok(header
-                .iter()
-                .cloned()
-                .zip(row.iter().map(|c| csv_cell(c)))
-                .collect())
+            let mut rec = Map::new();
+            b.charge("csv", VALUE)?;
+            for (h, c) in header.iter().zip(row.iter()) {
+                let v = csv_cell(c);
+                b.charge("csv", ENTRY + h.len() + cost(&v))?;
+                rec.insert(h.clone(), v);
+            }
+            Ok(rec)
         })
         .collect::<Result<_, _>>()?;
     Ok((header, recs))
 }
 
-fn to_csv(columns: &[String], recs: &[Rec]) -> String {
+fn to_csv(columns: &[String], recs: &[Rec], b: &Budget) -> Result<String, PluginError> {
     let mut header: Vec<&String> = columns.iter().collect();
+    let mut seen: HashSet<&String> = header.iter().copied().collect();
     for r in recs {
         for k in r.keys() {
-            if !header.contains(&k) {
+            if seen.insert(k) {
                 header.push(k);
             }
         }
@@ -273,6 +413,7 @@ fn to_csv(columns: &[String], recs: &[Rec]) -> String {
         .join(",");
     out.push('\n');
     for r in recs {
+        b.tick()?;
         let cells: Vec<String> = header
             .iter()
             .map(|h| match r.get(*h) {
@@ -284,7 +425,7 @@ fn to_csv(columns: &[String], recs: &[Rec]) -> String {
         out.push_str(&cells.join(","));
         out.push('\n');
     }
-    out
+    Ok(out)
 }
 
 struct Cond {
@@ -375,7 +516,7 @@ fn parse_filter(f: &J) -> Result<Vec<Cond>, PluginError> {
 }
 
 /// `map`: `{"new": {"field": "a" | "value": X, "mul"|"div"|"add"|"sub": n, "round": digits}}`.
-fn apply_map(m: &J, recs: &mut [Rec]) -> Result<(), PluginError> {
+fn apply_map(m: &J, recs: &mut [Rec], b: &mut Budget) -> Result<(), PluginError> {
     let specs = m
         .as_object()
         .ok_or_else(|| err("map", "expected an object of new_field: {field|value, ...}"))?;
@@ -418,7 +559,16 @@ fn apply_map(m: &J, recs: &mut [Rec]) -> Result<(), PluginError> {
                     as i32,
             ),
         };
+        let field = format!("map.{name}");
+        // A constant costs the same in every record: checked once for all.
+        if let Err(c) = &source {
+            let each = ENTRY + name.len() + cost(c);
+            if each.saturating_mul(recs.len()) > b.max.saturating_sub(b.used) {
+                b.charge(&field, each.saturating_mul(recs.len()))?;
+            }
+        }
         for (i, r) in recs.iter_mut().enumerate() {
+            b.tick()?;
             let v = match &source {
                 Ok(f) => r.get(f).cloned().unwrap_or(J::Null),
                 Err(c) => c.clone(),
@@ -445,7 +595,10 @@ fn apply_map(m: &J, recs: &mut [Rec]) -> Result<(), PluginError> {
                 }
                 number(x)
             };
-            r.insert(name.clone(), v);
+            b.charge(&field, ENTRY + name.len() + cost(&v))?;
+            if let Some(old) = r.insert(name.clone(), v) {
+                b.give_back(ENTRY + name.len() + cost(&old));
+            }
         }
     }
     Ok(())
@@ -460,7 +613,7 @@ fn number(x: f64) -> J {
     }
 }
 
-fn aggregate(a: &J, recs: &[Rec]) -> Result<(Vec<String>, Vec<Rec>), PluginError> {
+fn aggregate(a: &J, recs: &[Rec], b: &mut Budget) -> Result<(Vec<String>, Vec<Rec>), PluginError> {
     let spec = a
         .as_object()
         .ok_or_else(|| err("aggregate", "expected an object"))?;
@@ -511,19 +664,38 @@ fn aggregate(a: &J, recs: &[Rec]) -> Result<(Vec<String>, Vec<Rec>), PluginError
     // number of groups.
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for r in recs {
+        b.tick()?;
         let key: Vec<J> = group_by
             .iter()
             .map(|f| r.get(f).cloned().unwrap_or(J::Null))
             .collect();
         let text = J::Array(key.clone()).to_string();
+        b.charge("aggregate", 8)?;
         match index.get(&text) {
             Some(&i) => groups[i].1.push(r),
             None => {
+                b.charge(
+                    "aggregate",
+                    2 * (ENTRY + text.len()) + key.iter().map(cost).sum::<usize>(),
+                )?;
                 index.insert(text, groups.len());
                 groups.push((key, vec![r]));
             }
         }
     }
+    // Groups x fields, before building any of it.
+    let per_group = VALUE
+        + group_by.iter().map(|f| ENTRY + f.len()).sum::<usize>()
+        + if count { ENTRY + 5 + VALUE } else { 0 }
+        + reducers
+            .iter()
+            .map(|(kind, fs)| {
+                fs.iter()
+                    .map(|f| ENTRY + kind.len() + 1 + f.len() + VALUE)
+                    .sum::<usize>()
+            })
+            .sum::<usize>();
+    b.charge("aggregate", per_group.saturating_mul(groups.len()))?;
     let mut columns = group_by.clone();
     if count {
         columns.push("count".into());
@@ -542,6 +714,7 @@ fn aggregate(a: &J, recs: &[Rec]) -> Result<(Vec<String>, Vec<Rec>), PluginError
         }
         for (kind, fs) in &reducers {
             for f in fs {
+                b.tick()?;
                 let mut xs = Vec::new();
                 for (i, r) in members.iter().enumerate() {
                     match r.get(f) {
@@ -617,9 +790,11 @@ impl Plugin for Transform {
         let input = J::from(task.input.clone());
         let me = Transform {
             max_records: self.max_records,
+            max_work_bytes: self.max_work_bytes,
         };
+        let stop = Stop::of(&task);
         // Up to max_records rows: keep them off the async threads.
-        let out = super::util::blocking(NAME, &task, move || me.run(&input)).await?;
+        let out = super::util::blocking(NAME, &task, move || me.run_until(&input, &stop)).await?;
         Ok(Value::from(out))
     }
 }
@@ -630,7 +805,56 @@ mod tests {
     use serde_json::json;
 
     fn t() -> Transform {
-        Transform { max_records: 100 }
+        Transform {
+            max_records: 100,
+            max_work_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn programs_that_would_build_too_much_fail_before_building() {
+        let empties: Vec<J> = (0..100).map(|_| json!({})).collect();
+        let recs: Vec<J> = (0..100).map(|i| json!({ "g": i })).collect();
+        let many: Vec<String> = (0..2000).map(|i| format!("f{i}")).collect();
+        for (input, field) in [
+            (
+                json!({"records": empties, "map": {"x": {"value": "y".repeat(20_000)}}}),
+                "`map.x`",
+            ),
+            (
+                json!({"records": recs, "aggregate": {"group_by": "g", "sum": many}}),
+                "`aggregate`",
+            ),
+            (json!({"records": recs, "select": many}), "`select`"),
+        ] {
+            let e = t().run(&input).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("max_work_bytes"), "{e}");
+        }
+        // The same shapes at a sane size still run.
+        let r = t()
+            .run(&json!({"records": [{"g": 1}, {"g": 2}], "map": {"x": {"value": "y"}}}))
+            .unwrap();
+        assert_eq!(r["count"], 2);
+    }
+
+    #[test]
+    fn a_stopped_run_gives_up() {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        cancel.cancel();
+        let stop = Stop::of(&TaskContext {
+            id: "t".into(),
+            input: Value::Null,
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
+            cancel,
+            attempt: 1,
+        });
+        let e = t()
+            .run_until(
+                &json!({"records": [{"a": 1}], "filter": [{"field": "a", "op": ">", "value": 0}]}),
+                &stop,
+            )
+            .unwrap_err();
+        assert_eq!(e, PluginError::Cancelled(NAME.into()));
     }
 
     #[test]

@@ -177,16 +177,97 @@ pub(crate) fn as_f64(v: &Value) -> Option<f64> {
 }
 
 /// Runs blocking work on tokio's blocking pool, returning early on cancel.
+///
+/// The thread holds the task's [`super::Work`] handle until `f` returns, so
+/// the agent keeps the task's slot while it runs: `f` should check a
+/// [`Stop`] in its long loops so that it ends soon after a cancel.
 pub(crate) async fn blocking<T: Send + 'static>(
     plugin: &str,
     task: &TaskContext,
     f: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, PluginError> {
-    let handle = tokio::task::spawn_blocking(f);
+    let work = super::Work::current();
+    let handle = tokio::task::spawn_blocking(move || {
+        let _held = work;
+        f()
+    });
     tokio::select! {
         r = handle => r.map_err(|e| failed(plugin, format!("worker aborted: {e}")))?,
         _ = task.cancel.cancelled() => Err(PluginError::Cancelled(plugin.into())),
     }
+}
+
+/// Tells blocking work that its task was cancelled or is past its deadline.
+#[derive(Clone, Debug)]
+pub(crate) struct Stop {
+    cancel: tokio_util::sync::CancellationToken,
+    deadline: Option<std::time::Instant>,
+}
+
+impl Stop {
+    pub fn of(task: &TaskContext) -> Stop {
+        Stop {
+            cancel: task.cancel.clone(),
+            deadline: Some(task.deadline),
+        }
+    }
+
+    /// Never stops (unit tests, direct calls).
+    #[allow(dead_code)]
+    pub fn never() -> Stop {
+        Stop {
+            cancel: tokio_util::sync::CancellationToken::new(),
+            deadline: None,
+        }
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.cancel.is_cancelled()
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+    }
+
+    /// `Err(Cancelled)` once the task is cancelled or past its deadline.
+    pub fn check(&self, plugin: &str) -> Result<(), PluginError> {
+        if self.stopped() {
+            Err(PluginError::Cancelled(plugin.into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How large a plugin's raw output may be so that its result still fits in
+/// one MQTT payload of `payload_bytes`: base64 (4/3) of it plus an eighth of
+/// the payload for the envelope (task id, field names, a path, HTTP
+/// response headers). 672 KiB under the default 1 MiB.
+pub const fn result_budget(payload_bytes: u64) -> u64 {
+    let room = payload_bytes - payload_bytes / 8;
+    room / 4 * 3
+}
+
+/// `s` fit for one log line: control characters (escapes, carriage
+/// returns, bells, newlines) shown as `\u{..}`, and at most `max` bytes
+/// kept (the rest counted).
+pub(crate) fn log_safe(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max) + 16);
+    let mut cut = 0usize;
+    for (i, c) in s.char_indices() {
+        if out.len() >= max {
+            cut = s.len() - i;
+            break;
+        }
+        if c.is_control() {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    if cut > 0 {
+        out.push_str(&format!(" [{cut} more bytes]"));
+    }
+    out
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -250,6 +331,15 @@ mod tests {
         }
         assert_eq!(base64_encode(b"hello"), "aGVsbG8=");
         assert!(base64_decode("a*b").is_err());
+    }
+
+    #[test]
+    fn log_lines_lose_control_characters_and_length() {
+        assert_eq!(log_safe("a\x1b[2J\rb\n", 100), "a\\u{1b}[2J\\u{d}b\\u{a}");
+        let long = log_safe(&"x".repeat(5000), 100);
+        assert!(long.starts_with(&"x".repeat(100)) && long.ends_with("[4900 more bytes]"));
+        assert!(!long.chars().any(char::is_control));
+        assert_eq!(result_budget(1 << 20), 688_128);
     }
 
     #[test]
