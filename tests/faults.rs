@@ -243,6 +243,13 @@ fn server_sigkill_under_load_every_accepted_task_ends_once() {
     // Tasks are queued, dispatched and running on the agents right now.
     server.kill();
     let at_kill = load.accepted_count();
+    // The kill landed mid-run: some accepted tasks had done their effect,
+    // some had not (they must still end once, below).
+    let done_at_kill: usize = effects.counts().values().sum();
+    assert!(
+        done_at_kill > 0 && done_at_kill < at_kill,
+        "the kill did not land mid-run: {done_at_kill} of {at_kill} accepted tasks done"
+    );
     std::thread::sleep(Duration::from_millis(300));
     server.restart();
     let (accepted, refused) = load.finish();
@@ -309,6 +316,13 @@ fn privileged(test: &str) -> bool {
     }
     eprintln!("\n!!!!!!!! SKIPPED {test}: {why} !!!!!!!!\n");
     false
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// Runs a command, panicking with its stderr if it fails.
@@ -646,9 +660,27 @@ fn partition_of_an_agent_netns_then_loss_and_delay_lose_nothing() {
         std::thread::sleep(Duration::from_secs(1));
         net.link(true);
         let degraded = net.degrade();
+        let degraded_at = now_ms();
         load.wait_accepted(4 * total / 5);
-        std::thread::sleep(Duration::from_secs(2));
+        // Until a task went out and came back over the degraded link (or the
+        // test would not test it).
+        let start = Instant::now();
+        let crossed = loop {
+            let rows = server.client.list(Some("succeeded"), 10_000).unwrap();
+            if let Some(t) = rows
+                .into_iter()
+                .find(|t| t.dispatched_ms.is_some_and(|d| d >= degraded_at))
+            {
+                break t;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no task crossed the degraded link ({degraded}) in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
         net.heal();
+        eprintln!("crossed the degraded link: task {}", crossed.id);
         let (accepted, refused) = load.finish();
         eprintln!(
             "partition: {} accepted, {} refused; link down, then {degraded}",
