@@ -196,7 +196,10 @@ fn a_scheduler_that_cannot_go_on_ends_the_process() {
     let mut r = task("echo", json!(1));
     r.target = Some("some".into());
     let answer = server.client.submit(&r);
-    assert!(answer.is_err(), "accepted without a tasks table: {answer:?}");
+    assert!(
+        answer.is_err(),
+        "accepted without a tasks table: {answer:?}"
+    );
     let status = server
         .wait_exit(Duration::from_secs(30))
         .expect("the server kept running without its scheduler");

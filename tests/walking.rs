@@ -206,7 +206,11 @@ fn priority_orders_and_aging_prevents_starvation() {
     // blocker had finished early it would have run alone and this half
     // would pass without testing aging.
     let state = server.client.task(&old_low, None).unwrap().state;
-    assert_eq!(state, TaskState::Queued, "old-low did not wait for the slot");
+    assert_eq!(
+        state,
+        TaskState::Queued,
+        "old-low did not wait for the slot"
+    );
     let b = server.wait(&blocker);
     let (ol, fh) = (server.wait(&old_low), server.wait(&fresh_high));
     assert!(
