@@ -715,10 +715,11 @@ fn server_disk_full_refuses_cleanly_and_recovers_when_freed() {
     let _agent = Agent::start(dir.path(), "sf-1", &server.broker(), "");
     server.wait_online("sf-1");
     let blob = "y".repeat(100_000);
+    let client = Client::new(&server.http);
     let submit = |i: usize| {
         let mut r = task("echo", json!({"i": i, "sleep_ms": 50, "blob": blob}));
         r.max_attempts = Some(10);
-        server.client.submit(&r)
+        client.submit(&r)
     };
     let mut accepted = Vec::new();
     let mut refused = Vec::new();

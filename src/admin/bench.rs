@@ -366,7 +366,8 @@ fn park(
         })
         .collect();
     for t in threads {
-        t.join().map_err(|_| bench_err("parking thread panicked"))??;
+        t.join()
+            .map_err(|_| bench_err("parking thread panicked"))??;
     }
     Ok(())
 }

@@ -363,7 +363,13 @@ mod tests {
         let mut q = Queue::new();
         for i in 0..10u64 {
             let at = now + Duration::from_millis(i * 10);
-            q.insert(format!("t{i}"), needs("echo", None), key(0, i), None, Some(at));
+            q.insert(
+                format!("t{i}"),
+                needs("echo", None),
+                key(0, i),
+                None,
+                Some(at),
+            );
         }
         let gone = q.take_expired(now + Duration::from_millis(35));
         assert_eq!(gone, vec!["t0", "t1", "t2", "t3"]);

@@ -308,7 +308,9 @@ impl Scheduler {
                         },
                     );
                 }
-                Err(e) => log::warn!("task store: device row `{id}`: status unreadable ({e}); left out"),
+                Err(e) => {
+                    log::warn!("task store: device row `{id}`: status unreadable ({e}); left out")
+                }
             }
         }
         let mut recovered = 0;
@@ -525,7 +527,10 @@ impl Scheduler {
             // Dispatched in an earlier, committed batch: still on its device.
             let dev = dev.expect("checked");
             let mut t = Task {
-                deadline: Some(after(now, row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms))),
+                deadline: Some(after(
+                    now,
+                    row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
+                )),
                 prefer: None,
                 last_sent: Some(now),
                 row,
@@ -948,7 +953,11 @@ impl Scheduler {
         let now = Instant::now();
         self.seq += 1;
         let key = (
-            Reverse(queue::score(row.priority, self.cfg.aging_ms, row.created_ms)),
+            Reverse(queue::score(
+                row.priority,
+                self.cfg.aging_ms,
+                row.created_ms,
+            )),
             self.seq,
         );
         let needs = Needs {
@@ -966,8 +975,7 @@ impl Scheduler {
             None => None,
         };
         let expires = (self.cfg.queue_ttl_ms > 0).then(|| after(now, self.cfg.queue_ttl_ms));
-        self.queue
-            .insert(row.id.clone(), needs, key, hold, expires);
+        self.queue.insert(row.id.clone(), needs, key, hold, expires);
         self.held_bytes += row.input.len();
         if let Some(old) = self.tasks.insert(
             row.id.clone(),
@@ -1351,9 +1359,7 @@ impl Scheduler {
                     // taken away from: the work was done.
                     if holder == Some(false) {
                         let row = self.tasks[&id].row.clone();
-                        if let (Some(other), true) =
-                            (&row.device, row.state != TaskState::Queued)
-                        {
+                        if let (Some(other), true) = (&row.device, row.state != TaskState::Queued) {
                             self.publish(
                                 topics::tasks(other),
                                 protocol::encode(&ToAgent::Cancel {
@@ -1773,7 +1779,10 @@ mod tests {
         // (issue 18 item 4): it would wait forever.
         match s.submit(req(Some("tpu"), None)) {
             Err(SubmitFail::Api(ApiError::Unprocessable(m))) => {
-                assert!(m.contains("unknown capability `tpu`") && m.contains("gpu"), "{m}")
+                assert!(
+                    m.contains("unknown capability `tpu`") && m.contains("gpu"),
+                    "{m}"
+                )
             }
             _ => panic!("a capability nobody has was accepted"),
         }
@@ -2161,13 +2170,22 @@ mod tests {
         let mut batch = vec![status_msg(&status("a", &[], 2))];
         s.batch(&mut batch, false).unwrap();
         let (tx, mut x_rx) = oneshot::channel();
-        let mut batch = vec![Command::Submit { req: long_req(), resp: tx }];
+        let mut batch = vec![Command::Submit {
+            req: long_req(),
+            resp: tx,
+        }];
         s.batch(&mut batch, false).unwrap();
         let x = x_rx.try_recv().unwrap().unwrap().id;
         assert_eq!(device_of(s, &x).as_deref(), Some("a"));
         let (tx, mut waiter) = oneshot::channel();
-        s.batch(&mut vec![Command::Wait { id: x.clone(), resp: tx }], false)
-            .unwrap();
+        s.batch(
+            &mut vec![Command::Wait {
+                id: x.clone(),
+                resp: tx,
+            }],
+            false,
+        )
+        .unwrap();
 
         s.store
             .conn()
@@ -2181,25 +2199,43 @@ mod tests {
         let (tx, mut y_rx) = oneshot::channel();
         let mut batch = vec![
             result_msg("a", &x),
-            Command::Submit { req: long_req(), resp: tx },
+            Command::Submit {
+                req: long_req(),
+                resp: tx,
+            },
         ];
         s.batch(&mut batch, false).unwrap();
         let e = y_rx.try_recv().unwrap().unwrap_err();
         assert!(matches!(e, ApiError::Unavailable(_)), "{e:?}");
-        assert!(waiter.try_recv().is_err(), "the waiter heard of an uncommitted end");
+        assert!(
+            waiter.try_recv().is_err(),
+            "the waiter heard of an uncommitted end"
+        );
         // Memory is what the store says: x still on `a`, nothing else.
         assert_eq!(s.tasks.len(), 1);
         assert_eq!(s.tasks[&x].row.state, TaskState::Dispatched);
         assert!(s.devices["a"].assigned.contains(&x));
-        assert_eq!(s.store.get(&x).unwrap().unwrap().state, TaskState::Dispatched);
+        assert_eq!(
+            s.store.get(&x).unwrap().unwrap().state,
+            TaskState::Dispatched
+        );
         assert_eq!(s.replay.len(), 1, "the result is kept, unacked");
         assert_eq!(s.store.list(None, 100).unwrap().len(), 1, "y was written");
 
         // While the store is failing (its back-off) writes are refused.
         let (tx, mut z_rx) = oneshot::channel();
-        s.batch(&mut vec![Command::Submit { req: long_req(), resp: tx }], false)
-            .unwrap();
-        assert!(matches!(z_rx.try_recv().unwrap(), Err(ApiError::Unavailable(_))));
+        s.batch(
+            &mut vec![Command::Submit {
+                req: long_req(),
+                resp: tx,
+            }],
+            false,
+        )
+        .unwrap();
+        assert!(matches!(
+            z_rx.try_recv().unwrap(),
+            Err(ApiError::Unavailable(_))
+        ));
         assert_eq!(s.replay.len(), 1);
 
         // The store works again: the kept result is handled and acked.
@@ -2211,7 +2247,10 @@ mod tests {
         s.batch(&mut Vec::new(), false).unwrap();
         assert!(s.replay.is_empty());
         assert!(s.tasks.is_empty());
-        assert_eq!(s.store.get(&x).unwrap().unwrap().state, TaskState::Succeeded);
+        assert_eq!(
+            s.store.get(&x).unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
         let v = waiter.try_recv().unwrap().unwrap().unwrap();
         assert_eq!(v.state, TaskState::Succeeded);
         assert!(s.devices["a"].assigned.is_empty());
@@ -2229,7 +2268,10 @@ mod tests {
             submit(s, req(None, None));
         }
         match s.submit(req(None, None)) {
-            Err(SubmitFail::Api(ApiError::Busy { message, retry_after_s })) => {
+            Err(SubmitFail::Api(ApiError::Busy {
+                message,
+                retry_after_s,
+            })) => {
                 assert!(message.contains("scheduler.max_queued_tasks"), "{message}");
                 assert!(retry_after_s >= 1);
             }
@@ -2249,10 +2291,12 @@ mod tests {
         let sub = serde_json::json!({"plugin": "echo", "input": "a string of more than twenty bytes",
             "reply_to": "app/replies", "correlation": "c1"});
         s.on_mqtt_submit(sub.to_string().as_bytes()).unwrap();
-        let rejected = s.effects.iter().any(|e| matches!(e, Effect::Publish { topic, payload, .. }
+        let rejected = s.effects.iter().any(|e| {
+            matches!(e, Effect::Publish { topic, payload, .. }
             if topic == "app/replies"
                 && String::from_utf8_lossy(payload).contains("queue is full")
-                && String::from_utf8_lossy(payload).contains("rejected")));
+                && String::from_utf8_lossy(payload).contains("rejected"))
+        });
         assert!(rejected);
         // Bytes come back when tasks end.
         let held = s.held_bytes;
@@ -2336,8 +2380,13 @@ mod tests {
         s.dispatch().unwrap();
         assert_eq!(device_of(s, &h).as_deref(), Some("a"));
         for _ in 0..2 {
-            let t = s.tasks.values().find(|t| t.row.state == TaskState::Dispatched);
-            let Some(id) = t.map(|t| t.row.id.clone()) else { break };
+            let t = s
+                .tasks
+                .values()
+                .find(|t| t.row.state == TaskState::Dispatched);
+            let Some(id) = t.map(|t| t.row.id.clone()) else {
+                break;
+            };
             s.on_agent(
                 "a",
                 FromAgent::Finished(TaskOutcome {

@@ -69,7 +69,9 @@ fn bad_row(r: &Row, e: rusqlite::Error) -> StoreError {
         .unwrap_or_else(|_| "(unreadable id)".to_string());
     StoreError::BadRow {
         id,
-        column: index.and_then(|i| COLUMN_NAMES.get(i).copied()).unwrap_or("?"),
+        column: index
+            .and_then(|i| COLUMN_NAMES.get(i).copied())
+            .unwrap_or("?"),
         source: e,
     }
 }
@@ -210,7 +212,11 @@ impl Store {
     }
 
     /// Deletes up to `limit` tasks that finished before `cutoff_ms`.
-    pub fn delete_finished_before(&mut self, cutoff_ms: u64, limit: u32) -> Result<usize, StoreError> {
+    pub fn delete_finished_before(
+        &mut self,
+        cutoff_ms: u64,
+        limit: u32,
+    ) -> Result<usize, StoreError> {
         Ok(self
             .conn
             .prepare_cached(
@@ -319,7 +325,10 @@ impl Store {
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            match Self::row(r).map_err(|e| bad_row(r, e)).and_then(Self::with_state) {
+            match Self::row(r)
+                .map_err(|e| bad_row(r, e))
+                .and_then(Self::with_state)
+            {
                 Ok(row) => out.push(row),
                 Err(e) => log::error!("{e}; the task is left out"),
             }
@@ -392,12 +401,15 @@ impl Store {
             .conn
             .prepare_cached("SELECT id, status, last_seen_ms FROM devices")?;
         let rows = stmt.query_map([], |r| {
-            Ok((|| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))().map_err(
-                |e: rusqlite::Error| {
-                    let id = r.get::<_, String>(0).unwrap_or_else(|_| "(unreadable id)".into());
-                    format!("task store: device row `{id}`: {e}")
-                },
-            ))
+            let read = || -> rusqlite::Result<(String, Vec<u8>, u64)> {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            };
+            Ok(read().map_err(|e| {
+                let id = r
+                    .get::<_, String>(0)
+                    .unwrap_or_else(|_| "(unreadable id)".into());
+                format!("task store: device row `{id}`: {e}")
+            }))
         })?;
         let mut out = Vec::new();
         for r in rows {
@@ -498,7 +510,10 @@ mod tests {
             )
             .unwrap();
         let e = s.get("bad").unwrap_err().to_string();
-        assert!(e.contains("row bad") && e.contains("`priority`") && e.contains("999"), "{e}");
+        assert!(
+            e.contains("row bad") && e.contains("`priority`") && e.contains("999"),
+            "{e}"
+        );
         let e = s.get("odd").unwrap_err().to_string();
         assert!(e.contains("row odd") && e.contains("`attempts`"), "{e}");
         let ids: Vec<String> = s
