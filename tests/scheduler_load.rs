@@ -28,8 +28,20 @@ fn announce_and_leave(server: &Server, id: &str, caps: &[&str]) {
         heartbeat_ms: 1000,
         ..Default::default()
     };
-    peer.publish(&topics::status(id), protocol::encode(&st));
-    server.wait_online(id);
+    // Again until seen: the server's subscriptions may not be in place yet
+    // when it says it is ready, and this status is not retained.
+    let start = std::time::Instant::now();
+    while !server
+        .client
+        .devices()
+        .unwrap()
+        .iter()
+        .any(|d| d.id == id && d.online)
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "{id} never seen");
+        peer.publish(&topics::status(id), protocol::encode(&st));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     st.online = false;
     peer.publish(&topics::status(id), protocol::encode(&st));
     server.wait_offline(id);

@@ -159,7 +159,7 @@ enum Effect {
     /// A long-poll waiter told that its task ended: only once committed.
     Notify {
         id: String,
-        view: TaskView,
+        view: Box<TaskView>,
         waiter: Waiter,
     },
     Publish {
@@ -582,7 +582,7 @@ impl Scheduler {
             match effect {
                 Effect::Reply(f) => f(true),
                 Effect::Notify { view, waiter, .. } => {
-                    let _ = waiter.send(Ok(Some(view)));
+                    let _ = waiter.send(Ok(Some(*view)));
                 }
                 Effect::Ack(p) => {
                     let _ = self.client.try_ack(&p);
@@ -1046,7 +1046,7 @@ impl Scheduler {
         for waiter in self.waiters.remove(id).unwrap_or_default() {
             self.effects.push(Effect::Notify {
                 id: id.to_string(),
-                view: view.clone(),
+                view: Box::new(view.clone()),
                 waiter,
             });
         }
