@@ -243,6 +243,13 @@ fn server_sigkill_under_load_every_accepted_task_ends_once() {
     // Tasks are queued, dispatched and running on the agents right now.
     server.kill();
     let at_kill = load.accepted_count();
+    // The kill landed mid-run: some accepted tasks had done their effect,
+    // some had not (they must still end once, below).
+    let done_at_kill: usize = effects.counts().values().sum();
+    assert!(
+        done_at_kill > 0 && done_at_kill < at_kill,
+        "the kill did not land mid-run: {done_at_kill} of {at_kill} accepted tasks done"
+    );
     std::thread::sleep(Duration::from_millis(300));
     server.restart();
     let (accepted, refused) = load.finish();
@@ -309,6 +316,13 @@ fn privileged(test: &str) -> bool {
     }
     eprintln!("\n!!!!!!!! SKIPPED {test}: {why} !!!!!!!!\n");
     false
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// Runs a command, panicking with its stderr if it fails.
@@ -646,9 +660,27 @@ fn partition_of_an_agent_netns_then_loss_and_delay_lose_nothing() {
         std::thread::sleep(Duration::from_secs(1));
         net.link(true);
         let degraded = net.degrade();
+        let degraded_at = now_ms();
         load.wait_accepted(4 * total / 5);
-        std::thread::sleep(Duration::from_secs(2));
+        // Until a task went out and came back over the degraded link (or the
+        // test would not test it).
+        let start = Instant::now();
+        let crossed = loop {
+            let rows = server.client.list(Some("succeeded"), 10_000).unwrap();
+            if let Some(t) = rows
+                .into_iter()
+                .find(|t| t.dispatched_ms.is_some_and(|d| d >= degraded_at))
+            {
+                break t;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no task crossed the degraded link ({degraded}) in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
         net.heal();
+        eprintln!("crossed the degraded link: task {}", crossed.id);
         let (accepted, refused) = load.finish();
         eprintln!(
             "partition: {} accepted, {} refused; link down, then {degraded}",
@@ -662,4 +694,97 @@ fn partition_of_an_agent_netns_then_loss_and_delay_lose_nothing() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Issue 15 item 6 with a real failing store: the server's data dir on a
+/// small tmpfs, filled up while tasks run. Commits fail (SQLITE_FULL) for a
+/// while: every submission is either accepted (2xx, and then it ends
+/// Succeeded once space is back) or refused (503, and then it is never
+/// written), results that arrived meanwhile are not lost, and the server
+/// stays up and recovers without a restart.
+#[test]
+fn server_disk_full_refuses_cleanly_and_recovers_when_freed() {
+    let name = "server_disk_full_refuses_cleanly_and_recovers_when_freed";
+    if !privileged(name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let _fs = Tmpfs::mount(&data, "6m");
+    let mut server = Server::start(&data, &[]);
+    let _agent = Agent::start(dir.path(), "sf-1", &server.broker(), "");
+    server.wait_online("sf-1");
+    let blob = "y".repeat(100_000);
+    let client = Client::new(&server.http);
+    let submit = |i: usize| {
+        let mut r = task("echo", json!({"i": i, "sleep_ms": 50, "blob": blob}));
+        r.max_attempts = Some(10);
+        client.submit(&r)
+    };
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..3 {
+        accepted.push((i, submit(i).expect("room at first").id));
+    }
+    // Fill the disk.
+    let ballast = data.join("ballast.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&ballast).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut i = 3;
+    while refused.is_empty() {
+        assert!(i < 200, "the store never refused a write on a full disk");
+        match submit(i) {
+            Ok(r) => accepted.push((i, r.id)),
+            Err(openclaw::admin::AdminError::Api { status, message }) => {
+                assert_eq!(status, 503, "{message}");
+                assert!(message.contains("nothing was accepted"), "{message}");
+                refused.push(i);
+            }
+            Err(e) => panic!("submission {i}: {e}"),
+        }
+        i += 1;
+    }
+    let h = server.client.health().unwrap();
+    assert_eq!(h["status"], "store failing", "{h}");
+    assert!(
+        server.wait_exit(Duration::from_millis(200)).is_none(),
+        "the server died"
+    );
+    std::fs::remove_file(&ballast).unwrap();
+    // Back: new work is taken again, without a restart.
+    let start = Instant::now();
+    let after = loop {
+        match submit(1000) {
+            Ok(r) => break r.id,
+            Err(_) => {
+                assert!(start.elapsed() < Duration::from_secs(30), "never recovered");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    accepted.push((1000, after));
+    for (i, id) in &accepted {
+        let t = server.wait(id);
+        assert_eq!(t.state, TaskState::Succeeded, "{i}: {t:?}");
+        assert_eq!(t.result.as_ref().unwrap()["i"], json!(i));
+    }
+    // Nothing refused was written.
+    let rows = server.client.list(None, 10_000).unwrap();
+    for r in &rows {
+        assert!(
+            accepted.iter().any(|(_, id)| *id == r.id),
+            "a task nobody was told was accepted: {r:?}"
+        );
+    }
+    assert_eq!(rows.len(), accepted.len());
+    eprintln!(
+        "server disk full: {} accepted, {} refused, all accepted succeeded",
+        accepted.len(),
+        refused.len()
+    );
 }

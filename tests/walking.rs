@@ -186,6 +186,11 @@ fn priority_orders_and_aging_prevents_starvation() {
     let low = with_prio(0, "low", 0);
     let high = with_prio(100, "high", 0);
     let (b, l, h) = (server.wait(&blocker), server.wait(&low), server.wait(&high));
+    // Both were waiting when the slot freed up, or nothing was tested.
+    assert!(
+        h.created_ms < b.finished_ms.unwrap(),
+        "the blocker {b:?} ended before high {h:?} was queued"
+    );
     assert!(b.started_ms <= h.started_ms);
     assert!(
         h.started_ms < l.started_ms,
@@ -197,8 +202,21 @@ fn priority_orders_and_aging_prevents_starvation() {
     let old_low = with_prio(0, "old-low", 0);
     std::thread::sleep(Duration::from_millis(1500));
     let fresh_high = with_prio(100, "fresh-high", 0);
-    server.wait(&blocker);
+    // The old task must still be queued now, behind the blocker: if the
+    // blocker had finished early it would have run alone and this half
+    // would pass without testing aging.
+    let state = server.client.task(&old_low, None).unwrap().state;
+    assert_eq!(
+        state,
+        TaskState::Queued,
+        "old-low did not wait for the slot"
+    );
+    let b = server.wait(&blocker);
     let (ol, fh) = (server.wait(&old_low), server.wait(&fresh_high));
+    assert!(
+        fh.created_ms < b.finished_ms.unwrap(),
+        "the blocker {b:?} ended before fresh-high {fh:?} was queued"
+    );
     assert!(
         ol.started_ms < fh.started_ms,
         "aged low {ol:?} should start before fresh high {fh:?}"

@@ -38,6 +38,9 @@ pub struct DispatchOptions {
     pub server_sync: String,
     /// The agents' `storage.fsync` (`always`, the default, `batch`, `never`).
     pub agent_fsync: String,
+    /// Tasks no device can take, queued before the load (targeted at an
+    /// agent that went offline) and still queued at the end.
+    pub parked: usize,
 }
 
 /// How the benchmark's clients submit tasks and wait for them.
@@ -91,6 +94,8 @@ pub struct DispatchReport {
     pub offered_rate_per_s: Option<f64>,
     pub server_sync: String,
     pub agent_fsync: String,
+    /// Tasks parked in the queue throughout (see [`DispatchOptions::parked`]).
+    pub parked: usize,
     pub wall_s: f64,
     pub throughput_per_s: f64,
     pub latency: Percentiles,
@@ -290,6 +295,83 @@ async fn mqtt_baseline(port: u16, n: usize) -> Result<Vec<Duration>, AdminError>
     Ok(out)
 }
 
+/// Queues `opts.parked` tasks that no device can take: an agent
+/// `bench-away` comes online, goes away, and every parked task targets it.
+fn park(
+    opts: &DispatchOptions,
+    dir: &Path,
+    rt: &tokio::runtime::Runtime,
+    http: &str,
+    mqtt_port: u16,
+) -> Result<(), AdminError> {
+    let o = override_table([
+        ("id", "bench-away".into()),
+        (
+            "mqtt.broker",
+            format!("mqtt://127.0.0.1:{mqtt_port}").into(),
+        ),
+        (
+            "data_dir",
+            dir.join("agent-away").display().to_string().into(),
+        ),
+        ("agent.heartbeat_ms", 1000i64.into()),
+    ]);
+    let cfg = AgentConfig::load(None, o).map_err(|e| bench_err(e.to_string()))?;
+    let agent = Agent::new(cfg).map_err(|e| bench_err(e.to_string()))?;
+    let away = CancellationToken::new();
+    let token = away.clone();
+    let run = rt.spawn(async move { agent.run(token).await });
+    let client = Client::new(http);
+    let seen = |online: bool| -> Result<(), AdminError> {
+        let start = Instant::now();
+        while !client
+            .devices()?
+            .iter()
+            .any(|d| d.id == "bench-away" && d.online == online)
+        {
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(bench_err("bench-away did not come and go"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    seen(true)?;
+    away.cancel();
+    let _ = rt.block_on(run);
+    seen(false)?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (next, client, n) = (next.clone(), Client::new(http), opts.parked);
+            std::thread::spawn(move || -> Result<(), AdminError> {
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    // The highest priority and older than any load task:
+                    // ahead of all of them in the queue's order.
+                    let req = SubmitRequest {
+                        plugin: "echo".into(),
+                        input: serde_json::json!({"parked": true}),
+                        priority: Some(100),
+                        target: Some("bench-away".into()),
+                        capability: None,
+                        timeout_ms: None,
+                        max_attempts: None,
+                        reply_to: None,
+                        correlation: None,
+                    };
+                    client.submit(&req)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| bench_err("parking thread panicked"))??;
+    }
+    Ok(())
+}
+
 /// Runs the benchmark. Blocking; starts its own runtime for the agents.
 pub fn dispatch(opts: &DispatchOptions) -> Result<DispatchReport, AdminError> {
     if opts.agents == 0 || opts.tasks == 0 || opts.concurrency == 0 {
@@ -355,6 +437,9 @@ fn run_in(dir: &Path, opts: &DispatchOptions) -> Result<DispatchReport, AdminErr
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if opts.parked > 0 {
+        park(opts, dir, &rt, &http, mqtt_port)?;
     }
     let baseline = rt.block_on(mqtt_baseline(mqtt_port, opts.baseline_round_trips))?;
 
@@ -423,6 +508,7 @@ fn run_in(dir: &Path, opts: &DispatchOptions) -> Result<DispatchReport, AdminErr
         offered_rate_per_s: opts.rate,
         server_sync: opts.server_sync.clone(),
         agent_fsync: opts.agent_fsync.clone(),
+        parked: opts.parked,
         wall_s: wall.as_secs_f64(),
         throughput_per_s: opts.tasks as f64 / wall.as_secs_f64(),
         p50_ratio_to_baseline: latency.p50_ms / baseline_mqtt_rtt.p50_ms.max(1e-9),

@@ -206,6 +206,10 @@ enum Bench {
         /// The agents' storage.fsync.
         #[arg(long, default_value = "always", value_parser = ["always", "batch", "never"])]
         agent_fsync: String,
+        /// Tasks no device can take (targeted at a device that went
+        /// offline), submitted before the load and left queued throughout.
+        #[arg(long, default_value_t = 0)]
+        parked: usize,
     },
     /// End-to-end latency of sequential tasks (submit until result, over HTTP).
     Latency {
@@ -500,6 +504,7 @@ fn real_main() -> anyhow::Result<()> {
             rate,
             server_sync,
             agent_fsync,
+            parked,
         }) => {
             if rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
                 bail!("--rate must be above 0");
@@ -525,14 +530,16 @@ fn real_main() -> anyhow::Result<()> {
                 rate,
                 server_sync,
                 agent_fsync,
+                parked,
             })
             .context("bench dispatch failed")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{} tasks, {} agents, {} concurrent via {:?}{}: {:.0} tasks/s over {:.2} s (server sync {}, agent fsync {})",
+                    "{} tasks{}, {} agents, {} concurrent via {:?}{}: {:.0} tasks/s over {:.2} s (server sync {}, agent fsync {})",
                     r.tasks,
+                    if r.parked > 0 { format!(" (+{} parked)", r.parked) } else { String::new() },
                     r.agents,
                     r.concurrency,
                     r.via,

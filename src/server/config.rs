@@ -65,6 +65,16 @@ pub struct SchedulerSection {
     pub retry_backoff_ms: u64,
     pub retry_backoff_max_ms: u64,
     pub offline_after_missed: u32,
+    /// Admission bound on unfinished tasks (429 past it).
+    pub max_queued_tasks: usize,
+    /// Admission bound on the input bytes of unfinished tasks.
+    pub max_queued_bytes: u64,
+    /// Longest wait in the queue before a task times out; 0: none.
+    pub queue_ttl_ms: u64,
+    /// Bound on devices created from statuses.
+    pub max_devices: usize,
+    /// Finished tasks older than this are deleted; 0: never.
+    pub retention_ms: u64,
 }
 
 impl ServerConfig {

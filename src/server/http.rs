@@ -21,14 +21,20 @@ impl IntoResponse for ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
-        (
+        let mut r = (
             code,
             Json(ErrorBody {
                 error: self.to_string(),
             }),
         )
-            .into_response()
+            .into_response();
+        if let ApiError::Busy { retry_after_s, .. } = &self {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
+        }
+        r
     }
 }
 

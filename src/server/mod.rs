@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod config;
 pub mod http;
+pub mod queue;
 pub mod scheduler;
 pub mod store;
 
@@ -13,6 +14,7 @@ use crate::mqtt::{spawn_event_loop, Backoff, MqttEvent};
 use crate::protocol::topics;
 use rumqttc::{MqttOptions, QoS};
 use scheduler::{Command, Scheduler};
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -34,6 +36,10 @@ pub enum ServerError {
     Http(std::io::Error),
     #[error(transparent)]
     Tls(#[from] crate::mqtt::TlsError),
+    /// The scheduler ended on its own (an error, or a panic): the process
+    /// must end too, rather than leave HTTP answering 503 forever.
+    #[error("scheduler stopped: {0}")]
+    Scheduler(String),
 }
 
 /// Where a running server can be reached.
@@ -144,11 +150,27 @@ pub async fn run(
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app)
+    let serve = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .map_err(ServerError::Http)?;
-    let _ = sched_task.await;
+        .into_future();
+    let mut sched_task = sched_task;
+    let sched_end = tokio::select! {
+        r = serve => {
+            r.map_err(ServerError::Http)?;
+            sched_task.await
+        }
+        r = &mut sched_task => {
+            shutdown.cancel();
+            r
+        }
+    };
+    let failed = match sched_end {
+        Ok(Ok(())) if shutdown.is_cancelled() => None,
+        Ok(Ok(())) => Some("it ended without being asked to".to_string()),
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(e) if e.is_panic() => Some("it panicked (see the log above)".to_string()),
+        Err(e) => Some(e.to_string()),
+    };
     let _ = client.try_disconnect();
     if tokio::time::timeout(Duration::from_secs(2), loop_handle)
         .await
@@ -156,5 +178,8 @@ pub async fn run(
     {
         loop_stop.cancel();
     }
-    Ok(())
+    match failed {
+        Some(why) => Err(ServerError::Scheduler(why)),
+        None => Ok(()),
+    }
 }

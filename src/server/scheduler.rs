@@ -8,10 +8,20 @@
 //!
 //! Priority with aging: a waiting task's effective priority is
 //! `priority + waited / aging`. Because every waiting task ages at the same
-//! rate, the order between two of them never changes, so the queue is a
-//! `BTreeMap` keyed once by `priority * aging - created` (higher first).
+//! rate, the order between two of them never changes, so the queue is
+//! keyed once by `priority * aging - created` (higher first). The queue
+//! itself ([`super::queue`]) keeps tasks in lanes by what they need, so tasks
+//! no device can take are never walked by a dispatch pass.
+//!
+//! If the store fails (a statement or the `COMMIT`), the batch is rolled
+//! back, its effects are dropped (clients hear "nothing was accepted"), the
+//! in-memory state is reloaded from the store, and the batch's MQTT messages
+//! are handled again in a later batch before they are acknowledged. If the
+//! state cannot be reloaded, [`Scheduler::run`] returns the error and the
+//! server process ends.
 
 use super::config::SchedulerSection;
+use super::queue::{self, Needs, Queue};
 use super::store::{Store, StoreError, TaskRow};
 use crate::mqtt::MqttEvent;
 use crate::protocol::api::{DeviceView, Reply, SubmitRequest, SubmitResponse, TaskState, TaskView};
@@ -21,6 +31,7 @@ use crate::protocol::{
 use rumqttc::{AsyncClient, Publish, QoS};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -41,6 +52,16 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Admission: the queue is full; try again after `retry_after_s`.
+    #[error("{message}")]
+    Busy { message: String, retry_after_s: u64 },
+}
+
+/// Why the scheduler stopped on its own (the server then exits non-zero).
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("the task store failed and the state could not be reloaded from it: {0}")]
+    Reload(StoreError),
 }
 
 /// Health figures.
@@ -135,6 +156,12 @@ enum Requeue {
 }
 
 enum Effect {
+    /// A long-poll waiter told that its task ended: only once committed.
+    Notify {
+        id: String,
+        view: Box<TaskView>,
+        waiter: Waiter,
+    },
     Publish {
         topic: String,
         payload: Vec<u8>,
@@ -148,8 +175,6 @@ enum Effect {
 
 struct Task {
     row: TaskRow,
-    key: (Reverse<i64>, u64),
-    not_before: Instant,
     deadline: Option<Instant>,
     /// The device that had it before a server restart, and until when the
     /// task waits for that device to come back rather than go to another:
@@ -204,19 +229,42 @@ pub struct Scheduler {
     client: AsyncClient,
     max_payload: usize,
     tasks: HashMap<String, Task>,
-    queue: BTreeMap<(Reverse<i64>, u64), String>,
+    queue: Queue,
+    /// Bytes of input held by unfinished tasks (admission).
+    held_bytes: usize,
     seq: u64,
     devices: BTreeMap<String, Device>,
     waiters: HashMap<String, Vec<Waiter>>,
     connected: bool,
     effects: Vec<Effect>,
     self_tx: mpsc::WeakSender<Command>,
+    /// MQTT messages of batches that failed to commit: handled again (and
+    /// only then acknowledged) once the store takes writes.
+    replay: Vec<Publish>,
+    /// After a store failure, no writes before this time.
+    store_retry_at: Option<Instant>,
+    store_failures: u32,
+    /// Next sweep of finished tasks past `retention_ms`.
+    next_retention: Instant,
+    /// Statuses from unknown devices ignored at the `max_devices` bound.
+    devices_refused: u64,
 }
 
-const QUEUE_SCAN: usize = 4096;
+/// `now + ms`, saturating far in the future instead of overflowing.
+fn after(now: Instant, ms: u64) -> Instant {
+    now.checked_add(Duration::from_millis(ms))
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// What a heartbeat interval times the misses allowed comes to.
+fn silence(heartbeat_ms: u32, missed: u32) -> u64 {
+    (heartbeat_ms.max(100) as u64).saturating_mul(missed as u64)
+}
 
 impl Scheduler {
-    /// Loads known devices and unfinished tasks from the store.
+    /// Loads known devices and unfinished tasks from the store. Rows that
+    /// cannot be read are logged (row and column named) and left out.
     pub fn new(
         cfg: SchedulerSection,
         store: Store,
@@ -224,48 +272,56 @@ impl Scheduler {
         max_payload: usize,
     ) -> Result<(Scheduler, SchedulerHandle, mpsc::Receiver<Command>), StoreError> {
         let (tx, rx) = mpsc::channel(4096);
+        let now = Instant::now();
         let mut s = Scheduler {
             cfg,
             store,
             client,
             max_payload,
             tasks: HashMap::new(),
-            queue: BTreeMap::new(),
+            queue: Queue::new(),
+            held_bytes: 0,
             seq: 0,
             devices: BTreeMap::new(),
             waiters: HashMap::new(),
             connected: false,
             effects: Vec::new(),
             self_tx: tx.downgrade(),
+            replay: Vec::new(),
+            store_retry_at: None,
+            store_failures: 0,
+            next_retention: now,
+            devices_refused: 0,
         };
-        let now = Instant::now();
         for (id, bytes, last_seen_ms) in s.store.devices()? {
-            if let Ok(status) = DeviceStatus::decode(&bytes, usize::MAX) {
-                s.devices.insert(
-                    id,
-                    Device {
-                        status,
-                        online: false,
-                        last_seen: now,
-                        last_seen_ms,
-                        assigned: HashSet::new(),
-                        busy_until: None,
-                    },
-                );
+            match DeviceStatus::decode(&bytes, usize::MAX) {
+                Ok(status) => {
+                    s.devices.insert(
+                        id,
+                        Device {
+                            status,
+                            online: false,
+                            last_seen: now,
+                            last_seen_ms,
+                            assigned: HashSet::new(),
+                            busy_until: None,
+                        },
+                    );
+                }
+                Err(e) => {
+                    log::warn!("task store: device row `{id}`: status unreadable ({e}); left out")
+                }
             }
         }
         let mut recovered = 0;
         s.store.begin()?;
-        for mut row in s.store.unfinished()? {
+        for mut row in s.store.unfinished_readable()? {
             // As long as the server would wait before declaring the device
             // lost (its heartbeat interval times offline_after_missed).
             let prefer = row.device.take().map(|d| {
-                let hb = s
-                    .devices
-                    .get(&d)
-                    .map_or(5000, |x| x.status.heartbeat_ms.max(100) as u64);
-                let wait = Duration::from_millis(hb * s.cfg.offline_after_missed as u64);
-                (d, now + wait)
+                let hb = s.devices.get(&d).map_or(5000, |x| x.status.heartbeat_ms);
+                let wait = silence(hb, s.cfg.offline_after_missed);
+                (d, after(now, wait))
             });
             if row.state != TaskState::Queued {
                 // The interrupted dispatch is retried as the same attempt; the
@@ -284,8 +340,13 @@ impl Scheduler {
         Ok((s, SchedulerHandle { tx }, rx))
     }
 
-    /// Runs until `shutdown` is cancelled.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    /// Runs until `shutdown` is cancelled, or until the store failed and the
+    /// state could not be reloaded from it (an error: the server exits).
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SchedulerError> {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(256);
@@ -298,42 +359,231 @@ impl Scheduler {
                 }
                 _ = tick.tick() => true,
             };
-            if let Err(e) = self.store.begin() {
-                log::error!("scheduler: cannot start a transaction: {e}");
-            }
-            for cmd in batch.drain(..) {
-                if let Err(e) = self.handle(cmd) {
-                    log::error!("scheduler: {e}");
-                }
-            }
-            if ticked {
-                if let Err(e) = self.on_tick() {
-                    log::error!("scheduler: {e}");
-                }
-            }
-            if let Err(e) = self.dispatch() {
-                log::error!("scheduler: dispatch: {e}");
-            }
-            let store = &mut self.store;
-            let committed = match crate::blocking(|| store.commit()) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::error!("scheduler: commit failed, refusing this batch's submissions: {e}");
-                    false
-                }
-            };
-            self.flush(committed);
+            self.batch(&mut batch, ticked)?;
         }
         log::info!("scheduler stopped");
+        Ok(())
     }
 
-    fn flush(&mut self, committed: bool) {
+    /// One batch: one transaction, then its effects, or, if the store failed
+    /// anywhere in it, a rollback and a reload.
+    fn batch(&mut self, batch: &mut Vec<Command>, ticked: bool) -> Result<(), SchedulerError> {
+        let now = Instant::now();
+        let mut ok = self.store_retry_at.is_none_or(|t| t <= now);
+        if ok {
+            if let Err(e) = self.store.begin() {
+                log::error!("scheduler: cannot start a transaction: {e}");
+                ok = false;
+                self.store_failed(now);
+            }
+        }
+        let wrote = ok;
+        // Messages of a failed batch first, as they came.
+        for p in std::mem::take(&mut self.replay) {
+            if !ok {
+                self.replay.push(p);
+                continue;
+            }
+            if let Err(e) = self.handle(Command::Mqtt(MqttEvent::Message(p))) {
+                log::error!("scheduler: {e}");
+                ok = false;
+            }
+        }
+        for cmd in batch.drain(..) {
+            if !ok {
+                self.refuse(cmd);
+                continue;
+            }
+            if let Err(e) = self.handle(cmd) {
+                log::error!("scheduler: {e}");
+                ok = false;
+            }
+        }
+        if ok && ticked {
+            if let Err(e) = self.on_tick() {
+                log::error!("scheduler: {e}");
+                ok = false;
+            }
+        }
+        if ok {
+            if let Err(e) = self.dispatch() {
+                log::error!("scheduler: dispatch: {e}");
+                ok = false;
+            }
+        }
+        if ok {
+            let store = &mut self.store;
+            match crate::blocking(|| store.commit()) {
+                Ok(()) => {
+                    if self.store_failures > 0 {
+                        log::info!("scheduler: the task store takes writes again");
+                    }
+                    self.store_failures = 0;
+                    self.store_retry_at = None;
+                    self.flush();
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::error!("scheduler: commit failed, refusing this batch: {e}");
+                    ok = false;
+                }
+            }
+        }
+        debug_assert!(!ok);
+        if wrote {
+            // Memory may now hold what the store does not: roll back, answer
+            // with errors, keep the messages for later, and start again from
+            // what the store holds.
+            self.store.rollback();
+            self.store_failed(now);
+            self.discard_effects();
+            self.reload().map_err(SchedulerError::Reload)?;
+        } else {
+            self.discard_effects();
+        }
+        Ok(())
+    }
+
+    fn store_failed(&mut self, now: Instant) {
+        self.store_failures = self.store_failures.saturating_add(1);
+        // 100 ms, doubling to 5 s: a full disk is not hammered.
+        let wait = (100u64 << self.store_failures.min(6).saturating_sub(1)).min(5000);
+        self.store_retry_at = Some(after(now, wait));
+    }
+
+    /// A command met while the store is failing: reads are answered, writes
+    /// refused, MQTT messages kept to be handled (and acked) later.
+    fn refuse(&mut self, cmd: Command) {
+        let unavailable = || {
+            ApiError::Unavailable(
+                "the task store is failing; nothing was accepted, try again".into(),
+            )
+        };
+        match cmd {
+            Command::Submit { resp, .. } => {
+                let _ = resp.send(Err(unavailable()));
+            }
+            Command::Cancel { resp, .. } => {
+                let _ = resp.send(Err(unavailable()));
+            }
+            Command::Mqtt(MqttEvent::Message(p)) => self.replay.push(p),
+            Command::Mqtt(MqttEvent::Connected { .. }) => self.connected = true,
+            Command::Mqtt(MqttEvent::Disconnected(_)) => self.connected = false,
+            // Re-sent by the not-started check once the store works.
+            Command::DispatchFailed { .. } => {}
+            read => {
+                if let Err(e) = self.handle(read) {
+                    log::error!("scheduler: {e}");
+                }
+            }
+        }
+    }
+
+    /// After a failed batch: clients told nothing was accepted, waiters put
+    /// back, the batch's messages kept for replay, publishes dropped.
+    fn discard_effects(&mut self) {
+        let mut acked = Vec::new();
         for effect in std::mem::take(&mut self.effects) {
             match effect {
-                Effect::Reply(f) => f(committed),
-                // Nothing leaves unless it is on disk: an uncommitted batch
-                // answers its clients with errors and tells MQTT nothing.
-                _ if !committed => {}
+                Effect::Reply(f) => f(false),
+                Effect::Notify { id, waiter, .. } => {
+                    self.waiters.entry(id).or_default().push(waiter)
+                }
+                Effect::Ack(p) => acked.push(p),
+                Effect::Publish { .. } => {}
+            }
+        }
+        acked.append(&mut self.replay);
+        self.replay = acked;
+    }
+
+    /// Replaces the in-memory tasks by what the store holds. Devices stay
+    /// (their state is soft: heartbeats); their assignments are rebuilt.
+    fn reload(&mut self) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let old = std::mem::take(&mut self.tasks);
+        self.queue = Queue::new();
+        self.held_bytes = 0;
+        for d in self.devices.values_mut() {
+            d.assigned.clear();
+        }
+        let rows = self.store.unfinished_readable()?;
+        let n = rows.len();
+        for mut row in rows {
+            let prev = old.get(&row.id);
+            let dev = row.device.clone();
+            let on_device = row.state != TaskState::Queued
+                && dev.as_ref().is_some_and(|d| self.devices.contains_key(d));
+            if !on_device {
+                if row.state != TaskState::Queued {
+                    // Its device is unknown here: retried as the same attempt.
+                    row.attempts = row.attempts.saturating_sub(1);
+                    row.state = TaskState::Queued;
+                    row.device = None;
+                }
+                self.enqueue(row, now, None);
+                continue;
+            }
+            // Dispatched in an earlier, committed batch: still on its device.
+            let dev = dev.expect("checked");
+            let mut t = Task {
+                deadline: Some(after(
+                    now,
+                    row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
+                )),
+                prefer: None,
+                last_sent: Some(now),
+                row,
+            };
+            if let Some(p) = prev.filter(|p| {
+                p.row.device.as_deref() == Some(dev.as_str()) && p.row.attempts == t.row.attempts
+            }) {
+                // The store does not record `running`; memory does.
+                if p.row.state == TaskState::Running {
+                    t.row.state = TaskState::Running;
+                    t.row.started_ms = p.row.started_ms;
+                }
+                t.deadline = p.deadline.or(t.deadline);
+                t.last_sent = p.last_sent.or(t.last_sent);
+            }
+            self.held_bytes += t.row.input.len();
+            if let Some(d) = self.devices.get_mut(&dev) {
+                d.assigned.insert(t.row.id.clone());
+            }
+            self.tasks.insert(t.row.id.clone(), t);
+        }
+        // Waiters whose task is not unfinished after all: answer from the store.
+        let gone: Vec<String> = self
+            .waiters
+            .keys()
+            .filter(|id| !self.tasks.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let v = self
+                .store
+                .get(&id)
+                .map(|r| r.map(|r| r.view()))
+                .map_err(|e| ApiError::Unavailable(e.to_string()));
+            for w in self.waiters.remove(&id).unwrap_or_default() {
+                let _ = w.send(v.clone());
+            }
+        }
+        log::warn!(
+            "scheduler: state reloaded from the store after a failed batch: {n} unfinished task(s), {} message(s) to handle again",
+            self.replay.len()
+        );
+        Ok(())
+    }
+
+    /// The effects of a committed batch.
+    fn flush(&mut self) {
+        for effect in std::mem::take(&mut self.effects) {
+            match effect {
+                Effect::Reply(f) => f(true),
+                Effect::Notify { view, waiter, .. } => {
+                    let _ = waiter.send(Ok(Some(*view)));
+                }
                 Effect::Ack(p) => {
                     let _ = self.client.try_ack(&p);
                 }
@@ -389,7 +639,12 @@ impl Scheduler {
                 let r = match r {
                     Ok(r) => Ok(r),
                     Err(SubmitFail::Api(e)) => Err(e),
-                    Err(SubmitFail::Store(e)) => return Err(e),
+                    Err(SubmitFail::Store(e)) => {
+                        let _ = resp.send(Err(ApiError::Unavailable(format!(
+                            "the task store failed ({e}); nothing was accepted"
+                        ))));
+                        return Err(e);
+                    }
                 };
                 self.reply(resp, r);
             }
@@ -454,17 +709,26 @@ impl Scheduler {
                     .map_err(|e| ApiError::Unavailable(e.to_string()));
                 let _ = resp.send(v);
             }
-            Command::Cancel { id, resp } => {
-                let r = self.cancel(&id)?;
-                self.reply(resp, r);
-            }
+            Command::Cancel { id, resp } => match self.cancel(&id) {
+                Ok(r) => self.reply(resp, r),
+                Err(e) => {
+                    let _ = resp.send(Err(ApiError::Unavailable(format!(
+                        "the task store failed ({e}); nothing was changed"
+                    ))));
+                    return Err(e);
+                }
+            },
             Command::Devices { resp } => {
                 let _ = resp.send(self.devices.values().map(Device::view).collect());
             }
             Command::Health { resp } => {
                 let in_flight = self.tasks.len() - self.queue.len();
                 let _ = resp.send(Health {
-                    status: "ok".into(),
+                    status: if self.store_retry_at.is_some() {
+                        "store failing".into()
+                    } else {
+                        "ok".into()
+                    },
                     mqtt_connected: self.connected,
                     queued: self.queue.len(),
                     in_flight,
@@ -481,7 +745,7 @@ impl Scheduler {
                         row.attempts = row.attempts.saturating_sub(1);
                         row.state = TaskState::Queued;
                         row.device = None;
-                        self.tasks.remove(&id);
+                        self.forget(&id);
                         self.store.save(&row)?;
                         self.enqueue(row, Instant::now(), None);
                     }
@@ -576,6 +840,60 @@ impl Scheduler {
                 }
             ))));
         }
+        if let Some(cap) = &req.capability {
+            // As for plugins: a capability nobody known offers would wait
+            // forever (`timeout_ms` only starts at dispatch).
+            let fits = |d: &Device| {
+                d.status.plugins.contains(&req.plugin)
+                    && d.status.capabilities.contains(cap)
+                    && req.target.as_ref().is_none_or(|t| *t == d.status.device_id)
+            };
+            if !self.devices.values().any(fits) {
+                let mut all: Vec<&str> = self
+                    .devices
+                    .values()
+                    .filter(|d| req.target.as_ref().is_none_or(|t| *t == d.status.device_id))
+                    .filter(|d| d.status.plugins.contains(&req.plugin))
+                    .flat_map(|d| d.status.capabilities.iter().map(String::as_str))
+                    .collect();
+                all.sort();
+                all.dedup();
+                let mut known = all.iter().take(20).copied().collect::<Vec<_>>().join(", ");
+                if all.len() > 20 {
+                    let _ = write!(known, " and {} more", all.len() - 20);
+                }
+                return Err(SubmitFail::Api(ApiError::Unprocessable(format!(
+                    "unknown capability `{cap}`: no known device{} offers it with plugin `{}` (known: {})",
+                    req.target.as_ref().map(|t| format!(" `{t}`")).unwrap_or_default(),
+                    req.plugin,
+                    if known.is_empty() { "none".into() } else { known }
+                ))));
+            }
+        }
+        let input = req.input.to_string();
+        if self.tasks.len() >= self.cfg.max_queued_tasks {
+            return Err(SubmitFail::Api(ApiError::Busy {
+                message: format!(
+                    "the queue is full: {} unfinished task(s), the limit is {} \
+                     (scheduler.max_queued_tasks); try again later",
+                    self.tasks.len(),
+                    self.cfg.max_queued_tasks
+                ),
+                retry_after_s: 1,
+            }));
+        }
+        if (self.held_bytes + input.len()) as u64 > self.cfg.max_queued_bytes {
+            return Err(SubmitFail::Api(ApiError::Busy {
+                message: format!(
+                    "the queue is full: unfinished tasks hold {} bytes of input, this one {} more, \
+                     the limit is {} (scheduler.max_queued_bytes); try again later",
+                    self.held_bytes,
+                    input.len(),
+                    self.cfg.max_queued_bytes
+                ),
+                retry_after_s: 1,
+            }));
+        }
         let row = TaskRow {
             // Time-ordered (UUID v7): new ids go to the end of the primary
             // key index, so a batch of submissions dirties a page or two of
@@ -583,7 +901,7 @@ impl Scheduler {
             // commit).
             id: uuid::Uuid::now_v7().to_string(),
             plugin: req.plugin,
-            input: req.input.to_string(),
+            input,
             priority,
             target: req.target,
             capability: req.capability,
@@ -628,22 +946,56 @@ impl Scheduler {
         }
     }
 
+    /// Puts a task in the queue (replacing any entry it has there).
+    /// `not_before`: retry back-off; `prefer`: the device it waits for
+    /// (after a restart) until the given time.
     fn enqueue(&mut self, row: TaskRow, not_before: Instant, prefer: Option<(String, Instant)>) {
+        let now = Instant::now();
         self.seq += 1;
-        let score = row.priority as i64 * self.cfg.aging_ms as i64 - row.created_ms as i64;
-        let key = (Reverse(score), self.seq);
-        self.queue.insert(key, row.id.clone());
-        self.tasks.insert(
+        let key = (
+            Reverse(queue::score(
+                row.priority,
+                self.cfg.aging_ms,
+                row.created_ms,
+            )),
+            self.seq,
+        );
+        let needs = Needs {
+            plugin: row.plugin.clone(),
+            target: row.target.clone(),
+            capability: row.capability.clone(),
+        };
+        // A task recovered after a restart waits while its device is away.
+        let away = prefer
+            .as_ref()
+            .filter(|(p, until)| now < *until && self.devices.get(p).is_some_and(|d| !d.online));
+        let hold = match away {
+            Some((p, until)) => Some(((*until).max(not_before), Some(p.clone()))),
+            None if not_before > now => Some((not_before, None)),
+            None => None,
+        };
+        let expires = (self.cfg.queue_ttl_ms > 0).then(|| after(now, self.cfg.queue_ttl_ms));
+        self.queue.insert(row.id.clone(), needs, key, hold, expires);
+        self.held_bytes += row.input.len();
+        if let Some(old) = self.tasks.insert(
             row.id.clone(),
             Task {
-                row,
-                key,
-                not_before,
                 deadline: None,
                 prefer,
                 last_sent: None,
+                row,
             },
-        );
+        ) {
+            self.held_bytes -= old.row.input.len();
+        }
+    }
+
+    /// Takes a task out of memory and the queue.
+    fn forget(&mut self, id: &str) -> Option<Task> {
+        self.queue.remove(id);
+        let t = self.tasks.remove(id)?;
+        self.held_bytes -= t.row.input.len();
+        Some(t)
     }
 
     fn cancel(&mut self, id: &str) -> Result<Result<TaskView, ApiError>, StoreError> {
@@ -683,8 +1035,7 @@ impl Scheduler {
         result: Option<String>,
         error: Option<String>,
     ) -> Result<TaskView, StoreError> {
-        let mut t = self.tasks.remove(id).expect("terminate of a known task");
-        self.queue.remove(&t.key);
+        let mut t = self.forget(id).expect("terminate of a known task");
         self.unassign(&t.row);
         t.row.state = state;
         t.row.result = result;
@@ -692,11 +1043,12 @@ impl Scheduler {
         t.row.finished_ms = Some(crate::now_ms());
         self.store.save(&t.row)?;
         let view = t.row.view();
-        for w in self.waiters.remove(id).unwrap_or_default() {
-            let v = view.clone();
-            self.effects.push(Effect::Reply(Box::new(move |_| {
-                let _ = w.send(Ok(Some(v)));
-            })));
+        for waiter in self.waiters.remove(id).unwrap_or_default() {
+            self.effects.push(Effect::Notify {
+                id: id.to_string(),
+                view: Box::new(view.clone()),
+                waiter,
+            });
         }
         if let Some(topic) = t.row.reply_to.clone() {
             let reply = Reply {
@@ -726,6 +1078,10 @@ impl Scheduler {
         let Some(t) = self.tasks.get(id) else {
             return Ok(());
         };
+        if t.row.state == TaskState::Queued {
+            // Already back in the queue (its device was lost): once is enough.
+            return Ok(());
+        }
         let mut row = t.row.clone();
         if !count_attempt {
             row.attempts = row.attempts.saturating_sub(1);
@@ -736,11 +1092,15 @@ impl Scheduler {
             return Ok(());
         }
         self.unassign(&row);
-        self.tasks.remove(id);
+        self.forget(id);
         let delay = match how {
             Requeue::Failed => {
+                // Saturating: a large `retry_backoff_ms` must not lose bits.
                 let exp = row.attempts.saturating_sub(1).min(16);
-                (self.cfg.retry_backoff_ms << exp).min(self.cfg.retry_backoff_max_ms)
+                self.cfg
+                    .retry_backoff_ms
+                    .saturating_mul(1u64 << exp)
+                    .min(self.cfg.retry_backoff_max_ms)
             }
             Requeue::DeviceLost => self.cfg.retry_backoff_ms,
             Requeue::Free => 0,
@@ -754,7 +1114,7 @@ impl Scheduler {
         row.device = None;
         row.error = Some(reason.to_string());
         self.store.save(&row)?;
-        self.enqueue(row, Instant::now() + Duration::from_millis(delay), None);
+        self.enqueue(row, after(Instant::now(), delay), None);
         Ok(())
     }
 
@@ -775,10 +1135,14 @@ impl Scheduler {
                 }
             }
             MqttEvent::Disconnected(_) => self.connected = false,
-            MqttEvent::Message(p) => {
-                self.on_publish(&p)?;
-                self.effects.push(Effect::Ack(p));
-            }
+            MqttEvent::Message(p) => match self.on_publish(&p) {
+                Ok(()) => self.effects.push(Effect::Ack(p)),
+                Err(e) => {
+                    // Not acked: handled again once the store takes writes.
+                    self.replay.push(p);
+                    return Err(e);
+                }
+            },
         }
         Ok(())
     }
@@ -865,6 +1229,21 @@ impl Scheduler {
         let now_ms = crate::now_ms();
         let id = s.device_id.clone();
         let online = s.online;
+        if !self.devices.contains_key(&id) && self.devices.len() >= self.cfg.max_devices {
+            // Statuses are unauthenticated: a flood of made-up ids must not
+            // grow memory and the store without end.
+            self.devices_refused += 1;
+            if self.devices_refused.is_power_of_two() {
+                log::warn!(
+                    "status from unknown device `{id}` ignored: {} devices known, the limit is {} \
+                     (scheduler.max_devices); {} ignored so far",
+                    self.devices.len(),
+                    self.cfg.max_devices,
+                    self.devices_refused
+                );
+            }
+            return Ok(());
+        }
         self.store.save_device(&id, &protocol::encode(&s), now_ms)?;
         let dev = self.devices.entry(id.clone()).or_insert_with(|| Device {
             status: s.clone(),
@@ -885,6 +1264,8 @@ impl Scheduler {
         dev.last_seen_ms = now_ms;
         if online && !was_online {
             log::info!("device {id} is online");
+            // Tasks recovered after a restart that wait for it.
+            self.queue.device_back(&id);
         }
         if !online && was_online {
             self.device_lost(&id, "device went offline")?;
@@ -959,15 +1340,36 @@ impl Scheduler {
             }
             FromAgent::Finished(outcome) => {
                 let id = outcome.task_id.clone();
-                if self.tasks.contains_key(&id) {
+                let holder = self.tasks.get(&id).map(|t| {
+                    t.row.state != TaskState::Queued && t.row.device.as_deref() == Some(device)
+                });
+                let retry = matches!(&outcome.result, Err(e) if e.retryable
+                    && !matches!(e.kind, ErrorKind::Timeout | ErrorKind::Cancelled));
+                if holder == Some(false) && retry {
+                    // A retryable failure of an attempt the task was already
+                    // taken from (its device was lost; the agent's outbox
+                    // delivered it late): that attempt was counted then, and
+                    // the task waits in the queue or runs elsewhere. Queueing
+                    // it again would put it in the queue twice.
+                    log::info!(
+                        "task {id}: late retryable failure from {device}, which no longer has it; ignored"
+                    );
+                } else if holder.is_some() {
                     // First result wins, even from a device the task was
                     // taken away from: the work was done.
-                    if let Some(t) = self.tasks.get_mut(&id) {
-                        if t.row.device.as_deref() != Some(device) {
-                            self.unassign(&self.tasks[&id].row.clone());
-                            if let Some(t) = self.tasks.get_mut(&id) {
-                                t.row.device = Some(device.to_string());
-                            }
+                    if holder == Some(false) {
+                        let row = self.tasks[&id].row.clone();
+                        if let (Some(other), true) = (&row.device, row.state != TaskState::Queued) {
+                            self.publish(
+                                topics::tasks(other),
+                                protocol::encode(&ToAgent::Cancel {
+                                    task_id: id.clone(),
+                                }),
+                            );
+                        }
+                        self.unassign(&row);
+                        if let Some(t) = self.tasks.get_mut(&id) {
+                            t.row.device = Some(device.to_string());
                         }
                     }
                     match outcome.result {
@@ -1008,35 +1410,47 @@ impl Scheduler {
 
     fn on_tick(&mut self) -> Result<(), StoreError> {
         let now = Instant::now();
+        let missed = self.cfg.offline_after_missed;
         let late: Vec<String> = self
             .devices
             .iter()
             .filter(|(_, d)| {
-                let hb = Duration::from_millis(d.status.heartbeat_ms.max(100) as u64);
-                d.online && now.duration_since(d.last_seen) > hb * self.cfg.offline_after_missed
+                let wait = Duration::from_millis(silence(d.status.heartbeat_ms, missed));
+                d.online && now.duration_since(d.last_seen) > wait
             })
             .map(|(id, _)| id.clone())
             .collect();
         for id in late {
             self.device_lost(&id, "missed heartbeats")?;
         }
+        // Only tasks in flight are looked at (every one is assigned to a
+        // device), not the whole queue: a large backlog costs the tick nothing.
+        //
         // A dispatch can be lost on the way (a broker restart, a session the
         // broker dropped): one not started after as long as a device is given
         // to show life goes to the same device again. The agent answers a
         // repeat without running it twice (already queued, running or done).
         let mut resend = Vec::new();
-        for t in self.tasks.values_mut() {
-            if t.row.state != TaskState::Dispatched {
-                continue;
-            }
-            let Some(d) = t.row.device.as_ref().and_then(|d| self.devices.get(d)) else {
-                continue;
-            };
-            let wait = Duration::from_millis(d.status.heartbeat_ms.max(100) as u64)
-                * self.cfg.offline_after_missed;
-            if d.online && t.last_sent.is_some_and(|s| now.duration_since(s) >= wait) {
-                t.last_sent = Some(now);
-                resend.push((d.status.device_id.clone(), spec_of(&t.row)));
+        let mut expired: Vec<(String, Option<String>, u64)> = Vec::new();
+        for d in self.devices.values() {
+            let wait = Duration::from_millis(silence(d.status.heartbeat_ms, missed));
+            for id in &d.assigned {
+                let Some(t) = self.tasks.get_mut(id) else {
+                    continue;
+                };
+                if t.deadline.is_some_and(|x| x <= now)
+                    && matches!(t.row.state, TaskState::Dispatched | TaskState::Running)
+                {
+                    expired.push((t.row.id.clone(), t.row.device.clone(), t.row.timeout_ms));
+                    continue;
+                }
+                if t.row.state == TaskState::Dispatched
+                    && d.online
+                    && t.last_sent.is_some_and(|s| now.duration_since(s) >= wait)
+                {
+                    t.last_sent = Some(now);
+                    resend.push((d.status.device_id.clone(), spec_of(&t.row)));
+                }
             }
         }
         for (dev, spec) in resend {
@@ -1046,13 +1460,6 @@ impl Scheduler {
             );
             self.publish(topics::tasks(&dev), protocol::encode(&ToAgent::Task(spec)));
         }
-        let expired: Vec<(String, Option<String>, u64)> = self
-            .tasks
-            .values()
-            .filter(|t| t.deadline.is_some_and(|d| d <= now))
-            .filter(|t| matches!(t.row.state, TaskState::Dispatched | TaskState::Running))
-            .map(|t| (t.row.id.clone(), t.row.device.clone(), t.row.timeout_ms))
-            .collect();
         for (id, dev, timeout) in expired {
             if let Some(dev) = &dev {
                 self.publish(
@@ -1069,7 +1476,49 @@ impl Scheduler {
             );
             self.terminate(&id, TaskState::TimedOut, None, Some(msg))?;
         }
+        // Queue time-to-live (indexed by time: no scan).
+        for id in self.queue.take_expired(now) {
+            if self.tasks.contains_key(&id) {
+                let msg = format!(
+                    "not dispatched within {} ms in the queue (scheduler.queue_ttl_ms): no device could take it",
+                    self.cfg.queue_ttl_ms
+                );
+                self.terminate(&id, TaskState::TimedOut, None, Some(msg))?;
+            }
+        }
+        if self.cfg.retention_ms > 0 && now >= self.next_retention {
+            self.next_retention = after(now, 60_000);
+            let cutoff = crate::now_ms().saturating_sub(self.cfg.retention_ms);
+            // A bounded bite per tick: one transaction never grows large.
+            let n = self.store.delete_finished_before(cutoff, 10_000)?;
+            if n > 0 {
+                log::info!(
+                    "retention: deleted {n} task(s) finished more than {} ms ago",
+                    self.cfg.retention_ms
+                );
+                if n == 10_000 {
+                    // More to do: come back at the next tick.
+                    self.next_retention = now;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Whether `d` can take a task with these needs now.
+    fn can_take(&self, d: &Device, needs: &Needs, now: Instant) -> bool {
+        d.online
+            && d.busy_until.is_none_or(|b| b <= now)
+            && d.assigned.len() < d.capacity()
+            && d.status.plugins.contains(&needs.plugin)
+            && needs
+                .target
+                .as_ref()
+                .is_none_or(|x| *x == d.status.device_id)
+            && needs
+                .capability
+                .as_ref()
+                .is_none_or(|c| d.status.capabilities.contains(c))
     }
 
     fn eligible(&self, d: &Device, t: &Task, now: Instant) -> bool {
@@ -1092,39 +1541,53 @@ impl Scheduler {
             return Ok(());
         }
         let now = Instant::now();
-        // Walk the queue in order with a cursor, not a copy of its first
-        // QUEUE_SCAN entries: with thousands queued and a few slots free,
-        // copying them cost an allocation per queued task per batch.
-        let mut cursor: Option<(Reverse<i64>, u64)> = None;
-        for _ in 0..QUEUE_SCAN {
-            let next = match cursor {
-                None => self.queue.iter().next(),
-                Some(c) => self
-                    .queue
-                    .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
-                    .next(),
-            };
-            let Some((key, id)) = next.map(|(k, v)| (*k, v.clone())) else {
-                break;
-            };
-            cursor = Some(key);
-            if !self
-                .devices
+        self.queue.release_due(now);
+        let room = |s: &Scheduler| {
+            s.devices
                 .values()
                 .any(|d| d.online && d.assigned.len() < d.capacity())
-            {
+        };
+        if !room(self) {
+            return Ok(());
+        }
+        // The heads of the lanes some device can serve now, best first. A
+        // lane nobody can serve (target offline, capability absent, its
+        // devices full) costs one check here, however long it is.
+        let mut heads: BTreeMap<queue::Key, queue::LaneId> = self
+            .queue
+            .lanes()
+            .filter(|(_, needs, _)| self.devices.values().any(|d| self.can_take(d, needs, now)))
+            .map(|(lane, _, key)| (key, lane))
+            .collect();
+        while let Some((_, lane)) = heads.pop_first() {
+            if !room(self) {
                 break;
             }
-            let t = &self.tasks[&id];
-            if t.not_before > now {
+            let Some((_, id)) = self.queue.head(lane) else {
                 continue;
-            }
+            };
+            let id = id.to_string();
+            let Some(t) = self.tasks.get(&id) else {
+                // Cannot happen (the queue and the tasks change together);
+                // never let it stop dispatching.
+                log::error!("scheduler: queued task {id} is unknown; dropped from the queue");
+                self.queue.remove(&id);
+                if let Some((k, _)) = self.queue.head(lane) {
+                    heads.insert(k, lane);
+                }
+                continue;
+            };
             let prefer = t
                 .prefer
                 .as_ref()
                 .and_then(|(p, until)| Some((self.devices.get(p)?, *until)));
-            if prefer.is_some_and(|(d, until)| !d.online && now < until) {
-                // Not back yet: sending it elsewhere could do it twice.
+            if let Some((d, until)) = prefer.filter(|(d, until)| !d.online && now < *until) {
+                // Its device went away again: sending it elsewhere could do it twice.
+                let dev = d.status.device_id.clone();
+                self.queue.hold(&id, until, Some(dev));
+                if let Some((k, _)) = self.queue.head(lane) {
+                    heads.insert(k, lane);
+                }
                 continue;
             }
             let preferred = prefer.map(|(d, _)| d).filter(|d| self.eligible(d, t, now));
@@ -1141,15 +1604,18 @@ impl Scheduler {
                         })
                 })
                 .map(|d| d.status.device_id.clone());
+            // Nobody has room for this lane any more: it waits for the next pass.
             let Some(dev) = chosen else { continue };
-            self.queue.remove(&key);
+            self.queue.remove(&id);
             let t = self.tasks.get_mut(&id).expect("queued task is known");
             t.row.state = TaskState::Dispatched;
             t.row.device = Some(dev.clone());
             t.row.attempts += 1;
             t.row.dispatched_ms = Some(crate::now_ms());
-            t.deadline =
-                Some(now + Duration::from_millis(t.row.timeout_ms + self.cfg.timeout_grace_ms));
+            t.deadline = Some(after(
+                now,
+                t.row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
+            ));
             t.last_sent = Some(now);
             let spec = spec_of(&t.row);
             let row = t.row.clone();
@@ -1163,6 +1629,9 @@ impl Scheduler {
                 retain: false,
                 dispatch_of: Some(id),
             });
+            if let Some((k, _)) = self.queue.head(lane) {
+                heads.insert(k, lane);
+            }
         }
         Ok(())
     }
@@ -1202,6 +1671,11 @@ mod tests {
             retry_backoff_ms: 500,
             retry_backoff_max_ms: 30_000,
             offline_after_missed: 3,
+            max_queued_tasks: 100_000,
+            max_queued_bytes: 1 << 30,
+            queue_ttl_ms: 0,
+            max_devices: 100,
+            retention_ms: 0,
         }
     }
 
@@ -1301,10 +1775,31 @@ mod tests {
         let mut got = [device_of(s, &x).unwrap(), device_of(s, &y).unwrap()];
         got.sort();
         assert_eq!(got, ["a".to_string(), "b".to_string()]);
-        // A capability nobody has waits in the queue.
-        let none = submit(s, req(Some("tpu"), None));
+        // A capability no known device offers is refused, like a plugin
+        // (issue 18 item 4): it would wait forever.
+        match s.submit(req(Some("tpu"), None)) {
+            Err(SubmitFail::Api(ApiError::Unprocessable(m))) => {
+                assert!(
+                    m.contains("unknown capability `tpu`") && m.contains("gpu"),
+                    "{m}"
+                )
+            }
+            _ => panic!("a capability nobody has was accepted"),
+        }
+        // Offered, but not by the target named.
+        match s.submit(req(Some("gpu"), Some("b"))) {
+            Err(SubmitFail::Api(ApiError::Unprocessable(m))) => {
+                assert!(m.contains("`b`"), "{m}")
+            }
+            _ => panic!("a capability the target lacks was accepted"),
+        }
+        // A known device that offers it but is offline: accepted, waits.
+        let mut a = status("a", &["gpu"], 4);
+        a.online = false;
+        heartbeat(s, &a);
+        let waits = submit(s, req(Some("gpu"), None));
         s.dispatch().unwrap();
-        assert_eq!(s.tasks[&none].row.state, TaskState::Queued);
+        assert_eq!(s.tasks[&waits].row.state, TaskState::Queued);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1519,8 +2014,395 @@ mod tests {
         high.priority = Some(100);
         let l = submit(s, low);
         let h = submit(s, high);
-        let first = s.queue.values().next().unwrap();
-        assert_eq!(first, &h);
-        assert_ne!(first, &l);
+        let first = s.queue.first_ready().unwrap();
+        assert_eq!(first, h);
+        assert_ne!(first, l);
+    }
+
+    /// Issue 18 item 1: ten thousand tasks no device can take (an offline
+    /// target, a capability only an offline device has) queued ahead of an
+    /// echo the online device can run: the echo must dispatch.
+    #[tokio::test(start_paused = true)]
+    async fn parked_tasks_do_not_block_a_dispatchable_one() {
+        let mut r = rig();
+        let s = &mut r.s;
+        let mut away = status("away", &["gpu"], 4);
+        heartbeat(s, &away);
+        away.online = false;
+        heartbeat(s, &away);
+        heartbeat(s, &status("b", &[], 1));
+        for i in 0..10_000 {
+            if i % 2 == 0 {
+                submit(s, req(None, Some("away")));
+            } else {
+                submit(s, req(Some("gpu"), None));
+            }
+        }
+        let echo = submit(s, req(None, None));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &echo).as_deref(), Some("b"));
+    }
+
+    /// Issue 15 item 2: dispatch, the device is lost (the task is back in
+    /// the queue), the agent's outbox then delivers a retryable failure for
+    /// the old attempt: the task must be in the queue once, dispatched once.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_retryable_result_does_not_queue_a_task_twice() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 1));
+        let id = submit(s, long_req());
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("a"));
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_millis(900)).await;
+            heartbeat(s, &status("b", &[], 1));
+            heartbeat(s, &status("c", &[], 1));
+            s.on_tick().unwrap();
+        }
+        assert!(!s.devices["a"].online);
+        assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+        s.on_agent(
+            "a",
+            FromAgent::Finished(TaskOutcome {
+                task_id: id.clone(),
+                result: Err(crate::protocol::TaskError {
+                    kind: ErrorKind::Failed,
+                    message: "flaky".into(),
+                    retryable: true,
+                }),
+                elapsed_us: 5,
+            }),
+        )
+        .unwrap();
+        assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+        tokio::time::advance(Duration::from_millis(60_000)).await;
+        heartbeat(s, &status("b", &[], 1));
+        heartbeat(s, &status("c", &[], 1));
+        s.dispatch().unwrap();
+        s.dispatch().unwrap();
+        let holders: Vec<&String> = s
+            .devices
+            .iter()
+            .filter(|(_, d)| d.assigned.contains(&id))
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(holders.len(), 1, "dispatched to {holders:?}");
+        assert_eq!(s.queue.len(), 0, "a stale queue entry is left");
+        // A cancel now, then a dispatch pass: no panic, nothing left.
+        let r = s.cancel(&id).unwrap();
+        assert!(r.is_ok());
+        s.dispatch().unwrap();
+        assert!(s.devices.values().all(|d| !d.assigned.contains(&id)));
+    }
+
+    /// Issue 18 item 1, across a restart: the parked tasks come back from
+    /// the store and still do not hold up a task the online device can run.
+    #[tokio::test(start_paused = true)]
+    async fn parked_tasks_do_not_block_after_a_restart_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = Store::open(dir.path(), "normal").unwrap();
+            let (client, el) =
+                AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10_000);
+            let (mut s, _h, rx) = Scheduler::new(cfg(), store, client, 1 << 20).unwrap();
+            s.connected = true;
+            (s, rx, el)
+        };
+        {
+            let (mut s, _rx, _el) = open();
+            let mut away = status("away", &["gpu"], 4);
+            heartbeat(&mut s, &away);
+            away.online = false;
+            heartbeat(&mut s, &away);
+            s.store.begin().unwrap();
+            for i in 0..10_000 {
+                if i % 2 == 0 {
+                    submit(&mut s, req(None, Some("away")));
+                } else {
+                    submit(&mut s, req(Some("gpu"), None));
+                }
+            }
+            s.store.commit().unwrap();
+        }
+        let (mut s, _rx, _el) = open();
+        assert_eq!(s.queue.len(), 10_000);
+        heartbeat(&mut s, &status("b", &[], 1));
+        let echo = submit(&mut s, req(None, None));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(&s, &echo).as_deref(), Some("b"));
+        // And when `away` is back, its tasks go to it.
+        heartbeat(&mut s, &status("away", &["gpu"], 4));
+        s.dispatch().unwrap();
+        assert_eq!(s.devices["away"].assigned.len(), 4);
+    }
+
+    fn status_msg(st: &DeviceStatus) -> Command {
+        Command::Mqtt(MqttEvent::Message(Publish::new(
+            topics::status(&st.device_id),
+            QoS::AtLeastOnce,
+            protocol::encode(st),
+        )))
+    }
+
+    fn result_msg(dev: &str, id: &str) -> Command {
+        Command::Mqtt(MqttEvent::Message(Publish::new(
+            topics::results(dev),
+            QoS::AtLeastOnce,
+            protocol::encode(&FromAgent::Finished(TaskOutcome {
+                task_id: id.to_string(),
+                result: Ok(Value::Int(7)),
+                elapsed_us: 5,
+            })),
+        )))
+    }
+
+    /// Issue 15 item 6: a failed COMMIT (a deferred foreign key violated
+    /// by a trigger, so SQLite refuses exactly the COMMIT) must leave
+    /// memory as the store is: the submission answered "not accepted" is
+    /// never written, the result handled in that batch is not lost (its
+    /// message is kept unacked and handled again), and the long-poll waiter
+    /// is not told the task ended until it has.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_commit_reloads_and_replays_the_batch() {
+        let mut r = rig();
+        let s = &mut r.s;
+        let mut batch = vec![status_msg(&status("a", &[], 2))];
+        s.batch(&mut batch, false).unwrap();
+        let (tx, mut x_rx) = oneshot::channel();
+        let mut batch = vec![Command::Submit {
+            req: long_req(),
+            resp: tx,
+        }];
+        s.batch(&mut batch, false).unwrap();
+        let x = x_rx.try_recv().unwrap().unwrap().id;
+        assert_eq!(device_of(s, &x).as_deref(), Some("a"));
+        let (tx, mut waiter) = oneshot::channel();
+        s.batch(
+            &mut vec![Command::Wait {
+                id: x.clone(),
+                resp: tx,
+            }],
+            false,
+        )
+        .unwrap();
+
+        s.store
+            .conn()
+            .execute_batch(
+                "PRAGMA foreign_keys = ON;
+                 CREATE TABLE parent (id INTEGER PRIMARY KEY);
+                 CREATE TABLE poison (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TRIGGER poison_insert AFTER INSERT ON tasks BEGIN INSERT INTO poison VALUES (1); END;",
+            )
+            .unwrap();
+        let (tx, mut y_rx) = oneshot::channel();
+        let mut batch = vec![
+            result_msg("a", &x),
+            Command::Submit {
+                req: long_req(),
+                resp: tx,
+            },
+        ];
+        s.batch(&mut batch, false).unwrap();
+        let e = y_rx.try_recv().unwrap().unwrap_err();
+        assert!(matches!(e, ApiError::Unavailable(_)), "{e:?}");
+        assert!(
+            waiter.try_recv().is_err(),
+            "the waiter heard of an uncommitted end"
+        );
+        // Memory is what the store says: x still on `a`, nothing else.
+        assert_eq!(s.tasks.len(), 1);
+        assert_eq!(s.tasks[&x].row.state, TaskState::Dispatched);
+        assert!(s.devices["a"].assigned.contains(&x));
+        assert_eq!(
+            s.store.get(&x).unwrap().unwrap().state,
+            TaskState::Dispatched
+        );
+        assert_eq!(s.replay.len(), 1, "the result is kept, unacked");
+        assert_eq!(s.store.list(None, 100).unwrap().len(), 1, "y was written");
+
+        // While the store is failing (its back-off) writes are refused.
+        let (tx, mut z_rx) = oneshot::channel();
+        s.batch(
+            &mut vec![Command::Submit {
+                req: long_req(),
+                resp: tx,
+            }],
+            false,
+        )
+        .unwrap();
+        assert!(matches!(
+            z_rx.try_recv().unwrap(),
+            Err(ApiError::Unavailable(_))
+        ));
+        assert_eq!(s.replay.len(), 1);
+
+        // The store works again: the kept result is handled and acked.
+        s.store
+            .conn()
+            .execute_batch("DROP TRIGGER poison_insert;")
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        s.batch(&mut Vec::new(), false).unwrap();
+        assert!(s.replay.is_empty());
+        assert!(s.tasks.is_empty());
+        assert_eq!(
+            s.store.get(&x).unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
+        let v = waiter.try_recv().unwrap().unwrap().unwrap();
+        assert_eq!(v.state, TaskState::Succeeded);
+        assert!(s.devices["a"].assigned.is_empty());
+        assert_eq!(s.store.list(None, 100).unwrap().len(), 1);
+    }
+
+    /// Issue 18 item 4 / 15 item 8: admission bounds, by count and bytes.
+    #[tokio::test(start_paused = true)]
+    async fn admission_is_bounded_by_count_and_bytes() {
+        let mut r = rig();
+        let s = &mut r.s;
+        s.cfg.max_queued_tasks = 3;
+        heartbeat(s, &status("a", &[], 1));
+        for _ in 0..3 {
+            submit(s, req(None, None));
+        }
+        match s.submit(req(None, None)) {
+            Err(SubmitFail::Api(ApiError::Busy {
+                message,
+                retry_after_s,
+            })) => {
+                assert!(message.contains("scheduler.max_queued_tasks"), "{message}");
+                assert!(retry_after_s >= 1);
+            }
+            _ => panic!("admitted past max_queued_tasks"),
+        }
+        s.cfg.max_queued_tasks = 100;
+        s.cfg.max_queued_bytes = 20;
+        let mut big = req(None, None);
+        big.input = serde_json::json!("a string of more than twenty bytes");
+        match s.submit(big) {
+            Err(SubmitFail::Api(ApiError::Busy { message, .. })) => {
+                assert!(message.contains("scheduler.max_queued_bytes"), "{message}")
+            }
+            _ => panic!("admitted past max_queued_bytes"),
+        }
+        // Over MQTT the submitter hears why.
+        let sub = serde_json::json!({"plugin": "echo", "input": "a string of more than twenty bytes",
+            "reply_to": "app/replies", "correlation": "c1"});
+        s.on_mqtt_submit(sub.to_string().as_bytes()).unwrap();
+        let rejected = s.effects.iter().any(|e| {
+            matches!(e, Effect::Publish { topic, payload, .. }
+            if topic == "app/replies"
+                && String::from_utf8_lossy(payload).contains("queue is full")
+                && String::from_utf8_lossy(payload).contains("rejected"))
+        });
+        assert!(rejected);
+        // Bytes come back when tasks end.
+        let held = s.held_bytes;
+        let id = s.tasks.keys().next().unwrap().clone();
+        s.cancel(&id).unwrap().unwrap();
+        assert!(s.held_bytes < held);
+    }
+
+    /// Issue 18 item 4: `queue_ttl_ms`, and a bound on devices made from statuses.
+    #[tokio::test(start_paused = true)]
+    async fn queue_ttl_and_device_bound() {
+        let mut r = rig();
+        let s = &mut r.s;
+        s.cfg.queue_ttl_ms = 1000;
+        s.cfg.max_devices = 2;
+        let mut away = status("away", &[], 1);
+        heartbeat(s, &away);
+        away.online = false;
+        heartbeat(s, &away);
+        let id = submit(s, req(None, Some("away")));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        s.on_tick().unwrap();
+        assert!(s.tasks.contains_key(&id));
+        tokio::time::advance(Duration::from_millis(2)).await;
+        s.on_tick().unwrap();
+        assert!(!s.tasks.contains_key(&id) && s.queue.is_empty());
+        let row = s.store.get(&id).unwrap().unwrap();
+        assert_eq!(row.state, TaskState::TimedOut);
+        assert!(row.error.unwrap().contains("queue_ttl_ms"));
+
+        heartbeat(s, &status("b", &[], 1));
+        heartbeat(s, &status("c", &[], 1));
+        assert_eq!(s.devices.len(), 2, "a third made-up device was kept");
+        assert_eq!(s.store.devices().unwrap().len(), 2);
+        // Known ones still beat.
+        heartbeat(s, &status("b", &[], 3));
+        assert_eq!(s.devices["b"].status.max_concurrency, 3);
+    }
+
+    /// Issue 15 item 8: finished tasks older than `retention_ms` are deleted.
+    #[tokio::test(start_paused = true)]
+    async fn retention_deletes_old_finished_tasks() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 2));
+        let old = submit(s, req(None, None));
+        let recent = submit(s, req(None, None));
+        let open = submit(s, req(None, None));
+        s.cancel(&old).unwrap().unwrap();
+        s.cancel(&recent).unwrap().unwrap();
+        s.store
+            .conn()
+            .execute("UPDATE tasks SET finished_ms = 1 WHERE id = ?1", [&old])
+            .unwrap();
+        s.cfg.retention_ms = 86_400_000;
+        s.on_tick().unwrap();
+        assert!(s.store.get(&old).unwrap().is_none());
+        assert!(s.store.get(&recent).unwrap().is_some());
+        assert!(s.store.get(&open).unwrap().is_some());
+    }
+
+    /// Issue 18 item 6 (the scheduler's arithmetic): a huge `aging_ms` must
+    /// not overflow the key and invert the order; huge back-off and grace
+    /// values must not overflow a shift or an `Instant`.
+    #[tokio::test(start_paused = true)]
+    async fn huge_config_values_do_not_overflow() {
+        let mut r = rig();
+        let s = &mut r.s;
+        s.cfg.aging_ms = u64::MAX;
+        s.cfg.retry_backoff_ms = u64::MAX / 3;
+        s.cfg.retry_backoff_max_ms = u64::MAX;
+        s.cfg.timeout_grace_ms = u64::MAX;
+        heartbeat(s, &status("a", &[], 1));
+        let mut low = long_req();
+        low.priority = Some(1);
+        let mut high = long_req();
+        high.priority = Some(100);
+        let _l = submit(s, low);
+        let h = submit(s, high);
+        assert_eq!(s.queue.first_ready(), Some(h.as_str()));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &h).as_deref(), Some("a"));
+        for _ in 0..2 {
+            let t = s
+                .tasks
+                .values()
+                .find(|t| t.row.state == TaskState::Dispatched);
+            let Some(id) = t.map(|t| t.row.id.clone()) else {
+                break;
+            };
+            s.on_agent(
+                "a",
+                FromAgent::Finished(TaskOutcome {
+                    task_id: id.clone(),
+                    result: Err(crate::protocol::TaskError {
+                        kind: ErrorKind::Failed,
+                        message: "flaky".into(),
+                        retryable: true,
+                    }),
+                    elapsed_us: 5,
+                }),
+            )
+            .unwrap();
+            assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+            s.on_tick().unwrap();
+            s.dispatch().unwrap();
+        }
     }
 }

@@ -25,6 +25,55 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("task store: row {id} has unknown state `{state}`")]
     BadState { id: String, state: String },
+    #[error("task store: row {id}, column `{column}`: {source}")]
+    BadRow {
+        id: String,
+        column: &'static str,
+        source: rusqlite::Error,
+    },
+}
+
+/// The column names of [`COLUMNS`], by index (for errors).
+const COLUMN_NAMES: [&str; 19] = [
+    "id",
+    "plugin",
+    "input",
+    "priority",
+    "target",
+    "capability",
+    "timeout_ms",
+    "max_attempts",
+    "reply_to",
+    "correlation",
+    "state",
+    "attempts",
+    "device",
+    "result",
+    "error",
+    "created_ms",
+    "dispatched_ms",
+    "started_ms",
+    "finished_ms",
+];
+
+/// Names the row and the column of a conversion error.
+fn bad_row(r: &Row, e: rusqlite::Error) -> StoreError {
+    let index = match &e {
+        rusqlite::Error::IntegralValueOutOfRange(i, _)
+        | rusqlite::Error::InvalidColumnType(i, _, _)
+        | rusqlite::Error::FromSqlConversionFailure(i, _, _) => Some(*i),
+        _ => None,
+    };
+    let id = r
+        .get::<_, String>(0)
+        .unwrap_or_else(|_| "(unreadable id)".to_string());
+    StoreError::BadRow {
+        id,
+        column: index
+            .and_then(|i| COLUMN_NAMES.get(i).copied())
+            .unwrap_or("?"),
+        source: e,
+    }
 }
 
 /// One task as stored.
@@ -119,6 +168,8 @@ impl Store {
              CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state)
                 WHERE state IN ('queued', 'dispatched', 'running');
              CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_ms);
+             CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_ms)
+                WHERE finished_ms IS NOT NULL;
              CREATE TABLE IF NOT EXISTS devices (
                 id TEXT PRIMARY KEY, status BLOB NOT NULL, last_seen_ms INTEGER NOT NULL);"
         ))
@@ -148,6 +199,31 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Abandons the batch (after a failed statement or commit).
+    pub fn rollback(&mut self) {
+        self.in_tx = false;
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                log::warn!("task store: rollback: {e}");
+            }
+        }
+    }
+
+    /// Deletes up to `limit` tasks that finished before `cutoff_ms`.
+    pub fn delete_finished_before(
+        &mut self,
+        cutoff_ms: u64,
+        limit: u32,
+    ) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks \
+                 WHERE finished_ms IS NOT NULL AND finished_ms < ?1 LIMIT ?2)",
+            )?
+            .execute(params![cutoff_ms.min(i64::MAX as u64) as i64, limit])?)
     }
 
     /// Inserts a task, or updates the columns that change over its life.
@@ -221,15 +297,11 @@ impl Store {
 
     fn rows(&self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<TaskRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql)?;
-        let rows = stmt.query_map(args, Self::row)?;
+        // Errors name the row and the column.
+        let rows = stmt.query_map(args, |r| Ok(Self::row(r).map_err(|e| bad_row(r, e))))?;
         let mut out = Vec::new();
         for r in rows {
-            let (mut row, state) = r?;
-            row.state = TaskState::parse(&state).ok_or(StoreError::BadState {
-                id: row.id.clone(),
-                state,
-            })?;
-            out.push(row);
+            out.push(Self::with_state(r??)?);
         }
         Ok(out)
     }
@@ -239,6 +311,37 @@ impl Store {
         Ok(self
             .rows(&format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"), [id])?
             .pop())
+    }
+
+    /// Every task not in a terminal state that can be read, oldest first.
+    /// A row that cannot (a value out of range, an unknown state, written
+    /// by something else) is logged, naming the row and the column, and
+    /// left out: one bad row must not keep the server from starting.
+    pub fn unfinished_readable(&self) -> Result<Vec<TaskRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM tasks WHERE state IN ('queued', 'dispatched', 'running') \
+             ORDER BY created_ms"
+        ))?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            match Self::row(r)
+                .map_err(|e| bad_row(r, e))
+                .and_then(Self::with_state)
+            {
+                Ok(row) => out.push(row),
+                Err(e) => log::error!("{e}; the task is left out"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn with_state((mut row, state): (TaskRow, String)) -> Result<TaskRow, StoreError> {
+        row.state = TaskState::parse(&state).ok_or(StoreError::BadState {
+            id: row.id.clone(),
+            state,
+        })?;
+        Ok(row)
     }
 
     /// Every task not in a terminal state, oldest first.
@@ -298,9 +401,31 @@ impl Store {
             .conn
             .prepare_cached("SELECT id, status, last_seen_ms FROM devices")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            let read = || -> rusqlite::Result<(String, Vec<u8>, u64)> {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            };
+            Ok(read().map_err(|e| {
+                let id = r
+                    .get::<_, String>(0)
+                    .unwrap_or_else(|_| "(unreadable id)".into());
+                format!("task store: device row `{id}`: {e}")
+            }))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut out = Vec::new();
+        for r in rows {
+            match r? {
+                Ok(d) => out.push(d),
+                // Left out, like an unreadable task: the device re-announces itself.
+                Err(e) => log::error!("{e}; the device is left out"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The connection, for tests that make the store fail.
+    #[cfg(test)]
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// Whether a task with this id exists (any state).
@@ -363,5 +488,40 @@ mod tests {
         assert!(s.get("d").unwrap().is_none());
         assert!(s.exists("a").unwrap());
         assert_eq!(s.get("a").unwrap().unwrap().view().input["a"], 1);
+    }
+
+    /// Issue 18 item 7: a row the server cannot read (here a priority of
+    /// 999 in a `u8` column) stopped it from starting with "Integer 999 out
+    /// of range at index 3". Now the error names the row and the column, and
+    /// loading the unfinished tasks leaves that row out.
+    #[test]
+    fn a_bad_row_is_named_and_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), "full").unwrap();
+        s.begin().unwrap();
+        s.save(&row("good", TaskState::Queued)).unwrap();
+        s.save(&row("bad", TaskState::Queued)).unwrap();
+        s.save(&row("odd", TaskState::Queued)).unwrap();
+        s.commit().unwrap();
+        s.conn
+            .execute_batch(
+                "UPDATE tasks SET priority = 999 WHERE id = 'bad';
+                 UPDATE tasks SET state = 'queued', attempts = 'many' WHERE id = 'odd';",
+            )
+            .unwrap();
+        let e = s.get("bad").unwrap_err().to_string();
+        assert!(
+            e.contains("row bad") && e.contains("`priority`") && e.contains("999"),
+            "{e}"
+        );
+        let e = s.get("odd").unwrap_err().to_string();
+        assert!(e.contains("row odd") && e.contains("`attempts`"), "{e}");
+        let ids: Vec<String> = s
+            .unfinished_readable()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, vec!["good"]);
     }
 }

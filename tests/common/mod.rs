@@ -105,6 +105,18 @@ impl Server {
         }
     }
 
+    /// Waits up to `within` for the server process to end on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGKILLs the server.
     pub fn kill(&mut self) {
         kill(&mut self.child);
