@@ -874,6 +874,9 @@ fn exec_values_never_become_options() {
         json!({"command": "ls", "path": -1.5}),
         json!({"command": "ls", "path": "-l"}),
         json!({"command": "kill", "pid": -1}),
+        // strtol skips leading whitespace: `kill -0 " -1"` is kill(-1, 0).
+        json!({"command": "kill", "pid": " -1"}),
+        json!({"command": "kill", "pid": "\t-1"}),
     ] {
         let field = if input.get("pid").is_some() {
             "`pid`"

@@ -159,11 +159,13 @@ fn fill(template: &str, input: &Input) -> Result<String, PluginError> {
         };
         // A value that looks like an option changes what the program does,
         // whatever its JSON type: `ls {input.path}` with -1 is `ls -1`, and
-        // `kill -TERM {input.pid}` with -1 signals every process.
-        if v.starts_with('-') {
+        // `kill -TERM {input.pid}` with -1 signals every process. Leading
+        // whitespace is looked through: strtol skips it, so `kill " -1"` is
+        // `kill -1` too.
+        if v.trim_start().starts_with('-') {
             return Err(input.err(
                 field,
-                format!("must not start with `-` (got `{v}`): a value never becomes an option"),
+                format!("must not start with `-`, even after spaces (got `{v}`): a value never becomes an option"),
             ));
         }
         out.push_str(&v);

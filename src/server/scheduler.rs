@@ -195,7 +195,11 @@ struct Device {
 
 impl Device {
     fn capacity(&self) -> usize {
-        ((self.status.max_concurrency + self.status.queue_capacity) as usize).max(1)
+        // Both come from the device's own (unauthenticated) status: a sum that
+        // overflows must not panic or wrap to a tiny capacity.
+        (self.status.max_concurrency as usize)
+            .saturating_add(self.status.queue_capacity as usize)
+            .max(1)
     }
     fn view(&self) -> DeviceView {
         let s = &self.status;
@@ -1298,12 +1302,9 @@ impl Scheduler {
                         t.row.state = TaskState::Running;
                         t.row.started_ms = Some(crate::now_ms());
                         // The agent's clock for the task starts now, so ours restarts too.
-                        t.deadline = Some(
-                            Instant::now()
-                                + Duration::from_millis(
-                                    t.row.timeout_ms + self.cfg.timeout_grace_ms,
-                                ),
-                        );
+                        t.deadline = Some(Instant::now() + Duration::from_millis(
+                            t.row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
+                        ));
                         // Not written to the store: after a restart a
                         // running task is recovered exactly like a
                         // dispatched one, and the terminal write carries
@@ -2404,5 +2405,30 @@ mod tests {
             s.on_tick().unwrap();
             s.dispatch().unwrap();
         }
+    }
+
+    /// A device's capacity and a started task's deadline are sums of values
+    /// from the network and the config: they saturate instead of panicking
+    /// (debug) or wrapping (release).
+    #[tokio::test(start_paused = true)]
+    async fn sums_of_network_and_config_values_saturate() {
+        let mut r = rig();
+        let s = &mut r.s;
+        s.cfg.timeout_grace_ms = u64::MAX;
+        let mut st = status("a", &[], u32::MAX);
+        st.queue_capacity = u32::MAX;
+        heartbeat(s, &st);
+        assert!(s.devices["a"].capacity() >= u32::MAX as usize);
+        let id = submit(s, long_req());
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("a"));
+        s.on_agent(
+            "a",
+            FromAgent::Started {
+                task_id: id.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.tasks[&id].row.state, TaskState::Running);
     }
 }
