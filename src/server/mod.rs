@@ -137,17 +137,9 @@ pub async fn run(
         http,
         mqtt: (ip, broker_port),
     });
-    let app = http::router(handle, cfg.http.max_body_bytes);
-    let stop = shutdown.clone();
-    // Clients may write headers and body separately; without NODELAY the
-    // reply waits on a delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .map_err(ServerError::Http)?;
+    let handle = handle.with_deadline(Duration::from_millis(cfg.http.request_timeout_ms));
+    let app = http::router(handle, &cfg.http, cfg.storage.data_dir.clone());
+    http::serve(listener, app, &cfg.http, shutdown.clone()).await;
     let _ = sched_task.await;
     let _ = client.try_disconnect();
     if tokio::time::timeout(Duration::from_secs(2), loop_handle)
