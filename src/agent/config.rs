@@ -221,19 +221,49 @@ impl AgentConfig {
             1024,
             MAX_MQTT_PAYLOAD,
         )?;
-        r(file, "mqtt.reconnect_min_ms", m.reconnect_min_ms, 1, HOUR_MS)?;
-        r(file, "mqtt.reconnect_max_ms", m.reconnect_max_ms, 1, HOUR_MS)?;
+        r(
+            file,
+            "mqtt.reconnect_min_ms",
+            m.reconnect_min_ms,
+            1,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "mqtt.reconnect_max_ms",
+            m.reconnect_max_ms,
+            1,
+            HOUR_MS,
+        )?;
         let a = &self.agent;
         r(file, "agent.heartbeat_ms", a.heartbeat_ms, 100, HOUR_MS)?;
         if let Some(n) = a.max_concurrency {
             r(file, "agent.max_concurrency", n, 1, 64)?;
         }
-        r(file, "agent.result_resend_ms", a.result_resend_ms, 100, HOUR_MS)?;
+        r(
+            file,
+            "agent.result_resend_ms",
+            a.result_resend_ms,
+            100,
+            HOUR_MS,
+        )?;
         r(file, "agent.ledger_size", a.ledger_size, 1, 1_000_000)?;
         let st = &self.storage;
         r(file, "storage.batch_ms", st.batch_ms, 1, 60_000)?;
-        r(file, "storage.batch_records", st.batch_records, 1, 1_000_000)?;
-        r(file, "storage.segment_bytes", st.segment_bytes, 4096, 1 << 30)?;
+        r(
+            file,
+            "storage.batch_records",
+            st.batch_records,
+            1,
+            1_000_000,
+        )?;
+        r(
+            file,
+            "storage.segment_bytes",
+            st.segment_bytes,
+            4096,
+            1 << 30,
+        )?;
         r(
             file,
             "storage.max_bytes",
@@ -321,7 +351,10 @@ mod tests {
             ("[agent]\nheartbeat_ms = 4294967396\n", "agent.heartbeat_ms"),
             ("[agent]\nheartbeat_ms = 36000000\n", "agent.heartbeat_ms"),
             ("[agent]\nresult_resend_ms = 0\n", "agent.result_resend_ms"),
-            ("[agent]\nmax_concurrency = 100000\n", "agent.max_concurrency"),
+            (
+                "[agent]\nmax_concurrency = 100000\n",
+                "agent.max_concurrency",
+            ),
             ("[agent]\nledger_size = 100000000000\n", "agent.ledger_size"),
             ("[mqtt]\nkeep_alive_secs = 0\n", "mqtt.keep_alive_secs"),
             (

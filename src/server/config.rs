@@ -152,12 +152,42 @@ impl ServerConfig {
         const DAY_MS: u64 = 24 * HOUR_MS;
         let h = &self.http;
         r(file, "http.max_body_bytes", h.max_body_bytes, 1024, 1 << 30)?;
-        r(file, "http.header_timeout_ms", h.header_timeout_ms, 100, HOUR_MS)?;
-        r(file, "http.body_timeout_ms", h.body_timeout_ms, 100, HOUR_MS)?;
-        r(file, "http.request_timeout_ms", h.request_timeout_ms, 100, HOUR_MS)?;
-        r(file, "http.max_connections", h.max_connections, 1, 1_000_000)?;
+        r(
+            file,
+            "http.header_timeout_ms",
+            h.header_timeout_ms,
+            100,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "http.body_timeout_ms",
+            h.body_timeout_ms,
+            100,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "http.request_timeout_ms",
+            h.request_timeout_ms,
+            100,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "http.max_connections",
+            h.max_connections,
+            1,
+            1_000_000,
+        )?;
         // hyper panics below 8 KiB.
-        r(file, "http.max_header_bytes", h.max_header_bytes, 8192, 16 << 20)?;
+        r(
+            file,
+            "http.max_header_bytes",
+            h.max_header_bytes,
+            8192,
+            16 << 20,
+        )?;
         r(file, "http.max_list_bytes", h.max_list_bytes, 4096, 1 << 30)?;
         let m = &self.mqtt;
         r(file, "mqtt.keep_alive_secs", m.keep_alive_secs, 1, 3600)?;
@@ -169,16 +199,52 @@ impl ServerConfig {
             MAX_MQTT_PAYLOAD,
         )?;
         // The server's own client is one of the broker's connections.
-        r(file, "mqtt.max_connections", m.max_connections, 2, 1_000_000)?;
-        r(file, "mqtt.reconnect_min_ms", m.reconnect_min_ms, 1, HOUR_MS)?;
-        r(file, "mqtt.reconnect_max_ms", m.reconnect_max_ms, 1, HOUR_MS)?;
+        r(
+            file,
+            "mqtt.max_connections",
+            m.max_connections,
+            2,
+            1_000_000,
+        )?;
+        r(
+            file,
+            "mqtt.reconnect_min_ms",
+            m.reconnect_min_ms,
+            1,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "mqtt.reconnect_max_ms",
+            m.reconnect_max_ms,
+            1,
+            HOUR_MS,
+        )?;
         let s = &self.scheduler;
-        r(file, "scheduler.default_priority", s.default_priority, 0, 100)?;
+        r(
+            file,
+            "scheduler.default_priority",
+            s.default_priority,
+            0,
+            100,
+        )?;
         // `priority * aging_ms` orders the queue: keep it far from overflow.
         r(file, "scheduler.aging_ms", s.aging_ms, 1, 7 * DAY_MS)?;
         // What a submission may ask for (7.5).
-        r(file, "scheduler.default_timeout_ms", s.default_timeout_ms, 1, DAY_MS)?;
-        r(file, "scheduler.timeout_grace_ms", s.timeout_grace_ms, 0, HOUR_MS)?;
+        r(
+            file,
+            "scheduler.default_timeout_ms",
+            s.default_timeout_ms,
+            1,
+            DAY_MS,
+        )?;
+        r(
+            file,
+            "scheduler.timeout_grace_ms",
+            s.timeout_grace_ms,
+            0,
+            HOUR_MS,
+        )?;
         r(
             file,
             "scheduler.default_max_attempts",
@@ -186,7 +252,13 @@ impl ServerConfig {
             1,
             100,
         )?;
-        r(file, "scheduler.retry_backoff_ms", s.retry_backoff_ms, 0, HOUR_MS)?;
+        r(
+            file,
+            "scheduler.retry_backoff_ms",
+            s.retry_backoff_ms,
+            0,
+            HOUR_MS,
+        )?;
         r(
             file,
             "scheduler.retry_backoff_max_ms",

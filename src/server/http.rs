@@ -570,7 +570,10 @@ async fn list(
     .await
     .map_err(|e| ApiError::Unavailable(format!("the list failed: {e}")))??;
     let mut resp = (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         page.body,
     )
         .into_response();
