@@ -582,7 +582,11 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
         ),
     )
     .unwrap();
-    let out = admin(&with(good.clone(), "--known-hosts", &other.display().to_string()));
+    let out = admin(&with(
+        good.clone(),
+        "--known-hosts",
+        &other.display().to_string(),
+    ));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("step `connect` failed"), "{err}");
@@ -592,27 +596,37 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
 
     // --- refused at `prepare`: a --host ssh would read as an option ---
     let marker = dir.path().join("proxy-ran");
-    let out = admin(&with(
-        good.clone(),
-        "--host",
-        &format!("-oProxyCommand=touch {}", marker.display()),
-    ));
+    let mut args = good.clone();
+    let i = args.iter().position(|a| a == "--host").unwrap();
+    // `--host=...`: the value itself, as a script might pass it.
+    args[i] = format!("--host=-oProxyCommand=touch {}", marker.display());
+    args.remove(i + 1);
+    let out = admin(&args);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("step `prepare` failed") && err.contains("--host"), "{err}");
+    assert!(
+        err.contains("step `prepare` failed") && err.contains("--host"),
+        "{err}"
+    );
     assert!(!marker.exists(), "ssh ran the host as an option");
 
     // --- refused at `prepare`: a board name that would break the unit ---
     let evil = dir.path().join("evil.toml");
     std::fs::write(
         &evil,
-        sim.replace("name = \"flashsim\"", "name = \"x\\nExecStartPre=/bin/false\""),
+        sim.replace(
+            "name = \"flashsim\"",
+            "name = \"x\\nExecStartPre=/bin/false\"",
+        ),
     )
     .unwrap();
     let out = admin(&with(good.clone(), "--board", &evil.display().to_string()));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("step `prepare` failed") && err.contains("board name"), "{err}");
+    assert!(
+        err.contains("step `prepare` failed") && err.contains("board name"),
+        "{err}"
+    );
     untouched("bad board name");
 
     // --- failure at `verify` by time: a binary that never finishes
@@ -625,7 +639,10 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("step `verify` failed"), "{err}");
-    assert!(err.contains("timed out after 3 s") || err.contains("did not finish within 3 s"), "{err}");
+    assert!(
+        err.contains("timed out after 3 s") || err.contains("did not finish within 3 s"),
+        "{err}"
+    );
     assert!(err.contains("upload was removed"), "{err}");
     untouched("hung verify");
     assert_eq!(dev.releases(), releases);
@@ -647,7 +664,10 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     assert!(err.contains("step `heartbeat` failed"), "{err}");
     assert!(err.contains("no heartbeat from dev-1"), "{err}");
     assert!(err.contains("Rolled back"), "{err}");
-    assert!(err.contains("its heartbeat arrived (device dev-1 online)"), "{err}");
+    assert!(
+        err.contains("its heartbeat arrived (device dev-1 online)"),
+        "{err}"
+    );
     assert_eq!(dev.current().as_ref(), Some(&first), "not rolled back");
     let pid2 = dev.pid().unwrap();
     assert_ne!(pid2, pid1);

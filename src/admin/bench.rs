@@ -299,12 +299,11 @@ pub fn dispatch(opts: &DispatchOptions) -> Result<DispatchReport, AdminError> {
     }
     // Random name, 0700, never an existing directory: the server config and
     // stores in it are not another local user's to swap.
-    let tmp = super::flash::private_temp_dir("openclaw-bench-").map_err(|source| {
-        AdminError::Io {
+    let tmp =
+        super::flash::private_temp_dir("openclaw-bench-").map_err(|source| AdminError::Io {
             path: std::env::temp_dir(),
             source,
-        }
-    })?;
+        })?;
     run_in(tmp.path(), opts)
 }
 

@@ -294,7 +294,10 @@ fn run_limited(argv: &[String], limit: Duration) -> std::io::Result<Option<std::
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    let (stdout, stderr) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     Ok(status.map(|status| std::process::Output {
         status,
         stdout,
@@ -521,8 +524,13 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     let staging = format!("{pre}/releases/.staging-{release}");
 
     // The release tree, built locally and uploaded in one scp.
-    let tmp = private_temp_dir("openclaw-flash-")
-        .map_err(|e| fail(p, format!("cannot create a private temporary directory: {e}"), UNTOUCHED))?;
+    let tmp = private_temp_dir("openclaw-flash-").map_err(|e| {
+        fail(
+            p,
+            format!("cannot create a private temporary directory: {e}"),
+            UNTOUCHED,
+        )
+    })?;
     let local = tmp.path().join(&release);
     let mut files = Vec::new();
     let mut put = |rel: &str, data: &[u8], mode: u32| -> Result<(), String> {
