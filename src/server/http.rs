@@ -589,7 +589,10 @@ fn parse_cursor(c: &str) -> Option<(u64, String)> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    ok.then(|| Some((ms.parse().ok()?, id.to_string())))?
+    if !ok {
+        return None;
+    }
+    Some((ms.parse().ok()?, id.to_string()))
 }
 
 /// The first error of type `E` in `e`'s chain of sources.
