@@ -36,6 +36,33 @@ impl ConfigError {
     }
 }
 
+/// Checks that `value` of `key` lies in `min..=max`: every numeric key is
+/// range-checked at load, so a value that would wrap, overflow or lock the
+/// process out is refused with the key and the file named.
+pub fn check_range<T: PartialOrd + std::fmt::Display>(
+    file: &Path,
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::invalid(
+            file,
+            key,
+            format!("{value} is out of range: must be from {min} to {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The largest MQTT payload a key may name: the protocol's largest packet
+/// (268,435,455 bytes) less room for the topic and headers.
+pub const MAX_MQTT_PAYLOAD: usize = 268_435_455 - 65_536;
+
+/// An hour, the bound of most intervals and timeouts in milliseconds.
+pub const HOUR_MS: u64 = 3_600_000;
+
 /// Parses TOML text, naming `file` in errors.
 pub fn parse_table(text: &str, file: &Path) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>()

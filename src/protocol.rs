@@ -560,6 +560,8 @@ pub mod api {
         pub attempts: u32,
         pub max_attempts: u32,
         pub timeout_ms: u64,
+        /// Absent from `GET /v1/tasks` unless asked for (`null` then).
+        #[serde(default)]
         pub input: serde_json::Value,
         pub result: Option<serde_json::Value>,
         pub error: Option<String>,

@@ -112,11 +112,16 @@ impl Sshd {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The device's host key, pinned: flash with --known-hosts accepts
+        // no other (StrictHostKeyChecking=yes).
+        let known_hosts = dir.join("known_hosts");
+        let pubkey = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
+        std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {pubkey}")).unwrap();
         Sshd {
             child,
             port,
             key,
-            known_hosts: dir.join("known_hosts"),
+            known_hosts,
             user,
         }
     }
@@ -399,7 +404,10 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     ] {
         assert!(err.contains(&format!("[{step}]")), "{step}: {err}");
     }
-    assert!(err.contains("-o BatchMode=yes -o StrictHostKeyChecking=accept-new"));
+    assert!(
+        err.contains("-o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3"),
+        "{err}"
+    );
     assert!(!dev.prefix.exists() && dev.calls().is_empty());
 
     // --- first install ---
@@ -561,8 +569,93 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     assert_eq!(dev.releases(), releases);
     assert_eq!(dev.calls().len(), 3, "systemctl was called");
 
+    // --- failure at `connect`: the device's key is not the pinned one ---
+    let other = dir.path().join("other_known_hosts");
+    let other_key = dir.path().join("other_host_key");
+    keygen(&other_key);
+    std::fs::write(
+        &other,
+        format!(
+            "[127.0.0.1]:{} {}",
+            setup.sshd.port,
+            std::fs::read_to_string(dir.path().join("other_host_key.pub")).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = admin(&with(
+        good.clone(),
+        "--known-hosts",
+        &other.display().to_string(),
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step `connect` failed"), "{err}");
+    assert!(err.contains("Host key verification failed"), "{err}");
+    untouched("unpinned host key");
+    assert_eq!(dev.releases(), releases);
+
+    // --- refused at `prepare`: a --host ssh would read as an option ---
+    let marker = dir.path().join("proxy-ran");
+    let mut args = good.clone();
+    let i = args.iter().position(|a| a == "--host").unwrap();
+    // `--host=...`: the value itself, as a script might pass it.
+    args[i] = format!("--host=-oProxyCommand=touch {}", marker.display());
+    args.remove(i + 1);
+    let out = admin(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("step `prepare` failed") && err.contains("--host"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "ssh ran the host as an option");
+
+    // --- refused at `prepare`: a board name that would break the unit ---
+    let evil = dir.path().join("evil.toml");
+    std::fs::write(
+        &evil,
+        sim.replace(
+            "name = \"flashsim\"",
+            "name = \"x\\nExecStartPre=/bin/false\"",
+        ),
+    )
+    .unwrap();
+    let out = admin(&with(good.clone(), "--board", &evil.display().to_string()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("step `prepare` failed") && err.contains("board name"),
+        "{err}"
+    );
+    untouched("bad board name");
+
+    // --- failure at `verify` by time: a binary that never finishes
+    // (`yes` ignores its arguments) is stopped by the step's time limit ---
+    let out = admin(&with(
+        with(good.clone(), "--binary", "/usr/bin/yes"),
+        "--step-timeout-secs",
+        "3",
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step `verify` failed"), "{err}");
+    assert!(
+        err.contains("timed out after 3 s") || err.contains("did not finish within 3 s"),
+        "{err}"
+    );
+    assert!(err.contains("upload was removed"), "{err}");
+    untouched("hung verify");
+    assert_eq!(dev.releases(), releases);
+
+    // `current` as an absolute link (as a hand install or another tool may
+    // leave it): the rollback below must still find the previous release.
+    let abs = dev.prefix.join(".current.abs");
+    std::os::unix::fs::symlink(&rel, &abs).unwrap();
+    std::fs::rename(&abs, dev.prefix.join("current")).unwrap();
+
     // --- failure at `heartbeat`: the new agent cannot reach its broker;
-    // the previous release is restored and restarted ---
+    // the previous release is restored and restarted, and its heartbeat
+    // confirms the rollback ---
     let nowhere = format!("mqtt://127.0.0.1:{}", free_port());
     let args = with(setup.args(&nowhere, &server.http), "--wait-secs", "3");
     let out = admin(&args);
@@ -571,6 +664,10 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     assert!(err.contains("step `heartbeat` failed"), "{err}");
     assert!(err.contains("no heartbeat from dev-1"), "{err}");
     assert!(err.contains("Rolled back"), "{err}");
+    assert!(
+        err.contains("its heartbeat arrived (device dev-1 online)"),
+        "{err}"
+    );
     assert_eq!(dev.current().as_ref(), Some(&first), "not rolled back");
     let pid2 = dev.pid().unwrap();
     assert_ne!(pid2, pid1);

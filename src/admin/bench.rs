@@ -379,14 +379,14 @@ pub fn dispatch(opts: &DispatchOptions) -> Result<DispatchReport, AdminError> {
             "--agents, --tasks and --concurrency must be at least 1",
         ));
     }
-    let dir = std::env::temp_dir().join(format!("openclaw-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| AdminError::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    let result = run_in(&dir, opts);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    // Random name, 0700, never an existing directory: the server config and
+    // stores in it are not another local user's to swap.
+    let tmp =
+        super::flash::private_temp_dir("openclaw-bench-").map_err(|source| AdminError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    run_in(tmp.path(), opts)
 }
 
 /// One finished (or failed) task as the load generator saw it:

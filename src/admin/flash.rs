@@ -1,8 +1,14 @@
 //! `openclaw-admin flash`: installs the agent on a device over SSH.
 //!
-//! Uses the system `ssh` and `scp` (`-o BatchMode=yes -o
-//! StrictHostKeyChecking=accept-new`). On the device, under the prefix
-//! (default `/opt/openclaw`):
+//! Uses the system `ssh` and `scp` with `-o BatchMode=yes`, keep-alives
+//! (`ServerAliveInterval=5`, `ServerAliveCountMax=3`) and a time limit per
+//! step (`--step-timeout-secs`, default 300: the command is killed after it).
+//! Host keys: with `--known-hosts FILE` the device's key must already be in
+//! FILE (`StrictHostKeyChecking=yes`: a pinned key, e.g. from
+//! `ssh-keyscan` checked out of band); without it ssh's own known_hosts is
+//! used with `StrictHostKeyChecking=accept-new` (a new host's key is
+//! accepted silently on first contact, a changed key is refused). On the
+//! device, under the prefix (default `/opt/openclaw`):
 //!
 //! ```text
 //! PREFIX/releases/ID/bin/openclaw-agent     the binary
@@ -29,7 +35,10 @@
 //! Until `swap`, the running install is not touched: a failure there removes
 //! the uploaded release and leaves the device as it was. A failure at
 //! `restart` or `heartbeat` rolls back: `current` back to the previous
-//! release, the previous unit file back, and a restart.
+//! release, the previous unit file back, and a restart, itself checked by a
+//! new heartbeat from the device. The local staging directory has a random
+//! name and mode 0700 (another local user cannot swap the binary uploaded
+//! and run as root on the device).
 
 use super::build::{elf_machine, shell_quote, target_machine};
 use super::Client;
@@ -142,6 +151,9 @@ pub struct FlashOptions {
     pub systemctl: String,
     /// How long to wait for the heartbeat.
     pub wait: Duration,
+    /// Time limit of each ssh or scp command (the remote `--print-config`
+    /// check runs under the device's `timeout` too).
+    pub step_timeout: Duration,
     /// Print the commands instead of running them.
     pub dry_run: bool,
 }
@@ -165,6 +177,7 @@ impl FlashOptions {
             unit_dir: "/etc/systemd/system".into(),
             systemctl: "systemctl".into(),
             wait: Duration::from_secs(60),
+            step_timeout: Duration::from_secs(300),
             dry_run: false,
         }
     }
@@ -247,6 +260,49 @@ struct Runner<'a> {
     dry_run: bool,
     commands: Vec<String>,
     log: &'a mut dyn FnMut(&str),
+    limit: Duration,
+}
+
+/// Runs `argv` to completion or until `limit`, then kills it.
+fn run_limited(argv: &[String], limit: Duration) -> std::io::Result<Option<std::process::Output>> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    Ok(status.map(|status| std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }))
 }
 
 impl Runner<'_> {
@@ -262,11 +318,18 @@ impl Runner<'_> {
             return Ok(String::new());
         }
         (self.log)(&format!("[{}] {}", step.name(), argv[0]));
-        let out = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| (step, format!("cannot run {}: {e}", argv[0])))?;
+        let out = run_limited(argv, self.limit)
+            .map_err(|e| (step, format!("cannot run {}: {e}", argv[0])))?
+            .ok_or_else(|| {
+                (
+                    step,
+                    format!(
+                        "`{}` did not finish within {} s (--step-timeout-secs) and was killed",
+                        argv[0],
+                        self.limit.as_secs()
+                    ),
+                )
+            })?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             let so = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -293,13 +356,29 @@ impl Runner<'_> {
     }
 }
 
-/// A local temporary directory, removed on drop.
-struct TempDir(PathBuf);
+/// A private local directory: a random name, mode 0700, created only if
+/// nothing is there (never reused); removed on drop.
+pub fn private_temp_dir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// `USER@HOST` or `HOST` that ssh reads as a host, not as an option.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && !h.starts_with('-')
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@._-:[]%".contains(c))
+}
+
+/// The release id `current` points to, whether the link is relative
+/// (`releases/ID`, as flash writes it) or absolute (`PREFIX/releases/ID`).
+fn release_of_link(link: &str) -> Option<String> {
+    let id = link.trim_end_matches('/').rsplit('/').next()?;
+    (!id.is_empty() && id != "." && id != "..").then(|| id.to_string())
 }
 
 struct Ctx<'o> {
@@ -341,6 +420,7 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
         dry_run: o.dry_run,
         commands: Vec::new(),
         log,
+        limit: o.step_timeout,
     };
     let mut warnings = Vec::new();
     let fail = |step: Step, message: String, outcome: &str| FlashError {
@@ -353,6 +433,27 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     // --- prepare -----------------------------------------------------------
     let p = Step::Prepare;
     let board = Board::load(&o.board).map_err(|e| fail(p, e.to_string(), UNTOUCHED))?;
+    // The name goes into the unit's Description= and the agent's config.
+    if !crate::protocol::topics::valid_device_id(&board.name) {
+        return Err(fail(
+            p,
+            format!(
+                "board name {:?} is not valid (1-64 of letters, digits, - _ .)",
+                board.name
+            ),
+            UNTOUCHED,
+        ));
+    }
+    if !valid_host(&o.host) {
+        return Err(fail(
+            p,
+            format!(
+                "--host {:?}: USER@HOST or HOST of letters, digits and @ . _ - : [ ] %, not starting with `-`",
+                o.host
+            ),
+            UNTOUCHED,
+        ));
+    }
     let builtin = BUILTIN.iter().any(|(n, _)| *n == o.board);
     if !valid_remote_path(&o.prefix) || !valid_remote_path(&o.unit_dir) {
         return Err(fail(
@@ -423,10 +524,14 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     let staging = format!("{pre}/releases/.staging-{release}");
 
     // The release tree, built locally and uploaded in one scp.
-    let tmp = TempDir(
-        std::env::temp_dir().join(format!("openclaw-flash-{}-{release}", std::process::id())),
-    );
-    let local = tmp.0.join(&release);
+    let tmp = private_temp_dir("openclaw-flash-").map_err(|e| {
+        fail(
+            p,
+            format!("cannot create a private temporary directory: {e}"),
+            UNTOUCHED,
+        )
+    })?;
+    let local = tmp.path().join(&release);
     let mut files = Vec::new();
     let mut put = |rel: &str, data: &[u8], mode: u32| -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
@@ -505,13 +610,22 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     let unit = unit_text(&pre, &board.name);
     put(UNIT, unit.as_bytes(), 0o644).map_err(prep)?;
 
+    let strict = if o.known_hosts.is_some() {
+        "StrictHostKeyChecking=yes"
+    } else {
+        "StrictHostKeyChecking=accept-new"
+    };
     let mut ssh_opts: Vec<String> = [
         "-o",
         "BatchMode=yes",
         "-o",
-        "StrictHostKeyChecking=accept-new",
+        strict,
         "-o",
         "ConnectTimeout=10",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=3",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -576,7 +690,7 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
         let id = o.id.clone().unwrap_or_else(|| lines[1].to_string());
         let prev = match lines[2] {
             "-" => None,
-            l => Some(l.trim_start_matches("releases/").to_string()),
+            l => release_of_link(l),
         };
         (id, prev)
     };
@@ -618,11 +732,19 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     }
 
     // --- verify ------------------------------------------------------------
+    // Under the device's `timeout` when it has one, so a binary that hangs
+    // does not outlive the step on the device either.
+    let verify = format!(
+        "{rel}/bin/openclaw-agent --config {rel}/agent.toml --print-config >/dev/null",
+        rel = q(&rel_dir)
+    );
+    let secs = o.step_timeout.as_secs().max(1);
     if let Err((s, m)) = runner.run(
         Step::Verify,
         &ctx.ssh(&format!(
-            "{rel}/bin/openclaw-agent --config {rel}/agent.toml --print-config >/dev/null",
-            rel = q(&rel_dir)
+            "if command -v timeout >/dev/null; then timeout -k 5 {secs} {verify}; r=$?; \
+             if [ $r = 124 ] || [ $r = 137 ]; then echo \"timed out after {secs} s on the device\" >&2; fi; exit $r; \
+             else {verify}; fi"
         )),
     ) {
         return Err(undo_stage(&mut runner, s, m));
@@ -688,6 +810,33 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     };
     let restart = format!("{sc} daemon-reload && {sc} enable {UNIT} && {sc} restart {UNIT}");
     let restarted_at = Instant::now();
+    // Polls the server until the device is online with a heartbeat newer
+    // than `before`, for up to `o.wait`.
+    let await_heartbeat = |client: &Client, before: u64| -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let last_err = match client.devices() {
+                Ok(d) => match d.iter().find(|d| d.id == device_id) {
+                    Some(d) if d.online && d.last_heartbeat_ms > before => return Ok(()),
+                    Some(d) => format!(
+                        "device {device_id} is {}, last heartbeat {} ms (before restart: {before})",
+                        if d.online { "online" } else { "offline" },
+                        d.last_heartbeat_ms
+                    ),
+                    None => format!("the server does not know device {device_id}"),
+                },
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() >= o.wait {
+                return Err(format!(
+                    "no heartbeat from {device_id} at {} within {} s: {last_err}",
+                    o.http,
+                    o.wait.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
     let rollback = |runner: &mut Runner, step: Step, message: String| -> FlashError {
         let outcome = match &previous {
             Some(prev) => {
@@ -696,9 +845,21 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
                     swap_to(&format!("releases/{prev}"))
                 );
                 match runner.run(step, &ctx.ssh(&script)) {
-                    Ok(_) => format!(
-                        "Rolled back: `current` points to the previous release {prev} again, its unit file is back and it was restarted; the failed release stays in {rel_dir}."
+                    Ok(_) if runner.dry_run => format!(
+                        "Rolled back: `current` points to the previous release {prev} again, its unit file is back and it was restarted."
                     ),
+                    Ok(_) => {
+                        // The rollback counts once the previous agent is heard.
+                        let checked = await_heartbeat(&client, baseline(&client));
+                        match checked {
+                            Ok(()) => format!(
+                                "Rolled back: `current` points to the previous release {prev} again, its unit file is back and it was restarted; its heartbeat arrived (device {device_id} online). The failed release stays in {rel_dir}."
+                            ),
+                            Err(e) => format!(
+                                "Rolled back: `current` points to the previous release {prev} again, its unit file is back and it was restarted, BUT the rollback is unconfirmed: {e}. The failed release stays in {rel_dir}."
+                            ),
+                        }
+                    }
                     Err((_, m)) => format!(
                         "Rolling back to the previous release {prev} FAILED too: {m}"
                     ),
@@ -728,35 +889,9 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
             "[heartbeat] waiting for {device_id} at {}",
             o.http
         ));
-        let mut last_err: String;
-        loop {
-            match client.devices() {
-                Ok(d) => {
-                    if let Some(d) = d.iter().find(|d| d.id == device_id) {
-                        if d.online && d.last_heartbeat_ms > before {
-                            heartbeat_after = Some(restarted_at.elapsed());
-                            break;
-                        }
-                        last_err = format!(
-                            "device {device_id} is {}, last heartbeat {} ms (before restart: {before})",
-                            if d.online { "online" } else { "offline" },
-                            d.last_heartbeat_ms
-                        );
-                    } else {
-                        last_err = format!("the server does not know device {device_id}");
-                    }
-                }
-                Err(e) => last_err = e.to_string(),
-            }
-            if restarted_at.elapsed() >= o.wait {
-                let m = format!(
-                    "no heartbeat from {device_id} at {} within {} s: {last_err}",
-                    o.http,
-                    o.wait.as_secs()
-                );
-                return Err(rollback(&mut runner, Step::Heartbeat, m));
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        match await_heartbeat(&client, before) {
+            Ok(()) => heartbeat_after = Some(restarted_at.elapsed()),
+            Err(m) => return Err(rollback(&mut runner, Step::Heartbeat, m)),
         }
     }
 
@@ -798,6 +933,30 @@ mod tests {
         assert!(u.contains("StartLimitBurst=10\n"));
         assert!(u.contains("\nType=notify\nNotifyAccess=main\n"));
         assert!(u.contains("\nWatchdogSec=30\n"));
+    }
+
+    #[test]
+    fn hosts_are_not_options_and_links_name_their_release() {
+        assert!(valid_host("pi@192.0.2.1") && valid_host("board-1.local"));
+        assert!(valid_host("pi@[fe80::1%eth0]"));
+        assert!(!valid_host("-oProxyCommand=reboot"));
+        assert!(!valid_host("pi@host -oX=y") && !valid_host(""));
+        assert_eq!(release_of_link("releases/123").as_deref(), Some("123"));
+        assert_eq!(
+            release_of_link("/opt/openclaw/releases/123/").as_deref(),
+            Some("123")
+        );
+        assert_eq!(release_of_link("/"), None);
+    }
+
+    #[test]
+    fn staging_dirs_are_private_and_fresh() {
+        use std::os::unix::fs::PermissionsExt;
+        let a = private_temp_dir("openclaw-flash-").unwrap();
+        let b = private_temp_dir("openclaw-flash-").unwrap();
+        assert_ne!(a.path(), b.path());
+        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl AgentConfig {
         }
         config::parse_broker_url(&self.mqtt.broker)
             .map_err(|m| ConfigError::invalid(file, "mqtt.broker", m))?;
+        self.check_ranges(file)?;
         self.mqtt
             .tls
             .validate(&self.mqtt.broker, file, "mqtt.tls")?;
@@ -238,6 +239,74 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Every numeric key within the range the agent works with (the
+    /// heartbeat interval goes on the wire as a u32, for one).
+    fn check_ranges(&self, file: &Path) -> Result<(), ConfigError> {
+        use config::{check_range as r, HOUR_MS, MAX_MQTT_PAYLOAD};
+        let m = &self.mqtt;
+        r(file, "mqtt.keep_alive_secs", m.keep_alive_secs, 1, 3600)?;
+        r(
+            file,
+            "mqtt.max_payload_bytes",
+            m.max_payload_bytes,
+            1024,
+            MAX_MQTT_PAYLOAD,
+        )?;
+        r(
+            file,
+            "mqtt.reconnect_min_ms",
+            m.reconnect_min_ms,
+            1,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "mqtt.reconnect_max_ms",
+            m.reconnect_max_ms,
+            1,
+            HOUR_MS,
+        )?;
+        let a = &self.agent;
+        r(file, "agent.heartbeat_ms", a.heartbeat_ms, 100, HOUR_MS)?;
+        if let Some(n) = a.max_concurrency {
+            r(file, "agent.max_concurrency", n, 1, 64)?;
+        }
+        r(
+            file,
+            "agent.result_resend_ms",
+            a.result_resend_ms,
+            100,
+            HOUR_MS,
+        )?;
+        r(file, "agent.ledger_size", a.ledger_size, 1, 1_000_000)?;
+        let st = &self.storage;
+        r(file, "storage.batch_ms", st.batch_ms, 1, 60_000)?;
+        r(
+            file,
+            "storage.batch_records",
+            st.batch_records,
+            1,
+            1_000_000,
+        )?;
+        r(
+            file,
+            "storage.segment_bytes",
+            st.segment_bytes,
+            4096,
+            1 << 30,
+        )?;
+        r(
+            file,
+            "storage.max_bytes",
+            st.max_bytes,
+            2 * st.segment_bytes,
+            1 << 40,
+        )?;
+        Ok(())
+    }
+}
+
 /// The machine's host name, as a valid device id.
 pub fn hostname() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -314,5 +383,48 @@ mod tests {
         );
         assert_eq!(c.plugins["file"]["max_read_bytes"].as_integer(), Some(7));
         cfg.storage.log_options().validate().unwrap();
+    }
+
+    /// Values that were accepted and broke the agent (issue 18, item 6): a
+    /// heartbeat above u32::MAX wrapped on the wire and the device flapped.
+    #[test]
+    fn out_of_range_values_are_refused_naming_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        for (text, key) in [
+            ("[agent]\nheartbeat_ms = 4294967396\n", "agent.heartbeat_ms"),
+            ("[agent]\nheartbeat_ms = 36000000\n", "agent.heartbeat_ms"),
+            ("[agent]\nresult_resend_ms = 0\n", "agent.result_resend_ms"),
+            (
+                "[agent]\nmax_concurrency = 100000\n",
+                "agent.max_concurrency",
+            ),
+            ("[agent]\nledger_size = 100000000000\n", "agent.ledger_size"),
+            ("[mqtt]\nkeep_alive_secs = 0\n", "mqtt.keep_alive_secs"),
+            (
+                "[mqtt]\nmax_payload_bytes = 1000000000\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "[mqtt]\nreconnect_max_ms = 9223372036854775807\n",
+                "mqtt.reconnect_max_ms",
+            ),
+            ("[storage]\nbatch_ms = 100000000\n", "storage.batch_ms"),
+            (
+                "[storage]\nsegment_bytes = 100000000000\nmax_bytes = 200000000000\n",
+                "storage.segment_bytes",
+            ),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = AgentConfig::load(Some(&f), toml::Table::new())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("agent.toml") && e.contains(&format!("`{key}`")),
+                "{text}: {e}"
+            );
+        }
+        std::fs::write(&f, "[agent]\nheartbeat_ms = 3600000\n").unwrap();
+        AgentConfig::load(Some(&f), toml::Table::new()).unwrap();
     }
 }

@@ -134,7 +134,9 @@ struct FlashArgs {
     /// SSH private key.
     #[arg(long)]
     identity: Option<PathBuf>,
-    /// known_hosts file for ssh/scp (default: ssh's own).
+    /// known_hosts file for ssh/scp that pins the device's host key
+    /// (StrictHostKeyChecking=yes: the key must already be in it). Without
+    /// it, ssh's own known_hosts with StrictHostKeyChecking=accept-new.
     #[arg(long)]
     known_hosts: Option<PathBuf>,
     /// Server HTTP API, to wait for the device's heartbeat.
@@ -164,6 +166,9 @@ struct FlashArgs {
     /// Seconds to wait for the heartbeat.
     #[arg(long, default_value_t = 60)]
     wait_secs: u64,
+    /// Time limit of each ssh/scp step; the command is killed after it.
+    #[arg(long, default_value_t = 300)]
+    step_timeout_secs: u64,
     /// Print the commands instead of running them.
     #[arg(long)]
     dry_run: bool,
@@ -346,6 +351,7 @@ fn real_main() -> anyhow::Result<()> {
             o.agent_config = f.agent_config;
             o.models_dir = f.models_dir;
             o.wait = Duration::from_secs(f.wait_secs);
+            o.step_timeout = Duration::from_secs(f.step_timeout_secs.max(1));
             o.dry_run = f.dry_run;
             let r = flash::flash(&o, &mut |l| eprintln!("{l}"))?;
             if args.json {

@@ -76,6 +76,7 @@ fn real_main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    raise_fd_limit(cfg.http.max_connections + cfg.mqtt.max_connections + 256);
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let token = openclaw::shutdown_on_signal();
@@ -91,4 +92,34 @@ fn real_main() -> anyhow::Result<()> {
     })?;
     // The embedded broker's threads cannot be joined; leave now.
     std::process::exit(0)
+}
+
+/// Raises the soft limit on open files towards `want` (at most the hard
+/// limit): every HTTP connection (each long poll) and MQTT client holds one,
+/// and the common soft default of 1024 would refuse connections far below
+/// `http.max_connections`.
+fn raise_fd_limit(want: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let want = want as libc::rlim_t;
+    if lim.rlim_cur >= want {
+        return;
+    }
+    let new = libc::rlimit {
+        rlim_cur: want.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 || new.rlim_cur < want {
+        eprintln!(
+            "openclaw-server: warning: open files limited to {} (want {want} for \
+             http.max_connections + mqtt.max_connections); raise `ulimit -n`",
+            new.rlim_cur.max(lim.rlim_cur)
+        );
+    }
 }

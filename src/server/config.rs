@@ -24,6 +24,19 @@ pub struct HttpSection {
     pub host: String,
     pub port: u16,
     pub max_body_bytes: usize,
+    /// A request's headers must arrive within this; an idle keep-alive
+    /// connection is closed after it.
+    pub header_timeout_ms: u64,
+    /// A request's body must arrive within this after its headers.
+    pub body_timeout_ms: u64,
+    /// A request may take this long, on top of its `wait_ms`.
+    pub request_timeout_ms: u64,
+    /// Open connections; beyond it new ones wait to be accepted.
+    pub max_connections: usize,
+    /// hyper's read buffer: the largest request head accepted.
+    pub max_header_bytes: usize,
+    /// The largest page of `GET /v1/tasks`.
+    pub max_list_bytes: usize,
 }
 
 /// `[mqtt]`
@@ -103,6 +116,7 @@ impl ServerConfig {
                 "TLS applies to an external mqtts:// broker; the embedded broker is plain TCP",
             );
         }
+        self.check_ranges(file)?;
         if self.mqtt.client_id.is_empty() {
             return bad("mqtt.client_id", "must not be empty");
         }
@@ -139,6 +153,146 @@ impl ServerConfig {
         if s.offline_after_missed == 0 {
             return bad("scheduler.offline_after_missed", "must be at least 1");
         }
+        Ok(())
+    }
+
+    /// Every numeric key within the range the server works with.
+    fn check_ranges(&self, file: &Path) -> Result<(), ConfigError> {
+        use config::{check_range as r, HOUR_MS, MAX_MQTT_PAYLOAD};
+        const DAY_MS: u64 = 24 * HOUR_MS;
+        let h = &self.http;
+        r(file, "http.max_body_bytes", h.max_body_bytes, 1024, 1 << 30)?;
+        r(
+            file,
+            "http.header_timeout_ms",
+            h.header_timeout_ms,
+            100,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "http.body_timeout_ms",
+            h.body_timeout_ms,
+            100,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "http.request_timeout_ms",
+            h.request_timeout_ms,
+            100,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "http.max_connections",
+            h.max_connections,
+            1,
+            1_000_000,
+        )?;
+        // hyper panics below 8 KiB.
+        r(
+            file,
+            "http.max_header_bytes",
+            h.max_header_bytes,
+            8192,
+            16 << 20,
+        )?;
+        r(file, "http.max_list_bytes", h.max_list_bytes, 4096, 1 << 30)?;
+        let m = &self.mqtt;
+        r(file, "mqtt.keep_alive_secs", m.keep_alive_secs, 1, 3600)?;
+        r(
+            file,
+            "mqtt.max_payload_bytes",
+            m.max_payload_bytes,
+            1024,
+            MAX_MQTT_PAYLOAD,
+        )?;
+        // The server's own client is one of the broker's connections.
+        r(
+            file,
+            "mqtt.max_connections",
+            m.max_connections,
+            2,
+            1_000_000,
+        )?;
+        r(
+            file,
+            "mqtt.reconnect_min_ms",
+            m.reconnect_min_ms,
+            1,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "mqtt.reconnect_max_ms",
+            m.reconnect_max_ms,
+            1,
+            HOUR_MS,
+        )?;
+        let s = &self.scheduler;
+        r(
+            file,
+            "scheduler.default_priority",
+            s.default_priority,
+            0,
+            100,
+        )?;
+        // `priority * aging_ms` orders the queue: keep it far from overflow.
+        r(file, "scheduler.aging_ms", s.aging_ms, 1, 7 * DAY_MS)?;
+        // What a submission may ask for (7.5).
+        r(
+            file,
+            "scheduler.default_timeout_ms",
+            s.default_timeout_ms,
+            1,
+            DAY_MS,
+        )?;
+        r(
+            file,
+            "scheduler.timeout_grace_ms",
+            s.timeout_grace_ms,
+            0,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "scheduler.default_max_attempts",
+            s.default_max_attempts,
+            1,
+            100,
+        )?;
+        r(
+            file,
+            "scheduler.retry_backoff_ms",
+            s.retry_backoff_ms,
+            0,
+            HOUR_MS,
+        )?;
+        r(
+            file,
+            "scheduler.retry_backoff_max_ms",
+            s.retry_backoff_max_ms,
+            s.retry_backoff_ms,
+            DAY_MS,
+        )
+        .map_err(|_| {
+            ConfigError::invalid(
+                file,
+                "scheduler.retry_backoff_max_ms",
+                format!(
+                    "{} is out of range: must be from scheduler.retry_backoff_ms ({}) to {DAY_MS}",
+                    s.retry_backoff_max_ms, s.retry_backoff_ms
+                ),
+            )
+        })?;
+        r(
+            file,
+            "scheduler.offline_after_missed",
+            s.offline_after_missed,
+            1,
+            1000,
+        )?;
         Ok(())
     }
 
@@ -185,5 +339,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("prot"), "{e}");
+    }
+
+    /// Values that were accepted and broke the server (issue 18, item 6):
+    /// each is refused at load, naming the key and the file.
+    #[test]
+    fn out_of_range_values_are_refused_naming_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("server.toml");
+        for (text, key) in [
+            ("[http]\nmax_body_bytes = 0\n", "http.max_body_bytes"),
+            ("[http]\nheader_timeout_ms = 0\n", "http.header_timeout_ms"),
+            ("[http]\nbody_timeout_ms = 0\n", "http.body_timeout_ms"),
+            ("[http]\nrequest_timeout_ms = 0\n", "http.request_timeout_ms"),
+            ("[http]\nmax_connections = 0\n", "http.max_connections"),
+            ("[http]\nmax_header_bytes = 100\n", "http.max_header_bytes"),
+            ("[http]\nmax_list_bytes = 0\n", "http.max_list_bytes"),
+            ("[mqtt]\nmax_connections = 0\n", "mqtt.max_connections"),
+            ("[mqtt]\nmax_connections = 1\n", "mqtt.max_connections"),
+            ("[mqtt]\nkeep_alive_secs = 100000\n", "mqtt.keep_alive_secs"),
+            (
+                "[mqtt]\nmax_payload_bytes = 1000000000\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "[mqtt]\nreconnect_max_ms = 9223372036854775807\n",
+                "mqtt.reconnect_max_ms",
+            ),
+            (
+                "[scheduler]\naging_ms = 100000000000000000\n",
+                "scheduler.aging_ms",
+            ),
+            (
+                "[scheduler]\nretry_backoff_ms = 1000000000000000\nretry_backoff_max_ms = 2000000000000000\n",
+                "scheduler.retry_backoff_ms",
+            ),
+            (
+                "[scheduler]\nretry_backoff_ms = 5000\nretry_backoff_max_ms = 1000\n",
+                "scheduler.retry_backoff_max_ms",
+            ),
+            (
+                "[scheduler]\ndefault_timeout_ms = 100000000000\n",
+                "scheduler.default_timeout_ms",
+            ),
+            (
+                "[scheduler]\ndefault_max_attempts = 1000\n",
+                "scheduler.default_max_attempts",
+            ),
+            (
+                "[scheduler]\ntimeout_grace_ms = 100000000000\n",
+                "scheduler.timeout_grace_ms",
+            ),
+            (
+                "[scheduler]\noffline_after_missed = 4000000000\n",
+                "scheduler.offline_after_missed",
+            ),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = ServerConfig::load(Some(&f), toml::Table::new())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("server.toml") && e.contains(&format!("`{key}`")),
+                "{text}: {e}"
+            );
+        }
+        // The bounds themselves are accepted.
+        std::fs::write(
+            &f,
+            "[mqtt]\nmax_connections = 2\n[scheduler]\nretry_backoff_ms = 1000\nretry_backoff_max_ms = 1000\naging_ms = 604800000\n",
+        )
+        .unwrap();
+        ServerConfig::load(Some(&f), toml::Table::new()).unwrap();
     }
 }

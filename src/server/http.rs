@@ -1,16 +1,43 @@
-//! The HTTP API (axum). Every error is JSON `{"error": "..."}` with a 4xx/5xx code.
+//! The HTTP API (axum on hyper). Every error is JSON `{"error": "..."}` with
+//! a 4xx/5xx code.
+//!
+//! The accept loop is ours, not `axum::serve`: it bounds the connections
+//! (`http.max_connections`), reads headers with hyper's timer-driven
+//! timeout (`http.header_timeout_ms`, which also closes idle keep-alive
+//! connections), limits the time a body may take (`http.body_timeout_ms`)
+//! and a request may take beyond its own `wait_ms` (`http.request_timeout_ms`).
 
+use super::config::HttpSection;
 use super::scheduler::{ApiError, Command, SchedulerHandle};
+use super::store::{ListFilter, ListedTask, ReadStore};
 use crate::protocol::api::{ErrorBody, SubmitRequest, TaskState};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
+use hyper::body::{Frame, Incoming, SizeHint};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Lists that read the store at once (each on its own read-only connection
+/// on a blocking thread); further lists wait for one to finish.
+const LIST_CONNECTIONS: usize = 4;
+
+/// The response header that carries the cursor of the next page.
+pub const NEXT_CURSOR: &str = "openclaw-next-cursor";
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -38,8 +65,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The API router.
-pub fn router(handle: SchedulerHandle, max_body: usize) -> Router {
+/// Shared state of the API's handlers.
+struct Api {
+    sched: SchedulerHandle,
+    max_body: usize,
+    lists: Arc<Lists>,
+}
+
+type AppState = State<Arc<Api>>;
+
+/// The API router. `data_dir` holds the task store lists read from.
+pub fn router(handle: SchedulerHandle, http: &HttpSection, data_dir: PathBuf) -> Router {
+    let max_body = http.max_body_bytes;
+    let api = Api {
+        sched: handle,
+        max_body,
+        lists: Arc::new(Lists {
+            dir: data_dir,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(LIST_CONNECTIONS)),
+            max_bytes: http.max_list_bytes,
+        }),
+    };
     Router::new()
         .route("/healthz", get(health))
         .route("/v1/tasks", get(list).post(submit))
@@ -55,13 +102,174 @@ pub fn router(handle: SchedulerHandle, max_body: usize) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state((handle, max_body))
+        .with_state(Arc::new(api))
 }
 
-type AppState = State<(SchedulerHandle, usize)>;
+/// Serves `app` on `listener` until `shutdown` is cancelled, with the
+/// limits of `[http]`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    http: &HttpSection,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // Without a timer hyper silently applies no header timeout at all.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(http.header_timeout_ms))
+        .max_buf_size(http.max_header_bytes)
+        .keep_alive(true);
+    let limits = Arc::new(RequestLimits {
+        body: Duration::from_millis(http.body_timeout_ms),
+        request: Duration::from_millis(http.request_timeout_ms),
+    });
+    let connections = Arc::new(Semaphore::new(http.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        // At the limit, stop accepting: new clients wait in the kernel's
+        // backlog until a connection closes (idle ones do after the header
+        // timeout) instead of costing memory and descriptors here.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = connections.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let tcp = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept.
+                    log::warn!("HTTP: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Clients may write headers and body separately; without NODELAY the
+        // reply waits on a delayed ACK.
+        let _ = tcp.set_nodelay(true);
+        let (app, limits) = (app.clone(), limits.clone());
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            handle(app.clone(), limits.clone(), req)
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), svc));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                log::debug!("HTTP connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // The scheduler stops with the same token, so open requests end quickly.
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
 
-async fn health(State((h, _)): AppState) -> Result<Response, ApiError> {
-    let health = h.ask(|resp| Command::Health { resp }).await?;
+/// Time limits of one request.
+struct RequestLimits {
+    /// From the end of the headers to the end of the body.
+    body: Duration,
+    /// The whole request, on top of its `wait_ms`.
+    request: Duration,
+}
+
+/// One request through the router, within its time limits.
+async fn handle(
+    app: Router,
+    limits: Arc<RequestLimits>,
+    req: Request<Incoming>,
+) -> Result<Response, Infallible> {
+    // Long polls (`wait_ms`) are meant to take long: they get their wait
+    // (capped as the handlers cap it) on top.
+    let wait = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("wait_ms=")?.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(MAX_WAIT_MS);
+    let limit = limits.request + Duration::from_millis(wait);
+    let req = req.map(|b| TimedBody::new(b, limits.body));
+    let svc = hyper_util::service::TowerToHyperService::new(app);
+    match tokio::time::timeout(limit, hyper::service::Service::call(&svc, req)).await {
+        Ok(r) => r,
+        Err(_) => Ok(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the request took longer than {} ms", limit.as_millis()),
+        )),
+    }
+}
+
+fn error(code: StatusCode, error: String) -> Response {
+    (code, Json(ErrorBody { error })).into_response()
+}
+
+/// Longest `wait_ms` honoured.
+const MAX_WAIT_MS: u64 = 300_000;
+
+/// A body that fails once it has taken longer than its limit to arrive.
+struct TimedBody {
+    inner: Incoming,
+    deadline: tokio::time::Instant,
+    limit: Duration,
+    /// Started on the first poll that has to wait.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, limit: Duration) -> TimedBody {
+        TimedBody {
+            inner,
+            deadline: tokio::time::Instant::now() + limit,
+            limit,
+            sleep: None,
+        }
+    }
+}
+
+/// The error a [`TimedBody`] gives when it runs out of time.
+#[derive(Debug, thiserror::Error)]
+#[error("the body was not received within {} ms", .0.as_millis())]
+struct BodyTimeout(Duration);
+
+impl hyper::body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(r.map(|r| r.map_err(Into::into)));
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(this.limit))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn health(State(api): AppState) -> Result<Response, ApiError> {
+    let health = api.sched.ask(|resp| Command::Health { resp }).await?;
     Ok(Json(health).into_response())
 }
 
@@ -74,17 +282,26 @@ struct SubmitQuery {
 }
 
 async fn submit(
-    State((h, max_body)): AppState,
+    State(api): AppState,
     q: Result<Query<SubmitQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(query_error)?;
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::TooLarge(format!("body exceeds the limit of {max_body} bytes"))
+    let (h, max_body) = (&api.sched, api.max_body);
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::TooLarge(format!(
+                "body exceeds the limit of {max_body} bytes"
+            )))
         }
-        _ => ApiError::BadRequest(format!("cannot read the body: {e}")),
-    })?;
+        Err(e) => {
+            if let Some(t) = find_source::<BodyTimeout>(&e as &(dyn std::error::Error + 'static)) {
+                return Ok(error(StatusCode::REQUEST_TIMEOUT, t.to_string()));
+            }
+            return Err(ApiError::BadRequest(format!("cannot read the body: {e}")));
+        }
+    };
     let req: SubmitRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     if req.reply_to.is_some() || req.correlation.is_some() {
@@ -93,13 +310,13 @@ async fn submit(
         ));
     }
     let resp = h.ask(|resp| Command::Submit { req, resp }).await??;
-    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(300_000));
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     if wait.is_zero() {
         return Ok((StatusCode::ACCEPTED, Json(resp)).into_response());
     }
     // One request instead of a submit and a long poll. 200 once terminal,
     // 202 with the current view if the wait ran out first.
-    match wait_for(&h, &resp.id, wait).await? {
+    match wait_for(h, &resp.id, wait).await? {
         Some(v) if v.state.is_terminal() => Ok(Json(v).into_response()),
         Some(v) => Ok((StatusCode::ACCEPTED, Json(v)).into_response()),
         None => Ok((StatusCode::ACCEPTED, Json(resp)).into_response()),
@@ -141,12 +358,13 @@ struct TaskQuery {
 }
 
 async fn task(
-    State((h, _)): AppState,
+    State(api): AppState,
     Path(id): Path<String>,
     q: Result<Query<TaskQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(query_error)?;
-    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(300_000));
+    let h = &api.sched;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     let found = if wait.is_zero() {
         h.ask(|resp| Command::Get {
             id: id.clone(),
@@ -154,7 +372,7 @@ async fn task(
         })
         .await??
     } else {
-        wait_for(&h, &id, wait).await?
+        wait_for(h, &id, wait).await?
     };
     match found {
         Some(v) => Ok(Json(v).into_response()),
@@ -167,10 +385,133 @@ async fn task(
 struct ListQuery {
     state: Option<String>,
     limit: Option<u32>,
+    /// Shorthand for `include=input,result`.
+    full: Option<bool>,
+    /// Comma-separated: `input`, `result`.
+    include: Option<String>,
+    /// From the `openclaw-next-cursor` header of the previous page.
+    cursor: Option<String>,
+}
+
+/// Lists run here: outside the scheduler, on read-only store connections.
+struct Lists {
+    dir: PathBuf,
+    idle: Mutex<Vec<ReadStore>>,
+    permits: Arc<Semaphore>,
+    /// A page stops before it would exceed this (but holds at least one task).
+    max_bytes: usize,
+}
+
+/// One task of a list, as JSON: `input` and `result` are the stored text.
+#[derive(Serialize)]
+struct ListItem<'a> {
+    id: &'a str,
+    plugin: &'a str,
+    state: TaskState,
+    priority: u8,
+    target: Option<&'a str>,
+    capability: Option<&'a str>,
+    device: Option<&'a str>,
+    attempts: u32,
+    max_attempts: u32,
+    timeout_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<Option<&'a RawValue>>,
+    error: Option<&'a str>,
+    created_ms: u64,
+    dispatched_ms: Option<u64>,
+    started_ms: Option<u64>,
+    finished_ms: Option<u64>,
+}
+
+/// Stored JSON text as it is; `null` if it is not JSON (as `TaskRow::view`).
+fn raw(text: &str) -> &RawValue {
+    serde_json::from_str(text).unwrap_or(RawValue::NULL)
+}
+
+/// One page of a list.
+struct Page {
+    body: Vec<u8>,
+    next: Option<String>,
+}
+
+impl Lists {
+    /// Runs on a blocking thread with one of the read-only connections.
+    fn page(
+        &self,
+        filter: &ListFilter,
+        want: Option<TaskState>,
+        running: &HashMap<String, u64>,
+        limit: usize,
+    ) -> Result<Page, ApiError> {
+        let unavailable = |e: super::store::StoreError| ApiError::Unavailable(e.to_string());
+        let idle = self.idle.lock().expect("not poisoned").pop();
+        let store = match idle {
+            Some(s) => s,
+            None => ReadStore::open(&self.dir).map_err(unavailable)?,
+        };
+        let mut body = Vec::with_capacity(4096);
+        body.push(b'[');
+        let mut item = Vec::new();
+        let (mut n, mut last, mut more) = (0usize, None, false);
+        let r = store.list(filter, |mut t: ListedTask<'_>| {
+            if t.state == TaskState::Dispatched {
+                if let Some(&started) = running.get(t.id) {
+                    t.state = TaskState::Running;
+                    t.started_ms = Some(started);
+                }
+            }
+            if want.is_some_and(|w| w != t.state) {
+                return true;
+            }
+            item.clear();
+            let view = ListItem {
+                id: t.id,
+                plugin: t.plugin,
+                state: t.state,
+                priority: t.priority,
+                target: t.target,
+                capability: t.capability,
+                device: t.device,
+                attempts: t.attempts,
+                max_attempts: t.max_attempts,
+                timeout_ms: t.timeout_ms,
+                input: filter.input.then(|| raw(t.input.unwrap_or("null"))),
+                result: filter.result.then(|| t.result.map(raw)),
+                error: t.error,
+                created_ms: t.created_ms,
+                dispatched_ms: t.dispatched_ms,
+                started_ms: t.started_ms,
+                finished_ms: t.finished_ms,
+            };
+            serde_json::to_writer(&mut item, &view).expect("serializing to memory");
+            if n == limit || (n > 0 && body.len() + item.len() + 2 > self.max_bytes) {
+                more = true;
+                return false;
+            }
+            if n > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&item);
+            last = Some((t.created_ms, t.id.to_string()));
+            n += 1;
+            true
+        });
+        self.idle.lock().expect("not poisoned").push(store);
+        r.map_err(unavailable)?;
+        body.push(b']');
+        let next = more
+            .then_some(last)
+            .flatten()
+            .map(|(ms, id)| format!("{ms}_{id}"));
+        Ok(Page { body, next })
+    }
 }
 
 async fn list(
-    State((h, _)): AppState,
+    State(api): AppState,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(query_error)?;
@@ -182,18 +523,105 @@ async fn list(
             ))
         })?),
     };
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let tasks = h.ask(|resp| Command::List { state, limit, resp }).await??;
-    Ok(Json(tasks).into_response())
+    let limit = q.limit.unwrap_or(100).min(10_000) as usize;
+    let mut filter = ListFilter::default();
+    if q.full == Some(true) {
+        filter.input = true;
+        filter.result = true;
+    }
+    for part in q.include.as_deref().unwrap_or("").split(',') {
+        match part.trim() {
+            "" => {}
+            "input" => filter.input = true,
+            "result" => filter.result = true,
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown `include` value `{other}` (input, result)"
+                )))
+            }
+        }
+    }
+    if let Some(c) = &q.cursor {
+        filter.before = Some(parse_cursor(c).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "invalid `cursor` `{c}` (use the {NEXT_CURSOR} header of the previous page)"
+            ))
+        })?);
+    }
+    // The store does not record `running`: it has those tasks as
+    // `dispatched`, and the scheduler says which of them run (no JSON in
+    // that answer, and no more entries than there are running tasks).
+    filter.states = match state {
+        Some(TaskState::Running | TaskState::Dispatched) => vec![TaskState::Dispatched],
+        Some(s) => vec![s],
+        None => Vec::new(),
+    };
+    let running = match state {
+        None | Some(TaskState::Running | TaskState::Dispatched) => {
+            api.sched.ask(|resp| Command::Running { resp }).await?
+        }
+        Some(_) => HashMap::new(),
+    };
+    let lists = api.lists.clone();
+    let permit = lists
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    let page = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        lists.page(&filter, state, &running, limit)
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("the list failed: {e}")))??;
+    let mut resp = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        page.body,
+    )
+        .into_response();
+    if let Some(next) = page.next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert(NEXT_CURSOR, next);
+    }
+    Ok(resp)
 }
 
-async fn cancel(State((h, _)): AppState, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let v = h.ask(|resp| Command::Cancel { id, resp }).await??;
+/// `CREATED_MS_ID` as the list writes it.
+fn parse_cursor(c: &str) -> Option<(u64, String)> {
+    let (ms, id) = c.split_once('_')?;
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !ok {
+        return None;
+    }
+    Some((ms.parse().ok()?, id.to_string()))
+}
+
+/// The first error of type `E` in `e`'s chain of sources.
+fn find_source<'e, E: std::error::Error + 'static>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e E> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+async fn cancel(State(api): AppState, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let v = api.sched.ask(|resp| Command::Cancel { id, resp }).await??;
     Ok(Json(v).into_response())
 }
 
-async fn devices(State((h, _)): AppState) -> Result<Response, ApiError> {
-    let d = h.ask(|resp| Command::Devices { resp }).await?;
+async fn devices(State(api): AppState) -> Result<Response, ApiError> {
+    let d = api.sched.ask(|resp| Command::Devices { resp }).await?;
     Ok(Json(d).into_response())
 }
 

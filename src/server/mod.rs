@@ -143,22 +143,14 @@ pub async fn run(
         http,
         mqtt: (ip, broker_port),
     });
-    let app = http::router(handle, cfg.http.max_body_bytes);
-    let stop = shutdown.clone();
-    // Clients may write headers and body separately; without NODELAY the
-    // reply waits on a delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let serve = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .into_future();
+    let handle = handle.with_deadline(Duration::from_millis(cfg.http.request_timeout_ms));
+    let app = http::router(handle, &cfg.http, cfg.storage.data_dir.clone());
+    let serve = http::serve(listener, app, &cfg.http, shutdown.clone());
     let mut sched_task = sched_task;
+    // A scheduler that ends on its own ends the process (issue 15): HTTP
+    // must not stay up answering 503 where systemd would never restart it.
     let sched_end = tokio::select! {
-        r = serve => {
-            r.map_err(ServerError::Http)?;
-            sched_task.await
-        }
+        () = serve => sched_task.await,
         r = &mut sched_task => {
             shutdown.cancel();
             r

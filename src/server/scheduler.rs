@@ -90,10 +90,11 @@ pub enum Command {
         id: String,
         resp: oneshot::Sender<Result<Option<TaskView>, ApiError>>,
     },
-    List {
-        state: Option<TaskState>,
-        limit: u32,
-        resp: oneshot::Sender<Result<Vec<TaskView>, ApiError>>,
+    /// The tasks now `running` and when they started: the store does not
+    /// record that state, so lists (read from the store outside the
+    /// scheduler) take it from here.
+    Running {
+        resp: oneshot::Sender<HashMap<String, u64>>,
     },
     Cancel {
         id: String,
@@ -116,21 +117,40 @@ pub enum Command {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Command>,
+    /// How long [`SchedulerHandle::ask`] waits for the scheduler.
+    deadline: Duration,
 }
 
 impl SchedulerHandle {
-    /// Sends a command and waits for its answer.
+    /// The same handle with another deadline for [`SchedulerHandle::ask`].
+    pub fn with_deadline(mut self, deadline: Duration) -> SchedulerHandle {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sends a command and waits for its answer, at most the handle's
+    /// deadline (a full channel or a stalled scheduler gives 503, not a hang).
     pub async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
+        let asked = async {
+            self.tx
+                .send(make(tx))
+                .await
+                .map_err(|_| ApiError::Unavailable("scheduler is shutting down".into()))?;
+            rx.await
+                .map_err(|_| ApiError::Unavailable("scheduler dropped the request".into()))
+        };
+        tokio::time::timeout(self.deadline, asked)
             .await
-            .map_err(|_| ApiError::Unavailable("scheduler is shutting down".into()))?;
-        rx.await
-            .map_err(|_| ApiError::Unavailable("scheduler dropped the request".into()))
+            .unwrap_or_else(|_| {
+                Err(ApiError::Unavailable(format!(
+                    "the scheduler did not answer within {} ms",
+                    self.deadline.as_millis()
+                )))
+            })
     }
 
     /// The raw sender (the MQTT bridge uses it).
@@ -341,7 +361,14 @@ impl Scheduler {
         if recovered > 0 {
             log::info!("scheduler: recovered {recovered} unfinished task(s) from the store");
         }
-        Ok((s, SchedulerHandle { tx }, rx))
+        Ok((
+            s,
+            SchedulerHandle {
+                tx,
+                deadline: Duration::from_secs(30),
+            },
+            rx,
+        ))
     }
 
     /// Runs until `shutdown` is cancelled, or until the store failed and the
@@ -678,40 +705,14 @@ impl Scheduler {
                     let _ = resp.send(v);
                 }
             }
-            Command::List {
-                state: Some(state),
-                limit,
-                resp,
-            } if !state.is_terminal() => {
-                // Unfinished tasks all live here, with their current state
-                // (the store does not record `running`).
-                let mut v: Vec<&Task> = self
+            Command::Running { resp } => {
+                let running = self
                     .tasks
                     .values()
-                    .filter(|t| t.row.state == state)
+                    .filter(|t| t.row.state == TaskState::Running)
+                    .map(|t| (t.row.id.clone(), t.row.started_ms.unwrap_or(0)))
                     .collect();
-                v.sort_by_key(|t| Reverse(t.row.created_ms));
-                let v = v
-                    .iter()
-                    .take(limit as usize)
-                    .map(|t| t.row.view())
-                    .collect();
-                let _ = resp.send(Ok(v));
-            }
-            Command::List { state, limit, resp } => {
-                let v = self
-                    .store
-                    .list(state, limit)
-                    .map(|rows| {
-                        rows.into_iter()
-                            .map(|r| match self.tasks.get(&r.id) {
-                                Some(t) => t.row.view(),
-                                None => r.view(),
-                            })
-                            .collect()
-                    })
-                    .map_err(|e| ApiError::Unavailable(e.to_string()));
-                let _ = resp.send(v);
+                let _ = resp.send(running);
             }
             Command::Cancel { id, resp } => match self.cancel(&id) {
                 Ok(r) => self.reply(resp, r),

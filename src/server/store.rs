@@ -439,6 +439,148 @@ impl Store {
     }
 }
 
+/// One task as a list shows it: borrowed from the current row, with the
+/// stored JSON text of `input` and `result` (when asked for) unparsed.
+#[derive(Debug)]
+pub struct ListedTask<'a> {
+    pub id: &'a str,
+    pub plugin: &'a str,
+    pub state: TaskState,
+    pub priority: u8,
+    pub target: Option<&'a str>,
+    pub capability: Option<&'a str>,
+    pub device: Option<&'a str>,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub timeout_ms: u64,
+    /// `None` unless the input was asked for.
+    pub input: Option<&'a str>,
+    /// `None` unless asked for or when the task has none.
+    pub result: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub created_ms: u64,
+    pub dispatched_ms: Option<u64>,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+}
+
+/// What a list reads.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only tasks stored in these states (all when empty).
+    pub states: Vec<TaskState>,
+    /// Only tasks older than this `(created_ms, id)` (the paging cursor).
+    pub before: Option<(u64, String)>,
+    pub input: bool,
+    pub result: bool,
+}
+
+/// A text column without copying it.
+fn column_text<'r>(r: &'r Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
+    r.get_ref(i)?.as_str_or_null().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// A read-only connection for the HTTP API's lists: they run on it outside
+/// the scheduler, which keeps the only writing connection.
+pub struct ReadStore {
+    conn: Connection,
+}
+
+impl ReadStore {
+    /// Opens `DIR/openclaw.db` (created by [`Store::open`]) read-only.
+    pub fn open(dir: &Path) -> Result<ReadStore, StoreError> {
+        use rusqlite::OpenFlags;
+        let path = dir.join("openclaw.db");
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| {
+            c.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=1;")?;
+            Ok(c)
+        })
+        .map_err(|source| StoreError::Open { path, source })?;
+        Ok(ReadStore { conn })
+    }
+
+    /// Tasks newest first (`created_ms`, then `id`, descending), handed one
+    /// at a time to `each` until it returns false or the rows run out.
+    pub fn list(
+        &self,
+        f: &ListFilter,
+        mut each: impl FnMut(ListedTask<'_>) -> bool,
+    ) -> Result<(), StoreError> {
+        let input = if f.input { "input" } else { "NULL" };
+        let result = if f.result { "result" } else { "NULL" };
+        let mut sql = format!(
+            "SELECT id, plugin, priority, target, capability, device, attempts, max_attempts, \
+             timeout_ms, state, {input}, {result}, error, created_ms, dispatched_ms, started_ms, \
+             finished_ms FROM tasks WHERE 1"
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if !f.states.is_empty() {
+            let marks: Vec<String> = f
+                .states
+                .iter()
+                .map(|s| {
+                    args.push(s.as_str().to_string().into());
+                    format!("?{}", args.len())
+                })
+                .collect();
+            sql.push_str(&format!(" AND state IN ({})", marks.join(",")));
+        }
+        if let Some((ms, id)) = &f.before {
+            args.push((*ms as i64).into());
+            let m = args.len();
+            args.push(id.clone().into());
+            let i = args.len();
+            sql.push_str(&format!(
+                " AND created_ms <= ?{m} AND (created_ms < ?{m} OR id < ?{i})"
+            ));
+        }
+        sql.push_str(" ORDER BY created_ms DESC, id DESC");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        while let Some(r) = rows.next()? {
+            let text = |i: usize| column_text(r, i);
+            let u = |i: usize| -> rusqlite::Result<Option<u64>> {
+                Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64))
+            };
+            let id = text(0)?.unwrap_or_default();
+            let state = text(9)?.unwrap_or_default();
+            let state = TaskState::parse(state).ok_or_else(|| StoreError::BadState {
+                id: id.to_string(),
+                state: state.to_string(),
+            })?;
+            let t = ListedTask {
+                id,
+                plugin: text(1)?.unwrap_or_default(),
+                priority: r.get(2)?,
+                target: text(3)?,
+                capability: text(4)?,
+                device: text(5)?,
+                attempts: r.get(6)?,
+                max_attempts: r.get(7)?,
+                timeout_ms: r.get::<_, i64>(8)? as u64,
+                state,
+                input: text(10)?,
+                result: text(11)?,
+                error: text(12)?,
+                created_ms: r.get::<_, i64>(13)? as u64,
+                dispatched_ms: u(14)?,
+                started_ms: u(15)?,
+                finished_ms: u(16)?,
+            };
+            if !each(t) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

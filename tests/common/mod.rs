@@ -117,6 +117,11 @@ impl Server {
         None
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs the server.
     pub fn kill(&mut self) {
         kill(&mut self.child);
