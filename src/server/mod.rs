@@ -14,7 +14,6 @@ use crate::mqtt::{spawn_event_loop, Backoff, MqttEvent};
 use crate::protocol::topics;
 use rumqttc::{MqttOptions, QoS};
 use scheduler::{Command, Scheduler};
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
