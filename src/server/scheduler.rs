@@ -170,7 +170,11 @@ struct Device {
 
 impl Device {
     fn capacity(&self) -> usize {
-        ((self.status.max_concurrency + self.status.queue_capacity) as usize).max(1)
+        // Both from the network: a u32 sum could overflow (a panic in a
+        // debug build, a wrapped tiny capacity in a release build).
+        (self.status.max_concurrency as usize)
+            .saturating_add(self.status.queue_capacity as usize)
+            .max(1)
     }
     fn view(&self) -> DeviceView {
         let s = &self.status;
