@@ -37,14 +37,26 @@ else
   targets=(envelope_decode segment_recovery config_parse submit_json)
 fi
 
+# Longest input per target. The wire decoders get the whole 1 MiB payload
+# limit (DEFAULT_MAX_PAYLOAD): libFuzzer's default (the longest seed, or
+# 4 KiB) could never build the 100 KB nesting that overflowed the server's
+# stack (issue 15). The others keep libFuzzer's default.
+max_len() {
+  case "$1" in
+    envelope_decode|submit_json) echo 1048576 ;;
+    *) echo 0 ;;
+  esac
+}
+
 export RUSTC_BOOTSTRAP=1
 for t in "${targets[@]}"; do
   corpus="$cache/fuzz-corpus/$t"
   mkdir -p "$corpus"
   dirs=("$corpus")
   [ -d "fuzz/seeds/$t" ] && dirs+=("fuzz/seeds/$t")
-  echo "== fuzz $t for ${seconds}s (corpus $corpus)"
+  echo "== fuzz $t for ${seconds}s (corpus $corpus, max_len $(max_len "$t"))"
   cargo fuzz run -s none --target-dir "$target_dir" "$t" "${dirs[@]}" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    -max_len="$(max_len "$t")"
 done
 echo "== fuzzing: no crash in ${#targets[@]} target(s), ${seconds}s each"

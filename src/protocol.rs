@@ -19,6 +19,18 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// refused with an error at the sender instead of silently dropped.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 
+/// Deepest nesting of lists and maps in a [`Value`] that decoding accepts
+/// (`[[1]]` is 2). Deeper input is refused with [`ProtocolError::TooDeep`]
+/// before it can exhaust the decoding thread's stack: postcard has no
+/// recursion limit of its own, and a 100 KB publish of 50,000 nested lists
+/// overflowed a 2 MiB tokio worker (a stack overflow aborts the process;
+/// `catch_unwind` cannot stop it). serde_json stops at 128 levels too, so
+/// every input a JSON submission can carry (at most 126 levels inside the
+/// request object) fits; at this depth decoding uses about 300 KiB of
+/// stack in a debug build, far less optimized
+/// (`decode_stack_use_at_the_depth_limit`).
+pub const MAX_VALUE_DEPTH: usize = 128;
+
 /// Errors decoding or encoding a wire payload.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
@@ -28,6 +40,8 @@ pub enum ProtocolError {
     Version { got: u16 },
     #[error("malformed payload: {0}")]
     Malformed(#[from] postcard::Error),
+    #[error("malformed payload: a value nests lists or maps deeper than {limit} levels")]
+    TooDeep { limit: usize },
 }
 
 /// One message on the wire: a version and a body.
@@ -53,6 +67,11 @@ pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
 }
 
 /// Decodes a versioned envelope, checking size and version first.
+///
+/// Bounded in what the payload can make it do: nesting is limited to
+/// [`MAX_VALUE_DEPTH`], and no declared length allocates more than the
+/// bytes that follow it can fill (see [`Value`]'s decoder; postcard checks
+/// string and byte lengths against the input before it copies them).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ProtocolError> {
     if bytes.len() > limit {
         return Err(ProtocolError::TooLarge {
@@ -64,13 +83,108 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Prot
     if version != PROTOCOL_VERSION {
         return Err(ProtocolError::Version { got: version });
     }
-    let (body, rest) = postcard::take_from_bytes(rest)?;
+    let (body, rest) = from_bytes_limited(rest)?;
     if !rest.is_empty() {
         return Err(ProtocolError::Malformed(
             postcard::Error::DeserializeUnexpectedEnd,
         ));
     }
     Ok(body)
+}
+
+/// `postcard::take_from_bytes`, reporting a refused nesting depth as
+/// [`ProtocolError::TooDeep`] (postcard's own error carries no message).
+/// Every postcard decode of a type that holds a [`Value`] goes through
+/// here (the agent's journal records too).
+pub fn from_bytes_limited<'a, T: DeserializeOwned>(
+    bytes: &'a [u8],
+) -> Result<(T, &'a [u8]), ProtocolError> {
+    depth::reset();
+    match postcard::take_from_bytes(bytes) {
+        Ok(r) => Ok(r),
+        Err(_) if depth::exceeded() => Err(ProtocolError::TooDeep {
+            limit: MAX_VALUE_DEPTH,
+        }),
+        Err(e) => Err(ProtocolError::Malformed(e)),
+    }
+}
+
+/// The nesting depth of the [`Value`] being decoded on this thread. serde
+/// gives a `Deserialize` impl no context, so the count lives here; a decode
+/// is synchronous on one thread, and the guard undoes its step on every
+/// exit (errors and unwinding included).
+mod depth {
+    use std::cell::Cell;
+
+    thread_local! {
+        static DEPTH: Cell<usize> = const { Cell::new(0) };
+        static EXCEEDED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(super) fn reset() {
+        DEPTH.with(|d| d.set(0));
+        EXCEEDED.with(|e| e.set(false));
+    }
+
+    pub(super) fn exceeded() -> bool {
+        EXCEEDED.with(Cell::get)
+    }
+
+    /// One level of list or map, held while its elements decode.
+    pub(super) struct Guard(());
+
+    impl Guard {
+        /// Enters a level; `None` (and the flag set) past the limit.
+        pub(super) fn enter() -> Option<Guard> {
+            let d = DEPTH.with(|d| {
+                let n = d.get() + 1;
+                d.set(n);
+                n
+            });
+            if d > super::MAX_VALUE_DEPTH {
+                DEPTH.with(|x| x.set(x.get() - 1));
+                EXCEEDED.with(|e| e.set(true));
+                return None;
+            }
+            Some(Guard(()))
+        }
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+}
+
+/// Elements preallocated at most for a sequence whose length the input
+/// declares: the rest grows as elements actually arrive. (serde's own cap
+/// is 1 MiB per sequence, and nested sequences each got it: 66 KB of
+/// nested `List`s, each declaring 40,000 elements, made decoding hold
+/// 128 MiB before failing; `tests/wire_alloc.rs`.)
+const PREALLOC: usize = 64;
+
+/// A `Vec` decoded as a sequence without trusting its declared length.
+fn capped_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a sequence")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(PREALLOC));
+            while let Some(x) = seq.next_element()? {
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V(std::marker::PhantomData))
 }
 
 /// MQTT topic layout (version 1).
@@ -136,7 +250,10 @@ pub mod topics {
 /// losslessly except that `Bytes` become an array of numbers. From JSON,
 /// integers above `i64::MAX` become floats (rounded); the submit boundary
 /// uses [`Value::try_from_json`], which refuses them instead.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+///
+/// Decoding refuses lists and maps nested deeper than [`MAX_VALUE_DEPTH`]
+/// and preallocates little for a declared length (see [`decode`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub enum Value {
     #[default]
     Null,
@@ -149,6 +266,50 @@ pub enum Value {
     Map(Vec<(String, Value)>),
 }
 
+/// `Value` as the derived decoder reads it (same variants, same order, so
+/// the same wire format), with its sequences read by [`Level`].
+#[derive(Deserialize)]
+#[serde(rename = "Value")]
+enum ValueRepr {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(#[serde(deserialize_with = "capped_vec")] Vec<u8>),
+    List(Level<Value>),
+    Map(Level<(String, Value)>),
+}
+
+/// The elements of one list or map: decoded under a [`depth::Guard`].
+struct Level<T>(Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Level<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Some(_guard) = depth::Guard::enter() else {
+            return Err(serde::de::Error::custom(format_args!(
+                "value nested deeper than {MAX_VALUE_DEPTH} levels"
+            )));
+        };
+        capped_vec(d).map(Level)
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match ValueRepr::deserialize(d)? {
+            ValueRepr::Null => Value::Null,
+            ValueRepr::Bool(b) => Value::Bool(b),
+            ValueRepr::Int(i) => Value::Int(i),
+            ValueRepr::Float(f) => Value::Float(f),
+            ValueRepr::Str(s) => Value::Str(s),
+            ValueRepr::Bytes(b) => Value::Bytes(b),
+            ValueRepr::List(Level(l)) => Value::List(l),
+            ValueRepr::Map(Level(m)) => Value::Map(m),
+        })
+    }
+}
+
 impl Value {
     /// Looks a key up in a map value.
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -156,6 +317,29 @@ impl Value {
             Value::Map(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
         }
+    }
+
+    /// How deep lists and maps nest in it (a scalar is 0, `[[1]]` is 2),
+    /// counted without recursion. A value deeper than [`MAX_VALUE_DEPTH`]
+    /// encodes but does not decode: the agent checks a plugin's result
+    /// with this before it sends it.
+    pub fn depth(&self) -> usize {
+        let mut deepest = 0;
+        let mut stack: Vec<(&Value, usize)> = vec![(self, 0)];
+        while let Some((v, d)) = stack.pop() {
+            match v {
+                Value::List(l) => {
+                    deepest = deepest.max(d + 1);
+                    stack.extend(l.iter().map(|x| (x, d + 1)));
+                }
+                Value::Map(m) => {
+                    deepest = deepest.max(d + 1);
+                    stack.extend(m.iter().map(|(_, x)| (x, d + 1)));
+                }
+                _ => {}
+            }
+        }
+        deepest
     }
 }
 
@@ -332,7 +516,9 @@ pub struct DeviceStatus {
     pub online: bool,
     pub board: String,
     pub agent_version: String,
+    #[serde(deserialize_with = "capped_vec")]
     pub plugins: Vec<String>,
+    #[serde(deserialize_with = "capped_vec")]
     pub capabilities: Vec<String>,
     pub max_concurrency: u32,
     pub queue_capacity: u32,
@@ -379,7 +565,9 @@ struct DeviceStatusV1_0 {
     online: bool,
     board: String,
     agent_version: String,
+    #[serde(deserialize_with = "capped_vec")]
     plugins: Vec<String>,
+    #[serde(deserialize_with = "capped_vec")]
     capabilities: Vec<String>,
     max_concurrency: u32,
     queue_capacity: u32,
@@ -825,6 +1013,137 @@ mod tests {
             let _ = decode::<FromAgent>(&buf, 1024);
             let _ = DeviceStatus::decode(&buf, 1024);
         }
+    }
+
+    /// `levels` nested lists around `Null`, built without recursion.
+    fn deep(levels: usize) -> Value {
+        let mut v = Value::Null;
+        for _ in 0..levels {
+            v = Value::List(vec![v]);
+        }
+        v
+    }
+
+    /// Drops a deep value without recursing (the derived drop would).
+    fn drop_deep(mut v: Value) {
+        while let Value::List(mut l) = v {
+            v = l.pop().unwrap_or_default();
+        }
+    }
+
+    /// Envelope bytes of a `TaskSpec` whose input is `levels` nested lists,
+    /// by hand (`6 1` per level, then `Null`).
+    fn nested_task(levels: usize, tag: u8) -> Vec<u8> {
+        let mut b = vec![1, 0, 1, b't', 1, b'e'];
+        for _ in 0..levels {
+            b.extend_from_slice(&[tag, 1]);
+            if tag == 7 {
+                // A map entry: an empty key, then the value.
+                b.push(0);
+            }
+        }
+        b.extend_from_slice(&[0, 5, 1]);
+        b
+    }
+
+    /// Decodes on a thread with `stack` bytes of stack.
+    fn decode_on_stack(bytes: Vec<u8>, stack: usize) -> Result<ToAgent, String> {
+        std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(move || decode::<ToAgent>(&bytes, usize::MAX).map_err(|e| e.to_string()))
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    /// Issue 15: 50,000 nested lists in one 100 KB publish overflowed a
+    /// tokio worker's 2 MiB stack. Refused now, with a clear error, on a
+    /// thread of that size; the limit itself decodes.
+    #[test]
+    fn nesting_beyond_the_limit_is_refused_not_a_stack_overflow() {
+        for tag in [6, 7] {
+            let e = decode_on_stack(nested_task(50_000, tag), 2 << 20).unwrap_err();
+            assert!(e.contains("deeper than 128 levels"), "{e}");
+            let e = decode_on_stack(nested_task(MAX_VALUE_DEPTH + 1, tag), 2 << 20).unwrap_err();
+            assert!(e.contains("deeper than 128 levels"), "{e}");
+            let ok = decode_on_stack(nested_task(MAX_VALUE_DEPTH, tag), 2 << 20).unwrap();
+            let ToAgent::Task(spec) = ok else {
+                panic!("{ok:?}")
+            };
+            assert_eq!(spec.input.depth(), MAX_VALUE_DEPTH);
+            assert_eq!(spec.timeout_ms, 5);
+        }
+        assert!(matches!(
+            decode::<ToAgent>(&nested_task(200, 6), usize::MAX),
+            Err(ProtocolError::TooDeep { limit: 128 })
+        ));
+        // The counter is per decode: a refused one leaves nothing behind.
+        let v = deep(MAX_VALUE_DEPTH);
+        let back: Value = decode(&encode(&v), usize::MAX).unwrap();
+        assert_eq!(back, v);
+        drop_deep(back);
+        drop_deep(v);
+        // Encoding a deeper value works (it is ours); decoding refuses it.
+        let v = deep(MAX_VALUE_DEPTH + 1);
+        assert_eq!(v.depth(), MAX_VALUE_DEPTH + 1);
+        assert!(matches!(
+            decode::<Value>(&encode(&v), usize::MAX),
+            Err(ProtocolError::TooDeep { .. })
+        ));
+        drop_deep(v);
+        assert_eq!(Value::Int(1).depth(), 0);
+        assert_eq!(Value::List(vec![]).depth(), 1);
+        assert_eq!(Value::from(serde_json::json!([{"a": [1]}, 2])).depth(), 3);
+    }
+
+    /// At the limit, decoding needs far less stack than a tokio worker has,
+    /// even unoptimized (measured: between 288 and 320 KiB in a debug
+    /// build, about 2.4 KiB a level): the limit leaves room for whatever
+    /// the thread was already doing.
+    #[test]
+    fn decode_stack_use_at_the_depth_limit() {
+        for tag in [6, 7] {
+            decode_on_stack(nested_task(MAX_VALUE_DEPTH, tag), 512 << 10).unwrap();
+        }
+    }
+
+    /// The deepest input a JSON submission can carry (serde_json refuses a
+    /// 128th level, the request object being one) converts and decodes.
+    #[test]
+    fn every_json_submission_fits_the_depth_limit() {
+        let mut body = String::from("{\"plugin\":\"echo\",\"input\":");
+        body.push_str(&"[".repeat(126));
+        body.push_str(&"]".repeat(126));
+        body.push('}');
+        let req: api::SubmitRequest = serde_json::from_str(&body).unwrap();
+        let v = Value::try_from_json(&req.input).unwrap();
+        assert_eq!(v.depth(), 126);
+        let back: Value = decode(&encode(&v), usize::MAX).unwrap();
+        assert_eq!(back, v);
+        let deeper = body.replacen('[', "[[", 1).replacen(']', "]]", 1);
+        assert!(serde_json::from_str::<api::SubmitRequest>(&deeper).is_err());
+    }
+
+    /// Map and Bytes keep their wire format (the decoder is hand-written).
+    #[test]
+    fn every_value_variant_round_trips() {
+        let v = Value::Map(vec![
+            ("n".into(), Value::Null),
+            ("b".into(), Value::Bool(true)),
+            ("i".into(), Value::Int(-7)),
+            ("f".into(), Value::Float(2.5)),
+            ("s".into(), Value::Str("x".into())),
+            ("y".into(), Value::Bytes(vec![0, 255, 3])),
+            (
+                "l".into(),
+                Value::List(vec![Value::Int(1), Value::Map(vec![])]),
+            ),
+        ]);
+        let bytes = encode(&v);
+        let back: Value = decode(&bytes, 1024).unwrap();
+        assert_eq!(back, v);
+        // The same bytes as a derived decoder reads: a known encoding.
+        assert_eq!(&bytes[..4], &[1, 7, 7, 1]);
     }
 
     #[test]

@@ -311,3 +311,48 @@ fn file_effects_happen_once_except_the_running_window() {
         out_before_kill.len()
     );
 }
+
+/// Issue 15, item 4: compaction ran in `on_task` after the `Accepted`
+/// record was appended but before the task was in `running` or the inbox,
+/// so the snapshot left it out, the segment with its record was deleted,
+/// and the publish was acked anyway: a SIGKILL then lost it for good (the
+/// broker does not redeliver an acked publish). Small segments make the
+/// journal compact while tasks arrive, one long task keeps the rest queued,
+/// and the kill lands with all of them accepted and none finished.
+#[test]
+fn compaction_while_tasks_arrive_then_sigkill_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let cfg = "max_concurrency = 1\nqueue_capacity = 16\n\
+               [storage]\nfsync = \"always\"\nsegment_bytes = 4096\nmax_bytes = 65536\n";
+    let mut agent = Agent::start(dir.path(), "cmp-1", &server.broker(), cfg);
+    server.wait_online("cmp-1");
+    let mut peer = Peer::connect(server.mqtt_port, "cmp-peer", "cmp-1");
+
+    peer.send_task("cmp-1", &spec("blocker", json!({"sleep_ms": 5000})));
+    peer.until("the blocker started", |s| started(s, "blocker") == 1);
+    // About 1.5 KB of journal each: 16 KiB of log (the first compaction's
+    // trigger) is reached around the eleventh, inside `on_task`.
+    let pad = "x".repeat(1500);
+    let ids: Vec<String> = (0..14).map(|i| format!("q-{i}")).collect();
+    for id in &ids {
+        peer.send_task("cmp-1", &spec(id, json!({"sleep_ms": 20, "pad": pad})));
+    }
+    server.wait_devices("all fourteen queued behind the blocker", |d| {
+        d.iter()
+            .any(|d| d.id == "cmp-1" && d.running == 1 && d.queued == 14)
+    });
+    assert!(
+        peer.seen
+            .iter()
+            .all(|(m, _)| !matches!(m, FromAgent::Finished(_))),
+        "nothing may have finished before the kill"
+    );
+    agent.kill();
+    let _agent = Agent::start(dir.path(), "cmp-1", &server.broker(), cfg);
+    for id in ids.iter().chain([&"blocker".to_string()]) {
+        peer.until(&format!("{id} finished after the restart"), |s| {
+            !finished(s, id).is_empty()
+        });
+    }
+}

@@ -360,6 +360,9 @@ struct Pending {
     sends: u32,
 }
 
+/// Longest `timeout_ms` a task may carry (a day: the server's own bound).
+const MAX_TASK_TIMEOUT_MS: u64 = 86_400_000;
+
 /// Results re-sent per tick at most, so a backlog never fills the MQTT
 /// client's queue and crowds out the heartbeat.
 const RESEND_BUDGET: usize = 128;
@@ -584,6 +587,20 @@ impl Manager {
             self.unknown_plugin(spec);
             return;
         }
+        // From the network: a deadline of `now + u64::MAX ms` would panic
+        // when the task starts. The server never sends more than a day.
+        if spec.timeout_ms > MAX_TASK_TIMEOUT_MS {
+            let msg = format!(
+                "timeout_ms {} is out of range 1..={MAX_TASK_TIMEOUT_MS}",
+                spec.timeout_ms
+            );
+            self.finish(TaskOutcome {
+                task_id: spec.id,
+                result: Err(error(ErrorKind::InvalidInput, &msg, false)),
+                elapsed_us: 0,
+            });
+            return;
+        }
         // Checked against the plugin's declaration before it is queued:
         // a bad task never waits for a slot or reaches `execute`.
         if let Err(e) = self.registry.check_input(&spec.plugin, &spec.input) {
@@ -623,12 +640,16 @@ impl Manager {
             });
             return;
         }
-        self.maybe_compact();
         if run_now {
             self.launch(spec);
         } else {
             let _ = self.inbox.push_back(spec);
         }
+        // Only now: a snapshot is the live state (`running` and `inbox`),
+        // and compacting between the append and here wrote one without
+        // this task and deleted the segment holding its `Accepted` record,
+        // then acked it (issue 15, item 4).
+        self.maybe_compact();
     }
 
     fn unknown_plugin(&mut self, spec: TaskSpec) {
@@ -992,6 +1013,16 @@ impl Manager {
 
     /// Records a result in ledger and outbox, then sends it.
     fn finish(&mut self, mut outcome: TaskOutcome) {
+        // A result nested deeper than the server decodes would be refused
+        // there as malformed and re-sent forever.
+        let depth = outcome.result.as_ref().map_or(0, |v| v.depth());
+        if depth > protocol::MAX_VALUE_DEPTH {
+            let msg = format!(
+                "result nests lists or maps {depth} levels deep; the limit is {}",
+                protocol::MAX_VALUE_DEPTH
+            );
+            outcome.result = Err(error(ErrorKind::TooLarge, &msg, false));
+        }
         let mut bytes = protocol::encode(&FromAgent::Finished(outcome.clone()));
         if bytes.len() > self.cfg.mqtt.max_payload_bytes {
             let msg = format!(
