@@ -96,9 +96,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Prot
 /// [`ProtocolError::TooDeep`] (postcard's own error carries no message).
 /// Every postcard decode of a type that holds a [`Value`] goes through
 /// here (the agent's journal records too).
-pub fn from_bytes_limited<'a, T: DeserializeOwned>(
-    bytes: &'a [u8],
-) -> Result<(T, &'a [u8]), ProtocolError> {
+pub fn from_bytes_limited<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, &[u8]), ProtocolError> {
     depth::reset();
     match postcard::take_from_bytes(bytes) {
         Ok(r) => Ok(r),

@@ -1303,9 +1303,12 @@ impl Scheduler {
                         t.row.state = TaskState::Running;
                         t.row.started_ms = Some(crate::now_ms());
                         // The agent's clock for the task starts now, so ours restarts too.
-                        t.deadline = Some(Instant::now() + Duration::from_millis(
-                            t.row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
-                        ));
+                        t.deadline = Some(
+                            Instant::now()
+                                + Duration::from_millis(
+                                    t.row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
+                                ),
+                        );
                         // Not written to the store: after a restart a
                         // running task is recovered exactly like a
                         // dispatched one, and the terminal write carries
