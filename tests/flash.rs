@@ -629,10 +629,25 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     );
     untouched("bad board name");
 
-    // --- failure at `verify` by time: a binary that never finishes
-    // (`yes` ignores its arguments) is stopped by the step's time limit ---
+    // --- failure at `verify` by time: a binary that never finishes is
+    // stopped by the step's time limit (GNU `yes` refuses `--config`, so a
+    // tiny ELF program that ignores its arguments and waits stands in) ---
+    let hang_c = dir.path().join("hang.c");
+    std::fs::write(
+        &hang_c,
+        "#include <unistd.h>\nint main(void) { for (;;) pause(); }\n",
+    )
+    .unwrap();
+    let hang = dir.path().join("hang");
+    let cc = std::process::Command::new("cc")
+        .arg("-o")
+        .arg(&hang)
+        .arg(&hang_c)
+        .status()
+        .expect("cc (build-essential) builds the stand-in for a hung agent");
+    assert!(cc.success());
     let out = admin(&with(
-        with(good.clone(), "--binary", "/usr/bin/yes"),
+        with(good.clone(), "--binary", hang.to_str().unwrap()),
         "--step-timeout-secs",
         "3",
     ));
