@@ -95,7 +95,13 @@ fn big_lists_stay_out_of_the_scheduler_and_page_by_bytes() {
     let data = dir.path().join("srv");
     let ids = seed(&data, 200, 1 << 20);
     let cfg = dir.path().join("server.toml");
-    std::fs::write(&cfg, "[http]\nmax_list_bytes = 4194304\n").unwrap();
+    // The seeded rows finished in 1970: retention (30 days by default) would
+    // delete them at start, so it is off here.
+    std::fs::write(
+        &cfg,
+        "[http]\nmax_list_bytes = 4194304\n[scheduler]\nretention_ms = 0\n",
+    )
+    .unwrap();
     let server = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
     let pid = server.pid();
     let (code, _, _) = get(&server.http, "/healthz");
