@@ -36,13 +36,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// `base` like `http://127.0.0.1:8080`.
+    /// `base` like `http://127.0.0.1:8080` (or `https://`: the platform's
+    /// roots).
     pub fn new(base: &str) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(330)))
-            .build()
-            .into();
+            .timeout_global(Some(Duration::from_secs(330)));
+        let (tls, none) = crate::plugins::http::platform_tls_config();
+        if let (true, Some(why)) = (base.starts_with("https://"), none) {
+            log::warn!("{why}");
+        }
+        let agent: ureq::Agent = config.tls_config(tls).build().into();
         Client {
             base: base.trim_end_matches('/').to_string(),
             agent,
