@@ -142,14 +142,15 @@ admin() { "$admin_bin" --server "$server_url" "$@"; }
 
 # --- 5. Edge agent (simulated board) ----------------------------------------
 # On-device voice activity detection needs the Silero VAD model, which comes
-# from its PyPI wheel (sha256-checked); without Python/pip the demo skips it.
+# from its PyPI wheel (sha256-checked); without a network the demo skips it.
 vad=0
-if python3 "$repo/scripts/models/fetch.py" >"$tmp/fetch.log" 2>&1; then
+if "$admin_bin" models fetch --models-dir "$repo/models" silero_vad >"$tmp/fetch.log" 2>&1; then
     vad=1
     printf '[plugins.echo]\n[plugins.sysinfo]\n[plugins.vad]\nmodels_dir = "%s"\naudio_root = "%s"\n' \
         "$repo/models" "$repo/models/golden" >"$tmp/agent.toml"
 else
-    echo "demo: could not fetch the model files (python3 with pip needed; see $tmp/fetch.log); skipping the VAD task" >&2
+    echo "demo: could not fetch the VAD model (openclaw-admin models fetch; see $tmp/fetch.log); skipping the VAD task" >&2
+    tail -n 3 "$tmp/fetch.log" >&2 || true
     printf '[plugins.echo]\n[plugins.sysinfo]\n' >"$tmp/agent.toml"
 fi
 say "starting openclaw-agent demo-sim (board sim, broker mqtt://$mqtt_addr)"

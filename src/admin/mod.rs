@@ -1,9 +1,11 @@
-//! The HTTP client behind `openclaw-admin`, its starter-config writer, and
-//! the cross build ([`build`]) and device install ([`flash`]) of the agent.
+//! The HTTP client behind `openclaw-admin`, its starter-config writer, the
+//! cross build ([`build`]) and device install ([`flash`]) of the agent, and
+//! the model files' download from PyPI ([`models`]).
 
 pub mod bench;
 pub mod build;
 pub mod flash;
+pub mod models;
 
 use crate::protocol::api::{DeviceView, ErrorBody, SubmitRequest, SubmitResponse, TaskView};
 use serde::de::DeserializeOwned;
@@ -36,13 +38,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// `base` like `http://127.0.0.1:8080`.
+    /// `base` like `http://127.0.0.1:8080` (or `https://`: the platform's
+    /// roots).
     pub fn new(base: &str) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(330)))
-            .build()
-            .into();
+            .timeout_global(Some(Duration::from_secs(330)));
+        let (tls, none) = crate::plugins::http::platform_tls_config();
+        if let (true, Some(why)) = (base.starts_with("https://"), none) {
+            log::warn!("{why}");
+        }
+        let agent: ureq::Agent = config.tls_config(tls).build().into();
         Client {
             base: base.trim_end_matches('/').to_string(),
             agent,

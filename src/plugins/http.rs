@@ -4,14 +4,26 @@
 //! broker. Redirects are not followed (a 3xx is returned as is), so a
 //! response cannot lead the agent to a host off the list. The blocking
 //! client runs on tokio's blocking pool.
+//!
+//! `https://` goes through rustls with the ring provider, the stack the
+//! agent already links for `mqtts://`. A server's certificate must chain to
+//! the platform's root store (read once, at the first `https://` call, with
+//! `rustls-native-certs`: `SSL_CERT_FILE` / `SSL_CERT_DIR`, else the
+//! system's bundle such as `/etc/ssl/certs`) or, when the config sets
+//! `ca_file`, to the certificates of that file only; and it must name the
+//! host of the URL. A refused certificate fails the task, not retryable,
+//! with the host and the reason.
 
 use super::schema::Schema;
-use super::util::{blocking, cfg_str_list, cfg_u64, config_err, failed, map, Input};
+use super::util::{blocking, cfg_str, cfg_str_list, cfg_u64, config_err, failed, map, Input};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
 use async_trait::async_trait;
 use std::io::Read;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use tokio_rustls::rustls;
+use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
 const NAME: &str = "http";
 
@@ -43,11 +55,168 @@ pub struct Http {
     max_request_bytes: u64,
     default_timeout_ms: u64,
     max_timeout_ms: u64,
+    roots: Roots,
+}
+
+/// What the certificate of an `https://` host must chain to.
+#[derive(Debug, Clone)]
+pub enum Roots {
+    /// The platform's root store, read at the first use.
+    Platform,
+    /// The certificates of a PEM file (config key `ca_file`), and no others.
+    File {
+        path: String,
+        certs: Arc<Vec<Certificate<'static>>>,
+    },
+}
+
+impl Roots {
+    /// The CA certificates of the PEM file at `path` (at least one).
+    pub fn from_pem_file(path: &str) -> Result<Roots, String> {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => return Err(format!("`{path}`: not a valid PEM file: {e}")),
+            }
+        }
+        if certs.is_empty() {
+            return Err(format!("`{path}` holds no PEM certificate"));
+        }
+        Ok(Roots::File {
+            path: path.to_string(),
+            certs: Arc::new(certs),
+        })
+    }
+
+    /// What the roots are, for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Roots::Platform => "the platform's root store".into(),
+            Roots::File { path, .. } => format!("ca_file `{path}`"),
+        }
+    }
+
+    /// The certificates, the platform's loaded (once per process) if need be.
+    fn certs(&self) -> Result<Arc<Vec<Certificate<'static>>>, String> {
+        match self {
+            Roots::File { certs, .. } => Ok(certs.clone()),
+            Roots::Platform => {
+                static PLATFORM: OnceLock<Result<Arc<Vec<Certificate<'static>>>, String>> =
+                    OnceLock::new();
+                PLATFORM
+                    .get_or_init(|| {
+                        let found = rustls_native_certs::load_native_certs();
+                        if found.certs.is_empty() {
+                            let why: Vec<String> =
+                                found.errors.iter().map(|e| e.to_string()).collect();
+                            return Err(format!(
+                                "no root certificates found in the platform's store{} \
+                                 (install the ca-certificates package, set SSL_CERT_FILE, \
+                                 or give the CA in `ca_file`)",
+                                if why.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {}", why.join("; "))
+                                }
+                            ));
+                        }
+                        Ok(Arc::new(
+                            found
+                                .certs
+                                .iter()
+                                .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+                                .collect(),
+                        ))
+                    })
+                    .clone()
+            }
+        }
+    }
+
+    /// ureq's TLS settings for these roots: rustls with the ring provider.
+    pub fn tls_config(&self) -> Result<TlsConfig, String> {
+        Ok(tls_config_with(self.certs()?))
+    }
+}
+
+/// ureq's TLS settings for the platform's roots, or, when there are none,
+/// settings that refuse every certificate, and why. A ureq agent must never
+/// be left to ureq's TLS defaults: built without a provider, it would panic
+/// at its first `https://` request (a redirect to one included).
+pub fn platform_tls_config() -> (TlsConfig, Option<String>) {
+    match Roots::Platform.tls_config() {
+        Ok(t) => (t, None),
+        Err(e) => (tls_config_with(Arc::new(Vec::new())), Some(e)),
+    }
+}
+
+fn tls_config_with(certs: Arc<Vec<Certificate<'static>>>) -> TlsConfig {
+    static RING: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    let ring = RING
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone();
+    TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::Specific(certs))
+        .unversioned_rustls_crypto_provider(ring)
+        .build()
+}
+
+/// Why a TLS connection to `host` failed, when `e` is a TLS error: a
+/// refused certificate says which check failed (host name, expiry, CA).
+pub fn tls_failure(e: &ureq::Error, host: &str, roots: &Roots) -> Option<String> {
+    let r = match e {
+        ureq::Error::Rustls(r) => r,
+        ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>()?,
+        _ => return None,
+    };
+    use rustls::CertificateError as C;
+    Some(match r {
+        rustls::Error::InvalidCertificate(c) => {
+            let why = match c {
+                C::NotValidForNameContext { presented, .. } if !presented.is_empty() => {
+                    // rustls shows the names as `DnsName("a.example")`.
+                    let names: Vec<&str> = presented
+                        .iter()
+                        .map(|n| {
+                            n.split_once("(\"")
+                                .and_then(|(_, rest)| rest.strip_suffix("\")"))
+                                .unwrap_or(n)
+                        })
+                        .collect();
+                    format!("wrong host name: it is for {}", names.join(", "))
+                }
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "wrong host name: it is not for this host".into()
+                }
+                C::ExpiredContext { time, not_after } => format!(
+                    "expired {} s ago (not valid after {} UNIX time)",
+                    time.as_secs().saturating_sub(not_after.as_secs()),
+                    not_after.as_secs()
+                ),
+                C::Expired => "expired: its validity period has ended".into(),
+                C::NotValidYet | C::NotValidYetContext { .. } => format!("not valid yet: {c}"),
+                C::UnknownIssuer => format!(
+                    "unknown CA: it does not chain to a certificate of {}",
+                    roots.describe()
+                ),
+                other => other.to_string(),
+            };
+            format!("the TLS certificate of `{host}` is refused: {why}")
+        }
+        other => format!("TLS with `{host}` failed: {other}"),
+    })
 }
 
 struct Call {
     method: String,
     url: String,
+    /// `host:port`, for error messages.
+    host: String,
+    https: bool,
     headers: Vec<(String, String)>,
     body: Option<Vec<u8>>,
     timeout: Duration,
@@ -58,7 +227,8 @@ impl Http {
     /// `max_response_bytes` (default 672 KiB: what comes back in one result
     /// under the default MQTT payload limit, see [`DEFAULT_MAX_RESPONSE_BYTES`]),
     /// `max_request_bytes` (default 1 MiB), `timeout_ms` (default 10000),
-    /// `max_timeout_ms` (default 60000).
+    /// `max_timeout_ms` (default 60000), `ca_file` (PEM; the only roots for
+    /// `https://` when set, else the platform's).
     pub fn from_config(config: &toml::Table) -> Result<Http, PluginError> {
         check_keys(
             NAME,
@@ -69,6 +239,7 @@ impl Http {
                 "max_request_bytes",
                 "timeout_ms",
                 "max_timeout_ms",
+                "ca_file",
             ],
         )?;
         let allow = cfg_str_list(NAME, config, "allow")?
@@ -88,7 +259,14 @@ impl Http {
             })
             .collect::<Result<_, _>>()?;
         let max_timeout_ms = cfg_u64(NAME, config, "max_timeout_ms", 60_000, 1, 3_600_000)?;
+        let roots = match cfg_str(NAME, config, "ca_file")? {
+            None => Roots::Platform,
+            Some(path) => {
+                Roots::from_pem_file(&path).map_err(|e| config_err(NAME, "ca_file", e))?
+            }
+        };
         Ok(Http {
+            roots,
             allow,
             max_response_bytes: cfg_u64(
                 NAME,
@@ -216,6 +394,8 @@ impl Http {
         Ok(Call {
             method,
             url: url.to_string(),
+            host: format!("{host}:{port}"),
+            https: uri.scheme_str() == Some("https"),
             headers,
             body,
             timeout: Duration::from_millis(timeout_ms),
@@ -223,12 +403,18 @@ impl Http {
     }
 
     fn call(&self, c: Call) -> Result<Value, PluginError> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
-            .timeout_global(Some(c.timeout))
-            .build()
-            .into();
+            .timeout_global(Some(c.timeout));
+        if c.https {
+            let tls = self
+                .roots
+                .tls_config()
+                .map_err(|e| failed(NAME, format!("`url`: {} {}: {e}", c.method, c.url)))?;
+            config = config.tls_config(tls);
+        }
+        let agent: ureq::Agent = config.build().into();
         let mut b = ureq::http::Request::builder()
             .method(c.method.as_str())
             .uri(&c.url);
@@ -243,6 +429,10 @@ impl Http {
         };
         let what = format!("{} {}", c.method, c.url);
         let mut resp = res.map_err(|e| {
+            // A refused certificate stays refused: not worth a retry.
+            if let Some(why) = tls_failure(&e, &c.host, &self.roots) {
+                return failed(NAME, format!("`url`: {what}: {why}"));
+            }
             let message = match e {
                 ureq::Error::Timeout(_) => format!(
                     "`url`: {what}: no answer within timeout_ms ({} ms)",
@@ -317,7 +507,7 @@ impl Plugin for Http {
                 "url",
                 Schema::string()
                     .len(1, 8192)
-                    .desc("http://HOST[:PORT]/..., host on the allow-list"),
+                    .desc("http[s]://HOST[:PORT]/..., host on the allow-list"),
             )
             .field(
                 "method",
