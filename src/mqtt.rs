@@ -27,7 +27,7 @@ pub enum MqttEvent {
     Message(Publish),
 }
 
-/// Exponential back-off between reconnect attempts.
+/// Exponential back-off between reconnect attempts, with jitter.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     min: Duration,
@@ -44,16 +44,34 @@ impl Backoff {
             next: min,
         }
     }
-    /// The delay to wait now; the following one doubles.
+    /// The delay to wait now: a random point in the upper half of the
+    /// current step (`step/2 ..= step`); the step doubles. Without the
+    /// jitter a fleet that lost its broker at the same moment reconnected
+    /// in lockstep, every agent at the same instants (issue 15, item 10).
     pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
+        let step = self.next;
         self.next = (self.next * 2).min(self.max);
-        d
+        let half = step / 2;
+        let spread = (step - half).as_nanos() as u64;
+        half + Duration::from_nanos(random_u64() % spread.saturating_add(1))
     }
     /// Back to the minimum after a success.
     pub fn reset(&mut self) {
         self.next = self.min;
     }
+}
+
+/// A random number, from the OS-seeded keys std gives every `RandomState`
+/// (no dependency for a reconnect jitter).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
 }
 
 /// Creates a client with TCP_NODELAY set: our messages are small and
@@ -274,10 +292,24 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_ceiling_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let got: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(got, vec![100, 200, 350, 350]);
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(100), ms(350));
+        for step in [100, 200, 350, 350] {
+            let d = b.next_delay();
+            assert!(d >= ms(step) / 2 && d <= ms(step), "{d:?} for step {step}");
+        }
         b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        assert!(b.next_delay() <= ms(100));
+    }
+
+    /// Issue 15, item 10: a fleet whose broker restarts must not come back
+    /// in lockstep. Agents that start backing off at the same moment wait
+    /// different times (the old delays were all exactly `min`).
+    #[test]
+    fn backoff_is_jittered_across_agents() {
+        let first: std::collections::HashSet<Duration> = (0..32)
+            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(10)).next_delay())
+            .collect();
+        assert!(first.len() > 16, "{} distinct delays of 32", first.len());
     }
 }

@@ -356,3 +356,47 @@ fn compaction_while_tasks_arrive_then_sigkill_loses_none() {
         });
     }
 }
+
+/// Issue 15, item 7: a task whose journal sync failed was acked anyway,
+/// and the error was only logged. Here a failing fsync drops what it was
+/// to write (as the kernel drops the dirty pages of a failed writeback): a
+/// task acked then is gone after the next crash, and the broker never
+/// delivers it again. Now nothing of the batch is acked and the agent
+/// exits on its own (non-zero, for systemd to restart it); started again
+/// on the same journal, it gets the unacked task from the broker and runs it.
+#[test]
+fn a_failed_fsync_acks_nothing_and_stops_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let flag = dir.path().join("fail-fsync");
+    let env = format!("OPENCLAW_TEST_FAIL_FSYNC_WHILE={}", flag.display());
+    let cfg = "max_concurrency = 1\nqueue_capacity = 4\n[storage]\nfsync = \"always\"\n";
+    let mut agent = Agent::start_with(dir.path(), "fs-1", &server.broker(), cfg, &["env", &env]);
+    server.wait_online("fs-1");
+    let mut peer = Peer::connect(server.mqtt_port, "fs-peer", "fs-1");
+    // Long enough that `second` cannot run from memory before the kill.
+    peer.send_task("fs-1", &spec("first", json!({"sleep_ms": 8000})));
+    peer.until("first started", |s| started(s, "first") == 1);
+
+    // The disk starts failing; a task arrives and would wait in the queue.
+    std::fs::write(&flag, b"").unwrap();
+    peer.send_task("fs-1", &spec("second", json!({"v": 2})));
+    let start = Instant::now();
+    while agent.alive() && start.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped_by_itself = !agent.alive();
+    agent.kill();
+
+    // The disk is good again; the agent restarts on the same journal.
+    std::fs::remove_file(&flag).unwrap();
+    let _agent = Agent::start(dir.path(), "fs-1", &server.broker(), cfg);
+    peer.until("second delivered again and run", |s| {
+        !finished(s, "second").is_empty()
+    });
+    peer.until("first run again", |s| !finished(s, "first").is_empty());
+    assert!(
+        stopped_by_itself,
+        "the agent kept running on a journal whose fsync failed"
+    );
+}

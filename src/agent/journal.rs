@@ -15,9 +15,10 @@
 //! - **outbox**: finished results the server has not confirmed, re-sent.
 //!
 //! Compaction writes the live state as a snapshot bracketed by
-//! `SnapshotBegin`/`SnapshotEnd`, then deletes the older segments. On replay
-//! a complete snapshot replaces whatever came before it; an incomplete one
-//! (a crash during compaction, before anything was deleted) is ignored.
+//! `SnapshotBegin`/`SnapshotEnd`, then deletes the older segments. Replay
+//! applies every record in order, a snapshot's too (it restates the state
+//! the records before it built), so a snapshot cut short by a crash or by
+//! damage loses nothing after it.
 
 use crate::protocol::TaskSpec;
 use crate::storage::{FsyncPolicy, Log, LogOptions, Stats, StorageError};
@@ -27,6 +28,10 @@ use std::path::Path;
 
 /// First byte of every record payload; a record with another is skipped.
 const FORMAT: u8 = 1;
+
+/// Test hook: while the file this names exists, every journal fsync fails
+/// (`tests/durability.rs`). Never set in production.
+const FSYNC_FAULT_ENV: &str = "OPENCLAW_TEST_FAIL_FSYNC_WHILE";
 
 /// One journal record. postcard-encoded after the [`FORMAT`] byte; add
 /// variants only at the end.
@@ -67,6 +72,21 @@ pub struct Recovered {
     pub started: Vec<(String, bool)>,
 }
 
+/// Whether an encoded `Finished` is a failure another attempt could fix.
+fn retryable_failure(bytes: &[u8]) -> bool {
+    use crate::protocol::{FromAgent, TaskError, TaskOutcome};
+    matches!(
+        crate::protocol::decode::<FromAgent>(bytes, usize::MAX),
+        Ok(FromAgent::Finished(TaskOutcome {
+            result: Err(TaskError {
+                retryable: true,
+                ..
+            }),
+            ..
+        }))
+    )
+}
+
 #[derive(Debug, Default)]
 struct State {
     pending: Vec<TaskSpec>,
@@ -81,6 +101,17 @@ impl State {
     fn apply(&mut self, r: Record, ledger_size: usize) {
         match r {
             Record::Accepted(spec) => {
+                // The server retries a retryable failure under the same id,
+                // and the agent runs it again (`on_task`): accepted again,
+                // it is pending, not answered from the ledger.
+                if self
+                    .ledger
+                    .get(&spec.id)
+                    .is_some_and(|r| retryable_failure(r))
+                {
+                    self.ledger.remove(&spec.id);
+                    self.ledger_order.retain(|id| id != &spec.id);
+                }
                 if !self.ledger.contains_key(&spec.id)
                     && !self.pending.iter().any(|p| p.id == spec.id)
                 {
@@ -157,34 +188,30 @@ impl State {
 
 /// Replays decoded records; returns the state and how many payloads could
 /// not be decoded (checksum fine, content not a record of this format).
+///
+/// Every record is applied in order, a snapshot's as well: a snapshot is
+/// the live state written out again, so applying it over the records it
+/// summarizes changes nothing, and its markers are not needed to read it.
+/// (They used to be: records after a `SnapshotBegin` went into a pending
+/// snapshot that was thrown away when its `SnapshotEnd` was missing, so a
+/// crash during compaction followed by a failed compaction at start, or one
+/// flipped bit in the snapshot, lost every later record: issue 15, item 3.)
 pub fn replay(payloads: &[Vec<u8>], ledger_size: usize) -> (Recovered, u64) {
     let mut main = State::default();
-    let mut snapshot: Option<State> = None;
     let mut undecodable = 0;
     for p in payloads {
         let record = match p.split_first() {
-            Some((&FORMAT, rest)) => postcard::from_bytes::<Record>(rest).ok(),
+            Some((&FORMAT, rest)) => crate::protocol::from_bytes_limited::<Record>(rest)
+                .ok()
+                .filter(|(_, rest)| rest.is_empty())
+                .map(|(r, _)| r),
             _ => None,
         };
         let Some(record) = record else {
             undecodable += 1;
             continue;
         };
-        match record {
-            Record::SnapshotBegin => snapshot = Some(State::default()),
-            Record::SnapshotEnd => {
-                if let Some(s) = snapshot.take() {
-                    main = s;
-                }
-            }
-            r => match snapshot.as_mut() {
-                Some(s) => s.apply(r, ledger_size),
-                None => main.apply(r, ledger_size),
-            },
-        }
-    }
-    if snapshot.is_some() {
-        log::warn!("agent journal: ignoring an incomplete snapshot (crash during compaction)");
+        main.apply(record, ledger_size);
     }
     (main.into_recovered(), undecodable)
 }
@@ -248,7 +275,11 @@ impl Journal {
         opts: LogOptions,
         ledger_size: usize,
     ) -> Result<(Journal, Recovered), StorageError> {
-        let (log, payloads) = Log::open(dir, opts)?;
+        let (mut log, payloads) = Log::open(dir, opts)?;
+        if let Some(flag) = std::env::var_os(FSYNC_FAULT_ENV) {
+            log::warn!("agent journal: test hook {FSYNC_FAULT_ENV} is set");
+            log.fail_syncs_when(flag.into());
+        }
         let (state, undecodable) = replay(&payloads, ledger_size);
         if undecodable > 0 {
             log::warn!("agent journal: skipped {undecodable} undecodable record(s)");
@@ -340,6 +371,12 @@ impl Journal {
         self.log.sync()
     }
 
+    /// `Err` once a failed fsync made the journal unusable: what it holds
+    /// on disk is uncertain, so the agent stops and is restarted on it.
+    pub fn check(&self) -> Result<(), StorageError> {
+        self.log.usable()
+    }
+
     /// Log counters.
     pub fn stats(&self) -> Stats {
         self.log.stats()
@@ -416,6 +453,69 @@ mod tests {
         assert_eq!(s.ledger, vec![("b".into(), b"b".to_vec())]);
     }
 
+    /// Issue 15, item 3: an unfinished snapshot (a crash during
+    /// compaction, then a compaction at start that failed) swallowed every
+    /// record after it, across segments: the next accepted task was lost.
+    #[test]
+    fn an_unfinished_snapshot_swallows_nothing() {
+        let recs = [
+            Record::Accepted(spec("old")),
+            fin("x"),
+            // The crash: a snapshot begun, never ended.
+            Record::SnapshotBegin,
+            Record::Accepted(spec("old")),
+            fin("x"),
+            // After the restart.
+            Record::Accepted(spec("new")),
+            fin("y"),
+        ];
+        let payloads: Vec<Vec<u8>> = recs.iter().map(encode).collect();
+        let (s, _) = replay(&payloads, 10);
+        assert_eq!(s.pending, vec![spec("old"), spec("new")]);
+        assert_eq!(s.outbox.len(), 2);
+        assert_eq!(s.ledger.len(), 2);
+    }
+
+    /// Issue 15, item 3: one flipped bit inside the segment holding the
+    /// snapshot cut it there (its end marker with it) and replay then
+    /// discarded every later, intact segment: pending 0, ledger 0.
+    #[test]
+    fn a_flipped_bit_in_the_snapshot_loses_only_that_record() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut j, _) = Journal::open(dir.path(), opts(), 100).unwrap();
+            for i in 0..20 {
+                j.append(&Record::Accepted(spec(&format!("s{i}")))).unwrap();
+            }
+            let live = Recovered {
+                pending: (0..20).map(|i| spec(&format!("s{i}"))).collect(),
+                ..Default::default()
+            };
+            j.compact(&snapshot_records(&live)).unwrap();
+            // Enough after the snapshot to fill later segments.
+            for i in 0..100 {
+                j.append(&Record::Accepted(spec(&format!("late{i}"))))
+                    .unwrap();
+            }
+            assert!(j.log.segment_count() > 1);
+        }
+        let mut files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        // The snapshot is the oldest file; flip a bit in its middle.
+        let snap = &files[0];
+        let mut b = std::fs::read(snap).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x10;
+        std::fs::write(snap, &b).unwrap();
+        let (j, s) = Journal::open(dir.path(), opts(), 100).unwrap();
+        assert_eq!(s.pending.len(), 119, "{:?}", j.stats());
+        assert!(s.pending.iter().any(|p| p.id == "late99"));
+        assert_eq!(j.skipped(), 1);
+    }
+
     #[test]
     fn started_marks_survive_replay_and_snapshots() {
         let started = |id: &str, alone| Record::Started {
@@ -454,14 +554,15 @@ mod tests {
             Record::Accepted(spec("p")),
             Record::SnapshotEnd,
         ];
+        // What a snapshot holds is applied like any record (the records
+        // before it are normally deleted by the same compaction).
         let all: Vec<Vec<u8>> = before.iter().chain(&snap).map(encode).collect();
         let (s, _) = replay(&all, 10);
-        assert_eq!(s.pending, vec![spec("p")]);
-        assert!(s.ledger.is_empty() && s.outbox.is_empty());
-        // Torn snapshot: the state before it stands.
+        assert_eq!(s.pending, vec![spec("old"), spec("p")]);
+        // Torn snapshot: the state before it stands, and what it had.
         let torn: Vec<Vec<u8>> = before.iter().chain(&snap[..2]).map(encode).collect();
         let (s, _) = replay(&torn, 10);
-        assert_eq!(s.pending, vec![spec("old")]);
+        assert_eq!(s.pending, vec![spec("old"), spec("p")]);
         assert_eq!(s.outbox.len(), 1);
         // Garbage payloads with a good CRC are counted, not fatal.
         let (_, bad) = replay(&[vec![9, 9], vec![FORMAT, 0xff]], 10);

@@ -240,7 +240,7 @@ impl Agent {
             deferred: Vec::new(),
         };
         m.restore(recovered);
-        m.commit();
+        m.commit()?;
         // Ready once the journal is replayed and plugins are built; the
         // broker may be down for hours and the agent still serves.
         let notify = sd_notify::Notifier::from_env();
@@ -258,6 +258,7 @@ impl Agent {
         };
         let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fatal: Option<StorageError> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -272,15 +273,33 @@ impl Agent {
                                 Err(_) => break,
                             }
                         }
-                        m.commit();
+                        if let Err(e) = m.commit() {
+                            fatal = Some(e);
+                            break;
+                        }
                     }
                     None => break,
                 },
-                _ = tick.tick() => m.on_tick(),
+                _ = tick.tick() => {
+                    m.on_tick();
+                    // A batched sync on the tick failed.
+                    if let Err(e) = m.journal.check() {
+                        fatal = Some(e);
+                        break;
+                    }
+                }
                 // From this loop, not a timer task of its own: a loop that
                 // stops turning stops the pings, and systemd restarts us.
                 _ = watchdog.tick(), if notify.watchdog_interval().is_some() => notify.watchdog(),
             }
+        }
+        if let Some(e) = fatal {
+            // No goodbye: the journal cannot record what it would hand
+            // back. The broker publishes the last will when the process
+            // is gone, and the server re-queues this device's tasks.
+            notify.stopping();
+            log::error!("agent {}: stopping on a journal failure: {e}", m.id);
+            return Err(AgentError::Storage(e));
         }
         notify.stopping();
         // Say goodbye so the server re-routes at once rather than after the
@@ -420,15 +439,24 @@ impl Manager {
     /// Ends a batch: one journal sync for every record it wrote, then the
     /// effects that had to wait for it, in order. Nothing is acked, started
     /// or published before the record that justifies it is durable.
-    fn commit(&mut self) {
+    ///
+    /// A failed sync is fatal (issue 15, item 7): none of the batch's
+    /// effects happen (an acked publish whose task never reached the disk
+    /// was lost at the next crash), and the error goes up so the agent
+    /// exits non-zero and systemd restarts it on the journal as it is on
+    /// disk. Unacked, the publishes are delivered again after the restart;
+    /// a retried fsync could "succeed" after the kernel dropped the pages.
+    fn commit(&mut self) -> Result<(), StorageError> {
         let journal = &mut self.journal;
-        let synced = match crate::blocking(|| journal.commit()) {
-            Ok(_) => true,
-            Err(e) => {
-                log::error!("agent {}: journal sync failed: {e}", self.id);
-                false
-            }
-        };
+        if let Err(e) = crate::blocking(|| journal.commit()).and_then(|_| self.journal.check()) {
+            log::error!(
+                "agent {}: journal sync failed, stopping without acking {} effect(s) of this batch: {e}",
+                self.id,
+                self.deferred.len()
+            );
+            self.deferred.clear();
+            return Err(e);
+        }
         for d in std::mem::take(&mut self.deferred) {
             match d {
                 Deferred::Ack(p) => {
@@ -436,24 +464,13 @@ impl Manager {
                         log::warn!("agent {}: ack failed: {e}", self.id);
                     }
                 }
-                Deferred::Start(spec, token) if synced => self.start(spec, token),
-                Deferred::Start(spec, _) => {
-                    // Not durably accepted: hand it back, as when the
-                    // append itself fails.
-                    self.free_slot(&spec.id);
-                    let _ = self.journal.append_unsynced(&Record::Released {
-                        task_id: spec.id.clone(),
-                    });
-                    self.publish_event(&FromAgent::Rejected {
-                        task_id: spec.id,
-                        reason: RejectReason::Busy,
-                    });
-                }
-                // A result whose record could not be synced is sent anyway
-                // (as when the append fails): the server has it then.
+                Deferred::Start(spec, token) => self.start(spec, token),
+                // A result whose record could not be written (a full disk)
+                // is sent anyway: the server has it then.
                 Deferred::Send(id) => self.send_result(&id),
             }
         }
+        Ok(())
     }
 
     fn on_mqtt(&mut self, ev: MqttEvent) {
@@ -463,12 +480,15 @@ impl Manager {
                 self.publish_status();
                 // The broker may have lost the session and rumqttc drops its
                 // own unacked publishes then: the outbox is the record.
-                // (After the commit: some may have been recorded in this batch.)
+                // All due again, but sent by `on_tick` (after this batch's
+                // commit) within its per-tick budget: sending the whole
+                // outbox here filled the client's queue and, fleet-wide
+                // after a broker restart, hit the broker with every agent's
+                // backlog at once (issue 15, item 10).
                 for p in self.outbox.values_mut() {
                     p.sends = 0;
+                    p.last_sent = None;
                 }
-                let ids: Vec<String> = self.outbox.keys().cloned().collect();
-                self.deferred.extend(ids.into_iter().map(Deferred::Send));
             }
             MqttEvent::Disconnected(_) => self.connected = false,
             MqttEvent::Message(p) => {

@@ -15,11 +15,14 @@
 //! - **Durability** follows [`FsyncPolicy`]: `always` syncs each record
 //!   before [`Log::append`] returns, `batch` syncs every N records or N ms,
 //!   `never` leaves it to the OS.
-//! - **Recovery** ([`Log::open`]) reads every segment in order. A record cut
-//!   short (a crash mid-write) or failing its CRC ends that segment: it and
-//!   whatever follows in that file are skipped, counted in
-//!   [`Stats::skipped_records`], logged, and the file is truncated there so
-//!   that new records never follow garbage. The log opens anyway.
+//! - **Recovery** ([`Log::open`]) reads every segment in order. Damage at
+//!   the end of the last segment (a crash mid-write) is a torn tail: skipped,
+//!   counted in [`Stats::skipped_records`], logged, and cut off so that new
+//!   records never follow garbage. Any other damage (a bad record followed
+//!   by good ones, or in a segment that is not the last) is corruption:
+//!   counted in [`Stats::corrupt_records`] too, logged as an error, left on
+//!   disk, and read around ([`scan_all`] finds the next good record). The
+//!   log opens anyway.
 //! - **Size bound**: when an append would take the log over
 //!   [`LogOptions::max_bytes`], whole segments are dropped oldest first and
 //!   counted in [`Stats::segments_dropped`]. Callers that must not lose live
@@ -60,6 +63,14 @@ pub enum StorageError {
     TooLarge { size: usize, limit: u64 },
     #[error("invalid storage option `{key}`: {message}")]
     Options { key: &'static str, message: String },
+    /// An fsync failed. What it was to make durable may be lost, and the
+    /// kernel may have dropped the dirty pages and cleared the error, so a
+    /// later sync "succeeding" proves nothing: the log takes no more
+    /// records ([`StorageError::Failed`]); reopen it (or restart).
+    #[error("fsync of {path} failed, records since the last sync may be lost: {source}")]
+    Sync { path: PathBuf, source: io::Error },
+    #[error("the log in {path} is unusable after a failed fsync; reopen it")]
+    Failed { path: PathBuf },
 }
 
 /// When appended records are forced to stable storage.
@@ -156,6 +167,10 @@ pub struct Stats {
     pub no_space_errors: u64,
     /// Compactions done.
     pub compactions: u64,
+    /// Of the skipped records, those that were not a torn tail of the last
+    /// segment: data that was on disk and changed (reported as errors; the
+    /// records after them are read).
+    pub corrupt_records: u64,
 }
 
 /// Why [`scan`] stopped before the end of a buffer.
@@ -208,6 +223,55 @@ pub fn scan(bytes: &[u8]) -> Scan {
     out
 }
 
+/// Result of [`scan_all`]: every good record, and the damaged byte ranges
+/// between them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanAll {
+    pub records: Vec<std::ops::Range<usize>>,
+    pub damaged: Vec<std::ops::Range<usize>>,
+}
+
+impl ScanAll {
+    /// Whether the last damage runs to the end with no good record after
+    /// it: a write cut short, or damage at the very end.
+    pub fn damaged_tail(&self, len: usize) -> Option<std::ops::Range<usize>> {
+        self.damaged.last().filter(|d| d.end == len).cloned()
+    }
+}
+
+/// Like [`scan`], but past a damaged record it looks for the next offset
+/// where a whole record checks out and goes on from there, so one flipped
+/// bit costs that record, not the rest of the segment. Never panics.
+pub fn scan_all(bytes: &[u8]) -> ScanAll {
+    let mut out = ScanAll::default();
+    let mut at = 0;
+    while at < bytes.len() {
+        let s = scan(&bytes[at..]);
+        out.records
+            .extend(s.records.iter().map(|r| at + r.start..at + r.end));
+        let Some((bad, _)) = s.damage else { break };
+        let bad = at + bad;
+        let next = (bad + 1..bytes.len())
+            .find(|&o| valid_record_at(&bytes[o..]))
+            .unwrap_or(bytes.len());
+        out.damaged.push(bad..next);
+        at = next;
+    }
+    out
+}
+
+fn valid_record_at(rest: &[u8]) -> bool {
+    if rest.len() < HEADER_BYTES {
+        return false;
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    if len > MAX_RECORD_BYTES || rest.len() - HEADER_BYTES < len {
+        return false;
+    }
+    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    record_crc(&rest[0..4], &rest[HEADER_BYTES..HEADER_BYTES + len]) == crc
+}
+
 fn record_crc(len_bytes: &[u8], payload: &[u8]) -> u32 {
     let mut c = Crc32::new();
     c.update(len_bytes);
@@ -244,6 +308,12 @@ pub struct Log {
     unsynced: u32,
     last_sync: Instant,
     stats: Stats,
+    /// Bytes of the active segment known to be on disk (after its last sync).
+    synced_bytes: u64,
+    /// Set by a failed fsync; nothing is written after it.
+    failed: bool,
+    /// Test hook ([`Log::fail_syncs_when`]).
+    sync_fault: Option<PathBuf>,
 }
 
 fn segment_name(id: u64) -> String {
@@ -285,6 +355,7 @@ impl Log {
         let mut stats = Stats::default();
         let mut records = Vec::new();
         let mut segments = VecDeque::new();
+        let last_id = ids.last().copied();
         for id in ids {
             let path = dir.join(segment_name(id));
             let io_err = |source| StorageError::Io {
@@ -292,26 +363,40 @@ impl Log {
                 source,
             };
             let bytes = std::fs::read(&path).map_err(io_err)?;
-            let scan = scan(&bytes);
+            let scan = scan_all(&bytes);
             let mut good = bytes.len();
-            if let Some((at, damage)) = scan.damage {
+            let tail = scan
+                .damaged_tail(bytes.len())
+                .filter(|_| Some(id) == last_id);
+            for d in &scan.damaged {
                 stats.skipped_records += 1;
-                stats.skipped_bytes += (bytes.len() - at) as u64;
-                log::warn!(
-                    "storage: segment {} has a {} record at offset {at}; skipping the last {} bytes of it",
-                    path.display(),
-                    match damage {
-                        Damage::Torn => "torn",
-                        Damage::Corrupt => "corrupt",
-                    },
-                    bytes.len() - at
-                );
+                stats.skipped_bytes += d.len() as u64;
+                if Some(d) == tail.as_ref() {
+                    log::warn!(
+                        "storage: segment {} ends in a torn or damaged record at offset {}; cutting off its last {} bytes",
+                        path.display(),
+                        d.start,
+                        d.len()
+                    );
+                } else {
+                    // Not a write cut short: these bytes were on disk and
+                    // changed. Reported, kept as evidence, read around.
+                    stats.corrupt_records += 1;
+                    log::error!(
+                        "storage: segment {} is corrupt at bytes {}..{}; skipping them, reading on",
+                        path.display(),
+                        d.start,
+                        d.end
+                    );
+                }
+            }
+            if let Some(d) = tail {
                 // Cut it off, so new records never follow garbage and the
                 // same damage is not counted again at the next start.
                 let f = OpenOptions::new().write(true).open(&path).map_err(io_err)?;
-                f.set_len(at as u64).map_err(io_err)?;
+                f.set_len(d.start as u64).map_err(io_err)?;
                 f.sync_all().map_err(io_err)?;
-                good = at;
+                good = d.start;
             }
             segments.push_back(Segment {
                 id,
@@ -354,7 +439,12 @@ impl Log {
             unsynced: 0,
             last_sync: Instant::now(),
             stats,
+            synced_bytes: 0,
+            failed: false,
+            sync_fault: None,
         };
+        let mut log = log;
+        log.synced_bytes = log.segments.back().map_or(0, |s| s.bytes);
         Ok((log, records))
     }
 
@@ -371,6 +461,7 @@ impl Log {
     }
 
     fn append_inner(&mut self, payload: &[u8], durable: bool) -> Result<(), StorageError> {
+        self.usable()?;
         let framed = (HEADER_BYTES + payload.len()) as u64;
         if payload.len() > MAX_RECORD_BYTES || framed > self.opts.max_bytes {
             self.stats.write_errors += 1;
@@ -440,20 +531,57 @@ impl Log {
         Ok(())
     }
 
-    /// Forces everything appended so far to stable storage.
+    /// Forces everything appended so far to stable storage. A failure is
+    /// final ([`StorageError::Sync`]): the log refuses every later write.
     pub fn sync(&mut self) -> Result<(), StorageError> {
-        if let Err(source) = self.active.sync_data() {
+        self.usable()?;
+        let result = match &self.sync_fault {
+            Some(flag) if flag.exists() => {
+                // What a failed writeback does: the dirty pages are gone.
+                let _ = self.active.set_len(self.synced_bytes);
+                Err(io::Error::from_raw_os_error(5 /* EIO */))
+            }
+            _ => self.active.sync_data(),
+        };
+        if let Err(source) = result {
             self.stats.write_errors += 1;
+            self.failed = true;
             let id = self.segments.back().expect("active segment").id;
-            return Err(StorageError::Io {
-                path: self.dir.join(segment_name(id)),
-                source,
-            });
+            let path = self.dir.join(segment_name(id));
+            log::error!(
+                "storage: fsync of {} failed ({source}); the log takes no more records",
+                path.display()
+            );
+            return Err(StorageError::Sync { path, source });
         }
         self.stats.fsyncs += 1;
         self.unsynced = 0;
         self.last_sync = Instant::now();
+        self.synced_bytes = self.segments.back().expect("active segment").bytes;
         Ok(())
+    }
+
+    /// Whether a failed fsync has made the log unusable.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// `Err(StorageError::Failed)` once a failed fsync made the log unusable.
+    pub fn usable(&self) -> Result<(), StorageError> {
+        if self.failed {
+            return Err(StorageError::Failed {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Test hook: while the file `flag` exists, every fsync fails with EIO
+    /// and cuts the active segment back to what the last good sync covered
+    /// (the kernel drops the dirty pages of a failed writeback).
+    #[doc(hidden)]
+    pub fn fail_syncs_when(&mut self, flag: PathBuf) {
+        self.sync_fault = Some(flag);
     }
 
     /// Under [`FsyncPolicy::Batch`], syncs if records wait and the interval
@@ -480,6 +608,7 @@ impl Log {
             bytes: 0,
             records: 0,
         });
+        self.synced_bytes = 0;
         Ok(())
     }
 
@@ -512,6 +641,7 @@ impl Log {
         &mut self,
         records: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<(), StorageError> {
+        self.usable()?;
         self.roll()?;
         let start_segments = self.segments.len();
         for r in records {
@@ -585,7 +715,7 @@ impl Log {
 
 impl Drop for Log {
     fn drop(&mut self) {
-        if self.unsynced > 0 && self.opts.fsync != FsyncPolicy::Never {
+        if self.unsynced > 0 && self.opts.fsync != FsyncPolicy::Never && !self.failed {
             let _ = self.active.sync_data();
         }
     }

@@ -352,7 +352,8 @@ fn scan_survives_random_and_mutated_input() {
 }
 
 /// Recovery of whole directories holding random segment files: opens, counts
-/// damage, and a second open finds it clean.
+/// damage, and a second open finds only the corruption again (a torn tail
+/// was cut off).
 #[test]
 fn open_survives_random_segment_files() {
     let mut rng = Rng(42);
@@ -374,10 +375,13 @@ fn open_survives_random_segment_files() {
         let junk: Vec<u8> = (0..rng.below(100)).map(|_| rng.next() as u8).collect();
         std::fs::write(dir.path().join(segment_name(2)), &junk).unwrap();
         let (mut log, first) = Log::open(dir.path(), opts()).unwrap();
+        let corrupt = log.stats().corrupt_records;
         log.append(b"after").unwrap();
         drop(log);
         let (log, second) = Log::open(dir.path(), opts()).unwrap();
-        assert_eq!(log.stats().skipped_records, 0, "case {case}");
+        // A torn tail is cut once; corruption stays and is reported again.
+        assert_eq!(log.stats().skipped_records, corrupt, "case {case}");
+        assert_eq!(log.stats().corrupt_records, corrupt, "case {case}");
         assert_eq!(second.len(), first.len() + 1, "case {case}");
         assert_eq!(second.last().unwrap(), b"after");
     }
@@ -421,4 +425,47 @@ fn append_throughput() {
             log.stats().fsyncs
         );
     }
+}
+
+/// Issue 15, item 3: damage that is not a torn tail is corruption. A
+/// flipped bit in a sealed segment used to cut that segment at the bad
+/// record (truncating it on disk) as if a write had been cut short; now the
+/// bad record alone is skipped, reported as corrupt, and left on disk, and
+/// the records after it, in that segment and later ones, are read.
+#[test]
+fn corruption_before_the_tail_is_reported_and_read_around() {
+    let dir = tempfile::tempdir().unwrap();
+    let all: Vec<Vec<u8>> = (0..40).map(|i| rec(i, 200)).collect();
+    {
+        let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+        for r in &all {
+            log.append(r).unwrap();
+        }
+        assert!(log.segment_count() >= 3);
+    }
+    let first = segment_files(dir.path())[0].clone();
+    let mut b = std::fs::read(&first).unwrap();
+    let size = b.len();
+    // Inside the second record's payload.
+    b[208 + HEADER_BYTES + 50] ^= 0x04;
+    std::fs::write(&first, &b).unwrap();
+    for _ in 0..2 {
+        let (log, got) = Log::open(dir.path(), opts()).unwrap();
+        let mut want = all.clone();
+        want.remove(1);
+        assert_eq!(got, want);
+        let s = log.stats();
+        assert_eq!((s.skipped_records, s.corrupt_records), (1, 1), "{s:?}");
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), size as u64);
+    }
+    // In the last segment, a bad record followed by good ones is
+    // corruption too, not a tail to cut.
+    let last = segment_files(dir.path()).last().unwrap().clone();
+    let mut b = std::fs::read(&last).unwrap();
+    b[HEADER_BYTES + 3] ^= 0x01;
+    std::fs::write(&last, &b).unwrap();
+    let (log, got) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(got.len(), all.len() - 2);
+    assert_eq!(got.last(), all.last());
+    assert_eq!(log.stats().corrupt_records, 2);
 }
