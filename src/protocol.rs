@@ -31,6 +31,11 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 /// (`decode_stack_use_at_the_depth_limit`).
 pub const MAX_VALUE_DEPTH: usize = 128;
 
+/// The longest task id an agent accepts. The server's ids are UUIDs (36
+/// bytes); the bound keeps what the agent's ledger of finished ids holds
+/// per entry small (`agent.ledger_size` of them).
+pub const MAX_TASK_ID_BYTES: usize = 128;
+
 /// Errors decoding or encoding a wire payload.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {

@@ -36,6 +36,24 @@ impl Peer {
         );
     }
 
+    /// Confirms a result as the server does.
+    fn send_ack(&self, device: &str, task_id: &str) {
+        self.mqtt.publish(
+            &topics::tasks(device),
+            protocol::encode(&ToAgent::ResultAck {
+                task_id: task_id.into(),
+            }),
+        );
+    }
+
+    /// Sends a short task behind what was sent before and waits for its
+    /// result: the agent handles its messages in order, so by then it has
+    /// handled (and answered, if it answers) everything sent before it.
+    fn barrier(&mut self, device: &str, id: &str) {
+        self.send_task(device, &spec(id, json!({"barrier": true})));
+        self.until(id, |s| !finished(s, id).is_empty());
+    }
+
     /// Receives until `done` holds for what was seen (checked after each
     /// message), or fails after 30 s naming `what`.
     fn until(&mut self, what: &str, done: impl Fn(&[(FromAgent, Vec<u8>)]) -> bool) {
@@ -162,7 +180,7 @@ fn sigkill_mid_run_loses_no_result_and_reruns_nothing_finished() {
 }
 
 #[test]
-fn ledgered_ids_are_answered_from_the_ledger_across_restarts() {
+fn ledgered_ids_are_never_rerun_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("srv"), &[]);
     // Batched fsyncs: a SIGKILL (unlike a power cut) still loses nothing.
@@ -175,10 +193,20 @@ fn ledgered_ids_are_answered_from_the_ledger_across_restarts() {
     peer.send_task("led-1", &dup);
     peer.until("dup-1 finished", |s| finished(s, "dup-1").len() == 1);
     let first = finished(&peer.seen, "dup-1")[0].to_vec();
-    // Delivered again: same bytes back, not started again.
+    // Delivered again before the server's confirmation (or after it): not
+    // started again; answered with the same bytes, if answered.
     peer.send_task("led-1", &dup);
-    peer.until("dup-1 answered again", |s| finished(s, "dup-1").len() == 2);
+    peer.barrier("led-1", "b-1");
     assert_eq!(started(&peer.seen, "dup-1"), 1);
+    // Confirmed (as the server does), then delivered again: the agent
+    // keeps only the id of a confirmed result, and neither runs it nor
+    // answers it (the server has it, and asks only for open tasks).
+    peer.send_ack("led-1", "dup-1");
+    let copies = finished(&peer.seen, "dup-1").len();
+    peer.send_task("led-1", &dup);
+    peer.barrier("led-1", "b-2");
+    assert_eq!(started(&peer.seen, "dup-1"), 1, "dup-1 ran twice");
+    assert_eq!(finished(&peer.seen, "dup-1").len(), copies);
 
     // One task left running when the agent dies.
     let slow = spec("slow-1", json!({"sleep_ms": 800}));
@@ -190,11 +218,9 @@ fn ledgered_ids_are_answered_from_the_ledger_across_restarts() {
     peer.until("slow-1 rerun and finished", |s| {
         started(s, "slow-1") == 2 && finished(s, "slow-1").len() == 1
     });
-    // The ledger survived: the answer is the stored one, not a new run.
+    // The ledger survived: not a new run.
     peer.send_task("led-1", &dup);
-    peer.until("dup-1 answered from the journal", |s| {
-        finished(s, "dup-1").len() >= 3
-    });
+    peer.barrier("led-1", "b-3");
     assert_eq!(started(&peer.seen, "dup-1"), 1, "dup-1 ran twice");
     for copy in finished(&peer.seen, "dup-1") {
         assert_eq!(copy, first.as_slice());

@@ -55,7 +55,15 @@ async fn pipe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_resumes_after_the_link_comes_back() {
     let _ = env_logger::builder().is_test(true).try_init();
-    let broker = openclaw::server::broker::start("127.0.0.1", 0, 64 << 10, 64).unwrap();
+    let broker = openclaw::server::broker::start(
+        "127.0.0.1",
+        0,
+        &openclaw::server::broker::Limits {
+            max_payload: 64 << 10,
+            max_connections: 64,
+            submit_log_bytes: 1 << 20,
+        },
+    ).unwrap();
     let broker = std::net::SocketAddr::from(([127, 0, 0, 1], broker.port()));
 
     // What the "server" side receives, by payload.

@@ -10,8 +10,13 @@
 //!   which of them were running when the agent died, and whether alone: the
 //!   agent re-runs those one at a time, and fails one it died under while
 //!   it ran alone instead of running it a third time (see `crate::agent`);
-//! - **ledger**: the last `ledger_size` finished task ids with their encoded
-//!   results, so a re-delivered id is answered, never re-run;
+//! - **ledger**: the last `ledger_size` finished task ids, each with whether
+//!   its result was a retryable failure, so a re-delivered id is answered or
+//!   ignored, never re-run (unless the server retries a retryable failure).
+//!   It holds no results: a result is kept (in the outbox) only until the
+//!   server confirms it, and once confirmed the server never asks again, so
+//!   the ledger costs its ids and the journal's snapshots stay the size of
+//!   the unconfirmed results (issue 15, item 5);
 //! - **outbox**: finished results the server has not confirmed, re-sent.
 //!
 //! Compaction writes the live state as a snapshot bracketed by
@@ -51,12 +56,17 @@ pub enum Record {
     /// An accepted task handed back to the server (rejected) instead of run.
     Released { task_id: String },
     /// Start of a snapshot written by compaction.
+    ///
+    /// (Variants are matched by position: new ones go at the end.)
     SnapshotBegin,
     /// End of a complete snapshot.
     SnapshotEnd,
     /// The plugin of an accepted task is about to run; `alone` when nothing
     /// else runs beside it (the re-run of a task interrupted by a crash).
     Started { task_id: String, alone: bool },
+    /// In snapshots: a task finished and its result confirmed, kept in the
+    /// ledger without its result.
+    Done { task_id: String, retryable: bool },
 }
 
 /// The state rebuilt at start.
@@ -64,8 +74,9 @@ pub enum Record {
 pub struct Recovered {
     /// Accepted, not finished, in acceptance order.
     pub pending: Vec<TaskSpec>,
-    /// Finished ids and results, oldest first, at most `ledger_size`.
-    pub ledger: Vec<(String, Vec<u8>)>,
+    /// Finished ids, oldest first, at most `ledger_size`, each with whether
+    /// its result was a retryable failure (the server may retry it).
+    pub ledger: Vec<(String, bool)>,
     /// Results not confirmed by the server.
     pub outbox: Vec<(String, Vec<u8>)>,
     /// Pending tasks whose plugin had started, with whether it ran alone.
@@ -90,7 +101,7 @@ fn retryable_failure(bytes: &[u8]) -> bool {
 #[derive(Debug, Default)]
 struct State {
     pending: Vec<TaskSpec>,
-    ledger: HashMap<String, Vec<u8>>,
+    ledger: HashMap<String, bool>,
     ledger_order: VecDeque<String>,
     outbox: HashMap<String, Vec<u8>>,
     outbox_order: Vec<String>,
@@ -104,11 +115,7 @@ impl State {
                 // The server retries a retryable failure under the same id,
                 // and the agent runs it again (`on_task`): accepted again,
                 // it is pending, not answered from the ledger.
-                if self
-                    .ledger
-                    .get(&spec.id)
-                    .is_some_and(|r| retryable_failure(r))
-                {
+                if self.ledger.get(&spec.id) == Some(&true) {
                     self.ledger.remove(&spec.id);
                     self.ledger_order.retain(|id| id != &spec.id);
                 }
@@ -133,15 +140,14 @@ impl State {
                     }
                     self.outbox.insert(task_id.clone(), result.clone());
                 }
-                if !self.ledger.contains_key(&task_id) {
-                    self.ledger.insert(task_id.clone(), result);
-                    self.ledger_order.push_back(task_id);
-                    while self.ledger_order.len() > ledger_size {
-                        if let Some(old) = self.ledger_order.pop_front() {
-                            self.ledger.remove(&old);
-                        }
-                    }
-                }
+                let retryable = retryable_failure(&result);
+                self.ledgered(task_id, retryable, ledger_size);
+            }
+            Record::Done { task_id, retryable } => {
+                self.pending.retain(|p| p.id != task_id);
+                self.started.remove(&task_id);
+                self.outbox.remove(&task_id);
+                self.ledgered(task_id, retryable, ledger_size);
             }
             Record::Acked { task_id } => {
                 self.outbox.remove(&task_id);
@@ -156,6 +162,19 @@ impl State {
                 }
             }
             Record::SnapshotBegin | Record::SnapshotEnd => {}
+        }
+    }
+
+    fn ledgered(&mut self, task_id: String, retryable: bool, ledger_size: usize) {
+        if self.ledger.contains_key(&task_id) {
+            return;
+        }
+        self.ledger.insert(task_id.clone(), retryable);
+        self.ledger_order.push_back(task_id);
+        while self.ledger_order.len() > ledger_size {
+            if let Some(old) = self.ledger_order.pop_front() {
+                self.ledger.remove(&old);
+            }
         }
     }
 
@@ -223,30 +242,25 @@ fn encode(r: &Record) -> Vec<u8> {
     v
 }
 
-/// The records of a snapshot of `state` (without the markers).
+/// The records of a snapshot of `state` (without the markers): results
+/// only for the unconfirmed (the outbox), ids for the rest of the ledger.
 pub fn snapshot_records(state: &Recovered) -> Vec<Record> {
     let unacked: HashSet<&str> = state.outbox.iter().map(|(id, _)| id.as_str()).collect();
-    let in_ledger: HashSet<&str> = state.ledger.iter().map(|(id, _)| id.as_str()).collect();
+    // Oldest first, as the ledger's window evicts.
     let mut out: Vec<Record> = state
         .ledger
         .iter()
-        .map(|(id, r)| Record::Finished {
+        .filter(|(id, _)| !unacked.contains(id.as_str()))
+        .map(|(id, retryable)| Record::Done {
             task_id: id.clone(),
-            result: r.clone(),
-            acked: !unacked.contains(id.as_str()),
+            retryable: *retryable,
         })
         .collect();
-    out.extend(
-        state
-            .outbox
-            .iter()
-            .filter(|(id, _)| !in_ledger.contains(id.as_str()))
-            .map(|(id, r)| Record::Finished {
-                task_id: id.clone(),
-                result: r.clone(),
-                acked: false,
-            }),
-    );
+    out.extend(state.outbox.iter().map(|(id, r)| Record::Finished {
+        task_id: id.clone(),
+        result: r.clone(),
+        acked: false,
+    }));
     out.extend(state.pending.iter().cloned().map(Record::Accepted));
     out.extend(state.started.iter().map(|(id, alone)| Record::Started {
         task_id: id.clone(),
@@ -443,14 +457,11 @@ mod tests {
         let (s, bad) = replay(&payloads, 10);
         assert_eq!(bad, 0);
         assert_eq!(s.pending, vec![spec("d")]);
-        assert_eq!(
-            s.ledger,
-            vec![("a".into(), b"a".to_vec()), ("b".into(), b"b".to_vec())]
-        );
+        assert_eq!(s.ledger, vec![("a".into(), false), ("b".into(), false)]);
         assert_eq!(s.outbox, vec![("b".into(), b"b".to_vec())]);
         // The ledger window: only the newest stay.
         let (s, _) = replay(&payloads, 1);
-        assert_eq!(s.ledger, vec![("b".into(), b"b".to_vec())]);
+        assert_eq!(s.ledger, vec![("b".into(), false)]);
     }
 
     /// Issue 15, item 3: an unfinished snapshot (a crash during
@@ -493,7 +504,7 @@ mod tests {
             };
             j.compact(&snapshot_records(&live)).unwrap();
             // Enough after the snapshot to fill later segments.
-            for i in 0..100 {
+            for i in 0..300 {
                 j.append(&Record::Accepted(spec(&format!("late{i}"))))
                     .unwrap();
             }
@@ -511,8 +522,8 @@ mod tests {
         b[mid] ^= 0x10;
         std::fs::write(snap, &b).unwrap();
         let (j, s) = Journal::open(dir.path(), opts(), 100).unwrap();
-        assert_eq!(s.pending.len(), 119, "{:?}", j.stats());
-        assert!(s.pending.iter().any(|p| p.id == "late99"));
+        assert_eq!(s.pending.len(), 319, "{:?}", j.stats());
+        assert!(s.pending.iter().any(|p| p.id == "late299"));
         assert_eq!(j.skipped(), 1);
     }
 
@@ -610,7 +621,7 @@ mod tests {
                     // last 100 finished and acknowledged ids.
                     let live = Recovered {
                         ledger: (i.saturating_sub(99)..=i)
-                            .map(|k| (format!("t{k}"), format!("t{k}").into_bytes()))
+                            .map(|k| (format!("t{k}"), false))
                             .collect(),
                         ..Default::default()
                     };
@@ -626,5 +637,54 @@ mod tests {
         assert_eq!(s.ledger[99].0, "t299");
         assert!(s.outbox.is_empty());
         assert_eq!(j.skipped(), 0);
+    }
+
+    /// Issue 15, item 5: the ledger held every result (up to 1 MiB each,
+    /// 4096 of them) in memory and in every snapshot, so with results over
+    /// ~16 KB compaction failed with `TooLarge` on every attempt. A
+    /// confirmed result is now kept as its id only: the snapshot of 4096
+    /// confirmed 20 KiB results is under 64 bytes per task, the
+    /// unconfirmed ones are kept whole, and the retryable mark survives.
+    #[test]
+    fn snapshots_keep_only_unconfirmed_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = |id: &str| Record::Finished {
+            task_id: id.into(),
+            result: vec![7; 20 << 10],
+            acked: false,
+        };
+        let mut o = opts();
+        o.max_bytes = 1 << 30;
+        o.segment_bytes = 1 << 20;
+        let (mut j, _) = Journal::open(dir.path(), o.clone(), 4096).unwrap();
+        for i in 0..4096 {
+            let id = format!("t{i}");
+            j.append(&Record::Accepted(spec(&id))).unwrap();
+            j.append(&big(&id)).unwrap();
+            if i != 4095 {
+                j.append(&Record::Acked { task_id: id }).unwrap();
+            }
+        }
+        drop(j);
+        let (mut j, s) = Journal::open(dir.path(), o.clone(), 4096).unwrap();
+        assert_eq!(s.ledger.len(), 4096);
+        assert_eq!(s.outbox.len(), 1);
+        let before = j.stats();
+        let mut live = s.clone();
+        live.ledger[7].1 = true;
+        let records = snapshot_records(&live);
+        j.compact(&records).unwrap();
+        let total: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        // 4095 ids plus one 20 KiB result; the log before held 80 MiB.
+        assert!(total < (20 << 10) + 4096 * 64, "snapshot of {total} bytes ({before:?})");
+        drop(j);
+        let (_, s) = Journal::open(dir.path(), o, 4096).unwrap();
+        assert_eq!(s.ledger.len(), 4096);
+        assert_eq!(s.outbox, live.outbox);
+        assert_eq!(s.ledger[7], ("t7".into(), true));
+        assert!(s.ledger.iter().filter(|(_, r)| *r).count() == 1);
     }
 }

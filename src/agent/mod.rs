@@ -5,12 +5,13 @@
 //! queue (manual acks). Results stay in an outbox until the server confirms
 //! them with `ResultAck`, and are re-sent on every reconnect and
 //! periodically, so a broker restart or a network cut loses none. A task id
-//! seen again is answered from the ledger of finished tasks, not rerun.
+//! seen again is answered (an unconfirmed result is re-sent) or ignored (the
+//! ledger of finished ids), never rerun.
 //!
 //! Inbox, outbox and ledger are durable (see [`journal`]): a task is written
 //! to `{data_dir}/journal` before its publish is acked, and a result before
-//! it is sent. After a crash the agent re-sends unconfirmed results, answers
-//! ledgered ids from the ledger, and runs again the tasks that were accepted
+//! it is sent. After a crash the agent re-sends unconfirmed results, ignores
+//! ledgered ids, and runs again the tasks that were accepted
 //! but not finished. That last part is at least once: a plugin whose effect
 //! happened just before the crash, with its `Finished` not yet written, runs
 //! a second time. The window is the plugin's own run plus one journal write;
@@ -414,7 +415,10 @@ struct Manager {
     /// Results the server has not confirmed yet.
     outbox: HashMap<String, Pending>,
     /// Finished task ids and their encoded results, bounded.
-    ledger: HashMap<String, Vec<u8>>,
+    /// Finished ids (the window of `agent.ledger_size`), each with whether
+    /// its result was a retryable failure. Results themselves are kept only
+    /// in the outbox, until the server confirms them.
+    ledger: HashMap<String, bool>,
     ledger_order: VecDeque<String>,
     events: mpsc::Sender<Event>,
     malformed: u64,
@@ -562,6 +566,18 @@ impl Manager {
     }
 
     fn on_task(&mut self, spec: TaskSpec) {
+        // Server ids are UUIDs; a longer one is not ours, and ids are what
+        // the ledger holds (its bound in bytes is `ledger_size` of these).
+        if spec.id.is_empty() || spec.id.len() > protocol::MAX_TASK_ID_BYTES {
+            self.malformed += 1;
+            log::warn!(
+                "agent {}: ignoring a task whose id is {} bytes long (1..={} allowed)",
+                self.id,
+                spec.id.len(),
+                protocol::MAX_TASK_ID_BYTES
+            );
+            return;
+        }
         if self.running.contains_key(&spec.id)
             || self.inbox.iter().any(|t| t.id == spec.id)
             || self.suspects.iter().any(|t| t.id == spec.id)
@@ -569,11 +585,8 @@ impl Manager {
             log::debug!("agent {}: task {} already here", self.id, spec.id);
             return;
         }
-        if self
-            .ledger
-            .get(&spec.id)
-            .is_some_and(|b| is_retryable_failure(b, self.cfg.mqtt.max_payload_bytes))
-        {
+        let retry = self.ledger.get(&spec.id) == Some(&true);
+        if retry {
             // The server retries a retryable failure under the same id: run
             // it again rather than answer the old failure from the ledger.
             log::info!(
@@ -583,24 +596,28 @@ impl Manager {
                 spec.attempt
             );
             self.ledger.remove(&spec.id);
-        }
-        if let Some(bytes) = self.ledger.get(&spec.id) {
-            // Delivered again: answer from the ledger, never run twice.
+            self.ledger_order.retain(|id| id != &spec.id);
+        } else if let Some(p) = self.outbox.get_mut(&spec.id) {
+            // Delivered again before the server confirmed the result: send
+            // it again now, never run twice.
             log::info!(
                 "agent {}: task {} already done, resending result",
                 self.id,
                 spec.id
             );
-            let bytes = bytes.clone();
-            self.outbox.insert(
-                spec.id.clone(),
-                Pending {
-                    bytes,
-                    last_sent: None,
-                    sends: 0,
-                },
-            );
+            p.sends = 0;
+            p.last_sent = None;
             self.send_result(&spec.id);
+            return;
+        }
+        if self.ledger.contains_key(&spec.id) {
+            // Done and confirmed: the server has the result and asks for a
+            // task only while it is open, so this is a stale re-delivery.
+            log::info!(
+                "agent {}: task {} already done and confirmed; not run again",
+                self.id,
+                spec.id
+            );
             return;
         }
         if self.registry.get(&spec.plugin).is_none() {
@@ -687,8 +704,8 @@ impl Manager {
 
     /// Takes back the state found in the journal at start.
     fn restore(&mut self, rec: journal::Recovered) {
-        for (id, bytes) in rec.ledger {
-            self.ledger.insert(id.clone(), bytes);
+        for (id, retryable) in rec.ledger {
+            self.ledger.insert(id.clone(), retryable);
             self.ledger_order.push_back(id);
         }
         for (id, bytes) in rec.outbox {
@@ -796,7 +813,7 @@ impl Manager {
             ledger: self
                 .ledger_order
                 .iter()
-                .filter_map(|id| self.ledger.get(id).map(|b| (id.clone(), b.clone())))
+                .filter_map(|id| self.ledger.get(id).map(|r| (id.clone(), *r)))
                 .collect(),
             outbox: self
                 .outbox
@@ -1053,6 +1070,7 @@ impl Manager {
             outcome.result = Err(error(ErrorKind::TooLarge, &msg, false));
             bytes = protocol::encode(&FromAgent::Finished(outcome.clone()));
         }
+        let retryable = outcome.result.as_ref().is_err_and(|e| e.retryable);
         let id = outcome.task_id;
         // Written before it is sent: once the server may have the result,
         // a restart must answer from the ledger, not run the task again.
@@ -1066,8 +1084,9 @@ impl Manager {
                 self.id
             );
         }
-        self.ledger.insert(id.clone(), bytes.clone());
-        self.ledger_order.push_back(id.clone());
+        if self.ledger.insert(id.clone(), retryable).is_none() {
+            self.ledger_order.push_back(id.clone());
+        }
         while self.ledger_order.len() > self.cfg.agent.ledger_size {
             if let Some(old) = self.ledger_order.pop_front() {
                 self.ledger.remove(&old);
@@ -1224,16 +1243,4 @@ fn plugin_error(e: PluginError) -> TaskError {
     error(kind, &e.to_string(), retryable)
 }
 
-/// Whether a ledgered result is a failure another attempt could fix.
-fn is_retryable_failure(bytes: &[u8], limit: usize) -> bool {
-    matches!(
-        protocol::decode::<FromAgent>(bytes, limit),
-        Ok(FromAgent::Finished(TaskOutcome {
-            result: Err(TaskError {
-                retryable: true,
-                ..
-            }),
-            ..
-        }))
-    )
-}
+

@@ -34,20 +34,38 @@ pub enum BrokerError {
 pub const SEGMENT_BYTES: usize = 1 << 20;
 /// See [`SEGMENT_BYTES`].
 pub const SEGMENTS: usize = 4;
+/// The log of `openclaw/v1/submit` is sized by `mqtt.submit_log_bytes`
+/// ([`Limits::submit_log_bytes`], 16 MiB by default) in this many segments.
+/// Nobody re-sends a submission the broker dropped, so this log is what MQTT
+/// submission's "at least once" holds to: a server that falls further
+/// behind than it (a burst while the store is slow) loses the oldest.
+pub const SUBMIT_SEGMENTS: usize = 8;
 /// The log of each device's task topic, which one agent reads and the
 /// server fills only up to that device's capacity (dispatches, result acks,
 /// cancels): a few hundred messages behind at most, so 4 x 64 KiB is ample,
 /// and memory no longer grows by megabytes per device.
 pub const DEVICE_SEGMENT_BYTES: usize = 64 << 10;
 
+/// What the embedded broker is sized for (from `[mqtt]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// `mqtt.max_payload_bytes`: larger packets (with 1024 bytes of
+    /// headroom for topic and header) are refused.
+    pub max_payload: usize,
+    /// `mqtt.max_connections`.
+    pub max_connections: usize,
+    /// `mqtt.submit_log_bytes`: see [`SUBMIT_SEGMENTS`].
+    pub submit_log_bytes: usize,
+}
+
 /// Starts rumqttd on `host:port` (port 0 picks a free one) in its own
 /// threads and waits until it accepts connections. Returns the bound address.
-pub fn start(
-    host: &str,
-    port: u16,
-    max_payload: usize,
-    max_connections: usize,
-) -> Result<SocketAddr, BrokerError> {
+pub fn start(host: &str, port: u16, limits: &Limits) -> Result<SocketAddr, BrokerError> {
+    let Limits {
+        max_payload,
+        max_connections,
+        submit_log_bytes,
+    } = *limits;
     // rumqttd logs a bind failure instead of returning it, so bind here first
     // to give a real error (and to pick a port when asked for 0).
     let probe = TcpListener::bind((host, port)).map_err(|source| BrokerError::Bind {
@@ -72,6 +90,10 @@ max_segment_count = {SEGMENTS}
 max_segment_size = {DEVICE_SEGMENT_BYTES}
 max_segment_count = {SEGMENTS}
 
+[router.custom_segment."{submit}"]
+max_segment_size = {submit_segment}
+max_segment_count = {SUBMIT_SEGMENTS}
+
 [v4.1]
 name = "openclaw-v4"
 listen = "{addr}"
@@ -85,6 +107,8 @@ dynamic_filters = true
         payload = max_payload + 1024,
         segment = SEGMENT_BYTES,
         device_tasks = crate::protocol::topics::tasks("+"),
+        submit = crate::protocol::topics::SUBMIT,
+        submit_segment = (submit_log_bytes / SUBMIT_SEGMENTS).max(1),
     );
     let config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;

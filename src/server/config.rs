@@ -53,6 +53,11 @@ pub struct MqttSection {
     pub max_connections: usize,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Embedded broker only: how many bytes of `openclaw/v1/submit`
+    /// publishes the broker keeps for the server (see
+    /// [`crate::server::broker`]): a server further behind than this loses
+    /// the oldest of them.
+    pub submit_log_bytes: usize,
     /// TLS to an external `mqtts://` broker (the embedded one is plain TCP).
     #[serde(default)]
     pub tls: config::TlsSection,
@@ -229,6 +234,13 @@ impl ServerConfig {
             m.reconnect_max_ms,
             1,
             HOUR_MS,
+        )?;
+        r(
+            file,
+            "mqtt.submit_log_bytes",
+            m.submit_log_bytes,
+            1 << 20,
+            1 << 30,
         )?;
         let s = &self.scheduler;
         r(

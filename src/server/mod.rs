@@ -59,12 +59,13 @@ pub async fn run(
     let store = store::Store::open(&cfg.storage.data_dir, &cfg.storage.synchronous)?;
     let (broker_host, broker_port) = if cfg.mqtt.embedded {
         let host = cfg.mqtt.host.clone();
-        let (payload, conns, port) = (
-            cfg.mqtt.max_payload_bytes,
-            cfg.mqtt.max_connections,
-            cfg.mqtt.port,
-        );
-        let addr = tokio::task::spawn_blocking(move || broker::start(&host, port, payload, conns))
+        let limits = broker::Limits {
+            max_payload: cfg.mqtt.max_payload_bytes,
+            max_connections: cfg.mqtt.max_connections,
+            submit_log_bytes: cfg.mqtt.submit_log_bytes,
+        };
+        let port = cfg.mqtt.port;
+        let addr = tokio::task::spawn_blocking(move || broker::start(&host, port, &limits))
             .await
             .expect("broker start does not panic")?;
         log::info!("embedded MQTT broker listening on {addr}");
