@@ -378,6 +378,7 @@ mod tests {
                 "[mqtt]\nreconnect_max_ms = 9223372036854775807\n",
                 "mqtt.reconnect_max_ms",
             ),
+            ("[mqtt]\nsubmit_log_bytes = 1000\n", "mqtt.submit_log_bytes"),
             (
                 "[scheduler]\naging_ms = 100000000000000000\n",
                 "scheduler.aging_ms",
