@@ -95,11 +95,14 @@ async fn backlog_delivered(submit_log_bytes: usize) -> HashSet<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_behind_by_12_mib_of_submissions_gets_them_all() {
-    let default: usize = toml::from_str::<toml::Table>(openclaw::server::config::DEFAULTS)
-        .unwrap()["mqtt"]["submit_log_bytes"]
+    let default: usize = toml::from_str::<toml::Table>(openclaw::server::config::DEFAULTS).unwrap()
+        ["mqtt"]["submit_log_bytes"]
         .as_integer()
         .unwrap() as usize;
-    assert!(default >= 16 << 20, "default mqtt.submit_log_bytes {default}");
+    assert!(
+        default >= 16 << 20,
+        "default mqtt.submit_log_bytes {default}"
+    );
     let got = backlog_delivered(default).await;
     assert_eq!(got.len(), MESSAGES as usize, "missing: {:?}", missing(&got));
 }

@@ -679,7 +679,10 @@ mod tests {
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
         // 4095 ids plus one 20 KiB result; the log before held 80 MiB.
-        assert!(total < (20 << 10) + 4096 * 64, "snapshot of {total} bytes ({before:?})");
+        assert!(
+            total < (20 << 10) + 4096 * 64,
+            "snapshot of {total} bytes ({before:?})"
+        );
         drop(j);
         let (_, s) = Journal::open(dir.path(), o, 4096).unwrap();
         assert_eq!(s.ledger.len(), 4096);

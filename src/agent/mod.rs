@@ -1242,5 +1242,3 @@ fn plugin_error(e: PluginError) -> TaskError {
     };
     error(kind, &e.to_string(), retryable)
 }
-
-
