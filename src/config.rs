@@ -56,6 +56,43 @@ pub fn check_range<T: PartialOrd + std::fmt::Display>(
     Ok(())
 }
 
+/// The `[mqtt]` keys agent and server share, range-checked in one place.
+#[derive(Debug, Clone, Copy)]
+pub struct MqttRanges {
+    pub keep_alive_secs: u64,
+    pub max_payload_bytes: usize,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl MqttRanges {
+    /// Checks each key of `[mqtt]` in `file` (see [`check_range`]).
+    pub fn check(&self, file: &Path) -> Result<(), ConfigError> {
+        check_range(file, "mqtt.keep_alive_secs", self.keep_alive_secs, 1, 3600)?;
+        check_range(
+            file,
+            "mqtt.max_payload_bytes",
+            self.max_payload_bytes,
+            1024,
+            MAX_MQTT_PAYLOAD,
+        )?;
+        check_range(
+            file,
+            "mqtt.reconnect_min_ms",
+            self.reconnect_min_ms,
+            1,
+            HOUR_MS,
+        )?;
+        check_range(
+            file,
+            "mqtt.reconnect_max_ms",
+            self.reconnect_max_ms,
+            1,
+            HOUR_MS,
+        )
+    }
+}
+
 /// The largest MQTT payload a key may name: the protocol's largest packet
 /// (268,435,455 bytes) less room for the topic and headers.
 pub const MAX_MQTT_PAYLOAD: usize = 268_435_455 - 65_536;

@@ -243,30 +243,15 @@ impl AgentConfig {
     /// Every numeric key within the range the agent works with (the
     /// heartbeat interval goes on the wire as a u32, for one).
     fn check_ranges(&self, file: &Path) -> Result<(), ConfigError> {
-        use config::{check_range as r, HOUR_MS, MAX_MQTT_PAYLOAD};
+        use config::{check_range as r, HOUR_MS};
         let m = &self.mqtt;
-        r(file, "mqtt.keep_alive_secs", m.keep_alive_secs, 1, 3600)?;
-        r(
-            file,
-            "mqtt.max_payload_bytes",
-            m.max_payload_bytes,
-            1024,
-            MAX_MQTT_PAYLOAD,
-        )?;
-        r(
-            file,
-            "mqtt.reconnect_min_ms",
-            m.reconnect_min_ms,
-            1,
-            HOUR_MS,
-        )?;
-        r(
-            file,
-            "mqtt.reconnect_max_ms",
-            m.reconnect_max_ms,
-            1,
-            HOUR_MS,
-        )?;
+        config::MqttRanges {
+            keep_alive_secs: m.keep_alive_secs,
+            max_payload_bytes: m.max_payload_bytes,
+            reconnect_min_ms: m.reconnect_min_ms,
+            reconnect_max_ms: m.reconnect_max_ms,
+        }
+        .check(file)?;
         let a = &self.agent;
         r(file, "agent.heartbeat_ms", a.heartbeat_ms, 100, HOUR_MS)?;
         if let Some(n) = a.max_concurrency {

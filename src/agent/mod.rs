@@ -523,15 +523,7 @@ impl Manager {
                     token.cancel();
                 } else if let Some(pos) = self.suspects.iter().position(|t| t.id == task_id) {
                     self.suspects.remove(pos);
-                    self.finish(TaskOutcome {
-                        task_id,
-                        result: Err(error(
-                            ErrorKind::Cancelled,
-                            "cancelled before it started",
-                            false,
-                        )),
-                        elapsed_us: 0,
-                    });
+                    self.cancelled_before_start(task_id);
                     self.launch_waiting();
                 } else if let Some(pos) = self.inbox.iter().position(|t| t.id == task_id) {
                     let mut kept = heapless::Deque::new();
@@ -541,15 +533,7 @@ impl Manager {
                         }
                     }
                     self.inbox = kept;
-                    self.finish(TaskOutcome {
-                        task_id,
-                        result: Err(error(
-                            ErrorKind::Cancelled,
-                            "cancelled before it started",
-                            false,
-                        )),
-                        elapsed_us: 0,
-                    });
+                    self.cancelled_before_start(task_id);
                 }
             }
             ToAgent::ResultAck { task_id } => {
@@ -563,6 +547,20 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Finishes a task that was waiting (in the inbox or as a suspect) when
+    /// its cancel came.
+    fn cancelled_before_start(&mut self, task_id: String) {
+        self.finish(TaskOutcome {
+            task_id,
+            result: Err(error(
+                ErrorKind::Cancelled,
+                "cancelled before it started",
+                false,
+            )),
+            elapsed_us: 0,
+        });
     }
 
     fn on_task(&mut self, spec: TaskSpec) {

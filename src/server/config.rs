@@ -163,7 +163,7 @@ impl ServerConfig {
 
     /// Every numeric key within the range the server works with.
     fn check_ranges(&self, file: &Path) -> Result<(), ConfigError> {
-        use config::{check_range as r, HOUR_MS, MAX_MQTT_PAYLOAD};
+        use config::{check_range as r, HOUR_MS};
         const DAY_MS: u64 = 24 * HOUR_MS;
         let h = &self.http;
         r(file, "http.max_body_bytes", h.max_body_bytes, 1024, 1 << 30)?;
@@ -205,14 +205,13 @@ impl ServerConfig {
         )?;
         r(file, "http.max_list_bytes", h.max_list_bytes, 4096, 1 << 30)?;
         let m = &self.mqtt;
-        r(file, "mqtt.keep_alive_secs", m.keep_alive_secs, 1, 3600)?;
-        r(
-            file,
-            "mqtt.max_payload_bytes",
-            m.max_payload_bytes,
-            1024,
-            MAX_MQTT_PAYLOAD,
-        )?;
+        config::MqttRanges {
+            keep_alive_secs: m.keep_alive_secs,
+            max_payload_bytes: m.max_payload_bytes,
+            reconnect_min_ms: m.reconnect_min_ms,
+            reconnect_max_ms: m.reconnect_max_ms,
+        }
+        .check(file)?;
         // The server's own client is one of the broker's connections.
         r(
             file,
@@ -220,20 +219,6 @@ impl ServerConfig {
             m.max_connections,
             2,
             1_000_000,
-        )?;
-        r(
-            file,
-            "mqtt.reconnect_min_ms",
-            m.reconnect_min_ms,
-            1,
-            HOUR_MS,
-        )?;
-        r(
-            file,
-            "mqtt.reconnect_max_ms",
-            m.reconnect_max_ms,
-            1,
-            HOUR_MS,
         )?;
         r(
             file,
