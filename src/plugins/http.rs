@@ -402,6 +402,19 @@ impl Http {
         })
     }
 
+    /// A JSON body parsed, when that fits where its text would: at most
+    /// the room of a capped body sent as base64 (a long list of floats
+    /// takes about twice its text parsed), and not nested deeper than a
+    /// result may be. Otherwise the body comes back as text.
+    fn parsed_json(&self, bytes: &[u8]) -> Option<Value> {
+        let j = serde_json::from_slice::<serde_json::Value>(bytes).ok()?;
+        let v = Value::from(j);
+        let room = self.max_response_bytes.div_ceil(3) * 4;
+        let size = postcard::to_stdvec(&v).map_or(u64::MAX, |b| b.len() as u64);
+        // The result map is one level above it.
+        (size <= room && v.depth() < crate::protocol::MAX_VALUE_DEPTH).then_some(v)
+    }
+
     fn call(&self, c: Call) -> Result<Value, PluginError> {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -479,9 +492,13 @@ impl Http {
                 Value::Int(started.elapsed().as_millis() as i64),
             ),
         ];
+        // One copy only: a JSON response comes back parsed, as `json`,
+        // or as text, never both (both doubled the result, so a response
+        // near the cap failed as too large).
         if is_json && !truncated {
-            if let Ok(j) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                out.push(("json", Value::from(j)));
+            if let Some(j) = self.parsed_json(&bytes) {
+                out.push(("json", j));
+                return Ok(map(out));
             }
         }
         match String::from_utf8(bytes) {
