@@ -928,9 +928,9 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, PluginError::TooLarge { ref field, .. } if field == "csv"), "{e}");
         assert!(e.to_string().contains("max_output_bytes (4096"), "{e}");
-        // Quotes count as written: 2000 `"` become 4002 bytes.
+        // Quotes count as written: 2100 `"` become 4202 bytes.
         let e = t
-            .run(&json!({"records": [{"q": "\"".repeat(2000)}], "format": "csv"}))
+            .run(&json!({"records": [{"q": "\"".repeat(2100)}], "format": "csv"}))
             .unwrap_err();
         assert!(matches!(e, PluginError::TooLarge { .. }), "{e}");
         let r = t
