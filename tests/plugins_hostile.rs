@@ -1241,7 +1241,12 @@ fn transform_csv_output_is_budgeted_as_it_is_built() {
     let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let server = big_server(&dir.path().join("srv"));
-    let mut agent = Agent::start(dir.path(), "csv-1", &server.broker(), "[plugins.transform]\n");
+    let mut agent = Agent::start(
+        dir.path(),
+        "csv-1",
+        &server.broker(),
+        "[plugins.transform]\n",
+    );
     server.wait_online("csv-1");
     let pid = agent_pid("csv-1");
     // Warm up (the first task's allocations), then measure.
@@ -1256,7 +1261,11 @@ fn transform_csv_output_is_budgeted_as_it_is_built() {
     let t = fails(
         &server,
         &mut agent,
-        req("transform", json!({"records": recs, "format": "csv"}), 60_000),
+        req(
+            "transform",
+            json!({"records": recs, "format": "csv"}),
+            60_000,
+        ),
         &["`transform`", "`csv`", "max_output_bytes (1048576"],
     );
     let after = peak_rss(pid);
@@ -1350,7 +1359,11 @@ fn file_list_is_bounded_in_bytes() {
     assert_eq!(r["truncated"], true);
     let n = r["entries"].as_array().unwrap().len();
     assert!(n > 1000 && n < 10_000, "{n} entries");
-    assert!(r.to_string().len() < 1 << 20, "{} bytes", r.to_string().len());
+    assert!(
+        r.to_string().len() < 1 << 20,
+        "{} bytes",
+        r.to_string().len()
+    );
     // A small folder is listed whole.
     let r = ok(&server, &mut agent, "file", json!({"op": "list"}));
     assert_eq!(r["truncated"], false);
@@ -1424,15 +1437,26 @@ fn file_without_openat2_uses_the_safe_walk() {
             "file",
             json!({"op": "write", "path": format!("sub/{id}"), "content": "w"}),
         );
-        assert_eq!(std::fs::read_to_string(root.join("sub").join(id)).unwrap(), "w");
-        let r = ok(&server, &mut agent, "file", json!({"op": "list", "path": "sub"}));
+        assert_eq!(
+            std::fs::read_to_string(root.join("sub").join(id)).unwrap(),
+            "w"
+        );
+        let r = ok(
+            &server,
+            &mut agent,
+            "file",
+            json!({"op": "list", "path": "sub"}),
+        );
         let names: Vec<&str> = r["entries"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|e| e["name"].as_str())
             .collect();
-        assert!(names.contains(&"in.txt") && names.contains(&id), "{names:?}");
+        assert!(
+            names.contains(&"in.txt") && names.contains(&id),
+            "{names:?}"
+        );
         for input in [
             json!({"op": "read", "path": "out"}),
             json!({"op": "read", "path": "outdir/secret"}),
@@ -1449,7 +1473,11 @@ fn file_without_openat2_uses_the_safe_walk() {
         fails(
             &server,
             &mut agent,
-            req("file", json!({"op": "read", "path": "sub/../../outside/secret"}), 5000),
+            req(
+                "file",
+                json!({"op": "read", "path": "sub/../../outside/secret"}),
+                5000,
+            ),
             &["`file`", "`path`", "plain relative path"],
         );
         assert!(!outside.join("new").exists());
@@ -1492,9 +1520,19 @@ fn file_total_size_walk_fails_closed_past_its_entry_limit() {
     );
     assert!(!root.join("new").exists());
     // What does not grow the root still works.
-    let r = ok(&server, &mut agent, "file", json!({"op": "read", "path": "f7"}));
+    let r = ok(
+        &server,
+        &mut agent,
+        "file",
+        json!({"op": "read", "path": "f7"}),
+    );
     assert_eq!(r["size"], 1000);
-    ok(&server, &mut agent, "file", json!({"op": "delete", "path": "f7"}));
+    ok(
+        &server,
+        &mut agent,
+        "file",
+        json!({"op": "delete", "path": "f7"}),
+    );
     assert!(agent.alive());
 }
 
@@ -1520,7 +1558,12 @@ fn process_plugin_threads_are_not_processes() {
     );
     assert_eq!(r, json!(31));
     // Another answer from the same process: it was not killed.
-    let r = ok(&server, &mut agent, "contain", json!({"do": "fork", "n": 0}));
+    let r = ok(
+        &server,
+        &mut agent,
+        "contain",
+        json!({"do": "fork", "n": 0}),
+    );
     assert_eq!(r, json!(0));
     let t = fails(
         &server,
@@ -1586,7 +1629,9 @@ fn a_task_whose_start_cannot_be_recorded_does_not_run() {
     assert!(agent.alive());
     let mut started = false;
     while let Ok(p) = peer.rx.recv_timeout(Duration::from_millis(300)) {
-        if let Ok(FromAgent::Started { task_id }) = protocol::decode::<FromAgent>(&p.payload, 1 << 20) {
+        if let Ok(FromAgent::Started { task_id }) =
+            protocol::decode::<FromAgent>(&p.payload, 1 << 20)
+        {
             started |= task_id == waiting;
         }
     }
@@ -1597,7 +1642,10 @@ fn a_task_whose_start_cannot_be_recorded_does_not_run() {
         t.result
     );
     assert!(
-        t.error.clone().unwrap_or_default().contains("storage error"),
+        t.error
+            .clone()
+            .unwrap_or_default()
+            .contains("storage error"),
         "{:?}",
         t.error
     );

@@ -6,11 +6,12 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
 //! and `O_NOFOLLOW`, so a lookup can neither leave the root nor follow a
 //! symlink, whatever else renames, swaps or plants links inside the root
-//! meanwhile (the check and the open are one system call). Kernels without
-//! `openat2` (before 5.6, or a seccomp filter that refuses it) get the
-//! same guarantee from a walk that opens each component relative to the
-//! previous one with `O_NOFOLLOW`. `..` and absolute paths are refused
-//! before any lookup.
+//! meanwhile (the check and the open are one system call). Whether
+//! `openat2` is usable is probed once; where it is not (ENOSYS before 5.6,
+//! EPERM from a seccomp filter, EINVAL for an unknown flag, or any other
+//! failure of the probe) every lookup goes through a walk that opens each
+//! component relative to the previous one with `O_NOFOLLOW`, the same
+//! guarantee. `..` and absolute paths are refused before any lookup.
 //!
 //! What a path leads to is checked on the opened file itself (`fstat` of
 //! the handle): anything but a regular file (or a folder, for `list`) is
@@ -22,7 +23,10 @@
 //! (`max_write_bytes`), per file (`max_file_bytes`, appends included) and
 //! for the whole root (`max_total_bytes`), and `hash` by the file's size
 //! (`max_hash_bytes`); long loops (hash, list) stop when the task is
-//! cancelled or past its deadline.
+//! cancelled or past its deadline. A `list` is cut at `max_list_entries`
+//! and at `max_list_bytes` of result; the walk that measures the root for
+//! `max_total_bytes` fails closed (writes that grow are refused) past
+//! `max_walk_entries` entries instead of under-counting.
 
 use super::schema::Schema;
 use super::util::{base64_decode, base64_encode, Stop};
@@ -1155,12 +1159,18 @@ mod tests {
             std::fs::write(dir.path().join(format!("a/b/f{i}")), "xx").unwrap();
         }
         // 8 entries (a, b and six files): counted in full with 8.
-        let p = plugin(dir.path(), "max_walk_entries = 8
-max_total_bytes = 100");
+        let p = plugin(
+            dir.path(),
+            "max_walk_entries = 8
+max_total_bytes = 100",
+        );
         assert_eq!(p.walk_total(&Stop::never()).unwrap(), 12);
         run(&p, json!({"op": "write", "path": "a/new", "content": "x"})).unwrap();
-        let p = plugin(dir.path(), "max_walk_entries = 8
-max_total_bytes = 100");
+        let p = plugin(
+            dir.path(),
+            "max_walk_entries = 8
+max_total_bytes = 100",
+        );
         let e = run(&p, json!({"op": "write", "path": "a/more", "content": "x"})).unwrap_err();
         assert!(
             e.contains("max_total_bytes") && e.contains("more than 8 entries"),

@@ -3,7 +3,10 @@
 //! By default the list is empty, so an agent sends nothing anywhere but its
 //! broker. Redirects are not followed (a 3xx is returned as is), so a
 //! response cannot lead the agent to a host off the list. The blocking
-//! client runs on tokio's blocking pool.
+//! client runs on tokio's blocking pool. The body comes back once: parsed
+//! as `json` when it is JSON and fits, else as `body` text (or
+//! `body_base64`), so a response up to `max_response_bytes` always fits
+//! in one result.
 //!
 //! `https://` goes through rustls with the ring provider, the stack the
 //! agent already links for `mqtts://`. A server's certificate must chain to

@@ -533,17 +533,15 @@ impl ProcessPlugin {
         }
         cmd.envs(&self.m.env);
         let group = match cgroup::hierarchy() {
-            Some(_) => match cgroup::Group::create(
-                self.name,
-                self.m.max_memory_mb << 20,
-                self.threads(),
-            ) {
-                Ok(g) => Some(Arc::new(g)),
-                Err(e) => {
-                    log::warn!("plugin {}: no cgroup for this process ({e}); counting its process group instead", self.name);
-                    None
+            Some(_) => {
+                match cgroup::Group::create(self.name, self.m.max_memory_mb << 20, self.threads()) {
+                    Ok(g) => Some(Arc::new(g)),
+                    Err(e) => {
+                        log::warn!("plugin {}: no cgroup for this process ({e}); counting its process group instead", self.name);
+                        None
+                    }
                 }
-            },
+            }
             None => None,
         };
         let joins = group.clone();
@@ -642,14 +640,9 @@ impl ProcessPlugin {
             kernel: group.is_some() && cgroup::hierarchy().is_some_and(|h| h.controllers),
         };
         // Always: even the kernel's pids.max counts threads, not processes.
-        let watchdog = child.id().map(|pid| {
-            tokio::spawn(watch(
-                group.clone(),
-                pid as i32,
-                limits,
-                killed_for.clone(),
-            ))
-        });
+        let watchdog = child
+            .id()
+            .map(|pid| tokio::spawn(watch(group.clone(), pid as i32, limits, killed_for.clone())));
         let mut w = Worker {
             child,
             stdin,
@@ -749,9 +742,9 @@ impl ProcessPlugin {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone()
                     .or_else(|| {
-                        w.group.as_ref().and_then(|g| {
-                            g.limit_events(self.m.max_memory_mb, self.threads())
-                        })
+                        w.group
+                            .as_ref()
+                            .and_then(|g| g.limit_events(self.m.max_memory_mb, self.threads()))
                     })
                     .map(|l| format!(": {l}"))
                     .unwrap_or_default();

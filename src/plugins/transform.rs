@@ -12,7 +12,10 @@
 //! every record, groups times fields, a long `select` list) fails at once
 //! instead of taking the agent's memory; and every loop over the records
 //! checks the task's cancel flag and deadline, so a timed-out transform
-//! stops computing.
+//! stops computing. CSV output is measured cell by cell as it is built,
+//! against `max_output_bytes` (what one result can carry) and the same
+//! budget, so a few records with fields of their own (rows x columns
+//! cells) fail with `TooLarge` instead of building gigabytes of text.
 
 use super::schema::Schema;
 use super::util::{cfg_u64, Stop};
@@ -926,7 +929,10 @@ mod tests {
         let e = t
             .run(&json!({"records": recs, "format": "csv"}))
             .unwrap_err();
-        assert!(matches!(e, PluginError::TooLarge { ref field, .. } if field == "csv"), "{e}");
+        assert!(
+            matches!(e, PluginError::TooLarge { ref field, .. } if field == "csv"),
+            "{e}"
+        );
         assert!(e.to_string().contains("max_output_bytes (4096"), "{e}");
         // Quotes count as written: 2100 `"` become 4202 bytes.
         let e = t
