@@ -3,7 +3,10 @@
 //! kills the agent, a root escape race, FIFOs and sockets, work that
 //! outlives its timeout, children that outlive their task, option
 //! injection through numbers, steering headers, process plugins that fork,
-//! leak or flood the log, and defaults that cannot be met.
+//! leak or flood the log, and defaults that cannot be met; then the holes a
+//! review found in those fixes (CSV output, JSON returned twice, long
+//! listings, openat2 refused, the size walk's entry limit, threads counted
+//! as processes, a start that cannot be journaled).
 //!
 //! The tests in this file run one at a time (they measure CPU time and
 //! count processes); each has its own server and agent.
