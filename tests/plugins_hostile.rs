@@ -1272,6 +1272,7 @@ fn transform_csv_output_is_budgeted_as_it_is_built() {
         &["`transform`", "`csv`", "max_output_bytes (1048576"],
     );
     let after = peak_rss(pid);
+    eprintln!("csv bomb: peak RSS grew by {} KiB", (after - before) >> 10);
     assert!(
         after < before + (48 << 20),
         "peak RSS grew by {} MiB: the CSV was built ({:?})",

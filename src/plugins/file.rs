@@ -606,6 +606,7 @@ impl FilePlugin {
         let mut stack: Vec<(OwnedFd, std::vec::IntoIter<Vec<u8>>)> =
             vec![(root, names.into_iter())];
         while let Some((dir, names)) = stack.last_mut() {
+            stop.check(NAME)?;
             let Some(n) = names.next() else {
                 stack.pop();
                 continue;
