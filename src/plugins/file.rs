@@ -70,6 +70,9 @@ static OPENAT2: OnceLock<bool> = OnceLock::new();
 struct Usage {
     bytes: u64,
     measured: Option<Instant>,
+    /// A walk that could not count the root, kept as long as a total
+    /// would be: writes do not walk 200,000 entries each to be refused.
+    refused: Option<(Instant, PluginError)>,
 }
 
 /// The file plugin.
@@ -556,11 +559,25 @@ impl FilePlugin {
             if u.measured.is_some_and(|t| t.elapsed() < USAGE_TTL) {
                 return Ok(u.bytes);
             }
+            if let Some((t, e)) = &u.refused {
+                if t.elapsed() < USAGE_TTL {
+                    return Err(e.clone());
+                }
+            }
         }
-        let total = self.walk_total(stop)?;
+        let total = match self.walk_total(stop) {
+            Ok(t) => t,
+            Err(PluginError::Cancelled(p)) => return Err(PluginError::Cancelled(p)),
+            Err(e) => {
+                let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+                u.refused = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
         let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         u.bytes = total;
         u.measured = Some(Instant::now());
+        u.refused = None;
         Ok(total)
     }
 
