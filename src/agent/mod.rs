@@ -878,7 +878,8 @@ impl Manager {
                 self.id,
                 spec.id
             );
-            if self.alone.as_deref() == Some(spec.id.as_str()) {
+            let was_alone = self.alone.as_deref() == Some(spec.id.as_str());
+            if was_alone {
                 self.alone = None;
             }
             let _ = self.journal.append_unsynced(&Record::Released {
@@ -892,6 +893,11 @@ impl Manager {
                 task_id: spec.id,
                 reason,
             });
+            if was_alone {
+                // Nothing runs that would end and start the next suspect
+                // (one launch per suspect: bounded by the queue).
+                self.launch_waiting();
+            }
             return;
         }
         *self.per_plugin.entry(spec.plugin.clone()).or_insert(0) += 1;
