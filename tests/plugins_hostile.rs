@@ -3,7 +3,10 @@
 //! kills the agent, a root escape race, FIFOs and sockets, work that
 //! outlives its timeout, children that outlive their task, option
 //! injection through numbers, steering headers, process plugins that fork,
-//! leak or flood the log, and defaults that cannot be met.
+//! leak or flood the log, and defaults that cannot be met; then the holes a
+//! review found in those fixes (CSV output, JSON returned twice, long
+//! listings, openat2 refused, the size walk's entry limit, threads counted
+//! as processes, a start that cannot be journaled).
 //!
 //! The tests in this file run one at a time (they measure CPU time and
 //! count processes); each has its own server and agent.
@@ -187,7 +190,25 @@ fn kill_all(needle: &str) {
     }
 }
 
+/// The default `max_response_bytes` (672 KiB, see http.rs).
+const DEFAULT_RESPONSE_CAP: usize = 688_128;
+
+/// A JSON object just under the default response cap.
+fn json_near_cap() -> Vec<u8> {
+    json!({"data": "a".repeat(DEFAULT_RESPONSE_CAP - 2000)})
+        .to_string()
+        .into_bytes()
+}
+
+/// A JSON list of floats just under the default response cap: each
+/// `1.5,` (4 bytes of text) is 9 bytes parsed (a tag and an f64).
+fn json_floats() -> Vec<u8> {
+    let n = (DEFAULT_RESPONSE_CAP - 2000) / 4;
+    format!("[{}1.5]", "1.5,".repeat(n - 1)).into_bytes()
+}
+
 /// A small HTTP server: `/big-text` and `/big-bin` answer 2 MiB bodies,
+/// `/json-near-cap` and `/json-floats` JSON just under the default cap,
 /// anything else a JSON echo of the request line and headers.
 fn http_server() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -223,6 +244,10 @@ fn http_server() -> u16 {
                 let _ = r.read_exact(&mut body);
                 let (ctype, answer): (&str, Vec<u8>) = if first.contains("/big-text") {
                     ("text/plain", vec![b'a'; 2 << 20])
+                } else if first.contains("/json-near-cap") {
+                    ("application/json", json_near_cap())
+                } else if first.contains("/json-floats") {
+                    ("application/json", json_floats())
                 } else if first.contains("/big-bin") {
                     ("application/octet-stream", vec![0xff; 2 << 20])
                 } else {
@@ -941,12 +966,16 @@ fn http_task_headers_cannot_steer_the_request() {
     assert!(agent.alive());
 }
 
-const CONTAIN_PY: &str = r#"import json, os, subprocess, sys, time
+const CONTAIN_PY: &str = r#"import json, os, subprocess, sys, threading, time
 procs = []
+held = None
 def answer(m, out):
     print(json.dumps({"type": "result", "id": m["id"], "output": out}), flush=True)
 for line in sys.stdin:
     m = json.loads(line)
+    if held is not None:
+        held.set()
+        held = None
     if m["type"] == "validate":
         answer(m, True)
         continue
@@ -973,6 +1002,15 @@ for line in sys.stdin:
         answer(m, "logged")
     elif do == "hang":
         time.sleep(60)
+    elif do == "threads":
+        # Threads that live until the next message, so the agent's count
+        # at the answer sees them all. Small stacks: RLIMIT_AS
+        # (max_memory_mb) counts each thread's reserved stack.
+        threading.stack_size(256 << 10)
+        held = threading.Event()
+        for i in range(m["input"]["n"]):
+            threading.Thread(target=held.wait, daemon=True).start()
+        answer(m, threading.active_count())
 "#;
 
 fn contain_plugin(dir: &Path, extra: &str) -> PathBuf {
@@ -1177,4 +1215,446 @@ fn default_caps_fit_in_a_result_and_timeouts_name_their_deadline() {
     assert!(!e.contains("30000"), "names the manifest's timeout: {e}");
     assert!(e.contains("1000 ms"), "{e}");
     assert!(agent.alive());
+}
+
+// The review of issue 16's fixes: holes found afterwards, each through a
+// real agent.
+
+/// Peak resident memory of a process (VmHWM), bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb << 10
+}
+
+/// Review 1: CSV output is budgeted while it is built. 12,000 records with
+/// a field each of its own (150 KB of input, 1.4 MB of records) make a CSV
+/// of 12,000 x 12,000 cells (144 MB) that can never come back: it fails
+/// at the result limit, naming it, without building it.
+#[test]
+fn transform_csv_output_is_budgeted_as_it_is_built() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let server = big_server(&dir.path().join("srv"));
+    let mut agent = Agent::start(
+        dir.path(),
+        "csv-1",
+        &server.broker(),
+        "[plugins.transform]\n",
+    );
+    server.wait_online("csv-1");
+    let pid = agent_pid("csv-1");
+    // Warm up (the first task's allocations), then measure.
+    ok(
+        &server,
+        &mut agent,
+        "transform",
+        json!({"records": [{"a": 1}], "format": "csv"}),
+    );
+    let before = peak_rss(pid);
+    let recs: Vec<Value> = (0..12_000).map(|i| json!({ format!("k{i}"): 1 })).collect();
+    let t = fails(
+        &server,
+        &mut agent,
+        req(
+            "transform",
+            json!({"records": recs, "format": "csv"}),
+            60_000,
+        ),
+        &["`transform`", "`csv`", "max_output_bytes (1048576"],
+    );
+    let after = peak_rss(pid);
+    eprintln!("csv bomb: peak RSS grew by {} KiB", (after - before) >> 10);
+    assert!(
+        after < before + (48 << 20),
+        "peak RSS grew by {} MiB: the CSV was built ({:?})",
+        (after - before) >> 20,
+        t.error
+    );
+    // A CSV that fits still comes back.
+    let r = ok(
+        &server,
+        &mut agent,
+        "transform",
+        json!({"records": [{"a": 1, "b": "x,y"}, {"a": 2}], "format": "csv"}),
+    );
+    assert_eq!(r["csv"], "a,b\n1,\"x,y\"\n2,\n");
+    assert!(agent.alive());
+}
+
+/// Review 2: a JSON response just under `max_response_bytes` comes back
+/// (once, as `json`, not also as `body`); one that would take more room
+/// parsed than its text (a long list of floats) comes back as `body`.
+#[test]
+fn http_json_under_the_cap_comes_back_once() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let port = http_server();
+    let server = big_server(&dir.path().join("srv"));
+    let cfg = "[plugins.http]\nallow = [\"127.0.0.1\"]\n";
+    let mut agent = Agent::start(dir.path(), "json-1", &server.broker(), cfg);
+    server.wait_online("json-1");
+    let r = ok(
+        &server,
+        &mut agent,
+        "http",
+        json!({"url": format!("http://127.0.0.1:{port}/json-near-cap")}),
+    );
+    assert_eq!(r["truncated"], false);
+    assert_eq!(
+        r["json"]["data"].as_str().map(str::len),
+        Some(DEFAULT_RESPONSE_CAP - 2000)
+    );
+    assert!(r.get("body").is_none(), "the JSON came back twice");
+    let r = ok(
+        &server,
+        &mut agent,
+        "http",
+        json!({"url": format!("http://127.0.0.1:{port}/json-floats")}),
+    );
+    assert_eq!(r["truncated"], false);
+    assert!(r.get("json").is_none());
+    assert_eq!(
+        r["body"].as_str().map(str::len),
+        Some(json_floats().len()),
+        "the floats come back as text"
+    );
+    // Small JSON is still parsed.
+    let r = ok(
+        &server,
+        &mut agent,
+        "http",
+        json!({"url": format!("http://127.0.0.1:{port}/echo")}),
+    );
+    assert_eq!(r["json"]["request"], "GET /echo HTTP/1.1");
+    assert!(agent.alive());
+}
+
+/// Review 3: `list` of a folder whose entries take more than a result
+/// (10,000 names of 200 bytes: about 2.4 MB) comes back cut, `truncated`.
+#[test]
+fn file_list_is_bounded_in_bytes() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let many = root.join("many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..10_000 {
+        std::fs::File::create(many.join(format!("{i:05}{}", "n".repeat(195)))).unwrap();
+    }
+    let server = big_server(&dir.path().join("srv"));
+    let cfg = format!("[plugins.file]\nroot = {}\n", toml_str(&root));
+    let mut agent = Agent::start(dir.path(), "list-1", &server.broker(), &cfg);
+    server.wait_online("list-1");
+    let r = ok(
+        &server,
+        &mut agent,
+        "file",
+        json!({"op": "list", "path": "many"}),
+    );
+    assert_eq!(r["truncated"], true);
+    let n = r["entries"].as_array().unwrap().len();
+    assert!(n > 1000 && n < 10_000, "{n} entries");
+    assert!(
+        r.to_string().len() < 1 << 20,
+        "{} bytes",
+        r.to_string().len()
+    );
+    // A small folder is listed whole.
+    let r = ok(&server, &mut agent, "file", json!({"op": "list"}));
+    assert_eq!(r["truncated"], false);
+    assert_eq!(r["entries"][0]["name"], "many");
+    assert!(agent.alive());
+}
+
+/// Installs a seccomp filter that fails `openat2` with errno `$1`, then
+/// execs the rest of its arguments: an agent in a container whose
+/// seccomp profile refuses the call (EPERM, Docker before 20.10) or a
+/// kernel that refuses its flags (EINVAL).
+const NO_OPENAT2_PY: &str = r#"import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class F(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class P(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(F))]
+errno = int(sys.argv[1])
+prog = (F * 4)(
+    F(0x20, 0, 0, 0),                    # A = syscall number
+    F(0x15, 0, 1, 437),                  # openat2?
+    F(0x06, 0, 0, 0x00050000 | errno),   # SECCOMP_RET_ERRNO | errno
+    F(0x06, 0, 0, 0x7fff0000),           # SECCOMP_RET_ALLOW
+)
+fprog = P(4, prog)
+u = ctypes.c_ulong
+assert libc.prctl(38, u(1), u(0), u(0), u(0)) == 0, "PR_SET_NO_NEW_PRIVS"
+assert libc.prctl(22, u(2), ctypes.byref(fprog), u(0), u(0)) == 0, "PR_SET_SECCOMP"
+os.execv(sys.argv[2], sys.argv[2:])
+"#;
+
+/// Review 4: where `openat2` fails with EPERM (a seccomp filter) or EINVAL,
+/// the file plugin resolves paths with its component walk, which keeps
+/// every guarantee: tasks work, symlinks and `..` are still refused.
+#[test]
+fn file_without_openat2_uses_the_safe_walk() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "SECRET").unwrap();
+    std::fs::write(root.join("sub/in.txt"), "inside").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("out")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("outdir")).unwrap();
+    let script = dir.path().join("no_openat2.py");
+    std::fs::write(&script, NO_OPENAT2_PY).unwrap();
+    let server = big_server(&dir.path().join("srv"));
+    let cfg = format!("[plugins.file]\nroot = {}\n", toml_str(&root));
+    for (errno, id) in [(libc::EPERM, "noat2-eperm"), (libc::EINVAL, "noat2-einval")] {
+        let errno = errno.to_string();
+        let prefix = ["python3", script.to_str().unwrap(), errno.as_str()];
+        let mut agent = Agent::start_with(dir.path(), id, &server.broker(), &cfg, &prefix);
+        server.wait_online(id);
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent_pid(id))).unwrap();
+        assert!(
+            status.lines().any(|l| l == "Seccomp:\t2"),
+            "the agent runs without the filter"
+        );
+        let r = ok(
+            &server,
+            &mut agent,
+            "file",
+            json!({"op": "read", "path": "sub/in.txt"}),
+        );
+        assert_eq!(r["content"], "inside", "{id}");
+        ok(
+            &server,
+            &mut agent,
+            "file",
+            json!({"op": "write", "path": format!("sub/{id}"), "content": "w"}),
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("sub").join(id)).unwrap(),
+            "w"
+        );
+        let r = ok(
+            &server,
+            &mut agent,
+            "file",
+            json!({"op": "list", "path": "sub"}),
+        );
+        let names: Vec<&str> = r["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"in.txt") && names.contains(&id),
+            "{names:?}"
+        );
+        for input in [
+            json!({"op": "read", "path": "out"}),
+            json!({"op": "read", "path": "outdir/secret"}),
+            json!({"op": "write", "path": "outdir/new", "content": "x"}),
+            json!({"op": "list", "path": "outdir"}),
+        ] {
+            fails(
+                &server,
+                &mut agent,
+                req("file", input, 5000),
+                &["`file`", "`path`", "symlink"],
+            );
+        }
+        fails(
+            &server,
+            &mut agent,
+            req(
+                "file",
+                json!({"op": "read", "path": "sub/../../outside/secret"}),
+                5000,
+            ),
+            &["`file`", "`path`", "plain relative path"],
+        );
+        assert!(!outside.join("new").exists());
+        assert!(agent.alive());
+    }
+}
+
+/// Review 5: the walk that measures the root for `max_total_bytes` looks at
+/// 200,000 entries at most. With more, the total cannot be known: a write
+/// that grows the root is refused, naming the limit, instead of counted
+/// against an under-count. Here 200,100 files of 1000 bytes (sparse) hold
+/// 200,100,000 bytes against max_total_bytes = 200,050,000; a walk that
+/// stops at 200,000 entries sees 200,000,000 and would allow more.
+#[test]
+fn file_total_size_walk_fails_closed_past_its_entry_limit() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..200_100 {
+        let f = std::fs::File::create(root.join(format!("f{i}"))).unwrap();
+        f.set_len(1000).unwrap();
+    }
+    let server = big_server(&dir.path().join("srv"));
+    let cfg = format!(
+        "[plugins.file]\nroot = {}\nmax_total_bytes = 200050000\n",
+        toml_str(&root)
+    );
+    let mut agent = Agent::start(dir.path(), "walk-1", &server.broker(), &cfg);
+    server.wait_online("walk-1");
+    fails(
+        &server,
+        &mut agent,
+        req(
+            "file",
+            json!({"op": "write", "path": "new", "content": "0123456789"}),
+            60_000,
+        ),
+        &["`file`", "max_total_bytes", "200000 entries"],
+    );
+    assert!(!root.join("new").exists());
+    // What does not grow the root still works.
+    let r = ok(
+        &server,
+        &mut agent,
+        "file",
+        json!({"op": "read", "path": "f7"}),
+    );
+    assert_eq!(r["size"], 1000);
+    ok(
+        &server,
+        &mut agent,
+        "file",
+        json!({"op": "delete", "path": "f7"}),
+    );
+    assert!(agent.alive());
+}
+
+/// Review 6: `max_processes` counts processes, not threads; the kernel's
+/// `pids.max` (which counts threads) gets `max_threads`. A plugin running
+/// 30 threads in one process is within max_processes = 8 (the pyenv shim
+/// that starts python3 runs a few processes itself); 60 threads against
+/// max_threads = 40 are stopped, naming that limit.
+#[test]
+fn process_plugin_threads_are_not_processes() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let p = contain_plugin(dir.path(), "max_processes = 8\nmax_threads = 40");
+    let server = big_server(&dir.path().join("srv"));
+    let cfg = format!("[plugins.process]\ndirs = [{}]\n", toml_str(&p));
+    let mut agent = Agent::start(dir.path(), "thr-1", &server.broker(), &cfg);
+    server.wait_online("thr-1");
+    let r = ok(
+        &server,
+        &mut agent,
+        "contain",
+        json!({"do": "threads", "n": 30}),
+    );
+    assert_eq!(r, json!(31));
+    // Another answer from the same process: it was not killed.
+    let r = ok(
+        &server,
+        &mut agent,
+        "contain",
+        json!({"do": "fork", "n": 0}),
+    );
+    assert_eq!(r, json!(0));
+    let t = fails(
+        &server,
+        &mut agent,
+        req("contain", json!({"do": "threads", "n": 60}), 20_000),
+        &["`contain`", "max_threads (40)"],
+    );
+    let e = t.error.unwrap();
+    assert!(e.contains("pids.max") || e.contains("counted"), "{e}");
+    assert!(agent.alive());
+}
+
+/// Review 7: a task whose `Started` record cannot be written is not run
+/// (after a crash nobody would know it had been running, and the crash
+/// quarantine would not hold it): it is handed back. The journal's disk
+/// fails while the task waits for a slot (the agent's file size limit is
+/// set to 0 from outside, so every append fails with EFBIG).
+#[test]
+fn a_task_whose_start_cannot_be_recorded_does_not_run() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("go");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let server = big_server(&dir.path().join("srv"));
+    let id = "start-1";
+    let cfg = format!(
+        // Still in the [agent] table the harness writes.
+        "max_concurrency = 1\n[plugins.exec.commands.wait]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"read x < {}\"]\n",
+        fifo.display()
+    );
+    // SIGXFSZ ignored (inherited through exec): a write past the limit
+    // fails with EFBIG instead of killing the agent.
+    let prefix = ["sh", "-c", "trap '' XFSZ; exec \"$0\" \"$@\""];
+    let mut agent = Agent::start_with(dir.path(), id, &server.broker(), &cfg, &prefix);
+    server.wait_online(id);
+    let pid = agent_pid(id);
+    let peer = MqttPeer::connect(server.mqtt_port, "start-peer", &[&topics::results(id)]);
+    let blocker = server.submit(req("exec", json!({"command": "wait"}), 60_000));
+    // The blocker runs (its reader has the FIFO open), then the next task
+    // waits for its slot: accepted, in the agent's queue.
+    let mut go = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let waiting = server.submit(req("echo", json!({"x": 1}), 30_000));
+    server.wait_devices("the echo task queued on the agent", |d| {
+        d.iter().any(|d| d.id == id && d.queued == 1)
+    });
+    let set_fsize = |limit: u64| {
+        let l = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        assert_eq!(
+            unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) },
+            0
+        );
+    };
+    set_fsize(0);
+    writeln!(go, "go").unwrap();
+    drop(go);
+    let b = server.wait(&blocker);
+    assert_eq!(b.state, TaskState::Succeeded, "{:?}", b.error);
+    let t = server.wait(&waiting);
+    assert!(agent.alive());
+    let mut started = false;
+    while let Ok(p) = peer.rx.recv_timeout(Duration::from_millis(300)) {
+        if let Ok(FromAgent::Started { task_id }) =
+            protocol::decode::<FromAgent>(&p.payload, 1 << 20)
+        {
+            started |= task_id == waiting;
+        }
+    }
+    assert!(
+        !started && t.state == TaskState::Failed,
+        "the task ran without its start on disk: {:?} {:?}",
+        t.state,
+        t.result
+    );
+    assert!(
+        t.error
+            .clone()
+            .unwrap_or_default()
+            .contains("storage error"),
+        "{:?}",
+        t.error
+    );
+    // The disk back, the agent runs tasks again.
+    set_fsize(libc::RLIM_INFINITY);
+    let r = ok(&server, &mut agent, "echo", json!({"y": 2}));
+    assert_eq!(r, json!({"y": 2}));
 }

@@ -115,13 +115,21 @@ impl AgentConfig {
         Ok(cfg)
     }
 
-    /// The caps on what `http` and `file` return, as defaults that fit the
-    /// result in one MQTT payload (base64 and envelope included), so a
-    /// capped response comes back `truncated` instead of `TooLarge`. A value
-    /// set in the config is kept; one that cannot fit is warned about.
+    /// The caps on what `http`, `file` and `transform` return, as defaults
+    /// that fit the result in one MQTT payload (base64 and envelope
+    /// included), so a capped response or listing comes back `truncated`
+    /// instead of `TooLarge`. A value set in the config is kept; one that
+    /// cannot fit is warned about.
     fn fit_plugin_caps(&mut self) {
         let budget = crate::plugins::result_budget(self.mqtt.max_payload_bytes as u64);
-        for (plugin, key) in [("http", "max_response_bytes"), ("file", "max_read_bytes")] {
+        // CSV text is not base64-encoded: one payload is its bound.
+        let payload = self.mqtt.max_payload_bytes as u64;
+        for (plugin, key, budget) in [
+            ("http", "max_response_bytes", budget),
+            ("file", "max_read_bytes", budget),
+            ("file", "max_list_bytes", budget),
+            ("transform", "max_output_bytes", payload),
+        ] {
             let Some(table) = self.plugins.get_mut(plugin) else {
                 continue;
             };
@@ -130,7 +138,7 @@ impl AgentConfig {
                     table.insert(key.into(), toml::Value::Integer(budget as i64));
                 }
                 Some(toml::Value::Integer(v)) if *v as u64 > budget => log::warn!(
-                    "plugins.{plugin}.{key} = {v} may not come back: its result, base64-encoded with the envelope, can exceed mqtt.max_payload_bytes ({}); at most {budget} always fits",
+                    "plugins.{plugin}.{key} = {v} may not come back: its result, with the envelope (and base64 for bytes), can exceed mqtt.max_payload_bytes ({}); at most {budget} always fits",
                     self.mqtt.max_payload_bytes
                 ),
                 Some(_) => {}

@@ -900,19 +900,42 @@ impl Manager {
     }
 
     fn launch_as(&mut self, spec: TaskSpec, alone: bool) {
-        *self.per_plugin.entry(spec.plugin.clone()).or_insert(0) += 1;
         // Durable with the batch, before the plugin starts: after a crash
         // the agent knows this task was running (see the module docs).
         if let Err(e) = self.journal.append_grouped(&Record::Started {
             task_id: spec.id.clone(),
             alone,
         }) {
-            log::warn!(
-                "agent {}: cannot record the start of {}: {e}",
+            // Run without it, a task that crashes the agent would be run
+            // again as never started, outside the quarantine: hand it back.
+            log::error!(
+                "agent {}: cannot record the start of {}, handing it back: {e}",
                 self.id,
                 spec.id
             );
+            let was_alone = self.alone.as_deref() == Some(spec.id.as_str());
+            if was_alone {
+                self.alone = None;
+            }
+            let _ = self.journal.append_unsynced(&Record::Released {
+                task_id: spec.id.clone(),
+            });
+            let reason = match e {
+                StorageError::NoSpace { .. } => RejectReason::NoSpace,
+                _ => RejectReason::StorageFailed,
+            };
+            self.publish_event(&FromAgent::Rejected {
+                task_id: spec.id,
+                reason,
+            });
+            if was_alone {
+                // Nothing runs that would end and start the next suspect
+                // (one launch per suspect: bounded by the queue).
+                self.launch_waiting();
+            }
+            return;
         }
+        *self.per_plugin.entry(spec.plugin.clone()).or_insert(0) += 1;
         let token = CancellationToken::new();
         self.running
             .insert(spec.id.clone(), (token.clone(), spec.clone()));
@@ -1237,6 +1260,7 @@ fn plugin_error(e: PluginError) -> TaskError {
         PluginError::Cancelled(_) => (ErrorKind::Cancelled, false),
         PluginError::Failed { retryable, .. } => (ErrorKind::Failed, *retryable),
         PluginError::Config { .. } => (ErrorKind::Failed, false),
+        PluginError::TooLarge { .. } => (ErrorKind::TooLarge, false),
     };
     error(kind, &e.to_string(), retryable)
 }

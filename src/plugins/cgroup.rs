@@ -11,18 +11,23 @@
 //! the root: cgroup v2 allows controllers only for cgroups without
 //! processes of their own, which is what systemd's `Delegate=yes` gives a
 //! service), and each worker cgroup gets `memory.max` (`max_memory_mb`,
-//! with `memory.swap.max` 0) and `pids.max` (`max_processes`): the kernel
-//! enforces both for the process and everything it starts. Each worker joins
+//! with `memory.swap.max` 0) and `pids.max` (`max_threads`: the pids
+//! controller counts threads, not processes): the kernel enforces both for
+//! the process and everything it starts. `max_processes` is always counted
+//! by the agent (`cgroup.procs`), so a multithreaded program is held to its
+//! process count and its thread count, each by its own name. Each worker joins
 //! its cgroup before `exec` (written from the child, so nothing it starts
 //! can be outside), and `cgroup.kill` ends the whole tree, children that
 //! called `setsid` included.
 //!
 //! Which limit applies where, said in the log at start and in every error:
-//! - cgroup v2 with both controllers: `memory.max` and `pids.max` (kernel);
+//! - cgroup v2 with both controllers: `memory.max` and `pids.max` (kernel),
+//!   processes counted by the agent every 100 ms;
 //! - cgroup v2 without them (a hybrid layout where `memory` and `pids` are
 //!   bound to cgroup v1, or not delegated): the cgroup still holds the tree
-//!   (`cgroup.procs`, `cgroup.kill`), and the agent counts its processes and
-//!   their resident memory every 100 ms and kills the tree past a limit;
+//!   (`cgroup.procs`, `cgroup.kill`), and the agent counts its processes,
+//!   their threads and their resident memory every 100 ms and kills the
+//!   tree past a limit;
 //! - no usable cgroup v2: the same count over the worker's process group
 //!   (a `setsid` child is not seen or killed then).
 
@@ -239,8 +244,9 @@ pub(crate) struct Group {
 
 impl Group {
     /// A new cgroup for one worker of `plugin`, limits set where enforced
-    /// (`u64::MAX`: no limit).
-    pub fn create(plugin: &str, memory_bytes: u64, max_processes: u64) -> io::Result<Group> {
+    /// (`u64::MAX`: no limit). `max_threads` goes to `pids.max`, which
+    /// counts threads (tasks), not processes.
+    pub fn create(plugin: &str, memory_bytes: u64, max_threads: u64) -> io::Result<Group> {
         let h = hierarchy().ok_or_else(|| io::Error::other("no cgroup v2"))?;
         let parent = h.base.join(plugin);
         match std::fs::create_dir(&parent) {
@@ -271,7 +277,7 @@ impl Group {
             if memory_bytes != u64::MAX {
                 let _ = write(&g.dir.join("memory.swap.max"), "0");
             }
-            write(&g.dir.join("pids.max"), &limit(max_processes))?;
+            write(&g.dir.join("pids.max"), &limit(max_threads))?;
         }
         Ok(g)
     }
@@ -307,7 +313,7 @@ impl Group {
     }
 
     /// Why the kernel stopped it, if it did: limits hit so far.
-    pub fn limit_events(&self, max_memory_mb: u64, max_processes: u64) -> Option<String> {
+    pub fn limit_events(&self, max_memory_mb: u64, max_threads: u64) -> Option<String> {
         let count = |file: &str, key: &str| -> u64 {
             std::fs::read_to_string(self.dir.join(file))
                 .unwrap_or_default()
@@ -322,7 +328,7 @@ impl Group {
         }
         if count("pids.events", "max ") > 0 {
             return Some(format!(
-                "it and its children reached max_processes ({max_processes}) (cgroup v2 pids.max): further forks failed"
+                "it and its children reached max_threads ({max_threads}) (cgroup v2 pids.max, which counts threads): further forks and new threads failed"
             ));
         }
         None
@@ -366,6 +372,18 @@ pub(crate) fn group_members(pgid: i32) -> Vec<i32> {
         }
     }
     out
+}
+
+/// Threads of processes, all together (what `pids.max` counts).
+pub(crate) fn threads(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Resident memory of processes, bytes.

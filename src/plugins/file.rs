@@ -6,11 +6,12 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
 //! and `O_NOFOLLOW`, so a lookup can neither leave the root nor follow a
 //! symlink, whatever else renames, swaps or plants links inside the root
-//! meanwhile (the check and the open are one system call). Kernels without
-//! `openat2` (before 5.6, or a seccomp filter that refuses it) get the
-//! same guarantee from a walk that opens each component relative to the
-//! previous one with `O_NOFOLLOW`. `..` and absolute paths are refused
-//! before any lookup.
+//! meanwhile (the check and the open are one system call). Whether
+//! `openat2` is usable is probed once; where it is not (ENOSYS before 5.6,
+//! EPERM from a seccomp filter, EINVAL for an unknown flag, or any other
+//! failure of the probe) every lookup goes through a walk that opens each
+//! component relative to the previous one with `O_NOFOLLOW`, the same
+//! guarantee. `..` and absolute paths are refused before any lookup.
 //!
 //! What a path leads to is checked on the opened file itself (`fstat` of
 //! the handle): anything but a regular file (or a folder, for `list`) is
@@ -22,7 +23,10 @@
 //! (`max_write_bytes`), per file (`max_file_bytes`, appends included) and
 //! for the whole root (`max_total_bytes`), and `hash` by the file's size
 //! (`max_hash_bytes`); long loops (hash, list) stop when the task is
-//! cancelled or past its deadline.
+//! cancelled or past its deadline. A `list` is cut at `max_list_entries`
+//! and at `max_list_bytes` of result; the walk that measures the root for
+//! `max_total_bytes` fails closed (writes that grow are refused) past
+//! `max_walk_entries` entries instead of under-counting.
 
 use super::schema::Schema;
 use super::util::{base64_decode, base64_encode, Stop};
@@ -37,8 +41,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 const NAME: &str = "file";
@@ -51,16 +54,25 @@ pub const DEFAULT_MAX_READ_BYTES: u64 = super::util::result_budget(1 << 20);
 /// plugin's own writes are added to it in between).
 const USAGE_TTL: Duration = Duration::from_secs(10);
 
-/// Entries the total-size walk looks at, at most.
-const USAGE_MAX_ENTRIES: usize = 200_000;
+/// Entries the total-size walk looks at by default (`max_walk_entries`);
+/// with more under the root its total is not known, and writes that grow
+/// it are refused.
+pub const DEFAULT_MAX_WALK_ENTRIES: u64 = 200_000;
 
-/// Set once openat2 turned out to be missing: use the walk from then on.
-static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+/// What one `list` entry takes in a result besides its name: the map and
+/// its three keys, the type and the size.
+const LIST_ENTRY_BYTES: u64 = 48;
+
+/// Whether openat2 with our resolve flags works here, probed once.
+static OPENAT2: OnceLock<bool> = OnceLock::new();
 
 #[derive(Debug, Default)]
 struct Usage {
     bytes: u64,
     measured: Option<Instant>,
+    /// A walk that could not count the root, kept as long as a total
+    /// would be: writes do not walk 200,000 entries each to be refused.
+    refused: Option<(Instant, PluginError)>,
 }
 
 /// The file plugin.
@@ -72,6 +84,10 @@ pub struct FilePlugin {
     max_read_bytes: u64,
     max_write_bytes: u64,
     max_list_entries: u64,
+    /// Bytes the entries of one `list` may take in the result.
+    max_list_bytes: u64,
+    /// Entries the total-size walk looks at before it gives up.
+    max_walk_entries: u64,
     max_hash_bytes: u64,
     max_file_bytes: u64,
     max_total_bytes: u64,
@@ -100,39 +116,58 @@ fn openat(dir: RawFd, name: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd>
     fd_or_err(fd as libc::c_long)
 }
 
+fn openat2_beneath(dir: RawFd, rel: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let c = cstr(rel)?;
+    // SAFETY: open_how is plain data; zeroed then filled.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.mode = if flags & libc::O_CREAT != 0 {
+        mode as u64
+    } else {
+        0
+    };
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: the documented openat2 arguments.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    fd_or_err(fd)
+}
+
+/// Whether openat2 can be used: one call that must succeed, `.` beneath
+/// the root with the resolve flags of every lookup. Any failure (ENOSYS
+/// before Linux 5.6, EPERM from a container's seccomp filter, EINVAL or
+/// E2BIG where the kernel does not know a flag) means the walk below is
+/// used for every path: it gives the same guarantees, so "not supported"
+/// never turns into a plain open.
+fn openat2_works(dir: RawFd) -> bool {
+    *OPENAT2.get_or_init(|| {
+        match openat2_beneath(dir, Path::new("."), libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0) {
+            Ok(_) => true,
+            Err(e) => {
+                log::info!(
+                    "file plugin: openat2 with RESOLVE_BENEATH is not usable here ({e}); resolving paths component by component with O_NOFOLLOW"
+                );
+                false
+            }
+        }
+    })
+}
+
 /// Opens `rel` beneath `dir` with the kernel's guarantee: never outside,
 /// never through a symlink (the last component not followed either).
 fn open_beneath(dir: RawFd, rel: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    if !NO_OPENAT2.load(Ordering::Relaxed) {
-        let c = cstr(rel)?;
-        // SAFETY: open_how is plain data; zeroed then filled.
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = flags as u64;
-        how.mode = if flags & libc::O_CREAT != 0 {
-            mode as u64
-        } else {
-            0
-        };
-        how.resolve =
-            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-        // SAFETY: the documented openat2 arguments.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir,
-                c.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        match fd_or_err(fd) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                log::info!("file plugin: no openat2 on this kernel; resolving paths component by component");
-                NO_OPENAT2.store(true, Ordering::Relaxed);
-            }
-            other => return other,
-        }
+    if openat2_works(dir) {
+        // Its errors are answers (ENOENT, ELOOP, EXDEV ...), never a
+        // reason to open another way.
+        return openat2_beneath(dir, rel, flags, mode);
     }
     walk_beneath(dir, rel, flags, mode)
 }
@@ -159,22 +194,28 @@ fn walk_beneath(dir: RawFd, rel: &Path, flags: i32, mode: u32) -> io::Result<Own
             libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
             0,
         )
-        .map_err(|e| {
-            // A symlink opened with O_NOFOLLOW | O_DIRECTORY: ENOTDIR.
-            let link = openat(at, Path::new(part), libc::O_PATH | libc::O_NOFOLLOW, 0)
-                .ok()
-                .and_then(|f| File::from(f).metadata().ok())
-                .is_some_and(|m| m.file_type().is_symlink());
-            if link {
-                io::Error::from_raw_os_error(libc::ELOOP)
-            } else {
-                e
-            }
-        })?;
+        .map_err(|e| as_link_error(at, part, e))?;
         held = Some(next);
     }
     let at = held.as_ref().map_or(dir, |f| f.as_raw_fd());
-    openat(at, Path::new(last), flags, mode)
+    openat(at, Path::new(last), flags, mode).map_err(|e| as_link_error(at, last, e))
+}
+
+/// A symlink opened with `O_NOFOLLOW | O_DIRECTORY` fails with ENOTDIR:
+/// reported as ELOOP, as openat2's RESOLVE_NO_SYMLINKS does.
+fn as_link_error(at: RawFd, name: &std::ffi::OsStr, e: io::Error) -> io::Error {
+    if e.raw_os_error() != Some(libc::ENOTDIR) {
+        return e;
+    }
+    let link = openat(at, Path::new(name), libc::O_PATH | libc::O_NOFOLLOW, 0)
+        .ok()
+        .and_then(|f| File::from(f).metadata().ok())
+        .is_some_and(|m| m.file_type().is_symlink());
+    if link {
+        io::Error::from_raw_os_error(libc::ELOOP)
+    } else {
+        e
+    }
 }
 
 /// Opens the file behind an `O_PATH` handle again for I/O: the same file,
@@ -291,9 +332,10 @@ impl FilePlugin {
     /// Config keys: `root` (required, an existing folder), `max_read_bytes`
     /// (default 672 KiB: what comes back base64-encoded in one result under
     /// the default MQTT payload limit), `max_write_bytes` (default 1 MiB),
-    /// `max_list_entries` (default 10000), `max_hash_bytes` (default
-    /// 1 GiB), `max_file_bytes` (default 64 MiB), `max_total_bytes`
-    /// (default 1 GiB).
+    /// `max_list_entries` (default 10000), `max_list_bytes` (default
+    /// 672 KiB), `max_hash_bytes` (default 1 GiB), `max_file_bytes`
+    /// (default 64 MiB), `max_total_bytes` (default 1 GiB),
+    /// `max_walk_entries` (default 200000).
     pub fn from_config(config: &toml::Table) -> Result<FilePlugin, PluginError> {
         check_keys(
             NAME,
@@ -303,6 +345,8 @@ impl FilePlugin {
                 "max_read_bytes",
                 "max_write_bytes",
                 "max_list_entries",
+                "max_list_bytes",
+                "max_walk_entries",
                 "max_hash_bytes",
                 "max_file_bytes",
                 "max_total_bytes",
@@ -333,6 +377,22 @@ impl FilePlugin {
             )?,
             max_write_bytes: cfg_u64(NAME, config, "max_write_bytes", 1 << 20, 1, 1 << 30)?,
             max_list_entries: cfg_u64(NAME, config, "max_list_entries", 10_000, 1, 1 << 20)?,
+            max_list_bytes: cfg_u64(
+                NAME,
+                config,
+                "max_list_bytes",
+                DEFAULT_MAX_READ_BYTES,
+                1024,
+                1 << 30,
+            )?,
+            max_walk_entries: cfg_u64(
+                NAME,
+                config,
+                "max_walk_entries",
+                DEFAULT_MAX_WALK_ENTRIES,
+                1,
+                100_000_000,
+            )?,
             max_hash_bytes: cfg_u64(NAME, config, "max_hash_bytes", 1 << 30, 1, 1 << 50)?,
             max_file_bytes: cfg_u64(NAME, config, "max_file_bytes", 64 << 20, 1, 1 << 50)?,
             max_total_bytes: cfg_u64(NAME, config, "max_total_bytes", 1 << 30, 1, 1 << 60)?,
@@ -499,46 +559,105 @@ impl FilePlugin {
             if u.measured.is_some_and(|t| t.elapsed() < USAGE_TTL) {
                 return Ok(u.bytes);
             }
-        }
-        let mut total = 0u64;
-        let mut seen = 0usize;
-        let mut folders = vec![openat(
-            self.dir.as_raw_fd(),
-            Path::new("."),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-            0,
-        )
-        .map_err(|e| failed(NAME, format!("measuring the root: {e}")))?];
-        while let Some(d) = folders.pop() {
-            let (names, _) = read_names(&d, stop, USAGE_MAX_ENTRIES)?;
-            for n in names {
-                seen += 1;
-                if seen > USAGE_MAX_ENTRIES {
-                    break;
-                }
-                use std::os::unix::ffi::OsStrExt;
-                let name = Path::new(std::ffi::OsStr::from_bytes(&n));
-                let Ok(fd) = openat(d.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
-                    continue;
-                };
-                let Ok(m) = stat(&fd) else { continue };
-                if m.file_type().is_file() {
-                    total += m.len();
-                } else if m.file_type().is_dir() {
-                    if let Ok(sub) = openat(
-                        d.as_raw_fd(),
-                        name,
-                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                        0,
-                    ) {
-                        folders.push(sub);
-                    }
+            if let Some((t, e)) = &u.refused {
+                if t.elapsed() < USAGE_TTL {
+                    return Err(e.clone());
                 }
             }
         }
+        let total = match self.walk_total(stop) {
+            Ok(t) => t,
+            Err(PluginError::Cancelled(p)) => return Err(PluginError::Cancelled(p)),
+            Err(e) => {
+                let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+                u.refused = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
         let mut u = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         u.bytes = total;
         u.measured = Some(Instant::now());
+        u.refused = None;
+        Ok(total)
+    }
+
+    /// Bytes of the regular files under the root, by a depth-first walk
+    /// (one open folder per level). Fails, rather than under-count, when
+    /// the root holds more than `max_walk_entries` entries or a folder
+    /// cannot be read: a total that misses files would let writes past
+    /// `max_total_bytes`.
+    fn walk_total(&self, stop: &Stop) -> Result<u64, PluginError> {
+        use std::os::unix::ffi::OsStrExt;
+        let max = self.max_walk_entries as usize;
+        let refuse = |why: String| {
+            failed(
+                NAME,
+                format!(
+                    "max_total_bytes ({}) cannot be checked: {why}; writes that grow files are refused",
+                    self.max_total_bytes
+                ),
+            )
+        };
+        let open_dir = |at: RawFd, name: &Path| {
+            openat(
+                at,
+                name,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                0,
+            )
+        };
+        let root = open_dir(self.dir.as_raw_fd(), Path::new("."))
+            .map_err(|e| refuse(format!("the root cannot be read: {e}")))?;
+        let mut total = 0u64;
+        let mut seen = 0usize;
+        let too_many = || {
+            format!(
+                "the root holds more than {max} entries (max_walk_entries), the most the size walk counts"
+            )
+        };
+        let (names, cut) = read_names(&root, stop, max)?;
+        if cut {
+            return Err(refuse(too_many()));
+        }
+        seen += names.len();
+        let mut stack: Vec<(OwnedFd, std::vec::IntoIter<Vec<u8>>)> =
+            vec![(root, names.into_iter())];
+        while let Some((dir, names)) = stack.last_mut() {
+            stop.check(NAME)?;
+            let Some(n) = names.next() else {
+                stack.pop();
+                continue;
+            };
+            let name = Path::new(std::ffi::OsStr::from_bytes(&n));
+            let at = dir.as_raw_fd();
+            // Gone since it was listed: nothing to count.
+            let fd = match openat(at, name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(refuse(format!("`{}`: {e}", name.display()))),
+            };
+            let m = stat(&fd).map_err(|e| refuse(format!("`{}`: {e}", name.display())))?;
+            if m.file_type().is_file() {
+                total = total.saturating_add(m.len());
+            } else if m.file_type().is_dir() {
+                let sub = match open_dir(at, name) {
+                    Ok(d) => d,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                    Err(e) => {
+                        return Err(refuse(format!(
+                            "folder `{}` cannot be read: {e}",
+                            name.display()
+                        )))
+                    }
+                };
+                let (names, cut) = read_names(&sub, stop, max - seen)?;
+                if cut {
+                    return Err(refuse(too_many()));
+                }
+                seen += names.len();
+                stack.push((sub, names.into_iter()));
+            }
+        }
         Ok(total)
     }
 
@@ -687,12 +806,22 @@ impl FilePlugin {
             0,
         )
         .map_err(|e| self.lookup_err("path", rel, e))?;
-        let (names, truncated) = read_names(&d, stop, self.max_list_entries as usize)?;
+        let (names, mut truncated) = read_names(&d, stop, self.max_list_entries as usize)?;
         let mut entries = Vec::new();
+        // Long names fill a result long before max_list_entries does.
+        let mut bytes = 0u64;
         for n in names {
             stop.check(NAME)?;
             use std::os::unix::ffi::OsStrExt;
             let name = std::ffi::OsStr::from_bytes(&n);
+            // As sent: invalid UTF-8 grows to U+FFFD (3 bytes a byte).
+            let shown = name.to_string_lossy();
+            let cost = LIST_ENTRY_BYTES + shown.len() as u64;
+            if bytes + cost > self.max_list_bytes {
+                truncated = true;
+                break;
+            }
+            bytes += cost;
             let Ok(fd) = openat(
                 d.as_raw_fd(),
                 Path::new(name),
@@ -702,7 +831,7 @@ impl FilePlugin {
                 continue; // gone since
             };
             let meta = stat(&fd).map_err(|err| failed(NAME, format!("listing `{rel}`: {err}")))?;
-            entries.push((name.to_string_lossy().into_owned(), kind(&meta), meta.len()));
+            entries.push((shown.into_owned(), kind(&meta), meta.len()));
         }
         entries.sort();
         Ok(map(vec![
@@ -1021,6 +1150,52 @@ mod tests {
             let e = open_beneath(r, Path::new(rel), libc::O_RDONLY, 0).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{rel}: {e}");
         }
+    }
+
+    #[test]
+    fn list_is_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..100 {
+            std::fs::write(dir.path().join(format!("{i:03}{}", "n".repeat(97))), "").unwrap();
+        }
+        let p = plugin(dir.path(), "max_list_bytes = 1500");
+        let r = run(&p, json!({"op": "list"})).unwrap();
+        assert_eq!(r["truncated"], true);
+        // 148 bytes an entry: 10 fit in 1500.
+        assert_eq!(r["entries"].as_array().unwrap().len(), 10);
+        let p = plugin(dir.path(), "");
+        let r = run(&p, json!({"op": "list"})).unwrap();
+        assert_eq!(r["truncated"], false);
+        assert_eq!(r["entries"].as_array().unwrap().len(), 100);
+    }
+
+    #[test]
+    fn the_size_walk_fails_closed_past_its_entry_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        for i in 0..6 {
+            std::fs::write(dir.path().join(format!("a/b/f{i}")), "xx").unwrap();
+        }
+        // 8 entries (a, b and six files): counted in full with 8.
+        let p = plugin(
+            dir.path(),
+            "max_walk_entries = 8
+max_total_bytes = 100",
+        );
+        assert_eq!(p.walk_total(&Stop::never()).unwrap(), 12);
+        run(&p, json!({"op": "write", "path": "a/new", "content": "x"})).unwrap();
+        let p = plugin(
+            dir.path(),
+            "max_walk_entries = 8
+max_total_bytes = 100",
+        );
+        let e = run(&p, json!({"op": "write", "path": "a/more", "content": "x"})).unwrap_err();
+        assert!(
+            e.contains("max_total_bytes") && e.contains("more than 8 entries"),
+            "{e}"
+        );
+        // A write that does not grow a file still runs.
+        run(&p, json!({"op": "write", "path": "a/new", "content": "y"})).unwrap();
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! By default the list is empty, so an agent sends nothing anywhere but its
 //! broker. Redirects are not followed (a 3xx is returned as is), so a
 //! response cannot lead the agent to a host off the list. The blocking
-//! client runs on tokio's blocking pool.
+//! client runs on tokio's blocking pool. The body comes back once: parsed
+//! as `json` when it is JSON and fits, else as `body` text (or
+//! `body_base64`), so a response up to `max_response_bytes` always fits
+//! in one result.
 //!
 //! `https://` goes through rustls with the ring provider, the stack the
 //! agent already links for `mqtts://`. A server's certificate must chain to
@@ -402,6 +405,19 @@ impl Http {
         })
     }
 
+    /// A JSON body parsed, when that fits where its text would: at most
+    /// the room of a capped body sent as base64 (a long list of floats
+    /// takes about twice its text parsed), and not nested deeper than a
+    /// result may be. Otherwise the body comes back as text.
+    fn parsed_json(&self, bytes: &[u8]) -> Option<Value> {
+        let j = serde_json::from_slice::<serde_json::Value>(bytes).ok()?;
+        let v = Value::from(j);
+        let room = self.max_response_bytes.div_ceil(3) * 4;
+        let size = postcard::to_stdvec(&v).map_or(u64::MAX, |b| b.len() as u64);
+        // The result map is one level above it.
+        (size <= room && v.depth() < crate::protocol::MAX_VALUE_DEPTH).then_some(v)
+    }
+
     fn call(&self, c: Call) -> Result<Value, PluginError> {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -479,9 +495,13 @@ impl Http {
                 Value::Int(started.elapsed().as_millis() as i64),
             ),
         ];
+        // One copy only: a JSON response comes back parsed, as `json`,
+        // or as text, never both (both doubled the result, so a response
+        // near the cap failed as too large).
         if is_json && !truncated {
-            if let Ok(j) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                out.push(("json", Value::from(j)));
+            if let Some(j) = self.parsed_json(&bytes) {
+                out.push(("json", j));
+                return Ok(map(out));
             }
         }
         match String::from_utf8(bytes) {

@@ -63,6 +63,15 @@ pub enum PluginError {
     },
     #[error("plugin `{0}`: cancelled")]
     Cancelled(String),
+    /// The result would be larger than it may be (what one result can
+    /// carry), found while building it: `field` names the part, `message`
+    /// the limit.
+    #[error("plugin `{plugin}`: result too large: `{field}`: {message}")]
+    TooLarge {
+        plugin: String,
+        field: String,
+        message: String,
+    },
 }
 
 /// One task as a plugin sees it.

@@ -69,9 +69,14 @@ pub struct Manifest {
     pub max_cpu_secs: u64,
     #[serde(default = "default_line")]
     pub max_line_bytes: usize,
-    /// Processes at once: the plugin's and everything it starts.
+    /// Processes at once: the plugin's and everything it starts (counted
+    /// by the agent; threads are not processes).
     #[serde(default = "default_processes")]
     pub max_processes: u64,
+    /// Threads at once, over all those processes (the kernel's `pids.max`,
+    /// which counts every thread; default 1024, at least `max_processes`).
+    #[serde(default)]
+    pub max_threads: Option<u64>,
     /// Environment variables set for the process, besides PATH, LANG and HOME.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -98,6 +103,10 @@ fn default_line() -> usize {
 fn default_processes() -> u64 {
     64
 }
+
+/// The default `max_threads`: room for thread pools (a JVM, OpenBLAS, a
+/// Python executor), still a bound on a thread or fork bomb.
+const DEFAULT_MAX_THREADS: u64 = 1024;
 
 /// Longest log line a plugin gets into the agent's log (bytes kept).
 const LOG_LINE: usize = 1000;
@@ -204,6 +213,8 @@ struct Worker {
     watchdog: Option<tokio::task::JoinHandle<()>>,
     /// Why the watchdog killed it.
     killed_for: Arc<Mutex<Option<String>>>,
+    /// What the watchdog holds it to.
+    limits: Limits,
 }
 
 impl Drop for Worker {
@@ -218,25 +229,30 @@ impl Drop for Worker {
     }
 }
 
-/// Counts the worker's processes and their resident memory every
-/// [`cgroup::POLL`] and kills them all past a limit, saying why.
+/// What the agent holds a worker to by counting.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_processes: u64,
+    max_threads: u64,
+    max_memory_mb: u64,
+    /// The kernel enforces `max_threads` (pids.max) and `max_memory_mb`
+    /// (memory.max): only processes are left to count.
+    kernel: bool,
+}
+
+/// Counts the worker's processes (and, where the kernel does not, their
+/// threads and resident memory) every [`cgroup::POLL`] and kills them all
+/// past a limit, saying why.
 async fn watch(
     group: Option<Arc<cgroup::Group>>,
     pgid: i32,
-    max_processes: u64,
-    max_memory_mb: u64,
+    limits: Limits,
     killed_for: Arc<Mutex<Option<String>>>,
 ) {
     let mut tick = tokio::time::interval(cgroup::POLL);
     loop {
         tick.tick().await;
-        if over_limits(
-            group.as_deref(),
-            pgid,
-            max_processes,
-            max_memory_mb,
-            &killed_for,
-        ) {
+        if over_limits(group.as_deref(), pgid, limits, &killed_for) {
             return;
         }
     }
@@ -246,22 +262,38 @@ async fn watch(
 fn over_limits(
     group: Option<&cgroup::Group>,
     pgid: i32,
-    max_processes: u64,
-    max_memory_mb: u64,
+    limits: Limits,
     killed_for: &Mutex<Option<String>>,
 ) -> bool {
+    let Limits {
+        max_processes,
+        max_threads,
+        max_memory_mb,
+        kernel,
+    } = limits;
     let how = cgroup::mechanism("");
     let pids = match group {
         Some(g) => g.pids(),
         None => cgroup::group_members(pgid),
     };
-    let rss = cgroup::rss_bytes(&pids);
     let why = if pids.len() as u64 > max_processes {
+        // pids.max cannot count processes: the agent always does.
+        let how = if kernel {
+            "counted by the agent: cgroup v2 pids.max counts threads, and holds max_threads".into()
+        } else {
+            how
+        };
         format!(
             "it and its children ran {} processes, more than max_processes ({max_processes}) ({how}); all killed",
             pids.len()
         )
-    } else if rss > max_memory_mb << 20 {
+    } else if kernel {
+        return false;
+    } else if let Some(n) = Some(cgroup::threads(&pids)).filter(|n| *n > max_threads) {
+        format!(
+            "it and its children ran {n} threads, more than max_threads ({max_threads}) ({how}); all killed"
+        )
+    } else if let Some(rss) = Some(cgroup::rss_bytes(&pids)).filter(|r| *r > max_memory_mb << 20) {
         format!(
             "it and its children used {} MiB, more than max_memory_mb ({max_memory_mb}) ({how}); all killed",
             rss >> 20
@@ -411,6 +443,20 @@ impl ProcessPlugin {
         range("max_cpu_secs", m.max_cpu_secs, 1, 1 << 30)?;
         range("max_line_bytes", m.max_line_bytes as u64, 1024, 1 << 30)?;
         range("max_processes", m.max_processes, 1, 1 << 16)?;
+        let threads = *m
+            .max_threads
+            .get_or_insert(DEFAULT_MAX_THREADS.max(m.max_processes));
+        range("max_threads", threads, 1, 1 << 20)?;
+        if threads < m.max_processes {
+            return Err(config_err(
+                "process",
+                &key,
+                format!(
+                    "`max_threads` = {threads} is below `max_processes` = {}: every process has a thread",
+                    m.max_processes
+                ),
+            ));
+        }
         for (k, v) in &m.env {
             let ok_name = !k.is_empty()
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -466,6 +512,13 @@ impl ProcessPlugin {
         failed(self.name, message)
     }
 
+    /// `max_threads`, resolved when the manifest was checked.
+    fn threads(&self) -> u64 {
+        self.m
+            .max_threads
+            .unwrap_or(DEFAULT_MAX_THREADS.max(self.m.max_processes))
+    }
+
     /// Starts a process and runs the `validate` handshake.
     async fn start(&self) -> Result<Worker, PluginError> {
         let mut cmd = tokio::process::Command::new(self.program());
@@ -480,17 +533,15 @@ impl ProcessPlugin {
         }
         cmd.envs(&self.m.env);
         let group = match cgroup::hierarchy() {
-            Some(_) => match cgroup::Group::create(
-                self.name,
-                self.m.max_memory_mb << 20,
-                self.m.max_processes,
-            ) {
-                Ok(g) => Some(Arc::new(g)),
-                Err(e) => {
-                    log::warn!("plugin {}: no cgroup for this process ({e}); counting its process group instead", self.name);
-                    None
+            Some(_) => {
+                match cgroup::Group::create(self.name, self.m.max_memory_mb << 20, self.threads()) {
+                    Ok(g) => Some(Arc::new(g)),
+                    Err(e) => {
+                        log::warn!("plugin {}: no cgroup for this process ({e}); counting its process group instead", self.name);
+                        None
+                    }
                 }
-            },
+            }
             None => None,
         };
         let joins = group.clone();
@@ -582,17 +633,16 @@ impl ProcessPlugin {
         });
         tokio::spawn(log_stderr(name, stderr));
         let killed_for = Arc::new(Mutex::new(None));
-        let enforced = group.is_some() && cgroup::hierarchy().is_some_and(|h| h.controllers);
-        let watchdog = match (enforced, child.id()) {
-            (false, Some(pid)) => Some(tokio::spawn(watch(
-                group.clone(),
-                pid as i32,
-                self.m.max_processes,
-                self.m.max_memory_mb,
-                killed_for.clone(),
-            ))),
-            _ => None,
+        let limits = Limits {
+            max_processes: self.m.max_processes,
+            max_threads: self.threads(),
+            max_memory_mb: self.m.max_memory_mb,
+            kernel: group.is_some() && cgroup::hierarchy().is_some_and(|h| h.controllers),
         };
+        // Always: even the kernel's pids.max counts threads, not processes.
+        let watchdog = child
+            .id()
+            .map(|pid| tokio::spawn(watch(group.clone(), pid as i32, limits, killed_for.clone())));
         let mut w = Worker {
             child,
             stdin,
@@ -600,6 +650,7 @@ impl ProcessPlugin {
             group,
             watchdog,
             killed_for,
+            limits,
         };
         let config = serde_json::to_value(&self.m.config).unwrap_or_default();
         let msg = serde_json::json!({"type": "validate", "id": "validate", "config": config});
@@ -691,9 +742,9 @@ impl ProcessPlugin {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone()
                     .or_else(|| {
-                        w.group.as_ref().and_then(|g| {
-                            g.limit_events(self.m.max_memory_mb, self.m.max_processes)
-                        })
+                        w.group
+                            .as_ref()
+                            .and_then(|g| g.limit_events(self.m.max_memory_mb, self.threads()))
                     })
                     .map(|l| format!(": {l}"))
                     .unwrap_or_default();
@@ -803,18 +854,12 @@ impl Plugin for ProcessPlugin {
                 Some(&task.cancel),
             )
             .await?;
-        // Where the agent counts, it counts once more at the answer: a
+        // What the agent counts, it counts once more at the answer: a
         // plugin that forked past its limit between two counts does not
         // get its answer through.
         if w.watchdog.is_some() {
             let pgid = w.child.id().unwrap_or(0) as i32;
-            if over_limits(
-                w.group.as_deref(),
-                pgid,
-                self.m.max_processes,
-                self.m.max_memory_mb,
-                &w.killed_for,
-            ) {
+            if over_limits(w.group.as_deref(), pgid, w.limits, &w.killed_for) {
                 let why = w
                     .killed_for
                     .lock()

@@ -12,7 +12,10 @@
 //! every record, groups times fields, a long `select` list) fails at once
 //! instead of taking the agent's memory; and every loop over the records
 //! checks the task's cancel flag and deadline, so a timed-out transform
-//! stops computing.
+//! stops computing. CSV output is measured cell by cell as it is built,
+//! against `max_output_bytes` (what one result can carry) and the same
+//! budget, so a few records with fields of their own (rows x columns
+//! cells) fail with `TooLarge` instead of building gigabytes of text.
 
 use super::schema::Schema;
 use super::util::{cfg_u64, Stop};
@@ -29,7 +32,13 @@ const NAME: &str = "transform";
 pub struct Transform {
     max_records: usize,
     max_work_bytes: usize,
+    /// Longest CSV text a task may produce (one result must carry it).
+    max_output_bytes: usize,
 }
+
+/// The default `max_output_bytes`: the default MQTT payload limit (the
+/// agent sets it from `mqtt.max_payload_bytes`).
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 20;
 
 /// Estimated memory of one JSON value (serde_json's enum) and of one map
 /// entry beyond its key's text and its value: a few words each.
@@ -95,13 +104,26 @@ fn err(field: &str, message: impl Into<String>) -> PluginError {
 
 impl Transform {
     /// Config keys: `max_records` (default 100000), `max_work_bytes`
-    /// (default 64 MiB).
+    /// (default 64 MiB), `max_output_bytes` (the longest CSV text; default
+    /// 1 MiB, the MQTT payload limit, which the agent puts here).
     pub fn from_config(config: &toml::Table) -> Result<Transform, PluginError> {
-        check_keys(NAME, config, &["max_records", "max_work_bytes"])?;
+        check_keys(
+            NAME,
+            config,
+            &["max_records", "max_work_bytes", "max_output_bytes"],
+        )?;
         Ok(Transform {
             max_records: cfg_u64(NAME, config, "max_records", 100_000, 1, 10_000_000)? as usize,
             max_work_bytes: cfg_u64(NAME, config, "max_work_bytes", 64 << 20, 1 << 16, 1 << 36)?
                 as usize,
+            max_output_bytes: cfg_u64(
+                NAME,
+                config,
+                "max_output_bytes",
+                DEFAULT_MAX_OUTPUT_BYTES,
+                1024,
+                1 << 30,
+            )? as usize,
         })
     }
 
@@ -264,7 +286,10 @@ impl Transform {
         };
         let mut out = Map::new();
         if format == "csv" {
-            out.insert("csv".into(), J::String(to_csv(&columns, &recs, b)?));
+            out.insert(
+                "csv".into(),
+                J::String(to_csv(&columns, &recs, b, self.max_output_bytes)?),
+            );
         } else {
             out.insert(
                 "records".into(),
@@ -389,7 +414,15 @@ fn parse_csv(
     Ok((header, recs))
 }
 
-fn to_csv(columns: &[String], recs: &[Rec], b: &Budget) -> Result<String, PluginError> {
+/// The records as CSV text, every cell checked against `max` (the longest
+/// text a result can carry) and the work budget before it is appended: a
+/// few records with fields of their own each make rows x columns cells.
+fn to_csv(
+    columns: &[String],
+    recs: &[Rec],
+    b: &mut Budget,
+    max: usize,
+) -> Result<String, PluginError> {
     let mut header: Vec<&String> = columns.iter().collect();
     let mut seen: HashSet<&String> = header.iter().copied().collect();
     for r in recs {
@@ -399,33 +432,77 @@ fn to_csv(columns: &[String], recs: &[Rec], b: &Budget) -> Result<String, Plugin
             }
         }
     }
-    let quote = |s: &str| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
-    let mut out = header
-        .iter()
-        .map(|h| quote(h))
-        .collect::<Vec<_>>()
-        .join(",");
-    out.push('\n');
+    let mut out = String::new();
+    for (i, h) in header.iter().enumerate() {
+        push_cell(&mut out, h, i == 0, max, b)?;
+    }
+    push_newline(&mut out, max, b)?;
     for r in recs {
         b.tick()?;
-        let cells: Vec<String> = header
-            .iter()
-            .map(|h| match r.get(*h) {
-                None | Some(J::Null) => String::new(),
-                Some(J::String(s)) => quote(s),
-                Some(v) => quote(&v.to_string()),
-            })
-            .collect();
-        out.push_str(&cells.join(","));
-        out.push('\n');
+        for (i, h) in header.iter().enumerate() {
+            let cell: std::borrow::Cow<str> = match r.get(*h) {
+                None | Some(J::Null) => "".into(),
+                Some(J::String(s)) => s.as_str().into(),
+                Some(v) => v.to_string().into(),
+            };
+            push_cell(&mut out, &cell, i == 0, max, b)?;
+        }
+        push_newline(&mut out, max, b)?;
     }
     Ok(out)
+}
+
+fn csv_too_large(max: usize) -> PluginError {
+    PluginError::TooLarge {
+        plugin: NAME.into(),
+        field: "csv".into(),
+        message: format!(
+            "the CSV text would be longer than max_output_bytes ({max} bytes, what one result \
+             can carry); select fewer fields or records, or use format `records`"
+        ),
+    }
+}
+
+/// Appends one cell (after a comma unless it is the first of its row),
+/// quoted when it must be (RFC 4180), if the text stays within `max`.
+fn push_cell(
+    out: &mut String,
+    s: &str,
+    first: bool,
+    max: usize,
+    b: &mut Budget,
+) -> Result<(), PluginError> {
+    let quoted = s.contains([',', '"', '\n']);
+    let len = if quoted {
+        s.len() + 2 + s.matches('"').count()
+    } else {
+        s.len()
+    };
+    let n = len + usize::from(!first);
+    if out.len().saturating_add(n) > max {
+        return Err(csv_too_large(max));
+    }
+    b.charge("csv", n)?;
+    if !first {
+        out.push(',');
+    }
+    if quoted {
+        out.push('"');
+        out.push_str(&s.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(s);
+    }
+    Ok(())
+}
+
+fn push_newline(out: &mut String, max: usize, b: &mut Budget) -> Result<(), PluginError> {
+    if out.len() + 1 > max {
+        return Err(csv_too_large(max));
+    }
+    b.charge("csv", 1)?;
+    out.push('\n');
+    Ok(())
 }
 
 struct Cond {
@@ -791,6 +868,7 @@ impl Plugin for Transform {
         let me = Transform {
             max_records: self.max_records,
             max_work_bytes: self.max_work_bytes,
+            max_output_bytes: self.max_output_bytes,
         };
         let stop = Stop::of(&task);
         // Up to max_records rows: keep them off the async threads.
@@ -808,6 +886,7 @@ mod tests {
         Transform {
             max_records: 100,
             max_work_bytes: 1 << 20,
+            max_output_bytes: 4096,
         }
     }
 
@@ -833,6 +912,35 @@ mod tests {
         // The same shapes at a sane size still run.
         let r = t()
             .run(&json!({"records": [{"g": 1}, {"g": 2}], "map": {"x": {"value": "y"}}}))
+            .unwrap();
+        assert_eq!(r["count"], 2);
+    }
+
+    #[test]
+    fn csv_output_stops_at_max_output_bytes() {
+        // 300 records with a field each of their own: 300 x 300 cells,
+        // about 90 KB of CSV from a few KB of records.
+        let t = Transform {
+            max_records: 1000,
+            max_work_bytes: 1 << 20,
+            max_output_bytes: 4096,
+        };
+        let recs: Vec<J> = (0..300).map(|i| json!({ format!("k{i}"): 1 })).collect();
+        let e = t
+            .run(&json!({"records": recs, "format": "csv"}))
+            .unwrap_err();
+        assert!(
+            matches!(e, PluginError::TooLarge { ref field, .. } if field == "csv"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("max_output_bytes (4096"), "{e}");
+        // Quotes count as written: 2100 `"` become 4202 bytes.
+        let e = t
+            .run(&json!({"records": [{"q": "\"".repeat(2100)}], "format": "csv"}))
+            .unwrap_err();
+        assert!(matches!(e, PluginError::TooLarge { .. }), "{e}");
+        let r = t
+            .run(&json!({"records": [{"q": "\"".repeat(2000)}, {"q": 1}], "format": "records"}))
             .unwrap();
         assert_eq!(r["count"], 2);
     }
