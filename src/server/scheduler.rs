@@ -2983,7 +2983,7 @@ mod tests {
         let left = |s: &Scheduler| s.store.list(None, 100_000).unwrap().len();
         seed(s, 1200, 10, "small");
         s.on_tick().unwrap();
-        assert_eq!(left(s), 1200 - RETENTION_ROWS as usize);
+        assert_eq!(left(s), 700, "one batch deletes 500 (RETENTION_ROWS), not all");
         // The next tick goes on (no minute's wait while there is a backlog).
         tokio::time::advance(Duration::from_millis(100)).await;
         s.on_tick().unwrap();
@@ -3009,8 +3009,8 @@ mod tests {
     }
 
     /// `devices` online devices with one slot each, every one busy with a
-    /// task and with one more task waiting for it (a lane each), plus one
-    /// idle device `free` and a task any device can run.
+    /// task and with one more task waiting for it (a lane each), plus a
+    /// device `free` with room for many and a task any device can run.
     fn many_full_devices_and_parked_lanes(s: &mut Scheduler, devices: usize) -> String {
         s.cfg.max_devices = devices + 10;
         for i in 0..devices {
@@ -3022,7 +3022,7 @@ mod tests {
         s.dispatch().unwrap();
         assert!(s.devices.values().all(|d| d.assigned.len() == 1));
         assert_eq!(s.queue.lane_count(), devices);
-        heartbeat(s, &status("free", &[], 1));
+        heartbeat(s, &status("free", &[], 1_000_000));
         submit(s, req(None, None))
     }
 
@@ -3056,14 +3056,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     #[ignore]
     async fn dispatch_pass_figures() {
-        for n in [500, 2000, 5000] {
+        for n in [500, 2000] {
             let mut r = rig();
             let s = &mut r.s;
             let _ = many_full_devices_and_parked_lanes(s, n);
-            // Fill `free` too: every pass then finds nothing to do.
+            // `free` takes the one task: every pass then finds nothing to do.
             s.dispatch().unwrap();
             s.checks.set(0);
-            let passes = 200;
+            let passes = 20;
             let start = std::time::Instant::now();
             for _ in 0..passes {
                 s.dispatch().unwrap();
