@@ -107,7 +107,10 @@ async fn run(n: usize, submissions: usize) -> (f64, Duration) {
     let took = start.elapsed();
     stop.cancel();
     task.await.unwrap().unwrap();
-    (submissions as f64 / took.as_secs_f64(), took / submissions as u32)
+    (
+        submissions as f64 / took.as_secs_f64(),
+        took / submissions as u32,
+    )
 }
 
 fn main() {

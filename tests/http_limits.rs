@@ -414,7 +414,11 @@ fn a_list_leaves_out_a_bad_row_and_still_answers() {
     let cfg = dir.path().join("server.toml");
     std::fs::write(&cfg, "[scheduler]\nretention_ms = 0\n").unwrap();
     let server = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
-    for path in ["/v1/tasks", "/v1/tasks?state=succeeded", "/v1/tasks?full=true"] {
+    for path in [
+        "/v1/tasks",
+        "/v1/tasks?state=succeeded",
+        "/v1/tasks?full=true",
+    ] {
         let (code, headers, body) = get(&server.http, path);
         assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
         let v: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();

@@ -1585,7 +1585,10 @@ impl Scheduler {
             .map(|(id, _)| id.clone())
             .collect();
         for id in stranded {
-            self.device_lost(&id, "offline (its loss is applied again after a failed commit)")?;
+            self.device_lost(
+                &id,
+                "offline (its loss is applied again after a failed commit)",
+            )?;
         }
         // Only tasks in flight are looked at (every one is assigned to a
         // device), not the whole queue: a large backlog costs the tick nothing.
@@ -2690,7 +2693,8 @@ mod tests {
             .unwrap();
 
         poison(s, "UPDATE");
-        s.batch(&mut vec![status_msg(&offline("a"))], false).unwrap();
+        s.batch(&mut vec![status_msg(&offline("a"))], false)
+            .unwrap();
         assert_eq!(
             s.store.get(&x).unwrap().unwrap().device.as_deref(),
             Some("a"),
@@ -2936,7 +2940,10 @@ mod tests {
             .iter()
             .filter(|e| matches!(e, Effect::Ack(p, Some(ep)) if p.pkid == 8 && *ep != s.epoch))
             .count();
-        assert_eq!(stale, 1, "the ack carries its old connection, so flush skips it");
+        assert_eq!(
+            stale, 1,
+            "the ack carries its old connection, so flush skips it"
+        );
         s.store.commit().unwrap();
         s.flush();
         assert_eq!(stored_tasks(s, "lone"), 1, "not lost");
@@ -2983,7 +2990,11 @@ mod tests {
         let left = |s: &Scheduler| s.store.list(None, 100_000).unwrap().len();
         seed(s, 1200, 10, "small");
         s.on_tick().unwrap();
-        assert_eq!(left(s), 700, "one batch deletes 500 (RETENTION_ROWS), not all");
+        assert_eq!(
+            left(s),
+            700,
+            "one batch deletes 500 (RETENTION_ROWS), not all"
+        );
         // The next tick goes on (no minute's wait while there is a backlog).
         tokio::time::advance(Duration::from_millis(100)).await;
         s.on_tick().unwrap();

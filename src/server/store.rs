@@ -632,7 +632,9 @@ impl ReadStore {
         let text = |i: usize| column_text(r, i).map_err(named(i));
         let int = |i: usize| r.get::<_, i64>(i).map_err(named(i));
         let u = |i: usize| -> Result<Option<u64>, StoreError> {
-            Ok(r.get::<_, Option<i64>>(i).map_err(named(i))?.map(|v| v as u64))
+            Ok(r.get::<_, Option<i64>>(i)
+                .map_err(named(i))?
+                .map(|v| v as u64))
         };
         let state = text(9)?.unwrap_or_default();
         let state = TaskState::parse(state).ok_or_else(|| StoreError::BadState {
@@ -780,9 +782,11 @@ mod tests {
         // The error it logs names the row and the column.
         let mut stmt = read
             .conn
-            .prepare("SELECT id, plugin, priority, target, capability, device, attempts, \
+            .prepare(
+                "SELECT id, plugin, priority, target, capability, device, attempts, \
                       max_attempts, timeout_ms, state, input, result, error, created_ms, \
-                      dispatched_ms, started_ms, finished_ms FROM tasks WHERE id = 'bad'")
+                      dispatched_ms, started_ms, finished_ms FROM tasks WHERE id = 'bad'",
+            )
             .unwrap();
         let mut rows = stmt.query([]).unwrap();
         let e = ReadStore::listed(rows.next().unwrap().unwrap())
