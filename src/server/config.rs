@@ -290,6 +290,40 @@ impl ServerConfig {
             1,
             1000,
         )?;
+        // Admission and housekeeping bounds: 0 would refuse every task or
+        // device; 0 is "off" only where documented so.
+        r(
+            file,
+            "scheduler.max_queued_tasks",
+            s.max_queued_tasks,
+            1,
+            10_000_000,
+        )?;
+        r(
+            file,
+            "scheduler.max_queued_bytes",
+            s.max_queued_bytes,
+            4096,
+            1 << 40,
+        )?;
+        r(file, "scheduler.max_devices", s.max_devices, 1, 1_000_000)?;
+        let off_or = |key: &str, v: u64, lo: u64, hi: u64| {
+            if v == 0 || (lo..=hi).contains(&v) {
+                return Ok(());
+            }
+            Err(ConfigError::invalid(
+                file,
+                key,
+                format!("{v} is out of range: must be 0 (off) or from {lo} to {hi}"),
+            ))
+        };
+        off_or("scheduler.queue_ttl_ms", s.queue_ttl_ms, 1000, 30 * DAY_MS)?;
+        off_or(
+            "scheduler.retention_ms",
+            s.retention_ms,
+            60_000,
+            3650 * DAY_MS,
+        )?;
         Ok(())
     }
 
@@ -392,6 +426,30 @@ mod tests {
                 "[scheduler]\noffline_after_missed = 4000000000\n",
                 "scheduler.offline_after_missed",
             ),
+            // Keys added after the first range checks.
+            ("[scheduler]\nmax_devices = 0\n", "scheduler.max_devices"),
+            (
+                "[scheduler]\nmax_queued_tasks = 0\n",
+                "scheduler.max_queued_tasks",
+            ),
+            (
+                "[scheduler]\nmax_queued_bytes = 0\n",
+                "scheduler.max_queued_bytes",
+            ),
+            (
+                "[scheduler]\nmax_queued_bytes = 9223372036854775807\n",
+                "scheduler.max_queued_bytes",
+            ),
+            ("[scheduler]\nqueue_ttl_ms = 5\n", "scheduler.queue_ttl_ms"),
+            (
+                "[scheduler]\nqueue_ttl_ms = 9223372036854775807\n",
+                "scheduler.queue_ttl_ms",
+            ),
+            ("[scheduler]\nretention_ms = 1\n", "scheduler.retention_ms"),
+            (
+                "[scheduler]\nretention_ms = 9223372036854775807\n",
+                "scheduler.retention_ms",
+            ),
         ] {
             std::fs::write(&f, text).unwrap();
             let e = ServerConfig::load(Some(&f), toml::Table::new())
@@ -405,7 +463,8 @@ mod tests {
         // The bounds themselves are accepted.
         std::fs::write(
             &f,
-            "[mqtt]\nmax_connections = 2\n[scheduler]\nretry_backoff_ms = 1000\nretry_backoff_max_ms = 1000\naging_ms = 604800000\n",
+            "[mqtt]\nmax_connections = 2\n[scheduler]\nretry_backoff_ms = 1000\nretry_backoff_max_ms = 1000\naging_ms = 604800000\n\
+             max_devices = 1\nmax_queued_tasks = 1\nmax_queued_bytes = 4096\nqueue_ttl_ms = 0\nretention_ms = 0\n",
         )
         .unwrap();
         ServerConfig::load(Some(&f), toml::Table::new()).unwrap();

@@ -39,6 +39,10 @@ const LIST_CONNECTIONS: usize = 4;
 /// The response header that carries the cursor of the next page.
 pub const NEXT_CURSOR: &str = "openclaw-next-cursor";
 
+/// The response header that counts stored rows a list page could not read
+/// and left out (each is logged with its id and column).
+pub const LEFT_OUT: &str = "openclaw-left-out";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = match &self {
@@ -435,6 +439,8 @@ fn raw(text: &str) -> &RawValue {
 struct Page {
     body: Vec<u8>,
     next: Option<String>,
+    /// Stored rows that could not be read and were skipped (logged).
+    left_out: usize,
 }
 
 impl Lists {
@@ -500,13 +506,17 @@ impl Lists {
             true
         });
         self.idle.lock().expect("not poisoned").push(store);
-        r.map_err(unavailable)?;
+        let left_out = r.map_err(unavailable)?;
         body.push(b']');
         let next = more
             .then_some(last)
             .flatten()
             .map(|(ms, id)| format!("{ms}_{id}"));
-        Ok(Page { body, next })
+        Ok(Page {
+            body,
+            next,
+            left_out,
+        })
     }
 }
 
@@ -585,6 +595,10 @@ async fn list(
         .into_response();
     if let Some(next) = page.next.and_then(|n| HeaderValue::from_str(&n).ok()) {
         resp.headers_mut().insert(NEXT_CURSOR, next);
+    }
+    if page.left_out > 0 {
+        resp.headers_mut()
+            .insert(LEFT_OUT, HeaderValue::from(page.left_out as u64));
     }
     Ok(resp)
 }

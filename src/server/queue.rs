@@ -76,6 +76,12 @@ pub struct Queue {
     held: BTreeMap<(Instant, u64), String>,
     held_for: HashMap<String, HashSet<String>>,
     expiry: BTreeMap<(Instant, u64), String>,
+    /// Lanes by the device they name: a pass looks up the lanes of the
+    /// devices that have room, never the lanes of the others.
+    by_target: HashMap<String, HashSet<LaneId>>,
+    /// Lanes that name no device (few: one per plugin and capability some
+    /// known device offers, as submissions are refused otherwise).
+    untargeted: HashSet<LaneId>,
 }
 
 impl Queue {
@@ -114,6 +120,14 @@ impl Queue {
                 self.next_lane += 1;
                 let l = self.next_lane;
                 self.lane_of.insert(needs.clone(), l);
+                match &needs.target {
+                    Some(t) => {
+                        self.by_target.entry(t.clone()).or_default().insert(l);
+                    }
+                    None => {
+                        self.untargeted.insert(l);
+                    }
+                }
                 self.lanes.insert(
                     l,
                     Lane {
@@ -171,6 +185,19 @@ impl Queue {
         if lane.members == 0 {
             let lane = self.lanes.remove(&e.lane).expect("present");
             self.lane_of.remove(&lane.needs);
+            match &lane.needs.target {
+                Some(t) => {
+                    if let Some(set) = self.by_target.get_mut(t) {
+                        set.remove(&e.lane);
+                        if set.is_empty() {
+                            self.by_target.remove(t);
+                        }
+                    }
+                }
+                None => {
+                    self.untargeted.remove(&e.lane);
+                }
+            }
         }
         true
     }
@@ -272,6 +299,29 @@ impl Queue {
             let (k, _) = l.ready.first_key_value()?;
             Some((*id, &l.needs, *k))
         })
+    }
+
+    /// The lanes with a ready task that name `device` as their target.
+    pub fn lanes_for_target<'a>(
+        &'a self,
+        device: &str,
+    ) -> impl Iterator<Item = (LaneId, &'a Needs, Key)> + 'a {
+        self.by_target
+            .get(device)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.ready_head(*id))
+    }
+
+    /// The lanes with a ready task that name no target.
+    pub fn untargeted_lanes(&self) -> impl Iterator<Item = (LaneId, &Needs, Key)> {
+        self.untargeted.iter().filter_map(|id| self.ready_head(*id))
+    }
+
+    fn ready_head(&self, id: LaneId) -> Option<(LaneId, &Needs, Key)> {
+        let l = self.lanes.get(&id)?;
+        let (k, _) = l.ready.first_key_value()?;
+        Some((id, &l.needs, *k))
     }
 
     /// The best ready task of a lane.

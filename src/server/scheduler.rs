@@ -107,9 +107,15 @@ pub enum Command {
         resp: oneshot::Sender<Health>,
     },
     Mqtt(MqttEvent),
-    /// A dispatch publish could not be queued on the client.
+    /// A dispatch publish could not be queued on the client. It names the
+    /// dispatch (device, attempt, serial): a report that arrives after the
+    /// task was taken back and dispatched again must not re-queue the new
+    /// dispatch, or the task runs twice.
     DispatchFailed {
         id: String,
+        device: String,
+        attempt: u32,
+        serial: u64,
     },
 }
 
@@ -186,10 +192,14 @@ enum Effect {
         topic: String,
         payload: Vec<u8>,
         retain: bool,
-        /// Task to put back in the queue if the publish cannot be queued.
-        dispatch_of: Option<String>,
+        /// The dispatch to undo if the publish cannot be queued: task id,
+        /// device, attempt and dispatch serial.
+        dispatch_of: Option<(String, String, u32, u64)>,
     },
-    Ack(Publish),
+    /// The MQTT ack of a message handled in this batch, with the client
+    /// connection it came on (`None`: the broker sends it again, see
+    /// [`Scheduler::on_connected`]).
+    Ack(Publish, Option<u64>),
     Reply(Box<dyn FnOnce(bool) + Send>),
 }
 
@@ -202,6 +212,30 @@ struct Task {
     prefer: Option<(String, Instant)>,
     /// When the task was last published to its device (while dispatched).
     last_sent: Option<Instant>,
+    /// Which dispatch this is (unique per scheduler; while dispatched).
+    serial: u64,
+    /// While queued: its retry back-off, and when its queue time-to-live
+    /// runs out. Memory only, so a reload after a failed commit takes them
+    /// from the tasks it replaces.
+    not_before: Instant,
+    expires: Option<Instant>,
+}
+
+/// What memory alone knows of a queued task's timing.
+struct QueueTimes {
+    prefer: Option<(String, Instant)>,
+    not_before: Instant,
+    expires: Option<Instant>,
+}
+
+impl QueueTimes {
+    fn of(t: &Task) -> QueueTimes {
+        QueueTimes {
+            prefer: t.prefer.clone(),
+            not_before: t.not_before,
+            expires: t.expires,
+        }
+    }
 }
 
 struct Device {
@@ -262,9 +296,17 @@ pub struct Scheduler {
     connected: bool,
     effects: Vec<Effect>,
     self_tx: mpsc::WeakSender<Command>,
-    /// MQTT messages of batches that failed to commit: handled again (and
-    /// only then acknowledged) once the store takes writes.
-    replay: Vec<Publish>,
+    /// MQTT messages of batches that failed to commit, with the client
+    /// connection each came on: handled again (and only then acknowledged,
+    /// if that connection is still the current one) once the store takes
+    /// writes.
+    replay: Vec<(Publish, u64)>,
+    /// The client's connection: one more at every ConnAck. A packet id
+    /// means something only on the connection it came on.
+    epoch: u64,
+    /// Tasks taken out of memory in the current batch, with their queue
+    /// timing: if the batch fails, the reload puts them back as they were.
+    forgotten: HashMap<String, QueueTimes>,
     /// After a store failure, no writes before this time.
     store_retry_at: Option<Instant>,
     store_failures: u32,
@@ -272,7 +314,15 @@ pub struct Scheduler {
     next_retention: Instant,
     /// Statuses from unknown devices ignored at the `max_devices` bound.
     devices_refused: u64,
+    /// Device checks made by dispatch passes (tests measure a pass's work).
+    #[cfg(test)]
+    checks: std::cell::Cell<u64>,
 }
+
+/// Retention deletes at most this many finished tasks per batch...
+const RETENTION_ROWS: u32 = 500;
+/// ...and at most this many bytes of their inputs and results.
+const RETENTION_BYTES: u64 = 16 << 20;
 
 /// `now + ms`, saturating far in the future instead of overflowing.
 fn after(now: Instant, ms: u64) -> Instant {
@@ -312,10 +362,14 @@ impl Scheduler {
             effects: Vec::new(),
             self_tx: tx.downgrade(),
             replay: Vec::new(),
+            epoch: 0,
+            forgotten: HashMap::new(),
             store_retry_at: None,
             store_failures: 0,
             next_retention: now,
             devices_refused: 0,
+            #[cfg(test)]
+            checks: std::cell::Cell::new(0),
         };
         for (id, bytes, last_seen_ms) in s.store.devices()? {
             match DeviceStatus::decode(&bytes, usize::MAX) {
@@ -400,6 +454,7 @@ impl Scheduler {
     /// anywhere in it, a rollback and a reload.
     fn batch(&mut self, batch: &mut Vec<Command>, ticked: bool) -> Result<(), SchedulerError> {
         let now = Instant::now();
+        self.forgotten.clear();
         let mut ok = self.store_retry_at.is_none_or(|t| t <= now);
         if ok {
             if let Err(e) = self.store.begin() {
@@ -410,12 +465,12 @@ impl Scheduler {
         }
         let wrote = ok;
         // Messages of a failed batch first, as they came.
-        for p in std::mem::take(&mut self.replay) {
+        for (p, epoch) in std::mem::take(&mut self.replay) {
             if !ok {
-                self.replay.push(p);
+                self.replay.push((p, epoch));
                 continue;
             }
-            if let Err(e) = self.handle(Command::Mqtt(MqttEvent::Message(p))) {
+            if let Err(e) = self.on_message(p, epoch) {
                 log::error!("scheduler: {e}");
                 ok = false;
             }
@@ -451,6 +506,7 @@ impl Scheduler {
                     }
                     self.store_failures = 0;
                     self.store_retry_at = None;
+                    self.forgotten.clear();
                     self.flush();
                     return Ok(());
                 }
@@ -497,8 +553,10 @@ impl Scheduler {
             Command::Cancel { resp, .. } => {
                 let _ = resp.send(Err(unavailable()));
             }
-            Command::Mqtt(MqttEvent::Message(p)) => self.replay.push(p),
-            Command::Mqtt(MqttEvent::Connected { .. }) => self.connected = true,
+            Command::Mqtt(MqttEvent::Message(p)) => self.replay.push((p, self.epoch)),
+            Command::Mqtt(MqttEvent::Connected { session_present }) => {
+                self.on_connected(session_present)
+            }
             Command::Mqtt(MqttEvent::Disconnected(_)) => self.connected = false,
             // Re-sent by the not-started check once the store works.
             Command::DispatchFailed { .. } => {}
@@ -520,7 +578,10 @@ impl Scheduler {
                 Effect::Notify { id, waiter, .. } => {
                     self.waiters.entry(id).or_default().push(waiter)
                 }
-                Effect::Ack(p) => acked.push(p),
+                Effect::Ack(p, Some(epoch)) => acked.push((p, epoch)),
+                // The broker sends it again: handling this copy too would
+                // do it twice.
+                Effect::Ack(_, None) => {}
                 Effect::Publish { .. } => {}
             }
         }
@@ -552,7 +613,16 @@ impl Scheduler {
                     row.state = TaskState::Queued;
                     row.device = None;
                 }
-                self.enqueue(row, now, None);
+                // What only memory knew (the device it waits for, its
+                // back-off, its time-to-live), from the task as it was, or
+                // as it was when the failed batch ended it.
+                let times = prev
+                    .map(QueueTimes::of)
+                    .or_else(|| self.forgotten.remove(&row.id));
+                match times {
+                    Some(q) => self.enqueue_as(row, q.not_before, q.prefer, q.expires),
+                    None => self.enqueue(row, now, None),
+                }
                 continue;
             }
             // Dispatched in an earlier, committed batch: still on its device.
@@ -564,6 +634,9 @@ impl Scheduler {
                 )),
                 prefer: None,
                 last_sent: Some(now),
+                serial: 0,
+                not_before: now,
+                expires: None,
                 row,
             };
             if let Some(p) = prev.filter(|p| {
@@ -576,6 +649,7 @@ impl Scheduler {
                 }
                 t.deadline = p.deadline.or(t.deadline);
                 t.last_sent = p.last_sent.or(t.last_sent);
+                t.serial = p.serial;
             }
             self.held_bytes += t.row.input.len();
             if let Some(d) = self.devices.get_mut(&dev) {
@@ -600,6 +674,7 @@ impl Scheduler {
                 let _ = w.send(v.clone());
             }
         }
+        self.forgotten.clear();
         log::warn!(
             "scheduler: state reloaded from the store after a failed batch: {n} unfinished task(s), {} message(s) to handle again",
             self.replay.len()
@@ -615,9 +690,12 @@ impl Scheduler {
                 Effect::Notify { view, waiter, .. } => {
                     let _ = waiter.send(Ok(Some(*view)));
                 }
-                Effect::Ack(p) => {
+                // A packet id from an earlier connection would ack whatever
+                // message has that id now.
+                Effect::Ack(p, Some(epoch)) if epoch == self.epoch => {
                     let _ = self.client.try_ack(&p);
                 }
+                Effect::Ack(..) => {}
                 Effect::Publish {
                     topic,
                     payload,
@@ -629,8 +707,15 @@ impl Scheduler {
                             .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
                     {
                         log::warn!("scheduler: publish to {topic} failed: {e}");
-                        if let (Some(id), Some(tx)) = (dispatch_of, self.self_tx.upgrade()) {
-                            let _ = tx.try_send(Command::DispatchFailed { id });
+                        if let (Some((id, device, attempt, serial)), Some(tx)) =
+                            (dispatch_of, self.self_tx.upgrade())
+                        {
+                            let _ = tx.try_send(Command::DispatchFailed {
+                                id,
+                                device,
+                                attempt,
+                                serial,
+                            });
                         }
                     }
                 }
@@ -742,9 +827,21 @@ impl Scheduler {
                 });
             }
             Command::Mqtt(ev) => self.on_mqtt(ev)?,
-            Command::DispatchFailed { id } => {
+            Command::DispatchFailed {
+                id,
+                device,
+                attempt,
+                serial,
+            } => {
                 if let Some(t) = self.tasks.get(&id) {
-                    if t.row.state == TaskState::Dispatched {
+                    // Only the dispatch that failed: the task may have been
+                    // taken back and dispatched again since, and that one
+                    // was published.
+                    if t.row.state == TaskState::Dispatched
+                        && t.row.device.as_deref() == Some(device.as_str())
+                        && t.row.attempts == attempt
+                        && t.serial == serial
+                    {
                         let mut row = t.row.clone();
                         self.unassign(&row);
                         row.attempts = row.attempts.saturating_sub(1);
@@ -955,6 +1052,19 @@ impl Scheduler {
     /// `not_before`: retry back-off; `prefer`: the device it waits for
     /// (after a restart) until the given time.
     fn enqueue(&mut self, row: TaskRow, not_before: Instant, prefer: Option<(String, Instant)>) {
+        let expires =
+            (self.cfg.queue_ttl_ms > 0).then(|| after(Instant::now(), self.cfg.queue_ttl_ms));
+        self.enqueue_as(row, not_before, prefer, expires);
+    }
+
+    /// [`Scheduler::enqueue`] with the queue time-to-live's end given.
+    fn enqueue_as(
+        &mut self,
+        row: TaskRow,
+        not_before: Instant,
+        prefer: Option<(String, Instant)>,
+        expires: Option<Instant>,
+    ) {
         let now = Instant::now();
         self.seq += 1;
         let key = (
@@ -979,7 +1089,6 @@ impl Scheduler {
             None if not_before > now => Some((not_before, None)),
             None => None,
         };
-        let expires = (self.cfg.queue_ttl_ms > 0).then(|| after(now, self.cfg.queue_ttl_ms));
         self.queue.insert(row.id.clone(), needs, key, hold, expires);
         self.held_bytes += row.input.len();
         if let Some(old) = self.tasks.insert(
@@ -988,6 +1097,9 @@ impl Scheduler {
                 deadline: None,
                 prefer,
                 last_sent: None,
+                serial: 0,
+                not_before,
+                expires,
                 row,
             },
         ) {
@@ -1000,6 +1112,9 @@ impl Scheduler {
         self.queue.remove(id);
         let t = self.tasks.remove(id)?;
         self.held_bytes -= t.row.input.len();
+        self.forgotten
+            .entry(id.to_string())
+            .or_insert_with(|| QueueTimes::of(&t));
         Some(t)
     }
 
@@ -1125,8 +1240,8 @@ impl Scheduler {
 
     fn on_mqtt(&mut self, ev: MqttEvent) -> Result<(), StoreError> {
         match ev {
-            MqttEvent::Connected { .. } => {
-                self.connected = true;
+            MqttEvent::Connected { session_present } => {
+                self.on_connected(session_present);
                 // Our client may have dropped unacked dispatches on
                 // reconnect; agents answer repeats, so send them again.
                 let pending: Vec<(String, TaskSpec)> = self
@@ -1140,16 +1255,46 @@ impl Scheduler {
                 }
             }
             MqttEvent::Disconnected(_) => self.connected = false,
-            MqttEvent::Message(p) => match self.on_publish(&p) {
-                Ok(()) => self.effects.push(Effect::Ack(p)),
-                Err(e) => {
-                    // Not acked: handled again once the store takes writes.
-                    self.replay.push(p);
-                    return Err(e);
-                }
-            },
+            MqttEvent::Message(p) => self.on_message(p, self.epoch)?,
         }
         Ok(())
+    }
+
+    /// A message that came on client connection `epoch`.
+    fn on_message(&mut self, p: Publish, epoch: u64) -> Result<(), StoreError> {
+        match self.on_publish(&p) {
+            Ok(()) => {
+                self.effects.push(Effect::Ack(p, Some(epoch)));
+                Ok(())
+            }
+            Err(e) => {
+                // Not acked: handled again once the store takes writes.
+                self.replay.push((p, epoch));
+                Err(e)
+            }
+        }
+    }
+
+    /// A ConnAck. With the session kept, the broker sends again every
+    /// message of the previous connection that was not acked: the copies
+    /// kept for replay (and the acks not sent yet) of that connection are
+    /// dropped, or a submission would make two tasks. Without a session
+    /// nothing comes again: the kept copies are still handled, but never
+    /// acked (their packet ids belong to the old connection).
+    fn on_connected(&mut self, session_present: bool) {
+        self.connected = true;
+        let previous = self.epoch;
+        self.epoch += 1;
+        if session_present {
+            self.replay.retain(|(_, e)| *e != previous);
+            for effect in &mut self.effects {
+                if let Effect::Ack(_, e) = effect {
+                    if *e == Some(previous) {
+                        *e = None;
+                    }
+                }
+            }
+        }
     }
 
     fn on_publish(&mut self, p: &Publish) -> Result<(), StoreError> {
@@ -1428,6 +1573,23 @@ impl Scheduler {
         for id in late {
             self.device_lost(&id, "missed heartbeats")?;
         }
+        // A device lost in a batch whose commit failed: the reload gave it
+        // back the tasks the store still has on it, but it is offline now,
+        // so neither its status (handled again, no change any more) nor the
+        // silence check above would take them back. A committed batch never
+        // leaves an offline device with tasks.
+        let stranded: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| !d.online && !d.assigned.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stranded {
+            self.device_lost(
+                &id,
+                "offline (its loss is applied again after a failed commit)",
+            )?;
+        }
         // Only tasks in flight are looked at (every one is assigned to a
         // device), not the whole queue: a large backlog costs the tick nothing.
         //
@@ -1494,24 +1656,37 @@ impl Scheduler {
         if self.cfg.retention_ms > 0 && now >= self.next_retention {
             self.next_retention = after(now, 60_000);
             let cutoff = crate::now_ms().saturating_sub(self.cfg.retention_ms);
-            // A bounded bite per tick: one transaction never grows large.
-            let n = self.store.delete_finished_before(cutoff, 10_000)?;
+            // A bounded bite per tick, in rows and bytes: this runs inside
+            // the batch's transaction, and a backlog of old rows must not
+            // make one commit huge and stall the scheduler.
+            let (n, more) =
+                self.store
+                    .delete_finished_before(cutoff, RETENTION_ROWS, RETENTION_BYTES)?;
             if n > 0 {
                 log::info!(
-                    "retention: deleted {n} task(s) finished more than {} ms ago",
-                    self.cfg.retention_ms
+                    "retention: deleted {n} task(s) finished more than {} ms ago{}",
+                    self.cfg.retention_ms,
+                    if more { "; more at the next tick" } else { "" }
                 );
-                if n == 10_000 {
-                    // More to do: come back at the next tick.
-                    self.next_retention = now;
-                }
+            }
+            if more {
+                self.next_retention = now;
             }
         }
         Ok(())
     }
 
+    /// Whether `d` can take some task now.
+    fn has_room(&self, d: &Device, now: Instant) -> bool {
+        #[cfg(test)]
+        self.checks.set(self.checks.get() + 1);
+        d.online && d.busy_until.is_none_or(|b| b <= now) && d.assigned.len() < d.capacity()
+    }
+
     /// Whether `d` can take a task with these needs now.
     fn can_take(&self, d: &Device, needs: &Needs, now: Instant) -> bool {
+        #[cfg(test)]
+        self.checks.set(self.checks.get() + 1);
         d.online
             && d.busy_until.is_none_or(|b| b <= now)
             && d.assigned.len() < d.capacity()
@@ -1527,6 +1702,8 @@ impl Scheduler {
     }
 
     fn eligible(&self, d: &Device, t: &Task, now: Instant) -> bool {
+        #[cfg(test)]
+        self.checks.set(self.checks.get() + 1);
         d.online
             && d.busy_until.is_none_or(|b| b <= now)
             && d.assigned.len() < d.capacity()
@@ -1547,25 +1724,43 @@ impl Scheduler {
         }
         let now = Instant::now();
         self.queue.release_due(now);
-        let room = |s: &Scheduler| {
-            s.devices
-                .values()
-                .any(|d| d.online && d.assigned.len() < d.capacity())
-        };
-        if !room(self) {
+        // The devices that can take a task now: one look at each device,
+        // then work only for these and the lanes they can serve. A lane for
+        // a device without room is never looked at (before, every lane was
+        // checked against every device: lanes x devices per pass).
+        let free: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| self.has_room(d, now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if free.is_empty() {
             return Ok(());
         }
-        // The heads of the lanes some device can serve now, best first. A
-        // lane nobody can serve (target offline, capability absent, its
-        // devices full) costs one check here, however long it is.
-        let mut heads: BTreeMap<queue::Key, queue::LaneId> = self
-            .queue
-            .lanes()
-            .filter(|(_, needs, _)| self.devices.values().any(|d| self.can_take(d, needs, now)))
-            .map(|(lane, _, key)| (key, lane))
-            .collect();
+        // The heads of the lanes some free device can serve, best first:
+        // a targeted lane through its device, the untargeted ones (few) by
+        // a look at the free devices.
+        let mut heads: BTreeMap<queue::Key, queue::LaneId> = BTreeMap::new();
+        for id in &free {
+            let d = &self.devices[id];
+            for (lane, needs, key) in self.queue.lanes_for_target(id) {
+                if self.can_take(d, needs, now) {
+                    heads.insert(key, lane);
+                }
+            }
+        }
+        for (lane, needs, key) in self.queue.untargeted_lanes() {
+            if free
+                .iter()
+                .any(|f| self.can_take(&self.devices[f], needs, now))
+            {
+                heads.insert(key, lane);
+            }
+        }
+        // Free devices that still have room.
+        let mut room = free.len();
         while let Some((_, lane)) = heads.pop_first() {
-            if !room(self) {
+            if room == 0 {
                 break;
             }
             let Some((_, id)) = self.queue.head(lane) else {
@@ -1596,10 +1791,13 @@ impl Scheduler {
                 continue;
             }
             let preferred = prefer.map(|(d, _)| d).filter(|d| self.eligible(d, t, now));
+            let candidates: Box<dyn Iterator<Item = &Device>> = match &t.row.target {
+                Some(target) => Box::new(self.devices.get(target).into_iter()),
+                None => Box::new(free.iter().filter_map(|f| self.devices.get(f))),
+            };
             let chosen = preferred
                 .or_else(|| {
-                    self.devices
-                        .values()
+                    candidates
                         .filter(|d| self.eligible(d, t, now))
                         .min_by(|a, b| {
                             let la = a.assigned.len() as f32 / a.capacity() as f32;
@@ -1622,17 +1820,23 @@ impl Scheduler {
                 t.row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
             ));
             t.last_sent = Some(now);
+            self.seq += 1;
+            t.serial = self.seq;
+            let dispatch_of = Some((id.clone(), dev.clone(), t.row.attempts, t.serial));
             let spec = spec_of(&t.row);
             let row = t.row.clone();
             self.store.save(&row)?;
             if let Some(d) = self.devices.get_mut(&dev) {
                 d.assigned.insert(id.clone());
+                if d.assigned.len() >= d.capacity() {
+                    room = room.saturating_sub(1);
+                }
             }
             self.effects.push(Effect::Publish {
                 topic: topics::tasks(&dev),
                 payload: protocol::encode(&ToAgent::Task(spec)),
                 retain: false,
-                dispatch_of: Some(id),
+                dispatch_of,
             });
             if let Some((k, _)) = self.queue.head(lane) {
                 heads.insert(k, lane);
@@ -2434,5 +2638,452 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.tasks[&id].row.state, TaskState::Running);
+    }
+
+    /// Makes the store refuse the next COMMIT that wrote a task row (`on`:
+    /// `INSERT` or `UPDATE`): a deferred foreign key broken by a trigger.
+    fn poison(s: &Scheduler, on: &str) {
+        s.store
+            .conn()
+            .execute_batch(&format!(
+                "PRAGMA foreign_keys = ON;
+                 CREATE TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY);
+                 CREATE TABLE IF NOT EXISTS poison (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TRIGGER poison_task AFTER {on} ON tasks BEGIN INSERT INTO poison VALUES (1); END;"
+            ))
+            .unwrap();
+    }
+
+    fn cure(s: &Scheduler) {
+        s.store
+            .conn()
+            .execute_batch("DROP TRIGGER poison_task;")
+            .unwrap();
+    }
+
+    fn offline(id: &str) -> DeviceStatus {
+        let mut st = status(id, &[], 1);
+        st.online = false;
+        st
+    }
+
+    /// Review finding 1: a device declared lost in a batch whose commit
+    /// failed kept its tasks. The reload put them back on it (the store
+    /// still had them there), and nothing took them back: its status,
+    /// handled again, no longer changed anything, and the silence check
+    /// looks at online devices only.
+    #[tokio::test(start_paused = true)]
+    async fn a_device_lost_in_a_failed_batch_gives_its_tasks_back() {
+        let mut r = rig();
+        let s = &mut r.s;
+        s.batch(&mut vec![status_msg(&status("a", &[], 1))], false)
+            .unwrap();
+        let (tx, mut rx) = oneshot::channel();
+        s.batch(
+            &mut vec![Command::Submit {
+                req: long_req(),
+                resp: tx,
+            }],
+            false,
+        )
+        .unwrap();
+        let x = rx.try_recv().unwrap().unwrap().id;
+        assert_eq!(device_of(s, &x).as_deref(), Some("a"));
+        s.batch(&mut vec![status_msg(&status("b", &[], 1))], false)
+            .unwrap();
+
+        poison(s, "UPDATE");
+        s.batch(&mut vec![status_msg(&offline("a"))], false)
+            .unwrap();
+        assert_eq!(
+            s.store.get(&x).unwrap().unwrap().device.as_deref(),
+            Some("a"),
+            "the loss was not committed"
+        );
+        assert!(!s.devices["a"].online);
+        cure(s);
+        // The store works again; `b` keeps beating, ticks run.
+        for _ in 0..8 {
+            tokio::time::advance(Duration::from_millis(200)).await;
+            s.batch(&mut vec![status_msg(&status("b", &[], 1))], true)
+                .unwrap();
+        }
+        assert!(s.replay.is_empty());
+        assert!(
+            s.devices["a"].assigned.is_empty(),
+            "the lost device still holds its task"
+        );
+        assert_eq!(device_of(s, &x).as_deref(), Some("b"));
+        let row = s.store.get(&x).unwrap().unwrap();
+        assert_eq!(row.device.as_deref(), Some("b"));
+        assert_eq!(row.attempts, 2, "the loss counted an attempt, once");
+    }
+
+    /// Review finding 2: the reload after a failed commit rebuilt the queue
+    /// from the store alone, and lost what only memory knew: the device a
+    /// recovered task waits for, a retry's back-off, the queue
+    /// time-to-live (restarted at the reload).
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_preference_backoff_and_queue_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = Store::open(dir.path(), "normal").unwrap();
+            let (client, el) =
+                AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10_000);
+            let mut c = cfg();
+            c.queue_ttl_ms = 10_000;
+            c.retry_backoff_ms = 5000;
+            let (mut s, _h, rx) = Scheduler::new(c, store, client, 1 << 20).unwrap();
+            s.connected = true;
+            (s, rx, el)
+        };
+        let z = {
+            let (mut s, _rx, _el) = open();
+            heartbeat(&mut s, &status("p", &[], 1));
+            let z = submit(&mut s, long_req());
+            s.dispatch().unwrap();
+            assert_eq!(device_of(&s, &z).as_deref(), Some("p"));
+            z
+        }; // the server restarts: `z` waits up to 3 s for `p`
+        let (mut s, _rx, _el) = open();
+        let s = &mut s;
+        heartbeat(s, &status("away", &[], 1));
+        heartbeat(s, &offline("away"));
+        heartbeat(s, &status("a", &[], 4));
+        let x = submit(s, req(None, Some("away"))); // expires at 10 s
+        let y = submit(s, long_req());
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &y).as_deref(), Some("a"));
+        assert_eq!(s.tasks[&z].row.state, TaskState::Queued);
+        s.on_agent(
+            "a",
+            FromAgent::Finished(TaskOutcome {
+                task_id: y.clone(),
+                result: Err(crate::protocol::TaskError {
+                    kind: ErrorKind::Failed,
+                    message: "flaky".into(),
+                    retryable: true,
+                }),
+                elapsed_us: 5,
+            }),
+        )
+        .unwrap();
+        assert_eq!(s.tasks[&y].row.state, TaskState::Queued); // until 5 s
+
+        tokio::time::advance(Duration::from_millis(2000)).await;
+        poison(s, "INSERT");
+        let (tx, _rx2) = oneshot::channel();
+        s.batch(
+            &mut vec![
+                status_msg(&status("a", &[], 4)),
+                Command::Submit {
+                    req: long_req(),
+                    resp: tx,
+                },
+            ],
+            false,
+        )
+        .unwrap();
+        assert!(s.store_retry_at.is_some(), "the batch failed and reloaded");
+        cure(s);
+        let beat = |s: &mut Scheduler| {
+            s.batch(&mut vec![status_msg(&status("a", &[], 4))], true)
+                .unwrap()
+        };
+        tokio::time::advance(Duration::from_millis(200)).await;
+        beat(s);
+        assert_eq!(
+            s.tasks[&z].row.state,
+            TaskState::Queued,
+            "went to `a` while it waits for `p`"
+        );
+        assert_eq!(
+            s.tasks[&y].row.state,
+            TaskState::Queued,
+            "retried before its back-off"
+        );
+        tokio::time::advance(Duration::from_millis(900)).await; // 3.1 s
+        beat(s);
+        assert_eq!(device_of(s, &z).as_deref(), Some("a"), "`p` had its time");
+        assert_eq!(s.tasks[&y].row.state, TaskState::Queued);
+        tokio::time::advance(Duration::from_millis(2000)).await; // 5.1 s
+        beat(s);
+        assert_eq!(device_of(s, &y).as_deref(), Some("a"));
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_millis(900)).await; // to 10.5 s
+            beat(s);
+        }
+        assert!(
+            !s.tasks.contains_key(&x),
+            "the queue time-to-live restarted at the reload"
+        );
+        assert_eq!(s.store.get(&x).unwrap().unwrap().state, TaskState::TimedOut);
+    }
+
+    /// Review finding 3: a `DispatchFailed` that arrives after its task was
+    /// taken back (device lost) and dispatched again re-queued the new
+    /// dispatch, which had been published: the task ran twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_dispatch_failure_leaves_the_new_dispatch_alone() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 1));
+        let id = submit(s, long_req());
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("a"));
+        let first = Command::DispatchFailed {
+            id: id.clone(),
+            device: "a".into(),
+            attempt: 1,
+            serial: s.tasks[&id].serial,
+        };
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_millis(900)).await;
+            heartbeat(s, &status("b", &[], 1));
+            s.on_tick().unwrap();
+        }
+        tokio::time::advance(Duration::from_millis(501)).await;
+        heartbeat(s, &status("b", &[], 1));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("b"));
+        // The report of the first dispatch's failed publish comes late.
+        s.handle(first).unwrap();
+        assert_eq!(s.tasks[&id].row.state, TaskState::Dispatched);
+        assert_eq!(device_of(s, &id).as_deref(), Some("b"));
+        assert!(s.devices["b"].assigned.contains(&id));
+        assert!(!s.queue.contains(&id));
+        // The failure of the current dispatch still puts it back, free.
+        let current = Command::DispatchFailed {
+            id: id.clone(),
+            device: "b".into(),
+            attempt: 2,
+            serial: s.tasks[&id].serial,
+        };
+        s.handle(current).unwrap();
+        assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
+        assert_eq!(s.tasks[&id].row.attempts, 1);
+        assert!(s.devices["b"].assigned.is_empty());
+    }
+
+    fn submit_msg(pkid: u16, correlation: &str) -> Publish {
+        let body = serde_json::json!({"plugin": "echo", "input": 1, "correlation": correlation});
+        let mut p = Publish::new(topics::SUBMIT, QoS::AtLeastOnce, body.to_string());
+        p.pkid = pkid;
+        p
+    }
+
+    fn stored_tasks(s: &Scheduler, correlation: &str) -> usize {
+        s.store
+            .list(None, 1000)
+            .unwrap()
+            .iter()
+            .filter(|r| r.correlation.as_deref() == Some(correlation))
+            .count()
+    }
+
+    /// Review finding 4: an MQTT submission kept for replay during a store
+    /// outage was handled twice when the client reconnected meanwhile: once
+    /// from the kept copy, once as the broker's redelivery (the session was
+    /// kept and the message never acked). Without a session the broker
+    /// sends nothing again: the kept copy is handled, but not acked with a
+    /// packet id of the old connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_during_a_store_outage_does_not_submit_twice() {
+        let mut r = rig();
+        let s = &mut r.s;
+        s.batch(&mut vec![status_msg(&status("a", &[], 0))], false)
+            .unwrap();
+        poison(s, "INSERT");
+        let mut batch = vec![Command::Mqtt(MqttEvent::Message(submit_msg(7, "kept")))];
+        s.batch(&mut batch, false).unwrap();
+        assert_eq!(s.replay.len(), 1);
+        // Reconnected with the session; the broker sends it again.
+        let mut batch = vec![
+            Command::Mqtt(MqttEvent::Disconnected("gone".into())),
+            Command::Mqtt(MqttEvent::Connected {
+                session_present: true,
+            }),
+            Command::Mqtt(MqttEvent::Message(submit_msg(1, "kept"))),
+        ];
+        s.batch(&mut batch, false).unwrap();
+        cure(s);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        s.batch(&mut Vec::new(), false).unwrap();
+        assert!(s.replay.is_empty());
+        assert_eq!(stored_tasks(s, "kept"), 1, "one submission, one task");
+
+        // Without a session: the kept copy is the only one.
+        poison(s, "INSERT");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        s.batch(
+            &mut vec![Command::Mqtt(MqttEvent::Message(submit_msg(8, "lone")))],
+            false,
+        )
+        .unwrap();
+        assert_eq!(s.replay.len(), 1);
+        s.batch(
+            &mut vec![Command::Mqtt(MqttEvent::Connected {
+                session_present: false,
+            })],
+            false,
+        )
+        .unwrap();
+        cure(s);
+        tokio::time::advance(Duration::from_millis(400)).await;
+        // The replay, by hand, to see the ack it leaves.
+        s.store.begin().unwrap();
+        for (p, e) in std::mem::take(&mut s.replay) {
+            s.on_message(p, e).unwrap();
+        }
+        let stale = s
+            .effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Ack(p, Some(ep)) if p.pkid == 8 && *ep != s.epoch))
+            .count();
+        assert_eq!(
+            stale, 1,
+            "the ack carries its old connection, so flush skips it"
+        );
+        s.store.commit().unwrap();
+        s.flush();
+        assert_eq!(stored_tasks(s, "lone"), 1, "not lost");
+    }
+
+    /// Review finding 7: retention deleted up to 10,000 rows in one batch's
+    /// transaction; a backlog of big old rows made that commit huge. Now a
+    /// batch deletes at most `RETENTION_ROWS` rows and `RETENTION_BYTES`,
+    /// and the next tick goes on.
+    #[tokio::test(start_paused = true)]
+    async fn retention_deletes_in_bounded_chunks() {
+        let mut r = rig();
+        let s = &mut r.s;
+        s.cfg.retention_ms = 86_400_000;
+        let seed = |s: &mut Scheduler, n: usize, bytes: usize, tag: &str| {
+            s.store.begin().unwrap();
+            for i in 0..n {
+                s.store
+                    .save(&TaskRow {
+                        id: format!("{tag}-{i:06}"),
+                        plugin: "echo".into(),
+                        input: format!("\"{}\"", "x".repeat(bytes)),
+                        priority: 50,
+                        target: None,
+                        capability: None,
+                        timeout_ms: 1000,
+                        max_attempts: 1,
+                        reply_to: None,
+                        correlation: None,
+                        state: TaskState::Succeeded,
+                        attempts: 1,
+                        device: None,
+                        result: Some("1".into()),
+                        error: None,
+                        created_ms: 1,
+                        dispatched_ms: None,
+                        started_ms: None,
+                        finished_ms: Some(1 + i as u64),
+                    })
+                    .unwrap();
+            }
+            s.store.commit().unwrap();
+        };
+        let left = |s: &Scheduler| s.store.list(None, 100_000).unwrap().len();
+        seed(s, 1200, 10, "small");
+        s.on_tick().unwrap();
+        assert_eq!(
+            left(s),
+            700,
+            "one batch deletes 500 (RETENTION_ROWS), not all"
+        );
+        // The next tick goes on (no minute's wait while there is a backlog).
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.on_tick().unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.on_tick().unwrap();
+        assert_eq!(left(s), 0);
+
+        // In bytes: 40 rows of 1 MiB, at most 16 MiB a batch.
+        seed(s, 40, 1 << 20, "big");
+        s.next_retention = Instant::now(); // not a minute's wait
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.on_tick().unwrap();
+        let deleted = 40 - left(s);
+        assert!(
+            deleted >= 1 && deleted as u64 * (1 << 20) <= RETENTION_BYTES,
+            "{deleted} MiB-sized rows deleted in one batch"
+        );
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            s.on_tick().unwrap();
+        }
+        assert_eq!(left(s), 0);
+    }
+
+    /// `devices` online devices with one slot each, every one busy with a
+    /// task and with one more task waiting for it (a lane each), plus a
+    /// device `free` with room for many and a task any device can run.
+    fn many_full_devices_and_parked_lanes(s: &mut Scheduler, devices: usize) -> String {
+        s.cfg.max_devices = devices + 10;
+        for i in 0..devices {
+            let id = format!("d{i:05}");
+            heartbeat(s, &status(&id, &[], 1));
+            submit(s, req(None, Some(&id)));
+            submit(s, req(None, Some(&id)));
+        }
+        s.dispatch().unwrap();
+        assert!(s.devices.values().all(|d| d.assigned.len() == 1));
+        assert_eq!(s.queue.lane_count(), devices);
+        heartbeat(s, &status("free", &[], 1_000_000));
+        submit(s, req(None, None))
+    }
+
+    /// Review finding 5: a dispatch pass checked every lane against every
+    /// device (lanes x devices). With 2,000 full devices, each with a lane
+    /// of its own waiting, and one free device, a pass must cost about one
+    /// check per device, not millions.
+    #[tokio::test(start_paused = true)]
+    async fn a_dispatch_pass_is_proportional_to_free_devices_not_lanes_times_devices() {
+        let mut r = rig();
+        let s = &mut r.s;
+        let n = 2000;
+        let any = many_full_devices_and_parked_lanes(s, n);
+        s.checks.set(0);
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &any).as_deref(), Some("free"));
+        let checks = s.checks.get();
+        assert!(
+            checks <= 2 * n as u64 + 10,
+            "{checks} device checks for one pass over {n} devices and {n} lanes"
+        );
+        // And a pass with nothing to do is as cheap.
+        s.checks.set(0);
+        s.dispatch().unwrap();
+        assert!(s.checks.get() <= n as u64 + 1, "{}", s.checks.get());
+    }
+
+    /// The figures in BENCHMARKS.md ("Dispatch pass with many devices and
+    /// lanes"): time per pass and device checks per pass.
+    /// `cargo test --release --all-features --lib dispatch_pass_figures -- --ignored --nocapture`
+    #[tokio::test(start_paused = true)]
+    #[ignore]
+    async fn dispatch_pass_figures() {
+        for n in [500, 2000] {
+            let mut r = rig();
+            let s = &mut r.s;
+            let _ = many_full_devices_and_parked_lanes(s, n);
+            // `free` takes the one task: every pass then finds nothing to do.
+            s.dispatch().unwrap();
+            s.checks.set(0);
+            let passes = 20;
+            let start = std::time::Instant::now();
+            for _ in 0..passes {
+                s.dispatch().unwrap();
+            }
+            let per = start.elapsed() / passes;
+            println!(
+                "devices {n}, lanes {n}: {per:?} per pass, {} device checks per pass",
+                s.checks.get() / passes as u64
+            );
+        }
     }
 }
