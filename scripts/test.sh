@@ -65,7 +65,7 @@ log "cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --all-targets --all-features -- -D warnings
 
 log "cargo test (all features)"
-cargo test --all-features -- --test-threads=2
+cargo test --all-features --no-fail-fast -- --test-threads=2
 
 log "fuzzing: every cargo-fuzz target for a bounded time (scripts/fuzz.sh)"
 bash scripts/fuzz.sh
