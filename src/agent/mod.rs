@@ -664,15 +664,7 @@ impl Manager {
                 self.id,
                 spec.id
             );
-            // Not "busy": the server tells the submitter why.
-            let reason = match e {
-                StorageError::NoSpace { .. } => RejectReason::NoSpace,
-                _ => RejectReason::StorageFailed,
-            };
-            self.publish_event(&FromAgent::Rejected {
-                task_id: spec.id,
-                reason,
-            });
+            self.reject_for_storage(spec.id, &e);
             return;
         }
         if run_now {
@@ -899,6 +891,16 @@ impl Manager {
         self.launch_as(spec, false)
     }
 
+    /// Hands a task back because the journal could not record it; not
+    /// "busy": the server tells the submitter why.
+    fn reject_for_storage(&mut self, task_id: String, e: &StorageError) {
+        let reason = match e {
+            StorageError::NoSpace { .. } => RejectReason::NoSpace,
+            _ => RejectReason::StorageFailed,
+        };
+        self.publish_event(&FromAgent::Rejected { task_id, reason });
+    }
+
     fn launch_as(&mut self, spec: TaskSpec, alone: bool) {
         // Durable with the batch, before the plugin starts: after a crash
         // the agent knows this task was running (see the module docs).
@@ -920,14 +922,7 @@ impl Manager {
             let _ = self.journal.append_unsynced(&Record::Released {
                 task_id: spec.id.clone(),
             });
-            let reason = match e {
-                StorageError::NoSpace { .. } => RejectReason::NoSpace,
-                _ => RejectReason::StorageFailed,
-            };
-            self.publish_event(&FromAgent::Rejected {
-                task_id: spec.id,
-                reason,
-            });
+            self.reject_for_storage(spec.id, &e);
             if was_alone {
                 // Nothing runs that would end and start the next suspect
                 // (one launch per suspect: bounded by the queue).

@@ -1962,6 +1962,19 @@ mod tests {
         long
     }
 
+    /// A retryable failure of `id`, as an agent reports it.
+    fn flaky(id: &str) -> FromAgent {
+        FromAgent::Finished(TaskOutcome {
+            task_id: id.into(),
+            result: Err(crate::protocol::TaskError {
+                kind: ErrorKind::Failed,
+                message: "flaky".into(),
+                retryable: true,
+            }),
+            elapsed_us: 5,
+        })
+    }
+
     fn device_of(s: &Scheduler, id: &str) -> Option<String> {
         s.tasks[id].row.device.clone()
     }
@@ -2271,19 +2284,7 @@ mod tests {
         }
         assert!(!s.devices["a"].online);
         assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
-        s.on_agent(
-            "a",
-            FromAgent::Finished(TaskOutcome {
-                task_id: id.clone(),
-                result: Err(crate::protocol::TaskError {
-                    kind: ErrorKind::Failed,
-                    message: "flaky".into(),
-                    retryable: true,
-                }),
-                elapsed_us: 5,
-            }),
-        )
-        .unwrap();
+        s.on_agent("a", flaky(&id)).unwrap();
         assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
         tokio::time::advance(Duration::from_millis(60_000)).await;
         heartbeat(s, &status("b", &[], 1));
@@ -2596,19 +2597,7 @@ mod tests {
             let Some(id) = t.map(|t| t.row.id.clone()) else {
                 break;
             };
-            s.on_agent(
-                "a",
-                FromAgent::Finished(TaskOutcome {
-                    task_id: id.clone(),
-                    result: Err(crate::protocol::TaskError {
-                        kind: ErrorKind::Failed,
-                        message: "flaky".into(),
-                        retryable: true,
-                    }),
-                    elapsed_us: 5,
-                }),
-            )
-            .unwrap();
+            s.on_agent("a", flaky(&id)).unwrap();
             assert_eq!(s.tasks[&id].row.state, TaskState::Queued);
             s.on_tick().unwrap();
             s.dispatch().unwrap();
@@ -2755,19 +2744,7 @@ mod tests {
         s.dispatch().unwrap();
         assert_eq!(device_of(s, &y).as_deref(), Some("a"));
         assert_eq!(s.tasks[&z].row.state, TaskState::Queued);
-        s.on_agent(
-            "a",
-            FromAgent::Finished(TaskOutcome {
-                task_id: y.clone(),
-                result: Err(crate::protocol::TaskError {
-                    kind: ErrorKind::Failed,
-                    message: "flaky".into(),
-                    retryable: true,
-                }),
-                elapsed_us: 5,
-            }),
-        )
-        .unwrap();
+        s.on_agent("a", flaky(&y)).unwrap();
         assert_eq!(s.tasks[&y].row.state, TaskState::Queued); // until 5 s
 
         tokio::time::advance(Duration::from_millis(2000)).await;
