@@ -240,7 +240,19 @@ fn server_sigkill_under_load_every_accepted_task_ends_once() {
     let total = 240;
     let load = Load::start(&server.http, "sk", total, 6);
     load.wait_accepted(total / 3);
-    // Tasks are queued, dispatched and running on the agents right now.
+    // Then the first effect: tasks are running on the agents now, and
+    // submissions (still coming) outpace 12 slots of 30 ms, so many
+    // accepted ones are queued or dispatched, not done. (Killing right
+    // after the acceptances could land before any task ran: seen once.)
+    let start = Instant::now();
+    while effects.counts().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no task ran within 60 s of {} acceptances",
+            load.accepted_count()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     server.kill();
     let at_kill = load.accepted_count();
     // The kill landed mid-run: some accepted tasks had done their effect,
