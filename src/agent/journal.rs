@@ -118,6 +118,8 @@ impl State {
                 if self.ledger.get(&spec.id) == Some(&true) {
                     self.ledger.remove(&spec.id);
                     self.ledger_order.retain(|id| id != &spec.id);
+                    // Its old failure is not re-sent beside the new attempt.
+                    self.outbox.remove(&spec.id);
                 }
                 if !self.ledger.contains_key(&spec.id)
                     && !self.pending.iter().any(|p| p.id == spec.id)
@@ -489,9 +491,11 @@ mod tests {
 
     /// Issue 15, item 3: one flipped bit inside the segment holding the
     /// snapshot cut it there (its end marker with it) and replay then
-    /// discarded every later, intact segment: pending 0, ledger 0.
+    /// discarded every later, intact segment: pending 0, ledger 0. Now the
+    /// rest of that segment is lost (nothing searches past damage for a
+    /// frame: it could be forged) and every later segment is read.
     #[test]
-    fn a_flipped_bit_in_the_snapshot_loses_only_that_record() {
+    fn a_flipped_bit_in_the_snapshot_keeps_the_later_segments() {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut j, _) = Journal::open(dir.path(), opts(), 100).unwrap();
@@ -522,8 +526,17 @@ mod tests {
         b[mid] ^= 0x10;
         std::fs::write(snap, &b).unwrap();
         let (j, s) = Journal::open(dir.path(), opts(), 100).unwrap();
-        assert_eq!(s.pending.len(), 319, "{:?}", j.stats());
-        assert!(s.pending.iter().any(|p| p.id == "late299"));
+        // The first file (4 KiB) holds the snapshot and the first ~100
+        // late records; everything after it is read.
+        for i in 150..300 {
+            let id = format!("late{i}");
+            assert!(
+                s.pending.iter().any(|p| p.id == id),
+                "{id} lost: {:?}",
+                j.stats()
+            );
+        }
+        assert!(s.pending.len() < 320);
         assert_eq!(j.skipped(), 1);
     }
 

@@ -75,6 +75,9 @@ enum Deferred {
     Start(TaskSpec, CancellationToken),
     /// Publish a result from the outbox.
     Send(String),
+    /// Publish an event whose record (e.g. `Released`) had to be durable
+    /// first.
+    Event(FromAgent),
 }
 
 /// Errors that stop the agent from starting.
@@ -472,6 +475,7 @@ impl Manager {
                 // A result whose record could not be written (a full disk)
                 // is sent anyway: the server has it then.
                 Deferred::Send(id) => self.send_result(&id),
+                Deferred::Event(ev) => self.publish_event(&ev),
             }
         }
         Ok(())
@@ -595,6 +599,14 @@ impl Manager {
             );
             self.ledger.remove(&spec.id);
             self.ledger_order.retain(|id| id != &spec.id);
+            // The old failure, if still unconfirmed, must not be re-sent
+            // while the new attempt runs: the server would take it for
+            // this attempt's result (results carry no attempt).
+            if self.outbox.remove(&spec.id).is_some() {
+                let _ = self.journal.append_unsynced(&Record::Acked {
+                    task_id: spec.id.clone(),
+                });
+            }
         } else if let Some(p) = self.outbox.get_mut(&spec.id) {
             // Delivered again before the server confirmed the result: send
             // it again now, never run twice.
@@ -894,10 +906,7 @@ impl Manager {
     /// Hands a task back because the journal could not record it; not
     /// "busy": the server tells the submitter why.
     fn reject_for_storage(&mut self, task_id: String, e: &StorageError) {
-        let reason = match e {
-            StorageError::NoSpace { .. } => RejectReason::NoSpace,
-            _ => RejectReason::StorageFailed,
-        };
+        let reason = storage_reject_reason(e);
         self.publish_event(&FromAgent::Rejected { task_id, reason });
     }
 
@@ -910,6 +919,21 @@ impl Manager {
         }) {
             // Run without it, a task that crashes the agent would be run
             // again as never started, outside the quarantine: hand it back.
+            // The rejection waits for the batch's commit, so `Released` is
+            // durable first: published before it, a crash then ran the task
+            // again at the next start after the server had re-queued or
+            // failed it. (When even `Released` cannot be written, as on a
+            // full disk, that window stays: a restart runs the accepted task
+            // again; see the closing note of issue 16.)
+            if let Err(re) = self.journal.append_grouped(&Record::Released {
+                task_id: spec.id.clone(),
+            }) {
+                log::error!(
+                    "agent {}: cannot record that {} is handed back either: {re}",
+                    self.id,
+                    spec.id
+                );
+            }
             log::error!(
                 "agent {}: cannot record the start of {}, handing it back: {e}",
                 self.id,
@@ -919,10 +943,10 @@ impl Manager {
             if was_alone {
                 self.alone = None;
             }
-            let _ = self.journal.append_unsynced(&Record::Released {
-                task_id: spec.id.clone(),
-            });
-            self.reject_for_storage(spec.id, &e);
+            self.deferred.push(Deferred::Event(FromAgent::Rejected {
+                task_id: spec.id,
+                reason: storage_reject_reason(&e),
+            }));
             if was_alone {
                 // Nothing runs that would end and start the next suspect
                 // (one launch per suspect: bounded by the queue).
@@ -930,6 +954,11 @@ impl Manager {
             }
             return;
         }
+        self.occupy(spec);
+    }
+
+    /// Takes the task's slots and starts it after the batch's commit.
+    fn occupy(&mut self, spec: TaskSpec) {
         *self.per_plugin.entry(spec.plugin.clone()).or_insert(0) += 1;
         let token = CancellationToken::new();
         self.running
@@ -1258,4 +1287,12 @@ fn plugin_error(e: PluginError) -> TaskError {
         PluginError::TooLarge { .. } => (ErrorKind::TooLarge, false),
     };
     error(kind, &e.to_string(), retryable)
+}
+
+/// What the server is told when the journal could not record a task.
+fn storage_reject_reason(e: &StorageError) -> RejectReason {
+    match e {
+        StorageError::NoSpace { .. } => RejectReason::NoSpace,
+        _ => RejectReason::StorageFailed,
+    }
 }

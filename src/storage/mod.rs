@@ -15,14 +15,16 @@
 //! - **Durability** follows [`FsyncPolicy`]: `always` syncs each record
 //!   before [`Log::append`] returns, `batch` syncs every N records or N ms,
 //!   `never` leaves it to the OS.
-//! - **Recovery** ([`Log::open`]) reads every segment in order. Damage at
-//!   the end of the last segment (a crash mid-write) is a torn tail: skipped,
-//!   counted in [`Stats::skipped_records`], logged, and cut off so that new
-//!   records never follow garbage. Any other damage (a bad record followed
-//!   by good ones, or in a segment that is not the last) is corruption:
-//!   counted in [`Stats::corrupt_records`] too, logged as an error, left on
-//!   disk, and read around ([`scan_all`] finds the next good record). The
-//!   log opens anyway.
+//! - **Recovery** ([`Log::open`]) reads every segment in order and stops
+//!   reading a segment at its first torn or corrupt record. In the last
+//!   segment (the one being written) that is a torn tail: skipped, counted in
+//!   [`Stats::skipped_records`], logged, and cut off so that new records
+//!   never follow garbage. In an older segment it is corruption: counted in
+//!   [`Stats::corrupt_records`] too, logged as an error, the rest of that
+//!   segment skipped, and the later segments read. Nothing searches past
+//!   damage for the next record that checks out: payloads are stored
+//!   verbatim, so a frame found inside a damaged record could be forged.
+//!   The log opens anyway.
 //! - **Size bound**: when an append would take the log over
 //!   [`LogOptions::max_bytes`], whole segments are dropped oldest first and
 //!   counted in [`Stats::segments_dropped`]. Callers that must not lose live
@@ -167,9 +169,9 @@ pub struct Stats {
     pub no_space_errors: u64,
     /// Compactions done.
     pub compactions: u64,
-    /// Of the skipped records, those that were not a torn tail of the last
-    /// segment: data that was on disk and changed (reported as errors; the
-    /// records after them are read).
+    /// Of the skipped records, those in a segment that was not the last:
+    /// data that was on disk and changed (reported as errors; the rest of
+    /// that segment is skipped, the later segments are read).
     pub corrupt_records: u64,
 }
 
@@ -221,55 +223,6 @@ pub fn scan(bytes: &[u8]) -> Scan {
         at += HEADER_BYTES + len;
     }
     out
-}
-
-/// Result of [`scan_all`]: every good record, and the damaged byte ranges
-/// between them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ScanAll {
-    pub records: Vec<std::ops::Range<usize>>,
-    pub damaged: Vec<std::ops::Range<usize>>,
-}
-
-impl ScanAll {
-    /// Whether the last damage runs to the end with no good record after
-    /// it: a write cut short, or damage at the very end.
-    pub fn damaged_tail(&self, len: usize) -> Option<std::ops::Range<usize>> {
-        self.damaged.last().filter(|d| d.end == len).cloned()
-    }
-}
-
-/// Like [`scan`], but past a damaged record it looks for the next offset
-/// where a whole record checks out and goes on from there, so one flipped
-/// bit costs that record, not the rest of the segment. Never panics.
-pub fn scan_all(bytes: &[u8]) -> ScanAll {
-    let mut out = ScanAll::default();
-    let mut at = 0;
-    while at < bytes.len() {
-        let s = scan(&bytes[at..]);
-        out.records
-            .extend(s.records.iter().map(|r| at + r.start..at + r.end));
-        let Some((bad, _)) = s.damage else { break };
-        let bad = at + bad;
-        let next = (bad + 1..bytes.len())
-            .find(|&o| valid_record_at(&bytes[o..]))
-            .unwrap_or(bytes.len());
-        out.damaged.push(bad..next);
-        at = next;
-    }
-    out
-}
-
-fn valid_record_at(rest: &[u8]) -> bool {
-    if rest.len() < HEADER_BYTES {
-        return false;
-    }
-    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-    if len > MAX_RECORD_BYTES || rest.len() - HEADER_BYTES < len {
-        return false;
-    }
-    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-    record_crc(&rest[0..4], &rest[HEADER_BYTES..HEADER_BYTES + len]) == crc
 }
 
 fn record_crc(len_bytes: &[u8], payload: &[u8]) -> u32 {
@@ -363,40 +316,44 @@ impl Log {
                 source,
             };
             let bytes = std::fs::read(&path).map_err(io_err)?;
-            let scan = scan_all(&bytes);
+            // Stop at the first damage, never search past it for the next
+            // frame that checks out: task inputs and results are stored
+            // verbatim, so bytes inside a damaged record can be a valid
+            // frame (a forged task), and the search costs the square of
+            // the damaged size (review of issue 15).
+            let scan = scan(&bytes);
             let mut good = bytes.len();
-            let tail = scan
-                .damaged_tail(bytes.len())
-                .filter(|_| Some(id) == last_id);
-            for d in &scan.damaged {
+            if let Some((at, damage)) = scan.damage {
                 stats.skipped_records += 1;
-                stats.skipped_bytes += d.len() as u64;
-                if Some(d) == tail.as_ref() {
+                stats.skipped_bytes += (bytes.len() - at) as u64;
+                if Some(id) == last_id {
+                    // A write cut short (or damage at the end): cut it off,
+                    // so new records never follow garbage and the same
+                    // damage is not counted again at the next start.
                     log::warn!(
-                        "storage: segment {} ends in a torn or damaged record at offset {}; cutting off its last {} bytes",
+                        "storage: segment {} has a {} record at offset {at}; cutting off its last {} bytes",
                         path.display(),
-                        d.start,
-                        d.len()
+                        match damage {
+                            Damage::Torn => "torn",
+                            Damage::Corrupt => "corrupt",
+                        },
+                        bytes.len() - at
                     );
+                    let f = OpenOptions::new().write(true).open(&path).map_err(io_err)?;
+                    f.set_len(at as u64).map_err(io_err)?;
+                    f.sync_all().map_err(io_err)?;
+                    good = at;
                 } else {
-                    // Not a write cut short: these bytes were on disk and
-                    // changed. Reported, kept as evidence, read around.
+                    // Not the segment being written: these bytes were on
+                    // disk and changed. Reported; the rest of this segment
+                    // is skipped and the later segments are read.
                     stats.corrupt_records += 1;
                     log::error!(
-                        "storage: segment {} is corrupt at bytes {}..{}; skipping them, reading on",
+                        "storage: segment {} is corrupt at offset {at}; skipping its last {} bytes, reading the later segments",
                         path.display(),
-                        d.start,
-                        d.end
+                        bytes.len() - at
                     );
                 }
-            }
-            if let Some(d) = tail {
-                // Cut it off, so new records never follow garbage and the
-                // same damage is not counted again at the next start.
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err)?;
-                f.set_len(d.start as u64).map_err(io_err)?;
-                f.sync_all().map_err(io_err)?;
-                good = d.start;
             }
             segments.push_back(Segment {
                 id,

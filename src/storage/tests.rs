@@ -433,7 +433,7 @@ fn append_throughput() {
 /// bad record alone is skipped, reported as corrupt, and left on disk, and
 /// the records after it, in that segment and later ones, are read.
 #[test]
-fn corruption_before_the_tail_is_reported_and_read_around() {
+fn corruption_in_an_older_segment_is_reported_and_later_segments_read() {
     let dir = tempfile::tempdir().unwrap();
     let all: Vec<Vec<u8>> = (0..40).map(|i| rec(i, 200)).collect();
     {
@@ -443,7 +443,9 @@ fn corruption_before_the_tail_is_reported_and_read_around() {
         }
         assert!(log.segment_count() >= 3);
     }
-    let first = segment_files(dir.path())[0].clone();
+    let files = segment_files(dir.path());
+    let first = files[0].clone();
+    let per_segment = std::fs::metadata(&first).unwrap().len() as usize / (200 + HEADER_BYTES);
     let mut b = std::fs::read(&first).unwrap();
     let size = b.len();
     // Inside the second record's payload.
@@ -451,21 +453,46 @@ fn corruption_before_the_tail_is_reported_and_read_around() {
     std::fs::write(&first, &b).unwrap();
     for _ in 0..2 {
         let (log, got) = Log::open(dir.path(), opts()).unwrap();
-        let mut want = all.clone();
-        want.remove(1);
+        // Record 0, then the first segment stops; every later segment is read.
+        let mut want = vec![all[0].clone()];
+        want.extend(all[per_segment..].iter().cloned());
         assert_eq!(got, want);
         let s = log.stats();
         assert_eq!((s.skipped_records, s.corrupt_records), (1, 1), "{s:?}");
         assert_eq!(std::fs::metadata(&first).unwrap().len(), size as u64);
     }
-    // In the last segment, a bad record followed by good ones is
-    // corruption too, not a tail to cut.
+    // In the last segment damage is the torn tail: cut there, even with
+    // good-looking records after it (never searched for).
     let last = segment_files(dir.path()).last().unwrap().clone();
+    let in_last = std::fs::metadata(&last).unwrap().len() as usize / (200 + HEADER_BYTES);
     let mut b = std::fs::read(&last).unwrap();
     b[HEADER_BYTES + 3] ^= 0x01;
     std::fs::write(&last, &b).unwrap();
     let (log, got) = Log::open(dir.path(), opts()).unwrap();
-    assert_eq!(got.len(), all.len() - 2);
-    assert_eq!(got.last(), all.last());
-    assert_eq!(log.stats().corrupt_records, 2);
+    assert_eq!(got.len(), 1 + all.len() - per_segment - in_last);
+    assert_eq!(log.stats().corrupt_records, 1);
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), 0);
+}
+
+/// Review of issue 15: a damaged record whose payload holds a valid frame
+/// (task inputs and results are stored verbatim) must not have that frame
+/// replayed as a record of its own.
+#[test]
+fn a_frame_inside_a_torn_record_is_not_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let forged = frame(b"forged record");
+    let mut payload = b"outer:".to_vec();
+    payload.extend_from_slice(&forged);
+    payload.extend_from_slice(&[b'x'; 64]);
+    {
+        let (mut log, _) = Log::open(dir.path(), opts()).unwrap();
+        log.append(b"before").unwrap();
+        log.append(&payload).unwrap();
+    }
+    // Tear the outer record: its length and CRC stay, its end is gone.
+    let seg = segment_files(dir.path())[0].clone();
+    let b = std::fs::read(&seg).unwrap();
+    std::fs::write(&seg, &b[..b.len() - 10]).unwrap();
+    let (_, got) = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(got, vec![b"before".to_vec()]);
 }
