@@ -1580,81 +1580,167 @@ fn process_plugin_threads_are_not_processes() {
     assert!(agent.alive());
 }
 
-/// Review 7: a task whose `Started` record cannot be written is not run
-/// (after a crash nobody would know it had been running, and the crash
-/// quarantine would not hold it): it is handed back. The journal's disk
-/// fails while the task waits for a slot (the agent's file size limit is
-/// set to 0 from outside, so every append fails with EFBIG).
-#[test]
-fn a_task_whose_start_cannot_be_recorded_does_not_run() {
-    let _one = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("go");
-    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-    let server = big_server(&dir.path().join("srv"));
-    let id = "start-1";
-    let cfg = format!(
-        // Still in the [agent] table the harness writes.
-        "max_concurrency = 1\n[plugins.exec.commands.wait]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"read x < {}\"]\n",
-        fifo.display()
-    );
-    // SIGXFSZ ignored (inherited through exec): a write past the limit
-    // fails with EFBIG instead of killing the agent.
-    let prefix = ["sh", "-c", "trap '' XFSZ; exec \"$0\" \"$@\""];
-    let mut agent = Agent::start_with(dir.path(), id, &server.broker(), &cfg, &prefix);
-    server.wait_online(id);
-    let pid = agent_pid(id);
-    let peer = MqttPeer::connect(server.mqtt_port, "start-peer", &[&topics::results(id)]);
-    let blocker = server.submit(req("exec", json!({"command": "wait"}), 60_000));
-    // The blocker runs (its reader has the FIFO open), then the next task
-    // waits for its slot: accepted, in the agent's queue.
-    let mut go = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-    let waiting = server.submit(req("echo", json!({"x": 1}), 30_000));
-    server.wait_devices("the echo task queued on the agent", |d| {
-        d.iter().any(|d| d.id == id && d.queued == 1)
-    });
-    let set_fsize = |limit: u64| {
+/// An agent whose journal refuses every write (its file size limit set to
+/// 0 from outside: each append fails with EFBIG) just as a queued `exec`
+/// task, which appends `ran` to `count` each time it runs, would start,
+/// and the blocker before it (which appends `blocker`) ends.
+struct Unrecordable {
+    server: Server,
+    agent: Agent,
+    peer: MqttPeer,
+    pid: i32,
+    waiting: String,
+    count: PathBuf,
+    cfg: String,
+}
+
+impl Unrecordable {
+    const ID: &'static str = "start-1";
+
+    fn start(dir: &Path) -> Unrecordable {
+        let fifo = dir.join("go");
+        let count = dir.join("count");
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let server = big_server(&dir.join("srv"));
+        let cfg = format!(
+            // Still in the [agent] table the harness writes.
+            "max_concurrency = 1\n\
+             [plugins.exec.commands.wait]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"echo blocker >> {1}; read x < {0}\"]\n\
+             [plugins.exec.commands.count]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"echo ran >> {1}\"]\n",
+            fifo.display(),
+            count.display()
+        );
+        let agent = Self::agent(dir, &server, &cfg);
+        server.wait_online(Self::ID);
+        let pid = agent_pid(Self::ID);
+        let peer = MqttPeer::connect(
+            server.mqtt_port,
+            "start-peer",
+            &[&topics::results(Self::ID)],
+        );
+        let blocker = server.submit(req("exec", json!({"command": "wait"}), 60_000));
+        // The blocker runs (its reader has the FIFO open), then the next task
+        // waits for its slot: accepted, in the agent's queue.
+        let mut go = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let waiting = server.submit(req("exec", json!({"command": "count"}), 60_000));
+        server.wait_devices("the count task queued on the agent", |d| {
+            d.iter().any(|d| d.id == Self::ID && d.queued == 1)
+        });
+        let u = Unrecordable {
+            server,
+            agent,
+            peer,
+            pid,
+            waiting,
+            count,
+            cfg,
+        };
+        u.set_fsize(0);
+        writeln!(go, "go").unwrap();
+        drop(go);
+        let b = u.server.wait(&blocker);
+        assert_eq!(b.state, TaskState::Succeeded, "{:?}", b.error);
+        // The blocker's `Finished`, the waiting task's `Started` and its
+        // `Released` all failed; nothing runs and nothing else is queued.
+        u.server
+            .wait_devices("the count task parked on the agent", |d| {
+                d.iter().any(|d| {
+                    d.id == Self::ID
+                        && d.running == 0
+                        && d.queued == 1
+                        && d.storage.write_errors >= 3
+                })
+            });
+        u
+    }
+
+    fn agent(dir: &Path, server: &Server, cfg: &str) -> Agent {
+        // SIGXFSZ ignored (inherited through exec): a write past the limit
+        // fails with EFBIG instead of killing the agent.
+        let prefix = ["sh", "-c", "trap '' XFSZ; exec \"$0\" \"$@\""];
+        Agent::start_with(dir, Self::ID, &server.broker(), cfg, &prefix)
+    }
+
+    fn set_fsize(&self, limit: u64) {
         let l = libc::rlimit {
             rlim_cur: limit,
             rlim_max: libc::RLIM_INFINITY,
         };
         assert_eq!(
-            unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) },
+            unsafe { libc::prlimit(self.pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) },
             0
         );
-    };
-    set_fsize(0);
-    writeln!(go, "go").unwrap();
-    drop(go);
-    let b = server.wait(&blocker);
-    assert_eq!(b.state, TaskState::Succeeded, "{:?}", b.error);
-    let t = server.wait(&waiting);
-    assert!(agent.alive());
-    let mut started = false;
-    while let Ok(p) = peer.rx.recv_timeout(Duration::from_millis(300)) {
-        if let Ok(FromAgent::Started { task_id }) =
-            protocol::decode::<FromAgent>(&p.payload, 1 << 20)
-        {
-            started |= task_id == waiting;
-        }
     }
-    assert!(
-        !started && t.state == TaskState::Failed,
-        "the task ran without its start on disk: {:?} {:?}",
-        t.state,
-        t.result
+
+    /// How often the task ran, and whether the agent said it started or
+    /// handed it back, as seen on its results topic so far.
+    fn seen(&self) -> (usize, bool, bool) {
+        let (runs, started, rejected, _) = self.seen_all();
+        (runs, started, rejected)
+    }
+
+    /// [`Unrecordable::seen`], and how often the blocker ran.
+    fn seen_all(&self) -> (usize, bool, bool, usize) {
+        let (mut started, mut rejected) = (false, false);
+        while let Ok(p) = self.peer.rx.recv_timeout(Duration::from_millis(300)) {
+            match protocol::decode::<FromAgent>(&p.payload, 1 << 20) {
+                Ok(FromAgent::Started { task_id }) => started |= task_id == self.waiting,
+                Ok(FromAgent::Rejected { task_id, .. }) => rejected |= task_id == self.waiting,
+                _ => {}
+            }
+        }
+        let lines = std::fs::read_to_string(&self.count).unwrap_or_default();
+        let n = |what: &str| lines.lines().filter(|l| *l == what).count();
+        (n("ran"), started, rejected, n("blocker"))
+    }
+}
+
+/// Review 7 and its full-disk case: a task whose `Started` record cannot be
+/// written is not run (after a crash nobody would know it had been running,
+/// and the crash quarantine would not hold it). When its `Released` record
+/// cannot be written either, it is not handed back: the server would give
+/// it up or re-queue it, and the agent, finding it accepted on disk, ran it
+/// again at the next start. It waits, runs once when the disk is back, and
+/// not again after a restart.
+#[test]
+fn a_task_whose_start_cannot_be_recorded_waits_and_runs_once() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut u = Unrecordable::start(dir.path());
+    let (runs, started, rejected) = u.seen();
+    assert_eq!(
+        (runs, started, rejected),
+        (0, false, false),
+        "ran or handed back without a record of it"
     );
+    let t = u.server.client.task(&u.waiting, None).unwrap();
     assert!(
-        t.error
-            .clone()
-            .unwrap_or_default()
-            .contains("storage error"),
-        "{:?}",
-        t.error
+        !t.state.is_terminal(),
+        "given up while parked: {:?}",
+        t.state
     );
-    // The disk back, the agent runs tasks again.
-    set_fsize(libc::RLIM_INFINITY);
-    let r = ok(&server, &mut agent, "echo", json!({"y": 2}));
+    assert!(u.agent.alive());
+    // The disk back, the parked task runs, once, and then everything else.
+    u.set_fsize(libc::RLIM_INFINITY);
+    let t = u.server.wait(&u.waiting);
+    assert_eq!(t.state, TaskState::Succeeded, "{:?}", t.error);
+    let (runs, _, rejected) = u.seen();
+    assert_eq!((runs, rejected), (1, false));
+    // Nothing of it is left to run at the next start: handed back
+    // without a record, it ran again here after the server had failed it.
+    u.agent.stop();
+    u.agent = Unrecordable::agent(dir.path(), &u.server, &u.cfg);
+    u.server.wait_online(Unrecordable::ID);
+    let r = ok(&u.server, &mut u.agent, "echo", json!({"y": 2}));
     assert_eq!(r, json!({"y": 2}));
+    // Nor is the blocker, whose `Finished` record the full disk refused
+    // (its result was sent anyway): the snapshot written when the disk
+    // came back holds it as done.
+    let (runs, _, _, blocker) = u.seen_all();
+    assert_eq!(
+        (runs, blocker),
+        (1, 1),
+        "ran again after a restart (task, blocker)"
+    );
 }

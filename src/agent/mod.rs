@@ -231,6 +231,9 @@ impl Agent {
             lingering: HashMap::new(),
             suspects: VecDeque::new(),
             alone: None,
+            parked: VecDeque::new(),
+            parked_retry: (Instant::now(), PARKED_RETRY_MIN),
+            errors_covered: 0,
             per_plugin: HashMap::new(),
             outbox: HashMap::new(),
             ledger: HashMap::new(),
@@ -243,6 +246,7 @@ impl Agent {
             replayed: 0,
             deferred: Vec::new(),
         };
+        m.errors_covered = m.journal.stats().write_errors;
         m.restore(recovered);
         m.commit()?;
         // Ready once the journal is replayed and plugins are built; the
@@ -286,8 +290,9 @@ impl Agent {
                 },
                 _ = tick.tick() => {
                     m.on_tick();
-                    // A batched sync on the tick failed.
-                    if let Err(e) = m.journal.check() {
+                    // A batched sync on the tick failed; or the commit of
+                    // what the tick recorded (a parked task started).
+                    if let Err(e) = m.journal.check().and_then(|_| m.commit()) {
                         fatal = Some(e);
                         break;
                     }
@@ -316,6 +321,7 @@ impl Agent {
             .cloned()
             .chain(m.inbox.iter().map(|t| t.id.clone()))
             .chain(m.suspects.iter().map(|t| t.id.clone()))
+            .chain(m.parked.iter().map(|(t, _)| t.id.clone()))
             .collect();
         for (token, _) in m.running.values() {
             token.cancel();
@@ -390,6 +396,11 @@ const MAX_TASK_TIMEOUT_MS: u64 = 86_400_000;
 /// client's queue and crowds out the heartbeat.
 const RESEND_BUDGET: usize = 128;
 
+/// First and longest wait before a parked task is tried again (see
+/// `Manager::parked`).
+const PARKED_RETRY_MIN: Duration = Duration::from_secs(1);
+const PARKED_RETRY_MAX: Duration = Duration::from_secs(30);
+
 struct Manager {
     id: String,
     client: AsyncClient,
@@ -411,13 +422,25 @@ struct Manager {
     suspects: VecDeque<TaskSpec>,
     /// The suspect running alone now.
     alone: Option<String>,
+    /// Tasks whose start could not be recorded and whose hand-back could
+    /// not be recorded either (a full disk), each with whether it runs
+    /// alone. Handed back without a durable `Released`, a task ran again at
+    /// the next start after the server had given it up or re-queued it, so
+    /// these wait, neither run nor handed back, and are tried again on the
+    /// tick until the journal takes records; nothing else starts meanwhile.
+    parked: VecDeque<(TaskSpec, bool)>,
+    /// When the parked tasks and a snapshot are tried next, and the wait
+    /// after that.
+    parked_retry: (Instant, Duration),
+    /// The journal's `write_errors` when a snapshot last covered them:
+    /// fewer than now, and records are missing from the disk.
+    errors_covered: u64,
     /// Running tasks per plugin, held under each plugin's declared
     /// concurrency; tasks beyond it wait in `inbox` like tasks beyond
     /// `max_concurrency`.
     per_plugin: HashMap<String, usize>,
     /// Results the server has not confirmed yet.
     outbox: HashMap<String, Pending>,
-    /// Finished task ids and their encoded results, bounded.
     /// Finished ids (the window of `agent.ledger_size`), each with whether
     /// its result was a retryable failure. Results themselves are kept only
     /// in the outbox, until the server confirms them.
@@ -529,6 +552,12 @@ impl Manager {
                     self.suspects.remove(pos);
                     self.cancelled_before_start(task_id);
                     self.launch_waiting();
+                } else if let Some(pos) = self.parked.iter().position(|(t, _)| t.id == task_id) {
+                    if let Some((_, true)) = self.parked.remove(pos) {
+                        self.alone = None;
+                    }
+                    self.cancelled_before_start(task_id);
+                    self.launch_waiting();
                 } else if let Some(pos) = self.inbox.iter().position(|t| t.id == task_id) {
                     let mut kept = heapless::Deque::new();
                     for (i, t) in std::mem::take(&mut self.inbox).into_iter().enumerate() {
@@ -583,6 +612,7 @@ impl Manager {
         if self.running.contains_key(&spec.id)
             || self.inbox.iter().any(|t| t.id == spec.id)
             || self.suspects.iter().any(|t| t.id == spec.id)
+            || self.parked.iter().any(|(t, _)| t.id == spec.id)
         {
             log::debug!("agent {}: task {} already here", self.id, spec.id);
             return;
@@ -796,6 +826,17 @@ impl Manager {
         if !self.journal.wants_compaction() {
             return;
         }
+        if let Err(e) = self.compact_now() {
+            log::warn!("agent {}: journal compaction failed: {e}", self.id);
+        }
+    }
+
+    /// Rewrites the journal as the live state now. Also how records that
+    /// could not be written (a full disk: a result, its confirmation, a
+    /// hand-back) reach the disk later: the snapshot states what they
+    /// would have, so a restart neither runs a finished task again nor
+    /// forgets an unconfirmed result.
+    fn compact_now(&mut self) -> Result<(), StorageError> {
         let state = journal::Recovered {
             pending: self
                 .running
@@ -803,6 +844,7 @@ impl Manager {
                 .map(|(_, spec)| spec.clone())
                 .chain(self.suspects.iter().cloned())
                 .chain(self.inbox.iter().cloned())
+                .chain(self.parked.iter().map(|(t, _)| t.clone()))
                 .collect(),
             // Every running task has started (alone: the suspect running by
             // itself); a waiting suspect keeps the mark of its first run.
@@ -811,6 +853,13 @@ impl Manager {
                 .keys()
                 .map(|id| (id.clone(), self.alone.as_deref() == Some(id.as_str())))
                 .chain(self.suspects.iter().map(|t| (t.id.clone(), false)))
+                // A parked suspect keeps its mark as a waiting one does.
+                .chain(
+                    self.parked
+                        .iter()
+                        .filter(|(_, alone)| *alone)
+                        .map(|(t, _)| (t.id.clone(), false)),
+                )
                 .collect(),
             ledger: self
                 .ledger_order
@@ -823,9 +872,7 @@ impl Manager {
                 .map(|(id, p)| (id.clone(), p.bytes.clone()))
                 .collect(),
         };
-        if let Err(e) = self.journal.compact(&journal::snapshot_records(&state)) {
-            log::warn!("agent {}: journal compaction failed: {e}", self.id);
-        }
+        self.journal.compact(&journal::snapshot_records(&state))
     }
 
     /// Tasks holding a slot: running, or finished but still stopping.
@@ -838,6 +885,7 @@ impl Manager {
     /// crash is waiting to run alone.
     fn has_room(&self, plugin: &str) -> bool {
         self.suspects.is_empty()
+            && self.parked.is_empty()
             && self.alone.is_none()
             && self.busy() < self.max_concurrency
             && self.per_plugin.get(plugin).copied().unwrap_or(0) < self.registry.concurrency(plugin)
@@ -859,7 +907,7 @@ impl Manager {
     /// is at its limit. Tasks interrupted by a crash go first, one at a
     /// time with nothing else running.
     fn launch_waiting(&mut self) {
-        if self.alone.is_some() {
+        if self.alone.is_some() || !self.parked.is_empty() {
             return;
         }
         if !self.suspects.is_empty() {
@@ -922,17 +970,23 @@ impl Manager {
             // The rejection waits for the batch's commit, so `Released` is
             // durable first: published before it, a crash then ran the task
             // again at the next start after the server had re-queued or
-            // failed it. (When even `Released` cannot be written, as on a
-            // full disk, that window stays: a restart runs the accepted task
-            // again; see the closing note of issue 16.)
+            // failed it.
             if let Err(re) = self.journal.append_grouped(&Record::Released {
                 task_id: spec.id.clone(),
             }) {
-                log::error!(
-                    "agent {}: cannot record that {} is handed back either: {re}",
-                    self.id,
-                    spec.id
-                );
+                // Not handed back then either (see `parked`): accepted on
+                // disk, it is still this agent's to run, once.
+                if self.parked.is_empty() && self.parked_retry.1 == PARKED_RETRY_MIN {
+                    // The first since the journal last took records.
+                    log::error!(
+                        "agent {}: cannot record the start of {} ({e}) nor hand it back ({re}); \
+                         it waits until the journal takes records again",
+                        self.id,
+                        spec.id
+                    );
+                }
+                self.parked.push_back((spec, alone));
+                return;
             }
             log::error!(
                 "agent {}: cannot record the start of {}, handing it back: {e}",
@@ -955,6 +1009,46 @@ impl Manager {
             return;
         }
         self.occupy(spec);
+    }
+
+    /// After failed journal writes, once the wait is over (doubling, up to
+    /// [`PARKED_RETRY_MAX`], while the journal still refuses records):
+    /// writes the live state as a snapshot, so what could not be recorded
+    /// is on disk, and tries the parked tasks again.
+    fn retry_parked(&mut self) {
+        let (at, wait) = self.parked_retry;
+        let behind = self.journal.stats().write_errors > self.errors_covered;
+        if (!behind && self.parked.is_empty()) || Instant::now() < at {
+            return;
+        }
+        if behind {
+            match self.compact_now() {
+                Ok(()) => {
+                    log::info!(
+                        "agent {}: the journal takes records again; what it missed is recorded",
+                        self.id
+                    );
+                    self.errors_covered = self.journal.stats().write_errors;
+                }
+                Err(e) => log::debug!("agent {}: journal still refuses records: {e}", self.id),
+            }
+        }
+        let n = self.parked.len();
+        for (spec, alone) in std::mem::take(&mut self.parked) {
+            self.launch_as(spec, alone);
+        }
+        if self.parked.is_empty() && self.journal.stats().write_errors <= self.errors_covered {
+            if n > 0 {
+                log::info!(
+                    "agent {}: {n} parked task(s) started or handed back",
+                    self.id
+                );
+                self.launch_waiting();
+            }
+            self.parked_retry = (Instant::now(), PARKED_RETRY_MIN);
+        } else {
+            self.parked_retry = (Instant::now() + wait, (wait * 2).min(PARKED_RETRY_MAX));
+        }
     }
 
     /// Takes the task's slots and starts it after the batch's commit.
@@ -1184,6 +1278,7 @@ impl Manager {
         if let Err(e) = self.journal.sync_if_due() {
             log::warn!("agent {}: journal sync failed: {e}", self.id);
         }
+        self.retry_parked();
         if !self.connected {
             return;
         }
@@ -1225,7 +1320,7 @@ impl Manager {
             max_concurrency: self.max_concurrency as u32,
             queue_capacity: self.queue_capacity as u32,
             running: self.busy() as u32,
-            queued: self.inbox.len() as u32,
+            queued: (self.inbox.len() + self.parked.len()) as u32,
             load1: sysinfo::load_average()[0],
             mem_total_kb: mem.total_kb,
             mem_available_kb: mem.available_kb,
