@@ -426,3 +426,104 @@ fn a_failed_fsync_acks_nothing_and_stops_the_agent() {
         "the agent kept running on a journal whose fsync failed"
     );
 }
+
+/// Issue 15, item 10: after a reconnect the agent re-sent its whole outbox
+/// at once, from the ConnAck: up to the MQTT client's queue (1,024) of
+/// results in one burst, with the heartbeat queued behind them (fleet-wide
+/// after a broker restart, every agent's backlog at the same moment). Now
+/// the outbox is due again but sent by the tick, at most `RESEND_BUDGET`
+/// (128) a tick. The agent publishes in order on one connection, and a
+/// heartbeat (300 ms here) is due at least every second tick (200 ms), so
+/// no more than two ticks' worth of results arrive between two statuses.
+#[test]
+fn a_reconnect_resends_the_outbox_within_the_per_tick_budget() {
+    use std::io::{Read, Write};
+    const ID: &str = "burst-1";
+    const TASKS: usize = 1500;
+    const TWO_TICKS: usize = 2 * 128;
+    let dir = tempfile::tempdir().unwrap();
+    // No server: nobody confirms a result, so every one stays in the outbox.
+    let broker = common::Mosquitto::start(dir.path());
+    let _agent = Agent::start(
+        dir.path(),
+        ID,
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        "",
+    );
+    let peer = MqttPeer::connect(
+        broker.port,
+        "burst-peer",
+        &[&topics::results(ID), &topics::status(ID)],
+    );
+    let status = topics::status(ID);
+    // Each message: Some(id) for a result, None for a status.
+    let next = |what: &str| -> Option<String> {
+        let p = peer
+            .rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("timed out waiting: {what}"));
+        if p.topic == status {
+            return None;
+        }
+        match protocol::decode::<FromAgent>(&p.payload, 1 << 20) {
+            Ok(FromAgent::Finished(o)) => Some(o.task_id),
+            _ => Some(String::new()),
+        }
+    };
+    while next("the agent's first status").is_some() {}
+    for chunk in 0..TASKS / 50 {
+        let ids: Vec<String> = (0..50).map(|i| format!("t-{chunk}-{i}")).collect();
+        for id in &ids {
+            peer.publish(
+                &topics::tasks(ID),
+                protocol::encode(&ToAgent::Task(spec(id, json!({"i": 1})))),
+            );
+        }
+        let mut left: std::collections::HashSet<&String> = ids.iter().collect();
+        while !left.is_empty() {
+            if let Some(id) = next("a chunk's results") {
+                left.remove(&id);
+            }
+        }
+    }
+    // Quiet: two heartbeats in a row with nothing between them but the
+    // budgeted periodic re-sends.
+    let mut statuses = 0;
+    while statuses < 2 {
+        statuses += usize::from(next("two heartbeats").is_none());
+    }
+    // Another client with the agent's id: the broker drops the agent's
+    // connection, and the agent connects again. A hand-made CONNECT (MQTT
+    // 3.1.1, clean session) on a socket closed at once, so the two do not
+    // take the id from each other in turn.
+    let mut connect = vec![0x10, 12 + ID.len() as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60, 0, ID.len() as u8]);
+    connect.extend_from_slice(ID.as_bytes());
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    s.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack[0], 0x20, "CONNACK");
+    drop(s);
+    // Every result is re-sent on the new connection; count each run of
+    // results between two statuses.
+    let mut resent = std::collections::HashSet::new();
+    let (mut run, mut longest) = (0, 0);
+    while resent.len() < TASKS {
+        match next("the outbox re-sent") {
+            Some(id) => {
+                run += 1;
+                longest = longest.max(run);
+                if id.starts_with("t-") {
+                    resent.insert(id);
+                }
+            }
+            None => run = 0,
+        }
+    }
+    assert!(
+        longest <= TWO_TICKS,
+        "{longest} results in a row between two statuses after the reconnect (at most {TWO_TICKS})"
+    );
+}
