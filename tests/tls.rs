@@ -4,6 +4,8 @@
 //! an agent that trusts another CA never gets in and keeps running.
 
 mod common;
+#[path = "support/pki.rs"]
+mod pki;
 
 use common::{task, Agent, Mosquitto, Server};
 use openclaw::protocol::api::TaskState;
@@ -12,100 +14,16 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is needed to make the test's certificates (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`{name}-ca.pem`, `{name}-ca.key`) in `dir`.
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=OpenClaw test CA {name}"),
-            "-keyout",
-            &format!("{name}-ca.key"),
-            "-out",
-            &format!("{name}-ca.pem"),
-        ],
-    );
-    dir.join(format!("{name}-ca.pem"))
-}
-
-/// A certificate `{name}.pem` / `{name}.key` signed by CA `ca`, with
-/// subjectAltName `san` and extended key usage `eku`.
+/// `make_cert` as the broker tests need it: extended key usage `eku`.
 fn make_cert(dir: &Path, ca: &str, name: &str, san: &str, eku: &str) -> (PathBuf, PathBuf) {
-    std::fs::write(
-        dir.join(format!("{name}.ext")),
-        format!("subjectAltName={san}\nextendedKeyUsage={eku}\nbasicConstraints=CA:FALSE\n"),
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}-ca.pem"),
-            "-CAkey",
-            &format!("{ca}-ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.pem"),
-        ],
-    );
-    (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    )
+    pki::make_cert_for(dir, ca, name, san, eku, 2)
 }
 
 #[test]
 fn agent_and_server_over_mutual_tls_to_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ca = make_ca(d, "fleet");
+    let ca = pki::make_ca(d, "fleet");
     let (broker_cert, broker_key) = make_cert(
         d,
         "fleet",
@@ -166,7 +84,7 @@ fn agent_and_server_over_mutual_tls_to_mosquitto() {
 
     // An agent that trusts another CA refuses the broker's certificate: it
     // says why, keeps retrying with back-off, and does not exit.
-    let other = make_ca(d, "other");
+    let other = pki::make_ca(d, "other");
     let rogue_dir = d.join("agent-rogue");
     std::fs::create_dir_all(&rogue_dir).unwrap();
     let rogue_conf = rogue_dir.join("agent.toml");

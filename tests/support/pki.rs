@@ -53,9 +53,22 @@ pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
 /// A server certificate `{name}.pem` / `{name}.key` signed by CA `ca` for
 /// `san`, valid for `days` (-1: it expired a day ago).
 pub fn make_cert(dir: &Path, ca: &str, name: &str, san: &str, days: i32) -> (PathBuf, PathBuf) {
+    make_cert_for(dir, ca, name, san, "serverAuth", days)
+}
+
+/// Like [`make_cert`], with extended key usage `eku` (`serverAuth`,
+/// `clientAuth`, or both comma-separated).
+pub fn make_cert_for(
+    dir: &Path,
+    ca: &str,
+    name: &str,
+    san: &str,
+    eku: &str,
+    days: i32,
+) -> (PathBuf, PathBuf) {
     std::fs::write(
         dir.join(format!("{name}.ext")),
-        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
+        format!("subjectAltName={san}\nextendedKeyUsage={eku}\nbasicConstraints=CA:FALSE\n"),
     )
     .unwrap();
     openssl(
