@@ -590,7 +590,7 @@ impl Log {
 
     /// Rewrites the log as exactly `records`: they go into a new segment,
     /// which is synced (whatever the policy) before every older segment is
-    /// deleted, oldest first. A crash in between leaves the old segments
+    /// deleted, oldest first, each deletion synced before the next. A crash in between leaves the old segments
     /// followed by a complete or torn copy, so the caller's replay must
     /// tolerate reading both (the agent brackets its snapshot with markers).
     /// On error nothing older is deleted.
@@ -632,8 +632,14 @@ impl Log {
             let path = self.dir.join(segment_name(seg.id));
             std::fs::remove_file(&path).map_err(|source| StorageError::Io { path, source })?;
             self.total_bytes -= seg.bytes;
+            // Each unlink durable before the next: the directory's changes
+            // need not reach the disk in order, and a replay that applies
+            // every record would read an older segment back while a newer
+            // one it depends on is gone (a task's `Accepted` without its
+            // `Finished`). One directory sync per old segment; compactions
+            // are rare.
+            sync_dir(&self.dir)?;
         }
-        sync_dir(&self.dir)?;
         self.stats.compactions += 1;
         Ok(())
     }
