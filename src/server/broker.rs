@@ -39,6 +39,12 @@ pub const SEGMENTS: usize = 4;
 /// Nobody re-sends a submission the broker dropped, so this log is what MQTT
 /// submission's "at least once" holds to: a server that falls further
 /// behind than it (a burst while the store is slow) loses the oldest.
+/// A publish larger than a segment (`submit_log_bytes / 8` can be under
+/// `max_payload_bytes`) is still kept whole: rumqttd's commit log lets the
+/// active segment overflow by the last message before it rolls
+/// (`vendor/rumqttd/src/segments/mod.rs`, `apply_retention`), so the log
+/// holds at least 8 submissions however large, and at most
+/// `submit_log_bytes` plus 8 payloads.
 pub const SUBMIT_SEGMENTS: usize = 8;
 /// The log of each device's task topic, which one agent reads and the
 /// server fills only up to that device's capacity (dispatches, result acks,
