@@ -247,22 +247,38 @@ fn encode(r: &Record) -> Vec<u8> {
 /// The records of a snapshot of `state` (without the markers): results
 /// only for the unconfirmed (the outbox), ids for the rest of the ledger.
 pub fn snapshot_records(state: &Recovered) -> Vec<Record> {
-    let unacked: HashSet<&str> = state.outbox.iter().map(|(id, _)| id.as_str()).collect();
-    // Oldest first, as the ledger's window evicts.
+    let unacked: HashMap<&str, &Vec<u8>> = state
+        .outbox
+        .iter()
+        .map(|(id, r)| (id.as_str(), r))
+        .collect();
+    let finished = |id: &str, r: &Vec<u8>| Record::Finished {
+        task_id: id.to_string(),
+        result: r.clone(),
+        acked: false,
+    };
+    // Oldest first, as the ledger's window evicts; an unconfirmed result
+    // in its place in that order (written after the confirmed ones, it
+    // made them look older, and the window evicted them too early).
     let mut out: Vec<Record> = state
         .ledger
         .iter()
-        .filter(|(id, _)| !unacked.contains(id.as_str()))
-        .map(|(id, retryable)| Record::Done {
-            task_id: id.clone(),
-            retryable: *retryable,
+        .map(|(id, retryable)| match unacked.get(id.as_str()) {
+            Some(r) => finished(id, r),
+            None => Record::Done {
+                task_id: id.clone(),
+                retryable: *retryable,
+            },
         })
         .collect();
-    out.extend(state.outbox.iter().map(|(id, r)| Record::Finished {
-        task_id: id.clone(),
-        result: r.clone(),
-        acked: false,
-    }));
+    let in_ledger: HashSet<&str> = state.ledger.iter().map(|(id, _)| id.as_str()).collect();
+    out.extend(
+        state
+            .outbox
+            .iter()
+            .filter(|(id, _)| !in_ledger.contains(id.as_str()))
+            .map(|(id, r)| finished(id, r)),
+    );
     out.extend(state.pending.iter().cloned().map(Record::Accepted));
     out.extend(state.started.iter().map(|(id, alone)| Record::Started {
         task_id: id.clone(),
@@ -702,5 +718,45 @@ mod tests {
         assert_eq!(s.outbox, live.outbox);
         assert_eq!(s.ledger[7], ("t7".into(), true));
         assert!(s.ledger.iter().filter(|(_, r)| *r).count() == 1);
+    }
+
+    /// Found in the issue-15 attack: a snapshot wrote the unconfirmed
+    /// results after every confirmed id, so after a compaction the ledger's
+    /// window (which evicts the oldest) took confirmed ids for older than
+    /// they were and forgot them too early.
+    #[test]
+    fn a_snapshot_keeps_the_ledger_in_finishing_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), opts(), 64).unwrap();
+        let ids: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+        for id in &ids {
+            j.append(&Record::Accepted(spec(id))).unwrap();
+            j.append(&Record::Finished {
+                task_id: id.clone(),
+                result: vec![1],
+                acked: false,
+            })
+            .unwrap();
+            if id != "t3" {
+                j.append(&Record::Acked {
+                    task_id: id.clone(),
+                })
+                .unwrap();
+            }
+        }
+        drop(j);
+        let (mut j, s) = Journal::open(dir.path(), opts(), 64).unwrap();
+        let order = |s: &Recovered| {
+            s.ledger
+                .iter()
+                .map(|(id, _)| id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(&s), ids);
+        j.compact(&snapshot_records(&s)).unwrap();
+        drop(j);
+        let (_, s) = Journal::open(dir.path(), opts(), 64).unwrap();
+        assert_eq!(order(&s), ids, "the ledger's order after a compaction");
+        assert_eq!(s.outbox.len(), 1);
     }
 }
