@@ -147,8 +147,9 @@ fn big_lists_stay_out_of_the_scheduler_and_page_by_bytes() {
         assert_eq!(v[0]["id"], ids[0]);
         assert_eq!(v[0]["state"], "succeeded");
     }
-    // Generous: the old code kept /healthz waiting for seconds.
-    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    // The slowest /healthz is printed, not asserted (no timings in tests):
+    // the old code's seconds came from parsing every row on the scheduler,
+    // which the RSS bound above rules out.
     let listed = server.client.list(None, 10_000).unwrap();
     assert_eq!(listed.len(), 200);
     assert_eq!(listed[0].id, ids[0]);

@@ -723,14 +723,14 @@ fn hash_is_capped_and_sigterm_ends_the_agent_within_its_deadline() {
     );
     let mut agent = Agent::start(dir.path(), "term-1", &server.broker(), &cfg);
     server.wait_online("term-1");
-    let started = Instant::now();
+    // Refused by its size, not by the 5 s timeout a read of 100 GiB would
+    // end in (that error would not name the key).
     fails(
         &server,
         &mut agent,
         req("file", json!({"op": "hash", "path": "sparse"}), 5000),
         &["`file`", "max_hash_bytes"],
     );
-    assert!(started.elapsed() < Duration::from_secs(3));
 
     let pid = agent_pid("term-1");
     let t = server.submit(req("transform", heavy_transform(), 120_000));
@@ -757,15 +757,11 @@ fn hash_is_capped_and_sigterm_ends_the_agent_within_its_deadline() {
     while agent.alive() && sent.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let took = sent.elapsed();
-    eprintln!("shutdown: exited {took:?} after SIGTERM");
+    eprintln!("shutdown: exited {:?} after SIGTERM", sent.elapsed());
+    // Without the deadline (5 s) the http call would hold it for 60 s.
     assert!(
         !agent.alive(),
         "still running 20 s after SIGTERM (a blocking call held the runtime)"
-    );
-    assert!(
-        took < Duration::from_secs(10),
-        "exited {took:?} after SIGTERM"
     );
     drop(silent);
 }
@@ -841,7 +837,7 @@ fn exec_children_die_with_their_task() {
 
     // A grandchild in its own session holding stdout open: the command's
     // result still comes back as soon as the command itself exits.
-    let started = Instant::now();
+    // (Waiting for the grandchild, it would time out after 10 s.)
     let t = run(
         &server,
         &mut agent,
@@ -853,7 +849,6 @@ fn exec_children_die_with_their_task() {
     );
     assert_eq!(t.state, TaskState::Succeeded, "{:?}", t.error);
     assert_eq!(t.result.unwrap()["stdout"], "done\n");
-    assert!(started.elapsed() < Duration::from_secs(5));
     // Where the agent has a cgroup v2 (this machine), the command's cgroup
     // takes the escaped process with it.
     let escaped = survivors("sleep 3041", Duration::from_secs(2));
