@@ -1059,6 +1059,23 @@ mod tests {
             .unwrap()
     }
 
+    /// The input the `envelope_decode` fuzz target built by itself, from
+    /// the small seeds only, with the depth limit taken out (issue 15: a
+    /// `FromAgent` of 15,509 bytes, ~7,000 nested lists): it overflowed the
+    /// 2 MiB stack there. Refused here, on a thread of that size.
+    #[test]
+    fn the_nesting_the_fuzzer_found_is_refused() {
+        let bytes = include_bytes!("../fuzz/seeds/envelope_decode/issue15_found_by_fuzzing.bin");
+        let e = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| decode::<FromAgent>(bytes, usize::MAX).map_err(|e| e.to_string()))
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("deeper than 128 levels"), "{e}");
+    }
+
     /// Issue 15: 50,000 nested lists in one 100 KB publish overflowed a
     /// tokio worker's 2 MiB stack. Refused now, with a clear error, on a
     /// thread of that size; the limit itself decodes.
