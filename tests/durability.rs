@@ -527,3 +527,190 @@ fn a_reconnect_resends_the_outbox_within_the_per_tick_budget() {
         "{longest} results in a row between two statuses after the reconnect (at most {TWO_TICKS})"
     );
 }
+
+/// Review finding (low-medium): when the live state no longer fits in one
+/// snapshot (`storage.max_bytes`; here unconfirmed results while nobody
+/// confirms them), every compaction fails with `TooLarge`, and each
+/// failure counts as a write error. Since 243a317 one write error (here a
+/// task too large to journal, handed back) makes the tick retry a
+/// catch-up snapshot (`retry_parked`), each failure another, so the agent now
+/// encodes and writes its whole state (up to `max_bytes`, 64 MiB by
+/// default, plus a copy of every result in memory) every 30 s for as long
+/// as the results stay unconfirmed, with nothing new to record. Before, a
+/// failed compaction was tried again only after the log had grown by a
+/// segment. Seen here as `write_errors` growing in the heartbeats of an
+/// idle agent. Expected: a snapshot that cannot fit is not retried until
+/// the state has changed (or at least is counted once).
+#[test]
+#[ignore = "review finding: a snapshot that can never fit is retried every 30 s forever (write_errors grows while idle)"]
+fn an_idle_agent_does_not_retry_a_snapshot_that_cannot_fit() {
+    const ID: &str = "fit-1";
+    let dir = tempfile::tempdir().unwrap();
+    // No server: nobody confirms a result, so every one stays in the outbox.
+    let broker = common::Mosquitto::start(dir.path());
+    let _agent = Agent::start(
+        dir.path(),
+        ID,
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        "[storage]\nsegment_bytes = 4096\nmax_bytes = 16384\n",
+    );
+    let peer = MqttPeer::connect(
+        broker.port,
+        "fit-peer",
+        &[&topics::results(ID), &topics::status(ID)],
+    );
+    let status = topics::status(ID);
+    // Subscribed once its first status is out (it subscribes first).
+    peer.next_on(&status);
+    let pad = "x".repeat(3000);
+    let ids: Vec<String> = (0..8).map(|i| format!("fit-{i}")).collect();
+    for id in &ids {
+        peer.publish(
+            &topics::tasks(ID),
+            protocol::encode(&ToAgent::Task(spec(id, json!({"pad": pad})))),
+        );
+    }
+    // Each message: Ok(write_errors) for a status, Err(id) for a result.
+    let next = || -> Result<u64, String> {
+        let p = peer
+            .rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a message within 30 s");
+        if p.topic == status {
+            let s: protocol::DeviceStatus =
+                protocol::decode(&p.payload, 1 << 20).expect("a status");
+            return Ok(s.storage.write_errors);
+        }
+        match protocol::decode::<FromAgent>(&p.payload, 1 << 20) {
+            Ok(FromAgent::Finished(o)) => Err(o.task_id),
+            _ => Err(String::new()),
+        }
+    };
+    let mut left: std::collections::HashSet<&String> = ids.iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !left.is_empty() {
+        assert!(Instant::now() < deadline, "results missing: {left:?}");
+        if let Err(id) = next() {
+            left.remove(&id);
+        }
+    }
+    // One write error: a task too large for the journal (its `Accepted`
+    // record is over `max_bytes`) is handed back, and the catch-up
+    // snapshot it triggers cannot fit the eight unconfirmed results.
+    let big = "y".repeat(17_000);
+    peer.publish(
+        &topics::tasks(ID),
+        protocol::encode(&ToAgent::Task(spec("too-big", json!({"pad": big})))),
+    );
+    loop {
+        let p = peer.next_on(&topics::results(ID));
+        if let Ok(FromAgent::Rejected { task_id, .. }) =
+            protocol::decode::<FromAgent>(&p.payload, 1 << 20)
+        {
+            if task_id == "too-big" {
+                break;
+            }
+        }
+    }
+    // Idle from here (re-sends are not journaled). The first status after
+    // the hand-back, then 60 heartbeats (300 ms each).
+    let first = loop {
+        if let Ok(n) = next() {
+            break n;
+        }
+    };
+    assert!(first > 0, "the snapshot was expected not to fit");
+    let mut beats = 0;
+    let mut last = first;
+    while beats < 60 {
+        if let Ok(n) = next() {
+            beats += 1;
+            last = n;
+        }
+    }
+    assert!(
+        last <= first + 1,
+        "write_errors went from {first} to {last} over 60 heartbeats of an idle agent: \
+         the whole state was encoded and written {} more times",
+        last - first
+    );
+}
+
+/// Review finding (medium, older than 243a317 but in the snapshot it
+/// relies on): `restore` finishes some recovered tasks while it walks
+/// them (a plugin no longer configured: `unknown_plugin`; a task that
+/// crashed the agent twice), and `finish` may compact. A compaction then
+/// snapshots the live state while the tasks later in the walk are not in
+/// `inbox` or `suspects` yet: the snapshot leaves them out and the
+/// segments holding their `Accepted` records are deleted. They still run
+/// from memory, but the journal no longer has them: a crash before the
+/// next compaction loses them for good (their publishes were acked long
+/// ago). Here 200 tasks of a plugin that a restart removed come before 4
+/// echo tasks; after a second SIGKILL the echo tasks are gone.
+/// Expected: no compaction until `restore` has placed every task (defer
+/// `maybe_compact` during restore, or place first and finish after).
+#[test]
+#[ignore = "review finding: a compaction during restore drops the recovered tasks not placed yet"]
+fn a_compaction_during_restore_drops_no_recovered_task() {
+    const ID: &str = "rst-1";
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::Mosquitto::start(dir.path());
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let base = "max_concurrency = 1\nqueue_capacity = 256\n\
+                [storage]\nfsync = \"always\"\nsegment_bytes = 4096\nmax_bytes = 1048576\n";
+    let with_exec = format!("{base}[plugins.exec.commands.noop]\nprogram = \"/bin/true\"\n");
+    let mut agent = Agent::start(dir.path(), ID, &url, &with_exec);
+    let mut peer = Peer::connect(broker.port, "rst-peer", ID);
+    let long = |id: &str, plugin: &str, input: serde_json::Value| TaskSpec {
+        id: id.into(),
+        plugin: plugin.into(),
+        input: Value::from(input),
+        timeout_ms: 120_000,
+        attempt: 1,
+    };
+    // Subscribed once its first status is out (it subscribes first).
+    let status = topics::status(ID);
+    let watch = MqttPeer::connect(broker.port, "rst-watch", &[&status]);
+    watch.next_on(&status);
+    peer.barrier(ID, "hello");
+    peer.send_task(ID, &long("blocker", "echo", json!({"sleep_ms": 60_000})));
+    peer.until("the blocker started", |s| started(s, "blocker") == 1);
+    let pad = "p".repeat(90);
+    let execs: Vec<String> = (0..200).map(|i| format!("exec-{i}-{pad}")).collect();
+    for id in &execs {
+        peer.send_task(ID, &long(id, "exec", json!({"command": "noop"})));
+    }
+    let echoes: Vec<String> = (0..4).map(|i| format!("echo-{i}")).collect();
+    for id in &echoes {
+        peer.send_task(ID, &spec(id, json!({"i": 1})));
+    }
+    // All accepted (and journaled) once the status says so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = watch.next_on(&status);
+        let s: protocol::DeviceStatus = protocol::decode(&p.payload, 1 << 20).unwrap();
+        if s.queued as usize == execs.len() + echoes.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tasks not all queued: {}",
+            s.queued
+        );
+    }
+    agent.kill();
+    // Restarted without the exec plugin: the 200 are failed while the
+    // journal is restored (about 45 KB of `Finished` records, past the
+    // compaction trigger), the echo tasks come after them.
+    let mut agent = Agent::start(dir.path(), ID, &url, base);
+    peer.until("the blocker run again, alone", |s| {
+        started(s, "blocker") == 2
+    });
+    agent.kill();
+    let _agent = Agent::start(dir.path(), ID, &url, base);
+    for id in &echoes {
+        peer.until(&format!("{id} run after the second restart"), |s| {
+            !finished(s, id).is_empty()
+        });
+    }
+}

@@ -1739,3 +1739,324 @@ fn a_task_whose_start_cannot_be_recorded_waits_and_runs_once() {
         "ran again after a restart (task, blocker)"
     );
 }
+
+// ---------------------------------------------------------------------
+// Review of the parked-task change (243a317): findings, each a test that
+// fails today (ignored, so the branch builds and the suite stays green).
+// ---------------------------------------------------------------------
+
+/// Sets the file size limit of process `pid` (EFBIG past it; the agents
+/// here ignore SIGXFSZ).
+fn set_fsize_of(pid: i32, limit: u64) {
+    let l = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) },
+        0
+    );
+}
+
+/// Journal segment files of agent `id` under the test dir.
+fn segment_files(dir: &Path, id: &str) -> usize {
+    std::fs::read_dir(dir.join(format!("agent-{id}")).join("journal"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Polls `pred` every 50 ms for up to `limit`, failing with `what`.
+fn poll(what: &str, limit: Duration, mut pred: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !pred() {
+        assert!(start.elapsed() < limit, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn lines_of(path: &Path, what: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == what)
+        .count()
+}
+
+const XFSZ_IGNORED: [&str; 3] = ["sh", "-c", "trap '' XFSZ; exec \"$0\" \"$@\""];
+
+/// An agent (max_concurrency 1, SIGXFSZ ignored) whose `blocker` exec task
+/// appends `blocker` to `count` and then waits for the file `go`; the disk
+/// (RLIMIT_FSIZE 0) fails while it runs, and it then finishes: its
+/// `Finished` and `Acked` records are refused, and the catch-up snapshot
+/// fails again and again. Returns once five catch-up snapshots have
+/// failed (each leaves a new segment file): the next one is 16 s away.
+struct RefusedFinish {
+    server: Server,
+    agent: Agent,
+    pid: i32,
+    count: PathBuf,
+    cfg: String,
+    baseline_segments: usize,
+}
+
+impl RefusedFinish {
+    const ID: &'static str = "refused-1";
+
+    fn start(dir: &Path) -> RefusedFinish {
+        let count = dir.join("count");
+        let go = dir.join("go");
+        let server = big_server(&dir.join("srv"));
+        let cfg = format!(
+            "max_concurrency = 1\n\
+             [plugins.exec.commands.blocker]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"echo blocker >> {0}; while [ ! -e {1} ]; do sleep 0.05; done\"]\n",
+            count.display(),
+            go.display()
+        );
+        let agent = Agent::start_with(dir, Self::ID, &server.broker(), &cfg, &XFSZ_IGNORED);
+        server.wait_online(Self::ID);
+        let pid = agent_pid(Self::ID);
+        let blocker = server.submit(req("exec", json!({"command": "blocker"}), 60_000));
+        // Running: its `Accepted` and `Started` records are on disk.
+        poll("the blocker running", Duration::from_secs(30), || {
+            lines_of(&count, "blocker") == 1
+        });
+        let baseline_segments = segment_files(dir, Self::ID);
+        set_fsize_of(pid, 0);
+        std::fs::write(&go, b"").unwrap();
+        let b = server.wait(&blocker);
+        assert_eq!(b.state, TaskState::Succeeded, "{:?}", b.error);
+        // Catch-up snapshots at about +0, +1, +2, +4, +8 s, each failing
+        // (and each leaving an empty segment behind: see
+        // `failed_catch_up_snapshots_do_not_pile_up_segment_files`).
+        poll(
+            "five failed catch-up snapshots",
+            Duration::from_secs(60),
+            || segment_files(dir, Self::ID) >= baseline_segments + 5,
+        );
+        RefusedFinish {
+            server,
+            agent,
+            pid,
+            count,
+            cfg,
+            baseline_segments,
+        }
+    }
+}
+
+/// Review finding (high): the catch-up snapshot is only written by the
+/// tick's back-off (up to 30 s after the disk is back), and not at all on a
+/// graceful stop. The natural sequence "disk full; the operator frees space
+/// and restarts the service" therefore loses the refused `Finished`: the
+/// restarted agent finds the task accepted and started but not finished,
+/// and runs it again although the server has had (and confirmed) its result
+/// for a while. The same holds for a SIGKILL (or power cut) in the back-off
+/// window after the disk is back. Expected: on a stop, when records were
+/// refused (`write_errors > errors_covered`), try the snapshot first (and
+/// ideally retry soon after an error, not on the parked back-off).
+#[test]
+#[ignore = "review finding: a graceful stop after the disk is back does not write the catch-up snapshot; the finished task runs again"]
+fn a_finished_task_is_not_run_again_after_a_stop_once_the_disk_is_back() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = RefusedFinish::start(dir.path());
+    // The disk is back; the next catch-up attempt is at least 16 s away.
+    set_fsize_of(r.pid, libc::RLIM_INFINITY);
+    r.agent.stop();
+    r.agent = Agent::start_with(
+        dir.path(),
+        RefusedFinish::ID,
+        &r.server.broker(),
+        &r.cfg,
+        &XFSZ_IGNORED,
+    );
+    r.server.wait_online(RefusedFinish::ID);
+    // With max_concurrency = 1 this runs after anything replayed.
+    let v = ok(&r.server, &mut r.agent, "echo", json!({"after": 1}));
+    assert_eq!(v, json!({"after": 1}));
+    assert_eq!(
+        lines_of(&r.count, "blocker"),
+        1,
+        "the blocker, finished and confirmed before the stop, ran again after the restart"
+    );
+}
+
+/// Review finding (medium; same root cause as the test above): the disk
+/// is back, but the agent notices only at the next catch-up attempt of the
+/// parked back-off, up to 30 s later (here at least 16 s). A SIGKILL (or a
+/// power cut, an OOM kill) in that window runs the finished and confirmed
+/// task again at the next start. Expected: a refused record is caught up
+/// within a tick or so of the disk taking writes again (probe cheaply, or
+/// keep the back-off short while nothing is parked).
+#[test]
+#[ignore = "review finding: a SIGKILL in the back-off window after the disk is back runs a finished task again"]
+fn a_finished_task_is_not_run_again_after_a_kill_once_the_disk_is_back() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = RefusedFinish::start(dir.path());
+    set_fsize_of(r.pid, libc::RLIM_INFINITY);
+    // Several ticks with the disk back (statuses every 300 ms).
+    let (beats, last) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    r.server
+        .wait_devices("ten heartbeats with the disk back", |d| {
+            if let Some(d) = d.iter().find(|d| d.id == RefusedFinish::ID) {
+                if d.last_heartbeat_ms != last.get() {
+                    last.set(d.last_heartbeat_ms);
+                    beats.set(beats.get() + 1);
+                }
+            }
+            beats.get() >= 10
+        });
+    r.agent.kill();
+    r.agent = Agent::start_with(
+        dir.path(),
+        RefusedFinish::ID,
+        &r.server.broker(),
+        &r.cfg,
+        &XFSZ_IGNORED,
+    );
+    r.server.wait_online(RefusedFinish::ID);
+    let v = ok(&r.server, &mut r.agent, "echo", json!({"after": 2}));
+    assert_eq!(v, json!({"after": 2}));
+    assert_eq!(
+        lines_of(&r.count, "blocker"),
+        1,
+        "the blocker, finished and confirmed, ran again after a kill with the disk back for 3 s"
+    );
+}
+
+/// Review finding (low): every failed catch-up snapshot (`Log::compact`
+/// rolls to a new segment before writing) leaves one more empty segment
+/// file and costs a directory fsync: one every 30 s for as long as the disk
+/// stays full (about 2,900 files a day), all read again at a restart.
+/// Expected: a failed compaction removes (or reuses) the segment it
+/// created.
+#[test]
+#[ignore = "review finding: each failed catch-up snapshot leaves an empty segment file behind"]
+fn failed_catch_up_snapshots_do_not_pile_up_segment_files() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let r = RefusedFinish::start(dir.path());
+    let now = segment_files(dir.path(), RefusedFinish::ID);
+    assert!(
+        now <= r.baseline_segments + 1,
+        "{} segment files after five failed snapshots, {} before the disk filled",
+        now,
+        r.baseline_segments
+    );
+}
+
+/// Review finding (high, lost task): when a parked task is handed back on
+/// a retry (its `Started` refused but its `Released` written: the disk has
+/// a few bytes again, or comes back between the two writes), the tasks
+/// queued behind it are never started. `retry_parked` calls
+/// `launch_waiting` only when the retry ends with no write error, and the
+/// refused `Started` is one; the retry after that (snapshot written, no
+/// parked task left: n == 0) does not call it either. The queued task is
+/// acked and on disk, the device reports it queued, the server keeps it
+/// dispatched, and it runs only if some unrelated task happens to start and
+/// finish. Here the file size limit is set to exactly the size of the
+/// `Released` record, one byte less than `Started`.
+#[test]
+#[ignore = "review finding: after a parked task is handed back on a retry, the queue behind it never starts"]
+fn a_parked_task_handed_back_on_retry_does_not_stall_the_queue() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    const ID: &str = "stall-1";
+    let fifo = dir.path().join("go");
+    let count = dir.path().join("count");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let server = big_server(&dir.path().join("srv"));
+    let cfg = format!(
+        "max_concurrency = 1\n\
+         [plugins.exec.commands.wait]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"read x < {0}\"]\n\
+         [plugins.exec.commands.count]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"echo ran >> {1}\"]\n",
+        fifo.display(),
+        count.display()
+    );
+    let mut agent = Agent::start_with(dir.path(), ID, &server.broker(), &cfg, &XFSZ_IGNORED);
+    server.wait_online(ID);
+    let pid = agent_pid(ID);
+    let blocker = server.submit(req("exec", json!({"command": "wait"}), 60_000));
+    let mut go = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    // `w` will be parked and then handed back; `x` waits behind it.
+    let w = server.submit(req("exec", json!({"command": "count"}), 60_000));
+    let x = server.submit(req("echo", json!({"x": 1}), 120_000));
+    server.wait_devices("two tasks queued behind the blocker", |d| {
+        d.iter()
+            .any(|d| d.id == ID && d.running == 1 && d.queued == 2)
+    });
+    set_fsize_of(pid, 0);
+    writeln!(go, "go").unwrap();
+    drop(go);
+    let b = server.wait(&blocker);
+    assert_eq!(b.state, TaskState::Succeeded, "{:?}", b.error);
+    // The blocker's `Finished` and `Acked`, `w`'s `Started` and `Released`,
+    // and a few catch-up snapshots refused: `w` is parked.
+    server.wait_devices("w parked", |d| {
+        d.iter()
+            .any(|d| d.id == ID && d.running == 0 && d.queued == 2 && d.storage.write_errors >= 6)
+    });
+    // Room for a `Released` record (8 + 1 + 1 + 1 + id) in a fresh segment,
+    // not for a `Started` (one byte more) nor for a snapshot.
+    assert!(w.len() < 128);
+    set_fsize_of(pid, (8 + 3 + w.len()) as u64);
+    let t = server.wait(&w);
+    assert_eq!(t.state, TaskState::Failed, "{:?}", t.error);
+    assert!(
+        t.error
+            .clone()
+            .unwrap_or_default()
+            .contains("storage error"),
+        "{:?}",
+        t.error
+    );
+    assert_eq!(lines_of(&count, "ran"), 0);
+    // The disk is fully back: `x` should run now.
+    set_fsize_of(pid, libc::RLIM_INFINITY);
+    let t = server.wait(&x);
+    assert_eq!(
+        t.state,
+        TaskState::Succeeded,
+        "x: {:?} {:?}",
+        t.state,
+        t.error
+    );
+    assert!(agent.alive());
+}
+
+/// Review finding (medium, documented only for crashes): a graceful stop
+/// while a task is parked says goodbye, so the server takes the task back
+/// (here it fails it: one attempt), and "hands it back" in the journal with
+/// a `Released` record that the full disk refuses, exactly the hand-back
+/// without a durable record that the change set out to remove. The
+/// restarted agent (disk fine) finds it accepted and runs it, after the
+/// server has failed it. The goodbye comment in `Agent::run` ("the journal
+/// hands those tasks back rather than running them again") is not true for
+/// parked tasks; docs/plugins.md only mentions a crash.
+#[test]
+#[ignore = "review finding: SIGTERM while parked; the task runs at the next start after the server failed it"]
+fn a_task_parked_at_a_graceful_stop_does_not_run_after_the_server_gave_it_up() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut u = Unrecordable::start(dir.path());
+    u.agent.stop();
+    let t = u.server.wait(&u.waiting);
+    assert_eq!(t.state, TaskState::Failed, "{:?}", t.error);
+    // The disk is fine for the new process (a new rlimit).
+    u.agent = Unrecordable::agent(dir.path(), &u.server, &u.cfg);
+    u.server.wait_online(Unrecordable::ID);
+    let r = ok(&u.server, &mut u.agent, "echo", json!({"y": 3}));
+    assert_eq!(r, json!({"y": 3}));
+    let (runs, _, _, _) = u.seen_all();
+    assert_eq!(
+        runs, 0,
+        "the parked task ran after the restart although the server had failed it ({:?})",
+        t.error
+    );
+}
