@@ -2060,3 +2060,110 @@ fn a_task_parked_at_a_graceful_stop_does_not_run_after_the_server_gave_it_up() {
         t.error
     );
 }
+
+/// Review finding (high; root cause of
+/// `a_finished_task_is_not_run_again_after_a_stop_once_the_disk_is_back`,
+/// worse symptom): a parked task that the server cancels is finished as
+/// cancelled and not run while the agent lives (this part holds), but its
+/// `Finished` is refused, and the disk coming back is noticed only at the
+/// next catch-up attempt of the back-off (here at least 16 s away). A task
+/// accepted, run and recorded in between proves the journal takes records
+/// again; a graceful stop then, and the restarted agent runs the task the
+/// server cancelled, and the blocker (finished and confirmed) once more.
+/// (Found by accident: the first version of this test did not wait for the
+/// back-off and failed the same way.)
+#[test]
+#[ignore = "review finding: a parked task cancelled by the server runs after a restart once the disk is back"]
+fn a_parked_task_cancelled_is_not_run_then_or_after_a_restart() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut u = Unrecordable::start(dir.path());
+    u.server.client.cancel(&u.waiting).unwrap();
+    let t = u.server.wait(&u.waiting);
+    assert_eq!(t.state, TaskState::Cancelled, "{:?}", t.error);
+    // Five more failed catch-up snapshots: the next one is 16 s away.
+    let segs = segment_files(dir.path(), Unrecordable::ID);
+    poll(
+        "five failed catch-up snapshots",
+        Duration::from_secs(60),
+        || segment_files(dir.path(), Unrecordable::ID) >= segs + 5,
+    );
+    u.set_fsize(libc::RLIM_INFINITY);
+    let r = ok(&u.server, &mut u.agent, "echo", json!({"c": 1}));
+    assert_eq!(r, json!({"c": 1}));
+    let (runs, started, _, blocker) = u.seen_all();
+    assert_eq!(
+        (runs, started, blocker),
+        (0, false, 1),
+        "while the agent lives"
+    );
+    u.agent.stop();
+    u.agent = Unrecordable::agent(dir.path(), &u.server, &u.cfg);
+    u.server.wait_online(Unrecordable::ID);
+    let r = ok(&u.server, &mut u.agent, "echo", json!({"c": 2}));
+    assert_eq!(r, json!({"c": 2}));
+    let (runs, started, _, blocker) = u.seen_all();
+    assert_eq!(
+        (runs, started, blocker),
+        (0, false, 1),
+        "after the restart: (runs of the cancelled task, its Started seen, blocker runs)"
+    );
+}
+
+/// Review of 243a317, held: a suspect (running at a SIGKILL) restarted on
+/// a full disk is parked, not run; when the disk is back it runs once,
+/// alone, and is not run a third time after another kill.
+#[test]
+fn a_parked_suspect_runs_once_alone_when_the_disk_is_back() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    const ID: &str = "psus-1";
+    let count = dir.path().join("count");
+    let go = dir.path().join("go");
+    let server = big_server(&dir.path().join("srv"));
+    let cfg = format!(
+        "max_concurrency = 2\n\
+         [plugins.exec.commands.slow]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"echo ran >> {0}; while [ ! -e {1} ]; do sleep 0.05; done\"]\n",
+        count.display(),
+        go.display()
+    );
+    let mut agent = Agent::start_with(dir.path(), ID, &server.broker(), &cfg, &XFSZ_IGNORED);
+    server.wait_online(ID);
+    let mut r = req("exec", json!({"command": "slow"}), 120_000);
+    r.max_attempts = Some(5);
+    let s = server.submit(r);
+    poll("the task running", Duration::from_secs(30), || {
+        lines_of(&count, "ran") == 1
+    });
+    agent.kill();
+    // Restarted with every journal write failing from the start.
+    let full = [
+        "sh",
+        "-c",
+        "trap '' XFSZ; ulimit -S -f 0; exec \"$0\" \"$@\"",
+    ];
+    let mut agent = Agent::start_with(dir.path(), ID, &server.broker(), &cfg, &full);
+    server.wait_devices("the suspect parked", |d| {
+        d.iter().any(|d| {
+            d.id == ID && d.online && d.running == 0 && d.queued == 1 && d.storage.write_errors >= 2
+        })
+    });
+    assert_eq!(lines_of(&count, "ran"), 1, "run while parked");
+    set_fsize_of(agent_pid(ID), libc::RLIM_INFINITY);
+    poll("the suspect run again", Duration::from_secs(60), || {
+        lines_of(&count, "ran") == 2
+    });
+    server.wait_devices("the suspect running alone", |d| {
+        d.iter()
+            .any(|d| d.id == ID && d.running == 1 && d.queued == 0)
+    });
+    std::fs::write(&go, b"").unwrap();
+    let t = server.wait(&s);
+    assert_eq!(t.state, TaskState::Succeeded, "{:?}", t.error);
+    agent.kill();
+    let mut agent = Agent::start_with(dir.path(), ID, &server.broker(), &cfg, &XFSZ_IGNORED);
+    server.wait_online(ID);
+    let v = ok(&server, &mut agent, "echo", json!({"s": 1}));
+    assert_eq!(v, json!({"s": 1}));
+    assert_eq!(lines_of(&count, "ran"), 2, "run a third time");
+}
