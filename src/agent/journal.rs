@@ -403,6 +403,12 @@ impl Journal {
         self.log.sync()
     }
 
+    /// Whether the disk takes a write now (see [`Log::writable`]); not
+    /// counted as a write error when it does not.
+    pub fn writable(&mut self) -> bool {
+        self.log.writable()
+    }
+
     /// `Err` once a failed fsync made the journal unusable: what it holds
     /// on disk is uncertain, so the agent stops and is restarted on it.
     pub fn check(&self) -> Result<(), StorageError> {

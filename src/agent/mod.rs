@@ -233,6 +233,8 @@ impl Agent {
             alone: None,
             parked: VecDeque::new(),
             parked_retry: (Instant::now(), PARKED_RETRY_MIN),
+            parked_logged: false,
+            restoring: false,
             errors_covered: 0,
             per_plugin: HashMap::new(),
             outbox: HashMap::new(),
@@ -311,10 +313,19 @@ impl Agent {
             return Err(AgentError::Storage(e));
         }
         notify.stopping();
+        // Records refused earlier (a full disk that is back): on disk now,
+        // or a finished task runs again at the next start.
+        if m.journal.stats().write_errors > m.errors_covered && m.journal.writable() {
+            if let Err(e) = m.compact_now() {
+                log::warn!("agent {}: snapshot at shutdown failed: {e}", m.id);
+            }
+        }
         // Say goodbye so the server re-routes at once rather than after the
         // keep-alive runs out. It re-queues what was here, so the journal
-        // hands those tasks back rather than running them again at the next
-        // start.
+        // hands those tasks back (`Released`) rather than running them again
+        // at the next start. A `Released` the disk refuses makes this stop a
+        // crash for that task: the server re-queues it, and the next start
+        // runs it again (docs/plugins.md).
         let handed_back: Vec<String> = m
             .running
             .keys()
@@ -429,9 +440,14 @@ struct Manager {
     /// these wait, neither run nor handed back, and are tried again on the
     /// tick until the journal takes records; nothing else starts meanwhile.
     parked: VecDeque<(TaskSpec, bool)>,
-    /// When the parked tasks and a snapshot are tried next, and the wait
-    /// after that.
+    /// When the parked tasks and a catch-up snapshot are tried next (once
+    /// the journal's probe says it takes writes), and the wait after that.
     parked_retry: (Instant, Duration),
+    /// Whether this episode of parked tasks was logged.
+    parked_logged: bool,
+    /// Set while the journal's recovered state is put back: a compaction
+    /// then would snapshot a state missing the tasks not placed yet.
+    restoring: bool,
     /// The journal's `write_errors` when a snapshot last covered them:
     /// fewer than now, and records are missing from the disk.
     errors_covered: u64,
@@ -736,6 +752,13 @@ impl Manager {
 
     /// Takes back the state found in the journal at start.
     fn restore(&mut self, rec: journal::Recovered) {
+        self.restoring = true;
+        self.restore_state(rec);
+        self.restoring = false;
+        self.maybe_compact();
+    }
+
+    fn restore_state(&mut self, rec: journal::Recovered) {
         for (id, retryable) in rec.ledger {
             self.ledger.insert(id.clone(), retryable);
             self.ledger_order.push_back(id);
@@ -823,7 +846,7 @@ impl Manager {
 
     /// Rewrites the journal as the live state once it has grown enough.
     fn maybe_compact(&mut self) {
-        if !self.journal.wants_compaction() {
+        if self.restoring || !self.journal.wants_compaction() {
             return;
         }
         if let Err(e) = self.compact_now() {
@@ -976,8 +999,9 @@ impl Manager {
             }) {
                 // Not handed back then either (see `parked`): accepted on
                 // disk, it is still this agent's to run, once.
-                if self.parked.is_empty() && self.parked_retry.1 == PARKED_RETRY_MIN {
-                    // The first since the journal last took records.
+                if !self.parked_logged {
+                    // Once an episode: it is retried on every tick.
+                    self.parked_logged = true;
                     log::error!(
                         "agent {}: cannot record the start of {} ({e}) nor hand it back ({re}); \
                          it waits until the journal takes records again",
@@ -1011,16 +1035,19 @@ impl Manager {
         self.occupy(spec);
     }
 
-    /// After failed journal writes, once the wait is over (doubling, up to
-    /// [`PARKED_RETRY_MAX`], while the journal still refuses records):
-    /// writes the live state as a snapshot, so what could not be recorded
-    /// is on disk, and tries the parked tasks again.
+    /// After failed journal writes, on every tick while the journal's
+    /// probe says it takes writes again (and no wait from a failed try is
+    /// running: doubling, up to [`PARKED_RETRY_MAX`]): writes the live state
+    /// as a snapshot, so what was refused is on disk within a tick of the
+    /// disk coming back (a crash in a longer window ran a finished task
+    /// again), then tries the parked tasks again.
     fn retry_parked(&mut self) {
         let (at, wait) = self.parked_retry;
         let behind = self.journal.stats().write_errors > self.errors_covered;
-        if (!behind && self.parked.is_empty()) || Instant::now() < at {
+        if (!behind && self.parked.is_empty()) || Instant::now() < at || !self.journal.writable() {
             return;
         }
+        let backoff = (Instant::now() + wait, (wait * 2).min(PARKED_RETRY_MAX));
         if behind {
             match self.compact_now() {
                 Ok(()) => {
@@ -1030,25 +1057,43 @@ impl Manager {
                     );
                     self.errors_covered = self.journal.stats().write_errors;
                 }
-                Err(e) => log::debug!("agent {}: journal still refuses records: {e}", self.id),
+                Err(e @ StorageError::TooLarge { .. }) => {
+                    // Not the disk: the live state does not fit
+                    // `storage.max_bytes`, and trying again every tick or
+                    // every 30 s would not change that.
+                    log::warn!(
+                        "agent {}: the live state cannot be snapshotted ({e}); records refused \
+                         earlier stay missing (raise storage.max_bytes)",
+                        self.id
+                    );
+                    self.errors_covered = self.journal.stats().write_errors;
+                }
+                Err(e) => {
+                    log::debug!("agent {}: journal still refuses records: {e}", self.id);
+                    self.parked_retry = backoff;
+                    return;
+                }
             }
         }
         let n = self.parked.len();
         for (spec, alone) in std::mem::take(&mut self.parked) {
             self.launch_as(spec, alone);
         }
-        if self.parked.is_empty() && self.journal.stats().write_errors <= self.errors_covered {
-            if n > 0 {
-                log::info!(
-                    "agent {}: {n} parked task(s) started or handed back",
-                    self.id
-                );
-                self.launch_waiting();
-            }
-            self.parked_retry = (Instant::now(), PARKED_RETRY_MIN);
-        } else {
-            self.parked_retry = (Instant::now() + wait, (wait * 2).min(PARKED_RETRY_MAX));
+        if !self.parked.is_empty() {
+            self.parked_retry = backoff;
+            return;
         }
+        if n > 0 {
+            log::info!(
+                "agent {}: {n} parked task(s) started or handed back",
+                self.id
+            );
+            self.parked_logged = false;
+            // Also when one was handed back on this try: what waited
+            // behind it starts now, not when some other task ends.
+            self.launch_waiting();
+        }
+        self.parked_retry = (Instant::now(), PARKED_RETRY_MIN);
     }
 
     /// Takes the task's slots and starts it after the batch's commit.

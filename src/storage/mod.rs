@@ -518,6 +518,27 @@ impl Log {
         Ok(())
     }
 
+    /// Whether the active segment takes a write now: one byte appended and
+    /// cut off again, outside the counters. A cheap probe for a disk that
+    /// refused records (full, or over the file size limit) to be tried on
+    /// every tick. `true` does not promise that a larger write fits (a
+    /// nearly full disk); a torn byte left by a crash in between is cut at
+    /// recovery like any torn tail.
+    pub fn writable(&mut self) -> bool {
+        if self.failed {
+            return false;
+        }
+        let len = self.segments.back().expect("active segment").bytes;
+        if let Some(cap) = self.opts.simulated_disk_bytes {
+            if self.total_bytes + 1 > cap {
+                return false;
+            }
+        }
+        let ok = self.active.write_all(&[0]).is_ok();
+        let _ = self.active.set_len(len);
+        ok
+    }
+
     /// Whether a failed fsync has made the log unusable.
     pub fn failed(&self) -> bool {
         self.failed
@@ -599,7 +620,12 @@ impl Log {
         records: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<(), StorageError> {
         self.usable()?;
-        self.roll()?;
+        // An empty active segment takes the snapshot as a new one would
+        // (it follows every older one): a failed compaction leaves one
+        // behind, and rolling again each time piled up empty files.
+        if self.segments.back().expect("active segment").bytes > 0 {
+            self.roll()?;
+        }
         let start_segments = self.segments.len();
         for r in records {
             let framed = (HEADER_BYTES + r.len()) as u64;

@@ -496,3 +496,39 @@ fn a_frame_inside_a_torn_record_is_not_replayed() {
     let (_, got) = Log::open(dir.path(), opts()).unwrap();
     assert_eq!(got, vec![b"before".to_vec()]);
 }
+
+/// Review of the catch-up snapshot: every failed compaction rolled to a
+/// new segment before writing and left it behind, empty (one more file,
+/// read again at every start, per failed try on a full disk). Now a
+/// compaction into an empty active segment reuses it.
+#[test]
+fn failed_compactions_do_not_pile_up_segment_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        simulated_disk_bytes: Some(3000),
+        ..opts()
+    };
+    let (mut log, _) = Log::open(dir.path(), o.clone()).unwrap();
+    for i in 0..10 {
+        log.append(&rec(i, 292)).unwrap();
+    }
+    let files = || std::fs::read_dir(dir.path()).unwrap().count();
+    let before = files();
+    let snapshot: Vec<Vec<u8>> = (0..10).map(|i| rec(i, 292)).collect();
+    for _ in 0..5 {
+        let e = log.compact(snapshot.iter().map(Vec::as_slice)).unwrap_err();
+        assert!(matches!(e, StorageError::NoSpace { .. }), "{e}");
+    }
+    assert!(
+        files() <= before + 1,
+        "{} files after five failed compactions, {before} before",
+        files()
+    );
+    assert!(!log.writable(), "the probe on a full disk");
+    drop(log);
+    let (mut log, got) = Log::open(dir.path(), o).unwrap();
+    assert_eq!(got.len(), 10, "nothing lost");
+    let s = log.stats().write_errors;
+    assert!(!log.writable());
+    assert_eq!(log.stats().write_errors, s, "the probe is not counted");
+}
