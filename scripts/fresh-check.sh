@@ -62,6 +62,12 @@ cleanup() {
       [ "$(readlink "/proc/$pid/root" 2>/dev/null)" = "$root" ] && kill -9 "$pid" 2>/dev/null || true
     done
   fi
+  # Mounts the tests made inside the root (`ip netns add` bind-mounts
+  # /run/netns onto itself), deepest first.
+  if [ -d "$root" ]; then
+    awk -v r="$root/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r \
+      | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  fi
   if [ "${FRESH_KEEP:-}" != 1 ] && [ -d "$root" ]; then
     # Only once nothing is mounted below it any more.
     if ! grep -q " $root/" /proc/mounts; then rm -rf "$root"; fi
@@ -110,8 +116,16 @@ printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n127.0.1.1
 say "clean clone of $commit"
 git clone -q --no-hardlinks "$repo" "$root/root/openclaw"
 git -C "$root/root/openclaw" checkout -q "$commit"
+# The root a mount point of its own, as / is on an installed system:
+# `ip netns exec` makes / a slave mount in its new namespace (`mount
+# --make-rslave /`), which fails with EINVAL on a plain directory (the
+# partition test of tests/faults.rs failed so).
+mount --bind "$root" "$root"; mounted+=("$root")
 bind /proc "$root/proc"
-bind /sys "$root/sys"
+# With what is mounted below it: the cgroup v2 hierarchy under
+# /sys/fs/cgroup that the agent puts process plugins in.
+mkdir -p "$root/sys"
+mount --rbind /sys "$root/sys"; mount --make-rslave "$root/sys"; mounted+=("$root/sys")
 bind /dev "$root/dev"
 bind /dev/pts "$root/dev/pts"
 mkdir -p "$root/dev/shm"

@@ -853,12 +853,14 @@ fn exec_children_die_with_their_task() {
     // takes the escaped process with it.
     let escaped = survivors("sleep 3041", Duration::from_secs(2));
     kill_all("sleep 3041");
-    if std::path::Path::new("/sys/fs/cgroup/cgroup.procs").exists()
-        || std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()
-    {
+    if has_cgroup_v2() {
         assert!(
             escaped.is_empty(),
             "a setsid child of exec survived: {escaped:?}"
+        );
+    } else {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED exec_children_die_with_their_task (setsid child): no cgroup v2 under /sys/fs/cgroup !!!!!!!!\n"
         );
     }
     assert!(agent.alive());
@@ -1087,7 +1089,16 @@ fn process_plugins_are_contained() {
     assert_eq!(t.state, TaskState::TimedOut, "{:?}", t.error);
     let left = survivors("sleep 3061", Duration::from_secs(3));
     kill_all("sleep 3061");
-    assert!(left.is_empty(), "a setsid child survived: {left:?}");
+    // Only a cgroup holds a child that left the process group (the agent
+    // says at start which applies); without one, that is the documented
+    // fallback, and this check says it did not run.
+    if has_cgroup_v2() {
+        assert!(left.is_empty(), "a setsid child survived: {left:?}");
+    } else {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED process_plugins_are_contained (setsid child): no cgroup v2 under /sys/fs/cgroup; survivors {left:?} !!!!!!!!\n"
+        );
+    }
 
     // Control characters and floods in the log.
     ok(&server, &mut agent, "contain", json!({"do": "log"}));
@@ -1756,6 +1767,12 @@ fn set_fsize_of(pid: i32, limit: u64) {
         unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &l, std::ptr::null_mut()) },
         0
     );
+}
+
+/// Whether a cgroup v2 hierarchy is mounted where the agent looks for one.
+fn has_cgroup_v2() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/cgroup.procs").exists()
+        || std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()
 }
 
 /// Polls `pred` every 50 ms for up to `limit`, failing with `what`.
