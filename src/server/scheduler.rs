@@ -1484,9 +1484,14 @@ impl Scheduler {
         if first || (!known && self.forged_statuses.is_power_of_two()) {
             log::warn!(
                 "status on {} names another device `{named}`; ignored ({} such status(es) so \
-                 far; not logged again for this topic)",
+                 far{})",
                 topics::status(topic_id),
-                self.forged_statuses
+                self.forged_statuses,
+                if first {
+                    "; not logged again for this topic"
+                } else {
+                    ""
+                }
             );
         }
     }
