@@ -782,6 +782,44 @@ mod tests {
         }
     }
 
+    /// A store made before the dispatch history: opening it seeds the
+    /// history from the open tasks' devices, so the device that holds a
+    /// task across the upgrade still has its result counted. The history
+    /// survives a reopen and goes with the task at retention.
+    #[test]
+    fn the_dispatch_history_is_seeded_kept_and_deleted_with_its_task() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "full").unwrap();
+            s.conn.execute_batch("DROP TABLE dispatches").unwrap();
+            let mut held = row("held", TaskState::Dispatched);
+            held.attempts = 2;
+            held.device = Some("pi-1".into());
+            s.save(&held).unwrap();
+            let mut done = row("done", TaskState::Succeeded);
+            done.device = Some("pi-2".into());
+            done.finished_ms = Some(5);
+            s.save(&done).unwrap();
+        }
+        let mut s = Store::open(dir.path(), "full").unwrap();
+        assert_eq!(s.dispatches("held").unwrap(), [(2, "pi-1".to_string())]);
+        assert!(s.dispatches("done").unwrap().is_empty());
+        s.add_dispatch("held", 3, "pi-3").unwrap();
+        s.add_dispatch("done", 1, "pi-2").unwrap();
+        drop(s);
+        let mut s = Store::open(dir.path(), "full").unwrap();
+        let open = s.open_dispatches().unwrap();
+        assert_eq!(
+            open["held"],
+            [(2, "pi-1".to_string()), (3, "pi-3".to_string())]
+        );
+        assert!(!open.contains_key("done"), "only open tasks: {open:?}");
+        s.drop_dispatch("held", 2, "pi-1").unwrap();
+        assert_eq!(s.dispatches("held").unwrap(), [(3, "pi-3".to_string())]);
+        assert_eq!(s.delete_finished_before(10, 10, 1 << 20).unwrap().0, 1);
+        assert!(s.dispatches("done").unwrap().is_empty());
+    }
+
     #[test]
     fn survives_reopen_and_filters_unfinished() {
         let dir = tempfile::tempdir().unwrap();
