@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod config;
 pub mod http;
+pub mod lock;
 pub mod queue;
 pub mod scheduler;
 pub mod store;
@@ -24,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 pub enum ServerError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// Another server holds the data dir.
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -56,6 +60,10 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(Endpoints),
 ) -> Result<(), ServerError> {
+    // Before the store is opened: a second server must not touch it. Held
+    // until this function returns; the kernel frees it if the process dies.
+    let lock = lock::acquire(&cfg.storage.data_dir)?;
+    log::info!("data dir locked ({})", lock.path().display());
     let store = store::Store::open(&cfg.storage.data_dir, &cfg.storage.synchronous)?;
     let (broker_host, broker_port) = if cfg.mqtt.embedded {
         let host = cfg.mqtt.host.clone();
@@ -170,6 +178,7 @@ pub async fn run(
     {
         loop_stop.cancel();
     }
+    drop(lock);
     match failed {
         Some(why) => Err(ServerError::Scheduler(why)),
         None => Ok(()),

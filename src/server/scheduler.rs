@@ -73,6 +73,14 @@ pub struct Health {
     pub in_flight: usize,
     pub devices_online: usize,
     pub devices_known: usize,
+    /// `Started`, `Rejected` and `Finished` messages for an open task from a
+    /// device it was never dispatched to (the id from the topic): not
+    /// recorded, changed nothing. Since the server started.
+    #[serde(default)]
+    pub forged_results: u64,
+    /// Statuses on one device's topic naming another device: ignored.
+    #[serde(default)]
+    pub forged_statuses: u64,
 }
 
 /// What the scheduler can be asked.
@@ -314,10 +322,29 @@ pub struct Scheduler {
     next_retention: Instant,
     /// Statuses from unknown devices ignored at the `max_devices` bound.
     devices_refused: u64,
+    /// Where each open task was dispatched, per attempt (also in the store,
+    /// so it survives a restart): a result counts only from these devices.
+    /// At most [`MAX_DISPATCHES`] entries per task.
+    history: HashMap<String, Vec<(u32, String)>>,
+    /// Results from devices a task was never dispatched to (see [`Health`]).
+    forged_results: u64,
+    /// Statuses naming another device than their topic's (see [`Health`]).
+    forged_statuses: u64,
+    /// Topic device ids already logged for such a status (logged once each,
+    /// up to [`MAX_WARNED`] ids, then only at powers of two).
+    status_warned: HashSet<String>,
     /// Device checks made by dispatch passes (tests measure a pass's work).
     #[cfg(test)]
     checks: std::cell::Cell<u64>,
 }
+
+/// The dispatch history keeps at most this many (attempt, device) entries
+/// per task, dropping the oldest attempt's first. Only a task bounced
+/// between more devices than this (each refusing it busy, say) loses some,
+/// and then a late result from such a device is refused as forged.
+pub const MAX_DISPATCHES: usize = 64;
+/// Distinct topic ids a mismatched status is logged for, one line each.
+const MAX_WARNED: usize = 1024;
 
 /// Retention deletes at most this many finished tasks per batch...
 const RETENTION_ROWS: u32 = 500;
@@ -368,6 +395,10 @@ impl Scheduler {
             store_failures: 0,
             next_retention: now,
             devices_refused: 0,
+            history: HashMap::new(),
+            forged_results: 0,
+            forged_statuses: 0,
+            status_warned: HashSet::new(),
             #[cfg(test)]
             checks: std::cell::Cell::new(0),
         };
@@ -412,6 +443,8 @@ impl Scheduler {
             recovered += 1;
         }
         s.store.commit()?;
+        s.history = s.store.open_dispatches()?;
+        s.history.retain(|id, _| s.tasks.contains_key(id));
         if recovered > 0 {
             log::info!("scheduler: recovered {recovered} unfinished task(s) from the store");
         }
@@ -600,6 +633,7 @@ impl Scheduler {
             d.assigned.clear();
         }
         let rows = self.store.unfinished_readable()?;
+        self.history = self.store.open_dispatches()?;
         let n = rows.len();
         for mut row in rows {
             let prev = old.get(&row.id);
@@ -824,6 +858,8 @@ impl Scheduler {
                     in_flight,
                     devices_online: self.devices.values().filter(|d| d.online).count(),
                     devices_known: self.devices.len(),
+                    forged_results: self.forged_results,
+                    forged_statuses: self.forged_statuses,
                 });
             }
             Command::Mqtt(ev) => self.on_mqtt(ev)?,
@@ -1156,6 +1192,8 @@ impl Scheduler {
         error: Option<String>,
     ) -> Result<TaskView, StoreError> {
         let mut t = self.forget(id).expect("terminate of a known task");
+        // The store keeps it (until retention); memory needs it only while open.
+        self.history.remove(id);
         self.unassign(&t.row);
         t.row.state = state;
         t.row.result = result;
@@ -1309,11 +1347,7 @@ impl Scheduler {
         match kind {
             topics::Kind::Status => match DeviceStatus::decode(&p.payload, self.max_payload) {
                 Ok(s) if s.device_id == device => self.on_status(s)?,
-                Ok(s) => log::warn!(
-                    "status on {} names another device `{}`; ignored",
-                    p.topic,
-                    s.device_id
-                ),
+                Ok(s) => self.forged_status(&device, &s.device_id),
                 Err(e) => log::warn!("malformed status on {}: {e}", p.topic),
             },
             topics::Kind::Results => {
@@ -1438,7 +1472,95 @@ impl Scheduler {
         Ok(())
     }
 
+    /// A status on `topic_id`'s topic that names `named`: statuses are not
+    /// authenticated, and one client must not speak for another device
+    /// (take it offline, say, retained). Ignored and counted; logged once
+    /// per topic id, so a flood does not flood the log.
+    fn forged_status(&mut self, topic_id: &str, named: &str) {
+        self.forged_statuses += 1;
+        let first = self.status_warned.len() < MAX_WARNED
+            && self.status_warned.insert(topic_id.to_string());
+        let known = self.status_warned.contains(topic_id);
+        if first || (!known && self.forged_statuses.is_power_of_two()) {
+            log::warn!(
+                "status on {} names another device `{named}`; ignored ({} such status(es) so \
+                 far{})",
+                topics::status(topic_id),
+                self.forged_statuses,
+                if first {
+                    "; not logged again for this topic"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+
+    /// Records in the store and in memory that attempt `attempt` of task
+    /// `id` was sent to `device`, within [`MAX_DISPATCHES`] entries.
+    fn record_dispatch(&mut self, id: &str, attempt: u32, device: &str) -> Result<(), StoreError> {
+        let h = self.history.entry(id.to_string()).or_default();
+        if h.iter().any(|(a, d)| *a == attempt && d == device) {
+            // The same dispatch again (a restart retries the same attempt).
+            return Ok(());
+        }
+        if h.len() >= MAX_DISPATCHES {
+            let oldest = (0..h.len()).min_by_key(|&i| h[i].0).expect("not empty");
+            let (a, d) = h.remove(oldest);
+            self.store.drop_dispatch(id, a, &d)?;
+        }
+        h.push((attempt, device.to_string()));
+        self.store.add_dispatch(id, attempt, device)
+    }
+
+    /// Whether open task `id` was ever dispatched to `device`.
+    fn sent_to(&self, id: &str, device: &str) -> bool {
+        let holds = self.tasks.get(id).is_some_and(|t| {
+            t.row.state != TaskState::Queued && t.row.device.as_deref() == Some(device)
+        });
+        holds
+            || self
+                .history
+                .get(id)
+                .is_some_and(|h| h.iter().any(|(_, d)| d == device))
+    }
+
+    /// A message about open task `id` from a device it was never sent to:
+    /// anyone can publish on any results topic. Counted; logged at powers
+    /// of two, so a flood does not flood the log.
+    fn forged_result(&mut self, what: &str, id: &str, device: &str) {
+        self.forged_results += 1;
+        if self.forged_results.is_power_of_two() {
+            log::warn!(
+                "{what} for task {id} on {}: the task was never dispatched to `{device}`; \
+                 ignored ({} such message(s) so far)",
+                topics::results(device),
+                self.forged_results
+            );
+        }
+    }
+
     fn on_agent(&mut self, device: &str, msg: FromAgent) -> Result<(), StoreError> {
+        // Only messages about open tasks can change anything; those count
+        // only from a device the task was dispatched to.
+        let about = match &msg {
+            FromAgent::Started { task_id } => ("Started", task_id),
+            FromAgent::Rejected { task_id, .. } => ("Rejected", task_id),
+            FromAgent::Finished(o) => ("Finished", &o.task_id),
+        };
+        if self.tasks.contains_key(about.1) && !self.sent_to(about.1, device) {
+            let (what, id) = (about.0, about.1.clone());
+            self.forged_result(what, &id, device);
+            if let FromAgent::Finished(_) = msg {
+                // Acked all the same, so that client's outbox (if it is an
+                // agent with a stray result) drains instead of re-sending.
+                self.publish(
+                    topics::tasks(device),
+                    protocol::encode(&ToAgent::ResultAck { task_id: id }),
+                );
+            }
+            return Ok(());
+        }
         match msg {
             FromAgent::Started { task_id } => {
                 if let Some(t) = self.tasks.get_mut(&task_id) {
@@ -1505,8 +1627,9 @@ impl Scheduler {
                         "task {id}: late retryable failure from {device}, which no longer has it; ignored"
                     );
                 } else if holder.is_some() {
-                    // First result wins, even from a device the task was
-                    // taken away from: the work was done.
+                    // First result wins, also from a device the task was
+                    // dispatched to and then taken away from (the work was
+                    // done); a device it never went to was refused above.
                     if holder == Some(false) {
                         let row = self.tasks[&id].row.clone();
                         if let (Some(other), true) = (&row.device, row.state != TaskState::Queued) {
@@ -1826,6 +1949,7 @@ impl Scheduler {
             let spec = spec_of(&t.row);
             let row = t.row.clone();
             self.store.save(&row)?;
+            self.record_dispatch(&id, row.attempts, &dev)?;
             if let Some(d) = self.devices.get_mut(&dev) {
                 d.assigned.insert(id.clone());
                 if d.assigned.len() >= d.capacity() {
@@ -3062,5 +3186,100 @@ mod tests {
                 s.checks.get() / passes as u64
             );
         }
+    }
+
+    fn done(id: &str, text: &str) -> FromAgent {
+        FromAgent::Finished(TaskOutcome {
+            task_id: id.into(),
+            result: Ok(Value::Str(text.into())),
+            elapsed_us: 1,
+        })
+    }
+
+    /// Issue item 3: a result counts only from a device the task was
+    /// dispatched to, the one that has it or one it was taken from; from
+    /// any other it changes nothing and is counted (the `ResultAck` still
+    /// goes out: tests/forged_messages.rs sees it).
+    #[tokio::test(start_paused = true)]
+    async fn results_count_only_from_devices_the_task_was_sent_to() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("a", &[], 1));
+        let id = submit(s, long_req());
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("a"));
+        let started = FromAgent::Started {
+            task_id: id.clone(),
+        };
+        s.on_agent("evil", started).unwrap();
+        s.on_agent("evil", done(&id, "forged")).unwrap();
+        let rejected = FromAgent::Rejected {
+            task_id: id.clone(),
+            reason: RejectReason::Busy,
+        };
+        s.on_agent("evil", rejected).unwrap();
+        assert_eq!(s.tasks[&id].row.state, TaskState::Dispatched);
+        assert_eq!(device_of(s, &id).as_deref(), Some("a"));
+        assert_eq!(s.forged_results, 3);
+        // `a` is lost and the task goes to `b`: `a`'s late result still
+        // counts (the work was done there), and `b` is told to stop.
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_millis(900)).await;
+            heartbeat(s, &status("b", &[], 1));
+            s.on_tick().unwrap();
+        }
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        heartbeat(s, &status("b", &[], 1));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("b"));
+        assert_eq!(
+            s.store.dispatches(&id).unwrap(),
+            [(1, "a".to_string()), (2, "b".to_string())]
+        );
+        s.on_agent("a", done(&id, "late")).unwrap();
+        assert!(!s.tasks.contains_key(&id));
+        let row = s.store.get(&id).unwrap().unwrap();
+        assert_eq!(row.state, TaskState::Succeeded);
+        assert_eq!(row.device.as_deref(), Some("a"));
+        assert_eq!(s.forged_results, 3);
+    }
+
+    /// The history keeps at most [`MAX_DISPATCHES`] entries per task, in
+    /// memory and in the store: a task refused busy by 70 devices in turn
+    /// forgets the oldest.
+    #[tokio::test(start_paused = true)]
+    async fn the_dispatch_history_is_bounded_per_task() {
+        let mut r = rig();
+        let s = &mut r.s;
+        for i in 0..70 {
+            heartbeat(s, &status(&format!("d{i:02}"), &[], 1));
+        }
+        let id = submit(s, long_req());
+        let mut seen = Vec::new();
+        for _ in 0..70 {
+            s.dispatch().unwrap();
+            let dev = device_of(s, &id).expect("dispatched");
+            seen.push(dev.clone());
+            let busy = FromAgent::Rejected {
+                task_id: id.clone(),
+                reason: RejectReason::Busy,
+            };
+            s.on_agent(&dev, busy).unwrap();
+        }
+        s.dispatch().unwrap();
+        let last = device_of(s, &id);
+        assert_eq!(s.history[&id].len(), MAX_DISPATCHES);
+        assert_eq!(s.store.dispatches(&id).unwrap().len(), MAX_DISPATCHES);
+        // The first device was forgotten: its result is refused now.
+        s.on_agent(&seen[0], done(&id, "too old")).unwrap();
+        assert!(s.tasks.contains_key(&id));
+        assert_eq!(s.forged_results, 1);
+        // The latest one counts.
+        if let Some(dev) = last {
+            s.on_agent(&dev, done(&id, "ok")).unwrap();
+        } else {
+            s.on_agent(&seen[69], done(&id, "ok")).unwrap();
+        }
+        assert!(!s.tasks.contains_key(&id));
     }
 }

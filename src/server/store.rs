@@ -6,6 +6,7 @@
 
 use crate::protocol::api::{TaskState, TaskView};
 use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Store errors.
@@ -173,11 +174,97 @@ impl Store {
              CREATE TABLE IF NOT EXISTS devices (
                 id TEXT PRIMARY KEY, status BLOB NOT NULL, last_seen_ms INTEGER NOT NULL);"
         ))
+        .and_then(|()| Self::create_dispatches(&conn))
         .map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
         })?;
         Ok(Store { conn, in_tx: false })
+    }
+
+    /// The dispatch history: which devices each task was sent to, per
+    /// attempt. A store made before it existed gets it seeded from the open
+    /// tasks' current devices, so a result from the device that holds a
+    /// task across the upgrade still counts.
+    fn create_dispatches(conn: &Connection) -> rusqlite::Result<()> {
+        let exists = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dispatches'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if exists {
+            return Ok(());
+        }
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS dispatches (
+                task_id TEXT NOT NULL, attempt INTEGER NOT NULL, device TEXT NOT NULL,
+                PRIMARY KEY (task_id, attempt, device)) WITHOUT ROWID;
+             INSERT OR IGNORE INTO dispatches (task_id, attempt, device)
+                SELECT id, attempts, device FROM tasks
+                WHERE device IS NOT NULL AND state IN ('queued', 'dispatched', 'running');
+             COMMIT;",
+        )
+    }
+
+    /// Records that task `id`'s attempt `attempt` was sent to `device`.
+    pub fn add_dispatch(&mut self, id: &str, attempt: u32, device: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO dispatches (task_id, attempt, device) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![id, attempt, device])?;
+        Ok(())
+    }
+
+    /// Forgets one entry of task `id`'s dispatch history (the bound per task).
+    pub fn drop_dispatch(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        device: &str,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM dispatches WHERE task_id = ?1 AND attempt = ?2 AND device = ?3",
+            )?
+            .execute(params![id, attempt, device])?;
+        Ok(())
+    }
+
+    /// The dispatch history of every task not in a terminal state:
+    /// task id → (attempt, device), by attempt.
+    pub fn open_dispatches(&self) -> Result<HashMap<String, Vec<(u32, String)>>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.task_id, d.attempt, d.device FROM dispatches d JOIN tasks t \
+             ON t.id = d.task_id WHERE t.state IN ('queued', 'dispatched', 'running') \
+             ORDER BY d.task_id, d.attempt",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut out: HashMap<String, Vec<(u32, String)>> = HashMap::new();
+        while let Some(r) = rows.next()? {
+            let read = || -> rusqlite::Result<(String, u32, String)> {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            };
+            match read() {
+                Ok((id, attempt, device)) => out.entry(id).or_default().push((attempt, device)),
+                // Left out: at worst a result from that device is refused.
+                Err(e) => log::error!("task store: unreadable dispatch row: {e}; left out"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The dispatch history of one task, by attempt.
+    pub fn dispatches(&self, id: &str) -> Result<Vec<(u32, String)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT attempt, device FROM dispatches WHERE task_id = ?1 ORDER BY attempt",
+        )?;
+        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Starts a batch.
@@ -249,8 +336,12 @@ impl Store {
         let mut del = self
             .conn
             .prepare_cached("DELETE FROM tasks WHERE id = ?1")?;
+        let mut del_history = self
+            .conn
+            .prepare_cached("DELETE FROM dispatches WHERE task_id = ?1")?;
         for id in &ids {
             del.execute([id])?;
+            del_history.execute([id])?;
         }
         Ok((ids.len(), more))
     }
@@ -689,6 +780,44 @@ mod tests {
             started_ms: None,
             finished_ms: None,
         }
+    }
+
+    /// A store made before the dispatch history: opening it seeds the
+    /// history from the open tasks' devices, so the device that holds a
+    /// task across the upgrade still has its result counted. The history
+    /// survives a reopen and goes with the task at retention.
+    #[test]
+    fn the_dispatch_history_is_seeded_kept_and_deleted_with_its_task() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), "full").unwrap();
+            s.conn.execute_batch("DROP TABLE dispatches").unwrap();
+            let mut held = row("held", TaskState::Dispatched);
+            held.attempts = 2;
+            held.device = Some("pi-1".into());
+            s.save(&held).unwrap();
+            let mut done = row("done", TaskState::Succeeded);
+            done.device = Some("pi-2".into());
+            done.finished_ms = Some(5);
+            s.save(&done).unwrap();
+        }
+        let mut s = Store::open(dir.path(), "full").unwrap();
+        assert_eq!(s.dispatches("held").unwrap(), [(2, "pi-1".to_string())]);
+        assert!(s.dispatches("done").unwrap().is_empty());
+        s.add_dispatch("held", 3, "pi-3").unwrap();
+        s.add_dispatch("done", 1, "pi-2").unwrap();
+        drop(s);
+        let mut s = Store::open(dir.path(), "full").unwrap();
+        let open = s.open_dispatches().unwrap();
+        assert_eq!(
+            open["held"],
+            [(2, "pi-1".to_string()), (3, "pi-3".to_string())]
+        );
+        assert!(!open.contains_key("done"), "only open tasks: {open:?}");
+        s.drop_dispatch("held", 2, "pi-1").unwrap();
+        assert_eq!(s.dispatches("held").unwrap(), [(3, "pi-3".to_string())]);
+        assert_eq!(s.delete_finished_before(10, 10, 1 << 20).unwrap().0, 1);
+        assert!(s.dispatches("done").unwrap().is_empty());
     }
 
     #[test]
