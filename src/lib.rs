@@ -13,7 +13,8 @@
 //! - [`plugins`] (feature `agent`): the plugin interface and the built-ins.
 //! - [`agent`] (feature `agent`): the edge agent.
 //! - [`server`] (feature `server`): the central node: embedded broker, SQLite
-//!   store, scheduler, HTTP API.
+//!   store (with each task's dispatch history), scheduler, HTTP API, and the
+//!   data-dir lock that keeps a second server off the same store.
 //! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these.
