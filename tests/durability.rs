@@ -102,6 +102,20 @@ fn spec(id: &str, input: serde_json::Value) -> TaskSpec {
     }
 }
 
+/// A mosquitto, agent `id` on it (extra config `cfg`) and a peer on its
+/// results and status topics. No server: nobody confirms a result, so every
+/// one stays in the outbox.
+fn without_server(dir: &Path, id: &str, cfg: &str) -> (common::Mosquitto, Agent, MqttPeer) {
+    let broker = common::Mosquitto::start(dir);
+    let agent = Agent::start(dir, id, &format!("mqtt://127.0.0.1:{}", broker.port), cfg);
+    let peer = MqttPeer::connect(
+        broker.port,
+        &format!("{id}-peer"),
+        &[&topics::results(id), &topics::status(id)],
+    );
+    (broker, agent, peer)
+}
+
 fn journal_dir(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("agent-{id}")).join("journal")
 }
@@ -442,19 +456,7 @@ fn a_reconnect_resends_the_outbox_within_the_per_tick_budget() {
     const TASKS: usize = 1500;
     const TWO_TICKS: usize = 2 * 128;
     let dir = tempfile::tempdir().unwrap();
-    // No server: nobody confirms a result, so every one stays in the outbox.
-    let broker = common::Mosquitto::start(dir.path());
-    let _agent = Agent::start(
-        dir.path(),
-        ID,
-        &format!("mqtt://127.0.0.1:{}", broker.port),
-        "",
-    );
-    let peer = MqttPeer::connect(
-        broker.port,
-        "burst-peer",
-        &[&topics::results(ID), &topics::status(ID)],
-    );
+    let (broker, _agent, peer) = without_server(dir.path(), ID, "");
     let status = topics::status(ID);
     // Whether the agent's last will (an offline status) came: the broker
     // did drop its connection.
@@ -556,18 +558,10 @@ fn a_reconnect_resends_the_outbox_within_the_per_tick_budget() {
 fn an_idle_agent_does_not_retry_a_snapshot_that_cannot_fit() {
     const ID: &str = "fit-1";
     let dir = tempfile::tempdir().unwrap();
-    // No server: nobody confirms a result, so every one stays in the outbox.
-    let broker = common::Mosquitto::start(dir.path());
-    let _agent = Agent::start(
+    let (_broker, _agent, peer) = without_server(
         dir.path(),
         ID,
-        &format!("mqtt://127.0.0.1:{}", broker.port),
         "[storage]\nsegment_bytes = 4096\nmax_bytes = 16384\n",
-    );
-    let peer = MqttPeer::connect(
-        broker.port,
-        "fit-peer",
-        &[&topics::results(ID), &topics::status(ID)],
     );
     let status = topics::status(ID);
     // Subscribed once its first status is out (it subscribes first).

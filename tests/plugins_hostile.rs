@@ -1809,13 +1809,35 @@ struct RefusedFinish {
 impl RefusedFinish {
     const ID: &'static str = "refused-1";
 
-    /// Until the server has seen the agent go (its goodbye or last will):
-    /// a task submitted before that went to the old process and was
-    /// re-queued when the news came.
-    fn wait_offline(&self) {
+    /// After the agent stopped (`after` says how): once the server has
+    /// seen it go (a task submitted before its goodbye or last will went to
+    /// the old process and was re-queued when the news came), starts it
+    /// again, runs a task behind anything replayed (max_concurrency 1), and
+    /// checks that the blocker, finished and confirmed, did not run again.
+    fn restart_and_check(&mut self, dir: &Path, after: &str) {
         self.server.wait_devices("the agent offline", |d| {
             d.iter().any(|d| d.id == Self::ID && !d.online)
         });
+        self.agent = Agent::start_with(
+            dir,
+            Self::ID,
+            &self.server.broker(),
+            &self.cfg,
+            &XFSZ_IGNORED,
+        );
+        self.server.wait_online(Self::ID);
+        let v = ok(
+            &self.server,
+            &mut self.agent,
+            "echo",
+            json!({"after": after}),
+        );
+        assert_eq!(v, json!({"after": after}));
+        assert_eq!(
+            lines_of(&self.count, "blocker"),
+            1,
+            "the blocker, finished and confirmed, ran again after {after}"
+        );
     }
 
     fn start(dir: &Path) -> RefusedFinish {
@@ -1877,23 +1899,7 @@ fn a_finished_task_is_not_run_again_after_a_stop_once_the_disk_is_back() {
     // tick noticed: the stop writes the snapshot too).
     set_fsize_of(r.pid, libc::RLIM_INFINITY);
     r.agent.stop();
-    r.wait_offline();
-    r.agent = Agent::start_with(
-        dir.path(),
-        RefusedFinish::ID,
-        &r.server.broker(),
-        &r.cfg,
-        &XFSZ_IGNORED,
-    );
-    r.server.wait_online(RefusedFinish::ID);
-    // With max_concurrency = 1 this runs after anything replayed.
-    let v = ok(&r.server, &mut r.agent, "echo", json!({"after": 1}));
-    assert_eq!(v, json!({"after": 1}));
-    assert_eq!(
-        lines_of(&r.count, "blocker"),
-        1,
-        "the blocker, finished and confirmed before the stop, ran again after the restart"
-    );
+    r.restart_and_check(dir.path(), "a stop");
 }
 
 /// Review finding (medium; same root cause as the test above): the disk
@@ -1922,22 +1928,7 @@ fn a_finished_task_is_not_run_again_after_a_kill_once_the_disk_is_back() {
             beats.get() >= 10
         });
     r.agent.kill();
-    r.wait_offline();
-    r.agent = Agent::start_with(
-        dir.path(),
-        RefusedFinish::ID,
-        &r.server.broker(),
-        &r.cfg,
-        &XFSZ_IGNORED,
-    );
-    r.server.wait_online(RefusedFinish::ID);
-    let v = ok(&r.server, &mut r.agent, "echo", json!({"after": 2}));
-    assert_eq!(v, json!({"after": 2}));
-    assert_eq!(
-        lines_of(&r.count, "blocker"),
-        1,
-        "the blocker, finished and confirmed, ran again after a kill with the disk back for 3 s"
-    );
+    r.restart_and_check(dir.path(), "a kill with the disk back for 3 s");
 }
 
 /// Review finding (high, lost task): when a parked task was handed back on
