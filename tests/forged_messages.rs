@@ -86,6 +86,44 @@ fn publish_until_acked(peer: &MqttPeer, device: &str, id: &str, payloads: &[Vec<
     }
 }
 
+/// Publishes `payloads` on `device`'s results topic until `/healthz`
+/// counts at least `n` forged results (again after a while without: right
+/// after a start the server may not have subscribed yet), then checks that
+/// none of them was acked: a refused `Finished` is not, since the sender may
+/// be a real device missing from the history (its result must stay in its
+/// outbox, not be confirmed and lost).
+fn publish_until_refused(
+    server: &Server,
+    peer: &MqttPeer,
+    device: &str,
+    n: u64,
+    payloads: &[Vec<u8>],
+) {
+    let start = Instant::now();
+    'outer: loop {
+        for p in payloads {
+            peer.publish(&topics::results(device), p.clone());
+        }
+        let round = Instant::now();
+        while round.elapsed() < Duration::from_secs(2) {
+            if health_u64(server, "forged_results") >= n {
+                break 'outer;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "fewer than {n} forged results counted"
+        );
+    }
+    while let Ok(p) = peer.rx.recv_timeout(Duration::from_millis(300)) {
+        if let Ok(ToAgent::ResultAck { task_id }) = protocol::decode::<ToAgent>(&p.payload, 1 << 20)
+        {
+            panic!("a refused result was acked: {task_id} on {}", p.topic);
+        }
+    }
+}
+
 /// The next task dispatched on `peer`'s tasks topic.
 fn next_task(peer: &MqttPeer, device: &str) -> String {
     loop {
@@ -106,8 +144,8 @@ fn health_u64(server: &Server, key: &str) -> u64 {
 /// A task dispatched to `dev-1` (a raw client that never answers on its
 /// own); `evil` publishes `Started`, `Rejected` and `Finished` for it on
 /// its own results topic. Nothing changes: the task stays dispatched to
-/// dev-1, evil's `Finished` is acknowledged all the same (its outbox must
-/// drain), and `/healthz` counts them; dev-1's real result then wins. After
+/// dev-1, evil's `Finished` is not acknowledged, and `/healthz` counts
+/// them; dev-1's real result then wins. After
 /// a restart the dispatch history is still there: evil is still refused and
 /// dev-1's late result (its outbox re-sending it) still counts. Before the
 /// fix evil's `Finished` ended the task as succeeded on device `evil`.
@@ -130,10 +168,11 @@ fn a_result_counts_only_from_a_device_the_task_was_dispatched_to() {
         task_id: id.clone(),
         reason: RejectReason::Busy,
     });
-    publish_until_acked(
+    publish_until_refused(
+        &server,
         &evil,
         "evil",
-        &id,
+        3,
         &[started, rejected, finished(&id, "forged")],
     );
     let t = server.client.task(&id, None).unwrap();
@@ -160,7 +199,7 @@ fn a_result_counts_only_from_a_device_the_task_was_dispatched_to() {
     server.restart();
     // New client ids: the old clients must not take theirs back.
     let evil = MqttPeer::connect(server.mqtt_port, "evil-2", &[&topics::tasks("evil")]);
-    publish_until_acked(&evil, "evil", &id, &[finished(&id, "forged")]);
+    publish_until_refused(&server, &evil, "evil", 1, &[finished(&id, "forged")]);
     let t = server.client.task(&id, None).unwrap();
     assert!(
         !t.state.is_terminal(),
@@ -199,6 +238,58 @@ fn a_status_counts_only_from_the_device_it_names() {
     let d = devices.iter().find(|d| d.id == "dev-1").unwrap();
     assert!(d.online, "a status from evil took dev-1 offline: {d:?}");
     assert_eq!(health_u64(&server, "forged_statuses"), 101);
+}
+
+/// A retained status published raw (rumqttc itself refuses such topics) on
+/// `openclaw/v1/devices/x+y/status`, naming `x+y`: rumqttd takes a wildcard
+/// character in a published topic. Before, `x+y` became an online device,
+/// and every task dispatched to it failed to publish and came straight
+/// back to it (a tight loop, a warning each); now no device has an id that
+/// is not one, and the message is counted.
+#[test]
+fn a_topic_whose_device_id_is_not_valid_adds_no_device() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let topic = topics::status("x+y");
+    let payload = protocol::encode(&status("x+y", true));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.mqtt_port)).unwrap();
+    let id = b"raw-1";
+    let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60, 0, id.len() as u8]);
+    connect.extend_from_slice(id);
+    s.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack[0], 0x20, "CONNACK");
+    // PUBLISH, QoS 0, retained; the remaining length as a varint.
+    let mut body = vec![0, topic.len() as u8];
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&payload);
+    let mut publish = vec![0x31];
+    let mut n = body.len();
+    loop {
+        let b = (n % 128) as u8;
+        n /= 128;
+        publish.push(if n > 0 { b | 0x80 } else { b });
+        if n == 0 {
+            break;
+        }
+    }
+    publish.extend_from_slice(&body);
+    let start = Instant::now();
+    while health_u64(&server, "forged_statuses") == 0 {
+        // Again until the server (subscribed after its start) has it.
+        s.write_all(&publish).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(30), "never counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let devices = server.client.devices().unwrap();
+    assert!(
+        devices.iter().all(|d| d.id != "x+y"),
+        "a device with the id `x+y`: {devices:?}"
+    );
 }
 
 /// A second server on a data dir in use exits non-zero at once, naming the

@@ -1343,6 +1343,29 @@ impl Scheduler {
             log::warn!("ignoring message on unexpected topic {}", p.topic);
             return Ok(());
         };
+        if !topics::valid_device_id(device) {
+            // No device of ours has such an id (e.g. `x+y`: rumqttd takes
+            // a wildcard character in a published topic, and our answers
+            // to it would fail to publish, each with a warning).
+            let n = match kind {
+                topics::Kind::Status => {
+                    self.forged_statuses += 1;
+                    self.forged_statuses
+                }
+                _ => {
+                    self.forged_results += 1;
+                    self.forged_results
+                }
+            };
+            if n.is_power_of_two() {
+                let shown: String = device.chars().take(64).collect();
+                log::warn!(
+                    "ignoring messages on a topic whose device id is not valid (`{shown}`, {} bytes; {n} so far)",
+                    device.len()
+                );
+            }
+            return Ok(());
+        }
         let device = device.to_string();
         match kind {
             topics::Kind::Status => match DeviceStatus::decode(&p.payload, self.max_payload) {
@@ -1551,14 +1574,11 @@ impl Scheduler {
         if self.tasks.contains_key(about.1) && !self.sent_to(about.1, device) {
             let (what, id) = (about.0, about.1.clone());
             self.forged_result(what, &id, device);
-            if let FromAgent::Finished(_) = msg {
-                // Acked all the same, so that client's outbox (if it is an
-                // agent with a stray result) drains instead of re-sending.
-                self.publish(
-                    topics::tasks(device),
-                    protocol::encode(&ToAgent::ResultAck { task_id: id }),
-                );
-            }
+            // Not acked: the sender may be a real device the history lost
+            // (past its bound, or a store from before it); acked, its
+            // result left its outbox and its ledger answered the task's
+            // next dispatch with "already done": lost for good. Unacked it
+            // is re-sent, a bounded number of times.
             return Ok(());
         }
         match msg {
