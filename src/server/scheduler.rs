@@ -1524,8 +1524,11 @@ impl Scheduler {
     fn record_dispatch(&mut self, id: &str, attempt: u32, device: &str) -> Result<(), StoreError> {
         let h = self.history.entry(id.to_string()).or_default();
         if h.iter().any(|(a, d)| *a == attempt && d == device) {
-            // The same dispatch again (a restart retries the same attempt).
-            return Ok(());
+            // The same dispatch again (a restart retries the same attempt,
+            // or a failed batch is replayed). Written all the same (it is
+            // `INSERT OR IGNORE`): memory may hold an entry whose batch
+            // was rolled back, and the store must have it.
+            return self.store.add_dispatch(id, attempt, device);
         }
         if h.len() >= MAX_DISPATCHES {
             let oldest = (0..h.len()).min_by_key(|&i| h[i].0).expect("not empty");
