@@ -101,9 +101,13 @@ fn short(s: &str) -> String {
     s.chars().take(200).collect()
 }
 
-/// Pid of the agent process started with `--id id`.
+/// Pid of the agent process started with `--id id` by this test process
+/// (its child: an agent left over from a killed earlier run, now a child
+/// of init, has the same command line, and limiting that one made a test
+/// wait in vain).
 fn agent_pid(id: &str) -> i32 {
     let want = format!("\0--id\0{id}\0");
+    let me = std::process::id().to_string();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -112,11 +116,21 @@ fn agent_pid(id: &str) -> i32 {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).into_owned();
-        if cmd.contains("openclaw-agent") && cmd.contains(&want) {
+        // Field 4 of /proc/PID/stat, after the parenthesized name.
+        let ppid = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
+            });
+        if cmd.contains("openclaw-agent")
+            && cmd.contains(&want)
+            && ppid.as_deref() == Some(me.as_str())
+        {
             return pid;
         }
     }
-    panic!("no agent process with id {id}");
+    panic!("no agent process with id {id} started by this test");
 }
 
 /// User plus system CPU time of a process, seconds.
