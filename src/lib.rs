@@ -15,6 +15,8 @@
 //! - [`server`] (feature `server`): the central node: embedded broker, SQLite
 //!   store (with each task's dispatch history), scheduler, HTTP API, and the
 //!   data-dir lock that keeps a second server off the same store.
+//! - [`llm`] (feature `llm`): language models for heavy nodes: llama.cpp
+//!   embedded and OpenAI-compatible upstream pools, behind one backend trait.
 //! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these.
@@ -41,6 +43,9 @@ pub mod admin;
 
 #[cfg(feature = "inference")]
 pub mod inference;
+
+#[cfg(feature = "llm")]
+pub mod llm;
 
 /// A token cancelled on SIGINT or SIGTERM: the one shutdown signal every
 /// task of a program listens to.

@@ -1,0 +1,1 @@
+//! The `embedded` backend: llama.cpp through `llama-cpp-2` (being written).

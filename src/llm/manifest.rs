@@ -1,0 +1,1 @@
+//! GGUF model manifests in `models/llm/` (being written).

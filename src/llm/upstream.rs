@@ -1,0 +1,1 @@
+//! The `openai` backend: a pool of OpenAI-compatible upstreams (being written).
