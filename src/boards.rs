@@ -21,7 +21,21 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "generic-aarch64",
         include_str!("../boards/generic-aarch64.toml"),
     ),
+    ("pc", include_str!("../boards/pc.toml")),
+    ("gpu-cuda", include_str!("../boards/gpu-cuda.toml")),
 ];
+
+/// What a board is for: the scheduler's route classes (`class:edge`,
+/// `class:heavy` in the agent's capabilities).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BoardClass {
+    /// A small board at the edge: plugins, sensors, small ONNX models.
+    #[default]
+    Edge,
+    /// A PC or GPU box: language models (`llm`), heavy computation.
+    Heavy,
+}
 
 /// A board profile.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -48,9 +62,16 @@ pub struct Board {
     /// Attached sensors.
     #[serde(default)]
     pub sensors: Vec<Sensor>,
-    /// Models this board carries (names in `models/`).
+    /// Models this board carries: ONNX names in `models/`, GGUF names in
+    /// `models/llm/` (heavy boards).
     #[serde(default)]
     pub models: Vec<String>,
+    /// Edge board or heavy node.
+    #[serde(default)]
+    pub class: BoardClass,
+    /// GPU memory for placing models (0: none).
+    #[serde(default)]
+    pub vram_bytes: u64,
     pub limits: Limits,
 }
 

@@ -15,8 +15,9 @@
 //! - [`server`] (feature `server`): the central node: embedded broker, SQLite
 //!   store (with each task's dispatch history), scheduler, HTTP API, and the
 //!   data-dir lock that keeps a second server off the same store.
-//! - [`llm`] (feature `llm`): language models for heavy nodes: llama.cpp
-//!   embedded and OpenAI-compatible upstream pools, behind one backend trait.
+//! - [`llm`]: language models for heavy nodes: the request types the
+//!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
+//!   embedded (feature `llm`) and OpenAI-compatible upstream pools (agent).
 //! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`.
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these.
@@ -44,7 +45,7 @@ pub mod admin;
 #[cfg(feature = "inference")]
 pub mod inference;
 
-#[cfg(feature = "llm")]
+#[cfg(any(feature = "agent", feature = "server"))]
 pub mod llm;
 
 /// A token cancelled on SIGINT or SIGTERM: the one shutdown signal every

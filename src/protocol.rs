@@ -509,6 +509,15 @@ pub enum FromAgent {
     },
     /// The task finished (successfully or not).
     Finished(TaskOutcome),
+    /// A piece of a streaming task's output (an `llm` task's text), sent
+    /// as it is made. `seq` counts from 0 per task and attempt, so the
+    /// server drops what an MQTT reconnect sends twice and notices a gap.
+    /// Not journaled: the `Finished` result holds the whole output.
+    Chunk {
+        task_id: String,
+        seq: u32,
+        text: String,
+    },
 }
 
 /// A device's heartbeat, retained on [`topics::status`]. The last will is
@@ -760,6 +769,10 @@ pub mod api {
         pub dispatched_ms: Option<u64>,
         pub started_ms: Option<u64>,
         pub finished_ms: Option<u64>,
+        /// A streaming task's output so far (an `llm` task's text), while
+        /// it runs; the result has all of it once it ends.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub output: Option<String>,
     }
 
     /// A device as the API shows it.

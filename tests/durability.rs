@@ -87,7 +87,9 @@ fn finished<'a>(seen: &'a [(FromAgent, Vec<u8>)], id: &str) -> Vec<&'a [u8]> {
 
 fn task_id(m: &FromAgent) -> &str {
     match m {
-        FromAgent::Started { task_id } | FromAgent::Rejected { task_id, .. } => task_id,
+        FromAgent::Started { task_id }
+        | FromAgent::Rejected { task_id, .. }
+        | FromAgent::Chunk { task_id, .. } => task_id,
         FromAgent::Finished(o) => &o.task_id,
     }
 }

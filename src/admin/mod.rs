@@ -1,9 +1,11 @@
 //! The HTTP client behind `openclaw-admin`, its starter-config writer, the
 //! cross build ([`build`]) and device install ([`flash`]) of the agent, and
-//! the model files' download from PyPI ([`models`]).
+//! the model files' download from PyPI ([`models`]) and the chat client of
+//! the OpenAI gateway ([`chat`]).
 
 pub mod bench;
 pub mod build;
+pub mod chat;
 pub mod flash;
 pub mod models;
 
@@ -82,6 +84,11 @@ impl Client {
             url: url.to_string(),
             message: e.to_string(),
         })
+    }
+
+    /// The server's base URL, as given (without a trailing `/`).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// `POST /v1/tasks`.

@@ -43,7 +43,7 @@ pub use config::AgentConfig;
 
 use crate::boards::Board;
 use crate::mqtt::{spawn_event_loop, Backoff, MqttEvent};
-use crate::plugins::{sysinfo, PluginError, Registry, TaskContext, Work};
+use crate::plugins::{sysinfo, OutputStream, PluginError, Registry, TaskContext, Work};
 use crate::protocol::{
     self, topics, DeviceStatus, ErrorKind, FromAgent, RejectReason, StorageCounters, TaskError,
     TaskOutcome, TaskSpec, ToAgent,
@@ -406,6 +406,48 @@ const MAX_TASK_TIMEOUT_MS: u64 = 86_400_000;
 /// Results re-sent per tick at most, so a backlog never fills the MQTT
 /// client's queue and crowds out the heartbeat.
 const RESEND_BUDGET: usize = 128;
+
+/// Pieces of a streaming task's output held between its plugin and MQTT.
+const OUTPUT_BOUND: usize = 64;
+/// Most bytes one `Chunk` message carries: pieces that queue up while
+/// MQTT is slow are sent together, up to this.
+const CHUNK_MAX_BYTES: usize = 16 << 10;
+
+/// Publishes a streaming task's output as `Chunk` messages numbered from
+/// 0, in order, until the plugin drops its sender. Pieces waiting when one
+/// is sent go out together (fewer messages under load, same text).
+async fn forward_output(
+    client: rumqttc::AsyncClient,
+    topic: String,
+    task_id: String,
+    mut rx: tokio::sync::mpsc::Receiver<String>,
+) {
+    let mut seq = 0u32;
+    while let Some(mut text) = rx.recv().await {
+        while text.len() < CHUNK_MAX_BYTES {
+            match rx.try_recv() {
+                Ok(more) => text.push_str(&more),
+                Err(_) => break,
+            }
+        }
+        let msg = FromAgent::Chunk {
+            task_id: task_id.clone(),
+            seq,
+            text,
+        };
+        // Waits while rumqttc's request queue is full: the plugin then
+        // waits on the bounded channel, never memory growing.
+        if client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, protocol::encode(&msg))
+            .await
+            .is_err()
+        {
+            // The client is gone (the agent stops); the result still says it all.
+            return;
+        }
+        seq = seq.wrapping_add(1);
+    }
+}
 
 /// First and longest wait before a parked task is tried again (see
 /// `Manager::parked`).
@@ -1117,6 +1159,18 @@ impl Manager {
         let events = self.events.clone();
         let timeout = Duration::from_millis(spec.timeout_ms.max(1));
         let id = self.id.clone();
+        let (output, forwarder) = if plugin.streams() {
+            let (output, rx) = OutputStream::channel(OUTPUT_BOUND);
+            let fwd = tokio::spawn(forward_output(
+                self.client.clone(),
+                self.results_topic.clone(),
+                spec.id.clone(),
+                rx,
+            ));
+            (output, Some(fwd))
+        } else {
+            (OutputStream::default(), None)
+        };
         tokio::spawn(async move {
             let started = Instant::now();
             let ctx = TaskContext {
@@ -1125,6 +1179,7 @@ impl Manager {
                 deadline: started + timeout,
                 cancel: token.clone(),
                 attempt: spec.attempt,
+                output,
             };
             let name = spec.plugin.clone();
             let (work, mut work_ended) = Work::new();
@@ -1171,6 +1226,16 @@ impl Manager {
                 result = timed_out();
             }
             token.cancel();
+            if let Some(fwd) = forwarder {
+                // Every piece published before the result, so the server
+                // has the whole stream when the task ends. The stream ends
+                // with the plugin's sender; a plugin stuck in a call keeps
+                // it, and its result must not wait for that.
+                if !handle.is_finished() {
+                    fwd.abort();
+                }
+                let _ = fwd.await;
+            }
             let running = !handle.is_finished() || !work_ended.ended();
             let task_id = spec.id;
             let _ = events
@@ -1389,6 +1454,10 @@ impl Manager {
     fn capabilities(&self) -> Vec<String> {
         let mut caps = self.registry.capabilities();
         caps.push(format!("board:{}", self.board.name));
+        caps.push(match self.board.class {
+            crate::boards::BoardClass::Edge => "class:edge".to_string(),
+            crate::boards::BoardClass::Heavy => "class:heavy".to_string(),
+        });
         caps.extend(self.board.models.iter().map(|m| format!("model:{m}")));
         caps.sort();
         caps.dedup();

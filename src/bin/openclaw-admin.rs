@@ -118,9 +118,26 @@ enum Cmd {
     /// Give the broker the agent connects to with `--server mqtt://HOST:PORT`
     /// and the server's HTTP API with `--http`.
     Flash(Box<FlashArgs>),
-    /// Model files (models/*.toml).
+    /// Model files (models/*.toml), and where the language models are served.
     #[command(subcommand)]
     Models(Models),
+    /// Chat with a language model through the server's OpenAI-compatible
+    /// gateway; the answer is printed as it is decoded.
+    Chat {
+        /// A model a heavy node serves (`openclaw-admin models list`).
+        #[arg(long)]
+        model: String,
+        /// The user's message.
+        prompt: String,
+        /// A system message before it.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// 0 (greedy) to 2.
+        #[arg(long)]
+        temperature: Option<f32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,6 +159,8 @@ enum Models {
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
     },
+    /// The language models the server's online heavy nodes serve, and where.
+    List,
 }
 
 #[derive(clap::Args)]
@@ -693,7 +712,70 @@ fn real_main() -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Models(_) => unreachable!("handled before the client is made"),
+        Cmd::Models(Models::List) => {
+            let models = client.llm_models().context("listing the models failed")?;
+            if args.json {
+                let v: Vec<_> = models
+                    .iter()
+                    .map(|m| serde_json::json!({"model": m.name, "nodes": m.nodes}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if models.is_empty() {
+                println!("no language model is served (no heavy node with the llm plugin is online)");
+            } else {
+                for m in &models {
+                    println!("{}  served by {}", m.name, m.nodes.join(", "));
+                }
+            }
+        }
+        Cmd::Models(Models::Fetch { .. }) => unreachable!("handled before the client is made"),
+        Cmd::Chat {
+            model,
+            prompt,
+            system,
+            max_tokens,
+            temperature,
+        } => {
+            use std::io::Write;
+            let o = admin::chat::ChatOptions {
+                model,
+                prompt,
+                system,
+                max_tokens,
+                temperature,
+            };
+            let mut out = std::io::stdout();
+            let s = client
+                .chat_stream(&o, |piece| {
+                    if !args.json {
+                        let _ = out.write_all(piece.as_bytes());
+                        let _ = out.flush();
+                    }
+                })
+                .context("chat failed")?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"text": s.text, "finish_reason": s.finish_reason,
+                        "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                        "first_piece_ms": s.first_piece.map(|d| d.as_secs_f64() * 1e3),
+                        "total_ms": s.total.as_secs_f64() * 1e3, "task": s.task})
+                );
+            } else {
+                println!();
+                eprintln!(
+                    "[{} prompt + {} completion tokens, first piece after {}, {:.2} s in all, finish {}{}]",
+                    s.prompt_tokens,
+                    s.completion_tokens,
+                    s.first_piece
+                        .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+                        .unwrap_or_else(|| "-".into()),
+                    s.total.as_secs_f64(),
+                    s.finish_reason.as_deref().unwrap_or("?"),
+                    s.task.map(|t| format!(", task {t}")).unwrap_or_default()
+                );
+            }
+        }
     }
     Ok(())
 }

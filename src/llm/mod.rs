@@ -1,4 +1,6 @@
-//! Language models on heavy nodes (cargo feature `llm`, off in edge builds).
+//! Language models on heavy nodes. The types here are shared by the
+//! server's OpenAI gateway and the agent; the engines are behind features
+//! (`llm` for llama.cpp, off in edge builds).
 //!
 //! A heavy node is an `openclaw-agent` on a PC or GPU box (board `pc`); its
 //! `llm` plugin answers chat and embedding requests with one of two
@@ -17,9 +19,12 @@
 //! shape as OpenAI's chat request, so the server's gateway passes a
 //! client's body through after checking it.
 
+#[cfg(feature = "llm")]
 pub mod embedded;
 mod error;
+#[cfg(feature = "llm")]
 pub mod manifest;
+#[cfg(feature = "agent")]
 pub mod upstream;
 
 pub use error::LlmError;

@@ -464,6 +464,7 @@ mod tests {
             deadline: Instant::now() + Duration::from_secs(10),
             cancel: CancellationToken::new(),
             attempt: 1,
+            output: Default::default(),
         }
     }
 

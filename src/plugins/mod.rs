@@ -15,6 +15,8 @@ pub mod gpio;
 pub mod http;
 #[cfg(feature = "inference")]
 pub mod infer;
+#[cfg(feature = "llm")]
+pub mod llm;
 pub mod modbus;
 pub mod process;
 pub mod publish;
@@ -84,6 +86,38 @@ pub struct TaskContext {
     /// Set when the task is cancelled or times out; long plugins should watch it.
     pub cancel: CancellationToken,
     pub attempt: u32,
+    /// Where a streaming plugin (`llm`) sends its output as it is made.
+    pub output: OutputStream,
+}
+
+/// Pieces of a task's output on their way to the server while the task
+/// runs (MQTT `Chunk` messages with sequence numbers, in order). Bounded:
+/// a plugin that makes output faster than it can be sent waits. The
+/// default sends nothing anywhere.
+#[derive(Debug, Clone, Default)]
+pub struct OutputStream(Option<tokio::sync::mpsc::Sender<String>>);
+
+impl OutputStream {
+    /// A stream whose pieces arrive on the returned receiver.
+    pub fn channel(bound: usize) -> (OutputStream, tokio::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(bound.max(1));
+        (OutputStream(Some(tx)), rx)
+    }
+
+    /// Whether the pieces go anywhere (the task was sent by a client that
+    /// reads them as they come).
+    pub fn is_connected(&self) -> bool {
+        self.0.as_ref().is_some_and(|t| !t.is_closed())
+    }
+
+    /// Sends a piece from a blocking thread, waiting while the channel is
+    /// full; false when nobody reads any more. Never call it from async code.
+    pub fn send_blocking(&self, piece: &str) -> bool {
+        match &self.0 {
+            Some(tx) => tx.blocking_send(piece.to_string()).is_ok(),
+            None => false,
+        }
+    }
 }
 
 tokio::task_local! {
@@ -164,6 +198,11 @@ pub trait Plugin: Send + Sync {
     /// How many of its tasks may run at once on this agent (at least 1).
     /// A `concurrency` key in the plugin's config table overrides it.
     fn concurrency(&self) -> usize;
+    /// Whether its tasks send output while they run (through
+    /// [`TaskContext::output`]); the agent sets up the stream only then.
+    fn streams(&self) -> bool {
+        false
+    }
     /// Runs one task.
     async fn execute(&self, task: TaskContext) -> Result<Value, PluginError>;
 }
@@ -271,6 +310,8 @@ impl Registry {
                 "modbus" => Arc::new(modbus::Modbus::from_config(table)?),
                 #[cfg(feature = "inference")]
                 "infer" | "vad" => infer::build(name, table, board, &mut engines)?,
+                #[cfg(feature = "llm")]
+                "llm" => Arc::new(llm::Llm::from_config(table, board)?),
                 other => return Err(PluginError::Unknown(other.to_string())),
             };
             reg.add_with(plugin, concurrency)?;

@@ -1013,6 +1013,7 @@ done
             deadline: Instant::now() + Duration::from_secs(10),
             cancel: CancellationToken::new(),
             attempt: 1,
+            output: Default::default(),
         }
     }
 

@@ -311,6 +311,7 @@ mod tests {
             deadline: Instant::now() + Duration::from_secs(10),
             cancel: CancellationToken::new(),
             attempt: 1,
+            output: Default::default(),
         };
         for (input, field) in [
             (json!({"payload": "x"}), "`topic`"),

@@ -589,6 +589,7 @@ mod tests {
             deadline: std::time::Instant::now() + Duration::from_secs(10),
             cancel: tokio_util::sync::CancellationToken::new(),
             attempt: 1,
+            output: Default::default(),
         }
     }
 

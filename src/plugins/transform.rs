@@ -955,6 +955,7 @@ mod tests {
             deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
             cancel,
             attempt: 1,
+            output: Default::default(),
         });
         let e = t()
             .run_until(

@@ -81,6 +81,7 @@ type AppState = State<Arc<Api>>;
 /// The API router. `data_dir` holds the task store lists read from.
 pub fn router(handle: SchedulerHandle, http: &HttpSection, data_dir: PathBuf) -> Router {
     let max_body = http.max_body_bytes;
+    let gateway = super::openai::router(handle.clone());
     let api = Api {
         sched: handle,
         max_body,
@@ -107,6 +108,7 @@ pub fn router(handle: SchedulerHandle, http: &HttpSection, data_dir: PathBuf) ->
         })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(Arc::new(api))
+        .merge(gateway.layer(DefaultBodyLimit::max(max_body)))
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, with the
@@ -197,7 +199,14 @@ async fn handle(
         .find_map(|kv| kv.strip_prefix("wait_ms=")?.parse::<u64>().ok())
         .unwrap_or(0)
         .min(MAX_WAIT_MS);
-    let limit = limits.request + Duration::from_millis(wait);
+    // A language model's answer takes as long as it takes: the gateway
+    // bounds it by its task's timeout (`timeout_ms`), not this.
+    let llm = matches!(req.uri().path(), "/v1/chat/completions" | "/v1/embeddings");
+    let limit = if llm {
+        Duration::from_millis(super::openai::DEFAULT_TIMEOUT_MS * 4)
+    } else {
+        limits.request + Duration::from_millis(wait)
+    };
     let req = req.map(|b| TimedBody::new(b, limits.body));
     let svc = hyper_util::service::TowerToHyperService::new(app);
     match tokio::time::timeout(limit, hyper::service::Service::call(&svc, req)).await {
@@ -329,7 +338,7 @@ async fn submit(
 
 /// Waits up to `wait` for a task to be terminal; its view then (or the
 /// current one when the wait ran out), `None` if it does not exist.
-async fn wait_for(
+pub(super) async fn wait_for(
     h: &SchedulerHandle,
     id: &str,
     wait: Duration,

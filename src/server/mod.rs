@@ -5,9 +5,11 @@ pub mod broker;
 pub mod config;
 pub mod http;
 pub mod lock;
+pub mod openai;
 pub mod queue;
 pub mod scheduler;
 pub mod store;
+pub mod streams;
 
 pub use config::ServerConfig;
 

@@ -114,6 +114,12 @@ pub enum Command {
     Health {
         resp: oneshot::Sender<Health>,
     },
+    /// A live reader of an open task's output (`None`: the task is not
+    /// open). Its channel closes when the task ends.
+    Subscribe {
+        id: String,
+        resp: oneshot::Sender<Option<mpsc::Receiver<super::streams::StreamEvent>>>,
+    },
     Mqtt(MqttEvent),
     /// A dispatch publish could not be queued on the client. It names the
     /// dispatch (device, attempt, serial): a report that arrives after the
@@ -301,6 +307,8 @@ pub struct Scheduler {
     seq: u64,
     devices: BTreeMap<String, Device>,
     waiters: HashMap<String, Vec<Waiter>>,
+    /// What streaming tasks sent so far, and their live readers.
+    streams: super::streams::Streams,
     connected: bool,
     effects: Vec<Effect>,
     self_tx: mpsc::WeakSender<Command>,
@@ -385,6 +393,7 @@ impl Scheduler {
             seq: 0,
             devices: BTreeMap::new(),
             waiters: HashMap::new(),
+            streams: Default::default(),
             connected: false,
             effects: Vec::new(),
             self_tx: tx.downgrade(),
@@ -800,7 +809,11 @@ impl Scheduler {
             }
             Command::Get { id, resp } => {
                 let v = match self.tasks.get(&id) {
-                    Some(t) => Ok(Some(t.row.view())),
+                    Some(t) => {
+                        let mut v = t.row.view();
+                        v.output = self.streams.text(&id).map(str::to_string);
+                        Ok(Some(v))
+                    }
                     None => self
                         .store
                         .get(&id)
@@ -861,6 +874,13 @@ impl Scheduler {
                     forged_results: self.forged_results,
                     forged_statuses: self.forged_statuses,
                 });
+            }
+            Command::Subscribe { id, resp } => {
+                let rx = self
+                    .tasks
+                    .contains_key(&id)
+                    .then(|| self.streams.subscribe(&id));
+                let _ = resp.send(rx);
             }
             Command::Mqtt(ev) => self.on_mqtt(ev)?,
             Command::DispatchFailed {
@@ -1194,6 +1214,7 @@ impl Scheduler {
         let mut t = self.forget(id).expect("terminate of a known task");
         // The store keeps it (until retention); memory needs it only while open.
         self.history.remove(id);
+        self.streams.end(id);
         self.unassign(&t.row);
         t.row.state = state;
         t.row.result = result;
@@ -1573,6 +1594,7 @@ impl Scheduler {
             FromAgent::Started { task_id } => ("Started", task_id),
             FromAgent::Rejected { task_id, .. } => ("Rejected", task_id),
             FromAgent::Finished(o) => ("Finished", &o.task_id),
+            FromAgent::Chunk { task_id, .. } => ("Chunk", task_id),
         };
         if self.tasks.contains_key(about.1) && !self.sent_to(about.1, device) {
             let (what, id) = (about.0, about.1.clone());
@@ -1699,6 +1721,18 @@ impl Scheduler {
                     topics::tasks(device),
                     protocol::encode(&ToAgent::ResultAck { task_id: id }),
                 );
+            }
+            FromAgent::Chunk { task_id, seq, text } => {
+                // Only from the device that holds the task now: a chunk of
+                // an attempt taken away must not mix into the new one's.
+                if let Some(t) = self.tasks.get(&task_id) {
+                    if t.row.device.as_deref() == Some(device)
+                        && matches!(t.row.state, TaskState::Dispatched | TaskState::Running)
+                    {
+                        let attempt = t.row.attempts;
+                        self.streams.chunk(&task_id, attempt, seq, text);
+                    }
+                }
             }
         }
         Ok(())

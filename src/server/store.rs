@@ -125,6 +125,7 @@ impl TaskRow {
             dispatched_ms: self.dispatched_ms,
             started_ms: self.started_ms,
             finished_ms: self.finished_ms,
+            output: None,
         }
     }
 }

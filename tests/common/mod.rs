@@ -213,6 +213,22 @@ impl Agent {
     /// Like [`Agent::start`], the binary run through `prefix` (e.g.
     /// `ip netns exec NAME`, which execs it: the child is the agent).
     pub fn start_with(dir: &Path, id: &str, broker: &str, config: &str, prefix: &[&str]) -> Agent {
+        Self::spawn(dir, id, broker, config, prefix, "sim")
+    }
+
+    /// Like [`Agent::start`], on board profile `board` (`pc`: a heavy node).
+    pub fn start_on(dir: &Path, id: &str, broker: &str, config: &str, board: &str) -> Agent {
+        Self::spawn(dir, id, broker, config, &[], board)
+    }
+
+    fn spawn(
+        dir: &Path,
+        id: &str,
+        broker: &str,
+        config: &str,
+        prefix: &[&str],
+        board: &str,
+    ) -> Agent {
         let data = dir.join(format!("agent-{id}"));
         std::fs::create_dir_all(&data).unwrap();
         let cfg = data.join("agent.toml");
@@ -243,7 +259,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&data)
             .arg("--board")
-            .arg("sim")
+            .arg(board)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

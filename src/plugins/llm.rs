@@ -1,0 +1,186 @@
+//! The `llm` plugin (feature `llm`): chat completions and embeddings on a
+//! heavy node, with llama.cpp embedded or an OpenAI-compatible upstream
+//! pool per model (see [`crate::llm`]).
+//!
+//! Input: `{"chat": ChatRequest}` or `{"embed": EmbedRequest}` (what the
+//! server's OpenAI gateway submits). A chat streams its text as it is
+//! decoded through the task's output stream and returns the whole
+//! [`crate::llm::Completion`]; a cancel stops decoding within one token.
+//!
+//! ```toml
+//! [plugins.llm]
+//! models_dir = "models/llm"      # GGUF manifests
+//! cache_bytes = 4294967296       # default: the board's model_cache_bytes
+//! [plugins.llm.models.qwen2.5-coder-0.5b-instruct]
+//! backend = "embedded"           # the default
+//! context = 4096
+//! slots = 4
+//! [plugins.llm.models.llama-70b]
+//! backend = "openai"
+//! upstreams = [{ url = "http://gpu-1:8000/v1", api_key_env = "VLLM_KEY" }]
+//! ```
+//!
+//! Models named by the board (`models`) that have a manifest in
+//! `models_dir` are served embedded with the defaults when the config does
+//! not name them.
+
+use super::util::{blocking, config_err, failed, invalid};
+use super::{Plugin, PluginError, Schema, TaskContext};
+use crate::boards::Board;
+use crate::llm::{Backend, ChatRequest, EmbedRequest, FinishReason, LlmError, ModelInfo};
+use crate::protocol::Value;
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const NAME: &str = "llm";
+
+/// The `llm` plugin: a backend per model.
+pub struct Llm {
+    models: BTreeMap<String, (Arc<dyn Backend>, ModelInfo)>,
+    concurrency: usize,
+}
+
+impl Llm {
+    /// A plugin over these backends: each serves the models it lists.
+    pub fn new(backends: Vec<Arc<dyn Backend>>, concurrency: usize) -> Llm {
+        let mut models = BTreeMap::new();
+        for b in backends {
+            for m in b.models() {
+                models.insert(m.name.clone(), (b.clone(), m));
+            }
+        }
+        Llm {
+            models,
+            concurrency: concurrency.max(1),
+        }
+    }
+
+    /// From `[plugins.llm]` and the board.
+    pub fn from_config(table: &toml::Table, board: &Board) -> Result<Llm, PluginError> {
+        super::check_keys(NAME, table, &["models_dir", "cache_bytes", "threads", "models"])?;
+        let backends = build_backends(table, board).map_err(|e| match e {
+            LlmError::Config { key, message } => config_err(NAME, &key, message),
+            e => config_err(NAME, "models", e.to_string()),
+        })?;
+        // Every slot of every model may be busy at once; the agent's own
+        // limit still applies on top.
+        let slots: usize = backends.iter().map(|b| b.models().len() * 8).sum();
+        Ok(Llm::new(backends, slots.max(1)))
+    }
+
+    fn backend(&self, model: &str) -> Result<Arc<dyn Backend>, PluginError> {
+        match self.models.get(model) {
+            Some((b, _)) => Ok(b.clone()),
+            None => Err(invalid(
+                NAME,
+                "model",
+                LlmError::UnknownModel {
+                    name: model.to_string(),
+                    known: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+                }
+                .to_string(),
+            )),
+        }
+    }
+}
+
+/// The backends `[plugins.llm]` configures (see the module docs).
+fn build_backends(table: &toml::Table, board: &Board) -> Result<Vec<Arc<dyn Backend>>, LlmError> {
+    let _ = (table, board);
+    Err(LlmError::Config {
+        key: "models".into(),
+        message: "no backend is built in yet".into(),
+    })
+}
+
+/// A backend's error as the task's: what the client got wrong is invalid
+/// input (the gateway's 400), what may work elsewhere or later is retryable.
+fn plugin_error(e: LlmError) -> PluginError {
+    match &e {
+        LlmError::InvalidRequest { field, .. } => invalid(NAME, field, e.to_string()),
+        LlmError::ContextOverflow { .. } => invalid(NAME, "messages", e.to_string()),
+        LlmError::UnknownModel { .. } => invalid(NAME, "model", e.to_string()),
+        LlmError::Busy { .. } | LlmError::Upstream { .. } | LlmError::NoUpstream { .. } => {
+            PluginError::Failed {
+                plugin: NAME.into(),
+                message: e.to_string(),
+                retryable: true,
+            }
+        }
+        LlmError::Model { .. } | LlmError::Engine { .. } | LlmError::Config { .. } => {
+            failed(NAME, e.to_string())
+        }
+    }
+}
+
+#[async_trait]
+impl Plugin for Llm {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        self.models
+            .keys()
+            .flat_map(|m| [format!("llm:{m}"), format!("model:{m}")])
+            .collect()
+    }
+
+    fn input_schema(&self) -> Schema {
+        // The request's own checks (`ChatRequest::validate`) name the field.
+        Schema::object()
+            .field("chat", Schema::object().open())
+            .field("embed", Schema::object().open())
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn streams(&self) -> bool {
+        true
+    }
+
+    async fn execute(&self, task: TaskContext) -> Result<Value, PluginError> {
+        let input = serde_json::Value::from(task.input.clone());
+        if let Some(chat) = input.get("chat") {
+            let req: ChatRequest = serde_json::from_value(chat.clone())
+                .map_err(|e| invalid(NAME, "chat", e.to_string()))?;
+            req.validate().map_err(plugin_error)?;
+            let backend = self.backend(&req.model)?;
+            let output = task.output.clone();
+            let cancel = task.cancel.clone();
+            let c = blocking(NAME, &task, move || {
+                backend
+                    .chat(
+                        &req,
+                        &mut |piece| {
+                            // Nobody reading (a task sent without a stream)
+                            // is fine: the result has the text.
+                            output.send_blocking(piece);
+                        },
+                        &cancel,
+                    )
+                    .map_err(plugin_error)
+            })
+            .await?;
+            if c.finish_reason == FinishReason::Cancelled {
+                return Err(PluginError::Cancelled(NAME.into()));
+            }
+            let v = serde_json::to_value(&c).map_err(|e| failed(NAME, e.to_string()))?;
+            return Ok(Value::from(v));
+        }
+        if let Some(embed) = input.get("embed") {
+            let req: EmbedRequest = serde_json::from_value(embed.clone())
+                .map_err(|e| invalid(NAME, "embed", e.to_string()))?;
+            let backend = self.backend(&req.model)?;
+            let n = req.input.iter().map(|s| s.len()).sum::<usize>();
+            let vectors = blocking(NAME, &task, move || backend.embed(&req).map_err(plugin_error))
+                .await?;
+            let v = serde_json::json!({"embeddings": vectors, "prompt_tokens": 0, "input_bytes": n});
+            return Ok(Value::from(v));
+        }
+        Err(invalid(NAME, "chat", "the input holds neither `chat` nor `embed`"))
+    }
+}

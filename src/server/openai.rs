@@ -1,0 +1,748 @@
+//! The OpenAI-compatible API: `POST /v1/chat/completions` (with `stream`
+//! as server-sent events, and without), `GET /v1/models` and
+//! `POST /v1/embeddings`.
+//!
+//! Each request becomes a stored task of plugin `llm` (input `{"chat":
+//! ...}` or `{"embed": ...}`), routed by the scheduler like any other to a
+//! heavy node that advertises `llm:MODEL`: queued while every slot is
+//! busy, moved to another node when its node is lost. A streamed answer
+//! reads the task's output as its node sends it (`Chunk` messages, in
+//! order); what a reader missed (it fell behind, a chunk was lost) comes
+//! from the result at the end, and when the task restarts on another node
+//! the text it repeats is skipped. A client that goes away cancels the task.
+//!
+//! Errors have OpenAI's shape `{"error": {"message", "type", "param",
+//! "code"}}`: unknown model 404, bad parameters 400 (also a prompt over the
+//! context, with both numbers, as the node reports it).
+
+use super::http::wait_for;
+use super::scheduler::{ApiError, Command, SchedulerHandle};
+use super::streams::StreamEvent;
+use crate::llm::{ChatRequest, Completion, EmbedRequest, FinishReason};
+use crate::protocol::api::{SubmitRequest, TaskState, TaskView};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The capability a heavy node advertises for each language model it serves.
+pub const LLM_CAPABILITY: &str = "llm:";
+/// How long one completion may run on its node unless the request says
+/// otherwise (`timeout_ms`, an OpenClaw extension).
+pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
+/// Tries on other nodes after a node is lost.
+const MAX_ATTEMPTS: u32 = 3;
+
+struct Gateway {
+    sched: SchedulerHandle,
+}
+
+type GwState = State<Arc<Gateway>>;
+
+/// The gateway's routes, merged into the API router.
+pub fn router(sched: SchedulerHandle) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .with_state(Arc::new(Gateway { sched }))
+}
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+struct OaiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+impl OaiError {
+    fn bad(message: impl Into<String>, param: Option<&str>) -> OaiError {
+        OaiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for OaiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.json())).into_response()
+    }
+}
+
+impl From<ApiError> for OaiError {
+    fn from(e: ApiError) -> OaiError {
+        let (status, kind) = match &e {
+            ApiError::BadRequest(_) | ApiError::Unprocessable(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error"),
+            ApiError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+        };
+        OaiError {
+            status,
+            message: e.to_string(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+}
+
+/// The body, as JSON, or an error saying why not.
+fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, OaiError> {
+    let body = body.map_err(|e| {
+        let mut err = OaiError::bad(format!("cannot read the body: {e}"), None);
+        err.status = e.status();
+        err
+    })?;
+    serde_json::from_slice(&body).map_err(|e| OaiError::bad(format!("invalid JSON body: {e}"), None))
+}
+
+/// Text of a message's `content`: a string, or OpenAI's list of parts of
+/// which only `text` ones are taken (anything else is refused by name).
+fn normalize_messages(body: &mut Value) -> Result<(), OaiError> {
+    let Some(msgs) = body.get_mut("messages").and_then(Value::as_array_mut) else {
+        return Ok(()); // `validate` names it
+    };
+    for (i, m) in msgs.iter_mut().enumerate() {
+        let Some(obj) = m.as_object_mut() else {
+            return Err(OaiError::bad(
+                format!("messages[{i}] is not an object"),
+                Some(&format!("messages[{i}]")),
+            ));
+        };
+        // Fields of tool-calling clients the engines here do not take.
+        for k in ["tool_calls", "tool_call_id", "refusal", "audio", "function_call"] {
+            obj.remove(k);
+        }
+        match obj.get("content") {
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                        _ => {
+                            return Err(OaiError::bad(
+                                format!("messages[{i}].content[{j}]: only text parts are supported"),
+                                Some(&format!("messages[{i}].content")),
+                            ))
+                        }
+                    }
+                }
+                obj.insert("content".into(), Value::String(text));
+            }
+            Some(Value::Null) | None => {
+                obj.insert("content".into(), Value::String(String::new()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Fields of the request that the gateway handles itself.
+#[derive(Debug)]
+struct Extras {
+    stream: bool,
+    include_usage: bool,
+    priority: Option<u8>,
+    timeout_ms: u64,
+}
+
+fn take_extras(body: &mut Value) -> Result<Extras, OaiError> {
+    let obj = body
+        .as_object_mut()
+        .ok_or_else(|| OaiError::bad("the body is not a JSON object", None))?;
+    let stream = match obj.remove("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(OaiError::bad("`stream` must be a boolean", Some("stream"))),
+    };
+    let include_usage = obj
+        .remove("stream_options")
+        .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
+        .unwrap_or(false);
+    match obj.remove("n") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(1) => {}
+        Some(v) => return Err(OaiError::bad(format!("`n` is {v}: only 1 is supported"), Some("n"))),
+    }
+    let priority = match obj.remove("priority") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(p) if p <= 100 => Some(p as u8),
+            _ => return Err(OaiError::bad(format!("`priority` {v} is not in 0..=100"), Some("priority"))),
+        },
+    };
+    let timeout_ms = match obj.remove("timeout_ms") {
+        None | Some(Value::Null) => DEFAULT_TIMEOUT_MS,
+        Some(v) => v
+            .as_u64()
+            .filter(|t| *t > 0)
+            .ok_or_else(|| OaiError::bad(format!("`timeout_ms` {v} is not a positive integer"), Some("timeout_ms")))?,
+    };
+    Ok(Extras {
+        stream,
+        include_usage,
+        priority,
+        timeout_ms,
+    })
+}
+
+/// The language models the online heavy nodes serve, with those nodes.
+async fn served(sched: &SchedulerHandle) -> Result<BTreeMap<String, Vec<String>>, OaiError> {
+    let devices = sched.ask(|resp| Command::Devices { resp }).await?;
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in devices.iter().filter(|d| d.online) {
+        for c in &d.capabilities {
+            if let Some(name) = c.strip_prefix(LLM_CAPABILITY) {
+                m.entry(name.to_string()).or_default().push(d.id.clone());
+            }
+        }
+    }
+    Ok(m)
+}
+
+async fn models(State(gw): GwState) -> Result<Response, OaiError> {
+    let data: Vec<Value> = served(&gw.sched)
+        .await?
+        .into_iter()
+        .map(|(name, nodes)| {
+            json!({"id": name, "object": "model", "created": 0, "owned_by": "openclaw",
+                   "nodes": nodes})
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn known_model(sched: &SchedulerHandle, model: &str) -> Result<(), OaiError> {
+    let served = served(sched).await?;
+    if served.contains_key(model) {
+        return Ok(());
+    }
+    let known: Vec<&str> = served.keys().map(String::as_str).collect();
+    Err(OaiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "The model `{model}` does not exist or no node serving it is online (served: {})",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        ),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    })
+}
+
+/// Submits the `llm` task; its id.
+async fn submit(
+    sched: &SchedulerHandle,
+    model: &str,
+    input: Value,
+    x: &Extras,
+) -> Result<String, OaiError> {
+    let mut req = SubmitRequest::new("llm", input);
+    req.capability = Some(format!("{LLM_CAPABILITY}{model}"));
+    req.priority = x.priority;
+    req.timeout_ms = Some(x.timeout_ms);
+    req.max_attempts = Some(MAX_ATTEMPTS);
+    let r = sched.ask(|resp| Command::Submit { req, resp }).await??;
+    Ok(r.id)
+}
+
+/// A failed task's error as the client should see it: a plugin's
+/// "invalid input" (a prompt over the context, a value the engine refuses)
+/// is the client's 400, the rest the server's.
+fn task_error(t: &TaskView) -> OaiError {
+    let msg = t.error.clone().unwrap_or_else(|| format!("task ended {:?}", t.state));
+    let (status, kind) = if msg.contains("invalid input") {
+        (StatusCode::BAD_REQUEST, "invalid_request_error")
+    } else if t.state == TaskState::TimedOut {
+        (StatusCode::GATEWAY_TIMEOUT, "server_error")
+    } else {
+        (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
+    };
+    OaiError {
+        status,
+        message: format!("task {}: {msg}", t.id),
+        kind,
+        param: None,
+        code: None,
+    }
+}
+
+fn completion_of(t: &TaskView) -> Result<Completion, OaiError> {
+    let r = t.result.clone().unwrap_or(Value::Null);
+    serde_json::from_value(r).map_err(|e| OaiError {
+        status: StatusCode::BAD_GATEWAY,
+        message: format!("task {}: the node's result is not a completion: {e}", t.id),
+        kind: "server_error",
+        param: None,
+        code: None,
+    })
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(c: &Completion) -> Value {
+    json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+           "total_tokens": c.prompt_tokens + c.completion_tokens})
+}
+
+/// Cancels a task whose client went away (best effort: it may have ended).
+fn cancel_later(sched: SchedulerHandle, id: String) {
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = sched.ask(|resp| Command::Cancel { id: id.clone(), resp }).await {
+            log::debug!("task {id}: not cancelled after its client left: {e}");
+        }
+    });
+}
+
+/// Cancels the task when dropped before `disarm`: the handler's future is
+/// dropped when its client disconnects.
+struct CancelOnDrop(Option<(SchedulerHandle, String)>);
+
+impl CancelOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some((s, id)) = self.0.take() {
+            log::info!("task {id}: the client went away; cancelling it");
+            cancel_later(s, id);
+        }
+    }
+}
+
+async fn chat(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> Result<Response, OaiError> {
+    let mut body = body_json(body)?;
+    let extras = take_extras(&mut body)?;
+    normalize_messages(&mut body)?;
+    let req: ChatRequest = serde_json::from_value(body).map_err(|e| {
+        OaiError::bad(format!("invalid chat request: {e}"), None)
+    })?;
+    req.validate().map_err(|e| match e {
+        crate::llm::LlmError::InvalidRequest { field, message } => {
+            OaiError::bad(format!("`{field}`: {message}"), Some(&field))
+        }
+        e => OaiError::bad(e.to_string(), None),
+    })?;
+    known_model(&gw.sched, &req.model).await?;
+    let model = req.model.clone();
+    let input = json!({ "chat": req });
+    let id = submit(&gw.sched, &model, input, &extras).await?;
+    let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
+    let created = crate::now_ms() / 1000;
+    if !extras.stream {
+        let t = wait_terminal(&gw.sched, &id, extras.timeout_ms).await?;
+        guard.disarm();
+        if t.state != TaskState::Succeeded {
+            return Err(task_error(&t));
+        }
+        let c = completion_of(&t)?;
+        return Ok(Json(json!({
+            "id": format!("chatcmpl-{id}"),
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": finish_str(c.finish_reason)}],
+            "usage": usage(&c),
+            "openclaw": {"task": id, "device": t.device},
+        }))
+        .into_response());
+    }
+    // Streamed: the first piece (or the end) is awaited before the status
+    // is sent, so an error the node finds at once (a prompt over the
+    // context) is a proper 400, not an event inside a 200.
+    let mut rx = gw
+        .sched
+        .ask(|resp| Command::Subscribe { id: id.clone(), resp })
+        .await?;
+    let first = match rx.as_mut() {
+        Some(rx) => rx.recv().await,
+        None => None,
+    };
+    if first.is_none() {
+        // Ended before any output (or never streamed).
+        let t = wait_terminal(&gw.sched, &id, extras.timeout_ms).await?;
+        if t.state != TaskState::Succeeded {
+            guard.disarm();
+            return Err(task_error(&t));
+        }
+    }
+    let (tx, body_rx) = mpsc::channel::<Bytes>(64);
+    let sse = SseStream {
+        sched: gw.sched.clone(),
+        id: id.clone(),
+        model,
+        created,
+        include_usage: extras.include_usage,
+        timeout_ms: extras.timeout_ms,
+        tx,
+    };
+    guard.disarm();
+    tokio::spawn(sse.run(first, rx));
+    let mut resp = Response::new(Body::new(ChannelBody(body_rx)));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("openclaw-task", v);
+    }
+    Ok(resp)
+}
+
+/// Waits for the task to end, up to its timeout and some.
+async fn wait_terminal(sched: &SchedulerHandle, id: &str, timeout_ms: u64) -> Result<TaskView, OaiError> {
+    let limit = Duration::from_millis(timeout_ms.saturating_add(30_000));
+    let start = tokio::time::Instant::now();
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        let wait = left.min(Duration::from_secs(300));
+        match wait_for(sched, id, wait).await? {
+            Some(t) if t.state.is_terminal() => return Ok(t),
+            Some(_) if !left.is_zero() => continue,
+            Some(t) => {
+                return Err(OaiError {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    message: format!("task {id}: still {:?} after {} ms", t.state, limit.as_millis()),
+                    kind: "server_error",
+                    param: None,
+                    code: None,
+                })
+            }
+            None => {
+                return Err(OaiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    message: format!("task {id} is gone"),
+                    kind: "server_error",
+                    param: None,
+                    code: None,
+                })
+            }
+        }
+    }
+}
+
+/// Writes one streamed answer as server-sent events.
+struct SseStream {
+    sched: SchedulerHandle,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+    timeout_ms: u64,
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl SseStream {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
+        let v = json!({
+            "id": format!("chatcmpl-{}", self.id),
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        });
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+
+    /// Sends an event; false when the client has gone.
+    async fn send(&self, b: Bytes) -> bool {
+        self.tx.send(b).await.is_ok()
+    }
+
+    async fn run(self, first: Option<StreamEvent>, rx: Option<mpsc::Receiver<StreamEvent>>) {
+        if !self.stream(first, rx).await {
+            log::info!("task {}: the client went away mid-stream; cancelling it", self.id);
+            cancel_later(self.sched.clone(), self.id.clone());
+        }
+    }
+
+    /// False when the client went away before the end.
+    async fn stream(&self, first: Option<StreamEvent>, rx: Option<mpsc::Receiver<StreamEvent>>) -> bool {
+        if !self.send(self.chunk(json!({"role": "assistant", "content": ""}), None)).await {
+            return false;
+        }
+        // What the client has; after a restart elsewhere, how much of it
+        // the new attempt has repeated so far.
+        let mut sent = String::new();
+        let mut replay: Option<usize> = None;
+        let mut diverged = false;
+        let mut next = first;
+        let mut rx = rx;
+        loop {
+            let ev = match next.take() {
+                Some(e) => Some(e),
+                None => match rx.as_mut() {
+                    Some(r) => tokio::select! {
+                        e = r.recv() => e,
+                        _ = self.tx.closed() => return false,
+                    },
+                    None => None,
+                },
+            };
+            let Some(ev) = ev else { break };
+            match ev {
+                StreamEvent::Restart => replay = Some(0),
+                StreamEvent::Text(t) if diverged => drop(t),
+                StreamEvent::Text(t) => {
+                    let new = match replay {
+                        Some(pos) => {
+                            let have = &sent[pos..];
+                            if have.starts_with(t.as_str()) {
+                                replay = Some(pos + t.len());
+                                continue;
+                            }
+                            if !t.starts_with(have) {
+                                // The new attempt says something else: what
+                                // the client has cannot be taken back.
+                                diverged = true;
+                                continue;
+                            }
+                            replay = None;
+                            t[have.len()..].to_string()
+                        }
+                        None => t,
+                    };
+                    if new.is_empty() {
+                        continue;
+                    }
+                    sent.push_str(&new);
+                    if !self.send(self.chunk(json!({"content": new}), None)).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        // The stream closed: the task ended (or this reader fell behind).
+        let t = match wait_terminal(&self.sched, &self.id, self.timeout_ms).await {
+            Ok(t) => t,
+            Err(e) => return self.send(error_event(&e)).await,
+        };
+        if t.state != TaskState::Succeeded {
+            let e = task_error(&t);
+            return self.send(error_event(&e)).await;
+        }
+        let c = match completion_of(&t) {
+            Ok(c) => c,
+            Err(e) => return self.send(error_event(&e)).await,
+        };
+        if diverged || !c.text.starts_with(&sent) {
+            let e = OaiError {
+                status: StatusCode::BAD_GATEWAY,
+                message: format!(
+                    "task {}: its node was lost mid-stream and the retry on another node wrote \
+                     another text; the text streamed so far is not the answer",
+                    self.id
+                ),
+                kind: "server_error",
+                param: None,
+                code: None,
+            };
+            return self.send(error_event(&e)).await;
+        }
+        let rest = &c.text[sent.len()..];
+        if !rest.is_empty() && !self.send(self.chunk(json!({"content": rest}), None)).await {
+            return false;
+        }
+        if !self
+            .send(self.chunk(json!({}), Some(finish_str(c.finish_reason))))
+            .await
+        {
+            return false;
+        }
+        if self.include_usage {
+            let v = json!({
+                "id": format!("chatcmpl-{}", self.id),
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage(&c),
+            });
+            if !self.send(Bytes::from(format!("data: {v}\n\n"))).await {
+                return false;
+            }
+        }
+        self.send(Bytes::from_static(b"data: [DONE]\n\n")).await
+    }
+}
+
+fn error_event(e: &OaiError) -> Bytes {
+    Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", e.json()))
+}
+
+/// A response body fed from a channel; dropped (the client went away) it
+/// closes the channel, which the writer notices.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+async fn embeddings(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> Result<Response, OaiError> {
+    let mut body = body_json(body)?;
+    let extras = take_extras(&mut body)?;
+    if let Some(obj) = body.as_object_mut() {
+        // The official client asks for base64 by default; floats are what we send.
+        match obj.remove("encoding_format") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "float" || s == "base64" => {
+                obj.insert("encoding_format".into(), Value::String(s));
+            }
+            Some(v) => {
+                return Err(OaiError::bad(
+                    format!("`encoding_format` {v} is not float or base64"),
+                    Some("encoding_format"),
+                ))
+            }
+        }
+    }
+    let base64 = body.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    if let Some(obj) = body.as_object_mut() {
+        obj.remove("encoding_format");
+        obj.remove("user");
+        obj.remove("dimensions");
+    }
+    let req: EmbedRequest = serde_json::from_value(body)
+        .map_err(|e| OaiError::bad(format!("invalid embeddings request: {e}"), None))?;
+    if req.input.is_empty() || req.input.len() > 2048 {
+        return Err(OaiError::bad(
+            format!("`input` holds {} texts, 1 to 2048 allowed", req.input.len()),
+            Some("input"),
+        ));
+    }
+    known_model(&gw.sched, &req.model).await?;
+    let model = req.model.clone();
+    let id = submit(&gw.sched, &model, json!({ "embed": req }), &extras).await?;
+    let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
+    let t = wait_terminal(&gw.sched, &id, extras.timeout_ms).await?;
+    guard.disarm();
+    if t.state != TaskState::Succeeded {
+        return Err(task_error(&t));
+    }
+    let r = t.result.clone().unwrap_or(Value::Null);
+    let vectors: Vec<Vec<f32>> = serde_json::from_value(r.get("embeddings").cloned().unwrap_or(Value::Null))
+        .map_err(|e| OaiError {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("task {id}: the node's result holds no embeddings: {e}"),
+            kind: "server_error",
+            param: None,
+            code: None,
+        })?;
+    let tokens = r.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let e = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                Value::String(base64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": e})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+/// Standard base64 with padding (what OpenAI's `encoding_format: base64` is).
+fn base64_encode(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(b.len().div_ceil(3) * 4);
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        s.push(T[(n >> 18) as usize & 63] as char);
+        s.push(T[(n >> 12) as usize & 63] as char);
+        s.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        s.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64_encode(b""), "");
+        assert_eq!(base64_encode(b"f"), "Zg==");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn extras_are_taken_and_bad_ones_named() {
+        let mut b = json!({"model": "m", "stream": true, "n": 1, "stream_options": {"include_usage": true}});
+        let x = take_extras(&mut b).unwrap();
+        assert!(x.stream && x.include_usage);
+        assert_eq!(b, json!({"model": "m"}));
+        let e = take_extras(&mut json!({"n": 2})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"));
+        let e = take_extras(&mut json!({"stream": "yes"})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream"));
+    }
+
+    #[test]
+    fn content_parts_become_text_and_others_are_refused() {
+        let mut b = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
+        normalize_messages(&mut b).unwrap();
+        assert_eq!(b["messages"][0]["content"], "ab");
+        let mut b = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]});
+        let e = normalize_messages(&mut b).unwrap_err();
+        assert!(e.message.contains("only text parts"), "{}", e.message);
+    }
+}

@@ -1,0 +1,204 @@
+//! The OpenAI-compatible gateway end to end: the server, a heavy node (an
+//! agent on board `pc` with the `llm` plugin and the real
+//! Qwen2.5-Coder-0.5B-Instruct GGUF), and the official `openai` Python
+//! client (`tests/llm/openai_client.py`), plus what the client cannot
+//! show: a client that disconnects cancels its task, and the task API
+//! shows the text so far.
+#![cfg(feature = "llm")]
+
+mod common;
+
+use common::{Agent, Server};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+const NODE: &str = "heavy-1";
+
+fn gguf() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/llm/cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo run --bin openclaw-admin -- models fetch {MODEL}` \
+         (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// One llama.cpp thread: two on two busy cores fall from ~30 to ~1 token/s.
+fn node_config() -> String {
+    gguf();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llm");
+    format!(
+        "[plugins.llm]\nmodels_dir = {:?}\nthreads = 1\n\
+         [plugins.llm.models.\"{MODEL}\"]\ncontext = 2048\nslots = 2\n",
+        dir.display().to_string()
+    )
+}
+
+struct Rig {
+    server: Server,
+    _agent: Agent,
+    _dir: tempfile::TempDir,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let agent = Agent::start_on(dir.path(), NODE, &server.broker(), &node_config(), "pc");
+    server.wait_devices("the heavy node serving the model", |d| {
+        d.iter().any(|d| {
+            d.id == NODE && d.online && d.capabilities.iter().any(|c| c == &format!("llm:{MODEL}"))
+        })
+    });
+    Rig {
+        server,
+        _agent: agent,
+        _dir: dir,
+    }
+}
+
+fn python() -> String {
+    // scripts/test.sh puts its venv (with `openai`) first on PATH.
+    "python3".into()
+}
+
+#[test]
+fn the_official_openai_client_lists_chats_streams_and_gets_errors() {
+    let r = rig();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llm/openai_client.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(format!("{}/v1", r.server.client.base()))
+        .arg(MODEL)
+        .output()
+        .expect("python3 with the openai package (scripts/lib/python-env.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the openai client's checks failed:\n{stdout}\n{stderr}"
+    );
+    for check in [
+        "models_list",
+        "chat",
+        "chat_stream",
+        "unknown_model_404",
+        "bad_parameter_400",
+        "malformed_message_400",
+        "prompt_over_context_400",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == format!("ok {check}")),
+            "check {check} did not pass:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+/// A raw HTTP/1.1 request on its own connection; the response's reader.
+fn post(base: &str, path: &str, body: &str) -> BufReader<std::net::TcpStream> {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    BufReader::new(s)
+}
+
+#[test]
+fn a_client_that_goes_away_mid_stream_cancels_its_task() {
+    let r = rig();
+    let base = r.server.client.base();
+    let body = serde_json::json!({
+        "model": MODEL, "stream": true, "max_tokens": 1500, "temperature": 0,
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, one number a line."}],
+    })
+    .to_string();
+    let mut rd = post(&base, "/v1/chat/completions", &body);
+    let mut task = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        if let Some(v) = line.strip_prefix("openclaw-task: ") {
+            task = Some(v.trim().to_string());
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let task = task.expect("the response names its task (openclaw-task header)");
+    // A few events with text, then the client is gone.
+    let mut texts = 0;
+    while texts < 3 {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        if line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            texts += 1;
+        }
+    }
+    // While it runs, the task API shows the text so far.
+    let t = r.server.client.task(&task, None).unwrap();
+    assert!(!t.state.is_terminal(), "{:?}", t.state);
+    assert!(
+        t.output.as_deref().is_some_and(|o| !o.is_empty()),
+        "no output so far in the task view: {t:?}"
+    );
+    drop(rd);
+    let t = r.server.wait(&task);
+    assert_eq!(
+        t.state,
+        openclaw::protocol::api::TaskState::Cancelled,
+        "{:?}",
+        t.error
+    );
+}
+
+#[test]
+fn a_chat_without_stream_is_one_json_answer_and_its_task_is_stored() {
+    let r = rig();
+    let base = r.server.client.base();
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hi."}],
+    })
+    .to_string();
+    let mut rd = post(&base, "/v1/chat/completions", &body);
+    let mut head = String::new();
+    let mut line = String::new();
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+            len = v.trim().parse().unwrap();
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut buf = vec![0; len];
+    rd.read_exact(&mut buf).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    let task = v["openclaw"]["task"].as_str().unwrap().to_string();
+    assert_eq!(v["openclaw"]["device"], NODE);
+    let t = r.server.wait(&task);
+    assert_eq!(t.plugin, "llm");
+    assert_eq!(
+        t.result.unwrap()["text"],
+        v["choices"][0]["message"]["content"]
+    );
+    let _ = Instant::now();
+}
