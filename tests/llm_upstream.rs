@@ -256,6 +256,7 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 struct Seen {
     request_line: String,
     headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 /// Accepts connections on 127.0.0.1 and runs `answer` on each (one thread
@@ -303,6 +304,7 @@ fn hostile(
                 if r.read_exact(&mut body).is_err() {
                     return;
                 }
+                seen.body = body;
                 s.lock().unwrap().push(seen.clone());
                 answer(conn, seen);
             });
@@ -709,7 +711,8 @@ fn upstreams_broken_before_any_piece_fail_over_to_the_real_server() {
         let _ = sse_head(&mut s).and_then(|_| s.write_all(b": nothing to say\n\n"));
     });
     let p = pool(&config(
-        "health_interval_ms = 0",
+        // Long: the real server may take a while, the cooldowns must outlast it.
+        "health_interval_ms = 0\ncooldown_ms = 600000\nmax_cooldown_ms = 600000",
         &[
             up(&h500),
             format!("{}\ntimeout_ms = 300", up(&hang)),
@@ -919,6 +922,10 @@ fn a_401_names_the_upstream_and_is_not_failed_over() {
     });
     let (next, tried) = never_tried();
     std::env::set_var("OPENCLAW_TEST_UPSTREAM_KEY", "sk-test-123");
+    let mut req = request(8);
+    req.stop = vec!["\n\n".into()];
+    req.top_p = Some(0.9);
+    req.response_format = Some(openclaw::llm::ResponseFormat::JsonObject);
     let p = pool(&config(
         "health_interval_ms = 0",
         &[
@@ -926,7 +933,7 @@ fn a_401_names_the_upstream_and_is_not_failed_over() {
             up(&next),
         ],
     ));
-    let (r, pieces) = chat(&p, &request(8));
+    let (r, pieces) = chat(&p, &req);
     assert!(pieces.is_empty());
     let e = r.unwrap_err();
     let s = e.to_string();
@@ -945,6 +952,18 @@ fn a_401_names_the_upstream_and_is_not_failed_over() {
         .headers
         .iter()
         .any(|(k, v)| k == "authorization" && v == "Bearer sk-test-123"));
+    // What was forwarded: the upstream's model name and every option.
+    let body: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "model": "qwen-upstream",
+            "messages": [{"role": "user", "content": req.messages[0].content}],
+            "stream": true, "stream_options": {"include_usage": true},
+            "max_tokens": 8, "temperature": 0.0, "top_p": 0.9f32, "top_k": 1, "seed": 7,
+            "stop": ["\n\n"], "response_format": {"type": "json_object"},
+        })
+    );
 }
 
 #[test]
@@ -984,4 +1003,23 @@ fn a_failed_upstream_is_skipped_until_its_cooldown_ends_then_it_doubles() {
     let st = p.status();
     assert_eq!(st.upstreams[0].failures, 2);
     assert_eq!(st.upstreams[0].cooldown_ms, 6000, "doubled");
+}
+
+#[test]
+fn an_upstream_that_ignores_stream_true_gives_one_piece() {
+    // Answers a plain JSON completion to a streamed request.
+    let (url, _, _) = hostile(|mut s, _| {
+        answer_status(
+            &mut s,
+            "200 OK",
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"one, two"},"finish_reason":"length"}],"usage":{"prompt_tokens":9,"completion_tokens":3}}"#,
+        )
+    });
+    let p = pool(&config("health_interval_ms = 0", &[up(&url)]));
+    let (r, pieces) = chat(&p, &request(3));
+    let c = r.unwrap();
+    assert_eq!(pieces, ["one, two"]);
+    assert_eq!(c.text, "one, two");
+    assert_eq!(c.finish_reason, FinishReason::Length);
+    assert_eq!((c.prompt_tokens, c.completion_tokens), (9, 3));
 }
