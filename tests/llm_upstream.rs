@@ -1023,3 +1023,26 @@ fn an_upstream_that_ignores_stream_true_gives_one_piece() {
     assert_eq!(c.finish_reason, FinishReason::Length);
     assert_eq!((c.prompt_tokens, c.completion_tokens), (9, 3));
 }
+
+#[test]
+fn a_stream_closed_after_its_finish_reason_is_complete_with_its_usage() {
+    // No [DONE]: the finish_reason and the usage chunk came, then EOF.
+    let (url, _, _) = hostile(|mut s, _| {
+        let _ = sse_head(&mut s)
+            .and_then(|_| sse_piece(&mut s, "a"))
+            .and_then(|_| sse_piece(&mut s, "b"))
+            .and_then(|_| {
+                s.write_all(
+                    b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+                      data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+                )
+            });
+    });
+    let p = pool(&config("health_interval_ms = 0", &[up(&url)]));
+    let (r, pieces) = chat(&p, &request(8));
+    let c = r.unwrap();
+    assert_eq!(pieces, ["a", "b"]);
+    assert_eq!(c.text, "ab");
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert_eq!((c.prompt_tokens, c.completion_tokens), (5, 2));
+}

@@ -653,10 +653,11 @@ impl Inner {
                 continue;
             }
             let up = &self.ups[idx];
-            let outcome = up
-                .agent
-                .get(format!("{}/models", up.base))
-                .header("authorization", up.auth())
+            let mut get = up.agent.get(format!("{}/models", up.base));
+            if up.key.is_some() {
+                get = get.header("authorization", up.auth());
+            }
+            let outcome = get
                 .call()
                 .map_err(|e| transport_error(up, &e))
                 .and_then(|mut r| {
