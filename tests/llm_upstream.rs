@@ -1046,3 +1046,26 @@ fn a_stream_closed_after_its_finish_reason_is_complete_with_its_usage() {
     assert_eq!(c.finish_reason, FinishReason::Stop);
     assert_eq!((c.prompt_tokens, c.completion_tokens), (5, 2));
 }
+
+#[test]
+fn a_stream_that_stalls_between_chunks_ends_at_read_timeout_ms() {
+    // One piece, then silence with the connection open.
+    let (url, _, _) = hostile(|mut s, _| {
+        let _ = sse_head(&mut s).and_then(|_| sse_piece(&mut s, "a"));
+        let mut buf = [0u8; 1];
+        let _ = (&s).read(&mut buf);
+    });
+    let (next, tried) = never_tried();
+    let p = pool(&config(
+        "health_interval_ms = 0",
+        &[format!("{}\nread_timeout_ms = 300", up(&url)), up(&next)],
+    ));
+    let (r, pieces) = chat(&p, &request(8));
+    assert_eq!(pieces, ["a"]);
+    let s = r.unwrap_err().to_string();
+    assert!(
+        s.contains("read_timeout_ms (300 ms)") && s.contains("1 piece(s)"),
+        "{s}"
+    );
+    assert_eq!(tried.load(Ordering::SeqCst), 0, "not failed over");
+}
