@@ -24,7 +24,7 @@ pub mod embedded;
 mod error;
 #[cfg(feature = "llm")]
 pub mod manifest;
-#[cfg(feature = "agent")]
+#[cfg(feature = "llm")]
 pub mod upstream;
 
 pub use error::LlmError;
