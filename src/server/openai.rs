@@ -122,7 +122,8 @@ fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, OaiError> {
         err.status = e.status();
         err
     })?;
-    serde_json::from_slice(&body).map_err(|e| OaiError::bad(format!("invalid JSON body: {e}"), None))
+    serde_json::from_slice(&body)
+        .map_err(|e| OaiError::bad(format!("invalid JSON body: {e}"), None))
 }
 
 /// Text of a message's `content`: a string, or OpenAI's list of parts of
@@ -139,7 +140,13 @@ fn normalize_messages(body: &mut Value) -> Result<(), OaiError> {
             ));
         };
         // Fields of tool-calling clients the engines here do not take.
-        for k in ["tool_calls", "tool_call_id", "refusal", "audio", "function_call"] {
+        for k in [
+            "tool_calls",
+            "tool_call_id",
+            "refusal",
+            "audio",
+            "function_call",
+        ] {
             obj.remove(k);
         }
         match obj.get("content") {
@@ -150,7 +157,9 @@ fn normalize_messages(body: &mut Value) -> Result<(), OaiError> {
                         (Some("text"), Some(Value::String(t))) => text.push_str(t),
                         _ => {
                             return Err(OaiError::bad(
-                                format!("messages[{i}].content[{j}]: only text parts are supported"),
+                                format!(
+                                    "messages[{i}].content[{j}]: only text parts are supported"
+                                ),
                                 Some(&format!("messages[{i}].content")),
                             ))
                         }
@@ -192,21 +201,33 @@ fn take_extras(body: &mut Value) -> Result<Extras, OaiError> {
     match obj.remove("n") {
         None | Some(Value::Null) => {}
         Some(v) if v.as_u64() == Some(1) => {}
-        Some(v) => return Err(OaiError::bad(format!("`n` is {v}: only 1 is supported"), Some("n"))),
+        Some(v) => {
+            return Err(OaiError::bad(
+                format!("`n` is {v}: only 1 is supported"),
+                Some("n"),
+            ))
+        }
     }
     let priority = match obj.remove("priority") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
             Some(p) if p <= 100 => Some(p as u8),
-            _ => return Err(OaiError::bad(format!("`priority` {v} is not in 0..=100"), Some("priority"))),
+            _ => {
+                return Err(OaiError::bad(
+                    format!("`priority` {v} is not in 0..=100"),
+                    Some("priority"),
+                ))
+            }
         },
     };
     let timeout_ms = match obj.remove("timeout_ms") {
         None | Some(Value::Null) => DEFAULT_TIMEOUT_MS,
-        Some(v) => v
-            .as_u64()
-            .filter(|t| *t > 0)
-            .ok_or_else(|| OaiError::bad(format!("`timeout_ms` {v} is not a positive integer"), Some("timeout_ms")))?,
+        Some(v) => v.as_u64().filter(|t| *t > 0).ok_or_else(|| {
+            OaiError::bad(
+                format!("`timeout_ms` {v} is not a positive integer"),
+                Some("timeout_ms"),
+            )
+        })?,
     };
     Ok(Extras {
         stream,
@@ -252,7 +273,11 @@ async fn known_model(sched: &SchedulerHandle, model: &str) -> Result<(), OaiErro
         status: StatusCode::NOT_FOUND,
         message: format!(
             "The model `{model}` does not exist or no node serving it is online (served: {})",
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         ),
         kind: "invalid_request_error",
         param: Some("model".into()),
@@ -280,7 +305,10 @@ async fn submit(
 /// "invalid input" (a prompt over the context, a value the engine refuses)
 /// is the client's 400, the rest the server's.
 fn task_error(t: &TaskView) -> OaiError {
-    let msg = t.error.clone().unwrap_or_else(|| format!("task ended {:?}", t.state));
+    let msg = t
+        .error
+        .clone()
+        .unwrap_or_else(|| format!("task ended {:?}", t.state));
     let (status, kind) = if msg.contains("invalid input") {
         (StatusCode::BAD_REQUEST, "invalid_request_error")
     } else if t.state == TaskState::TimedOut {
@@ -323,7 +351,13 @@ fn usage(c: &Completion) -> Value {
 /// Cancels a task whose client went away (best effort: it may have ended).
 fn cancel_later(sched: SchedulerHandle, id: String) {
     tokio::spawn(async move {
-        if let Ok(Err(e)) = sched.ask(|resp| Command::Cancel { id: id.clone(), resp }).await {
+        if let Ok(Err(e)) = sched
+            .ask(|resp| Command::Cancel {
+                id: id.clone(),
+                resp,
+            })
+            .await
+        {
             log::debug!("task {id}: not cancelled after its client left: {e}");
         }
     });
@@ -348,13 +382,15 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn chat(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> Result<Response, OaiError> {
+async fn chat(
+    State(gw): GwState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OaiError> {
     let mut body = body_json(body)?;
     let extras = take_extras(&mut body)?;
     normalize_messages(&mut body)?;
-    let req: ChatRequest = serde_json::from_value(body).map_err(|e| {
-        OaiError::bad(format!("invalid chat request: {e}"), None)
-    })?;
+    let req: ChatRequest = serde_json::from_value(body)
+        .map_err(|e| OaiError::bad(format!("invalid chat request: {e}"), None))?;
     req.validate().map_err(|e| match e {
         crate::llm::LlmError::InvalidRequest { field, message } => {
             OaiError::bad(format!("`{field}`: {message}"), Some(&field))
@@ -392,7 +428,10 @@ async fn chat(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> Result
     // context) is a proper 400, not an event inside a 200.
     let mut rx = gw
         .sched
-        .ask(|resp| Command::Subscribe { id: id.clone(), resp })
+        .ask(|resp| Command::Subscribe {
+            id: id.clone(),
+            resp,
+        })
         .await?;
     let first = match rx.as_mut() {
         Some(rx) => rx.recv().await,
@@ -420,7 +459,10 @@ async fn chat(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> Result
     tokio::spawn(sse.run(first, rx));
     let mut resp = Response::new(Body::new(ChannelBody(body_rx)));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert("openclaw-task", v);
@@ -429,7 +471,11 @@ async fn chat(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> Result
 }
 
 /// Waits for the task to end, up to its timeout and some.
-async fn wait_terminal(sched: &SchedulerHandle, id: &str, timeout_ms: u64) -> Result<TaskView, OaiError> {
+async fn wait_terminal(
+    sched: &SchedulerHandle,
+    id: &str,
+    timeout_ms: u64,
+) -> Result<TaskView, OaiError> {
     let limit = Duration::from_millis(timeout_ms.saturating_add(30_000));
     let start = tokio::time::Instant::now();
     loop {
@@ -441,7 +487,11 @@ async fn wait_terminal(sched: &SchedulerHandle, id: &str, timeout_ms: u64) -> Re
             Some(t) => {
                 return Err(OaiError {
                     status: StatusCode::GATEWAY_TIMEOUT,
-                    message: format!("task {id}: still {:?} after {} ms", t.state, limit.as_millis()),
+                    message: format!(
+                        "task {id}: still {:?} after {} ms",
+                        t.state,
+                        limit.as_millis()
+                    ),
                     kind: "server_error",
                     param: None,
                     code: None,
@@ -490,14 +540,24 @@ impl SseStream {
 
     async fn run(self, first: Option<StreamEvent>, rx: Option<mpsc::Receiver<StreamEvent>>) {
         if !self.stream(first, rx).await {
-            log::info!("task {}: the client went away mid-stream; cancelling it", self.id);
+            log::info!(
+                "task {}: the client went away mid-stream; cancelling it",
+                self.id
+            );
             cancel_later(self.sched.clone(), self.id.clone());
         }
     }
 
     /// False when the client went away before the end.
-    async fn stream(&self, first: Option<StreamEvent>, rx: Option<mpsc::Receiver<StreamEvent>>) -> bool {
-        if !self.send(self.chunk(json!({"role": "assistant", "content": ""}), None)).await {
+    async fn stream(
+        &self,
+        first: Option<StreamEvent>,
+        rx: Option<mpsc::Receiver<StreamEvent>>,
+    ) -> bool {
+        if !self
+            .send(self.chunk(json!({"role": "assistant", "content": ""}), None))
+            .await
+        {
             return false;
         }
         // What the client has; after a restart elsewhere, how much of it
@@ -627,7 +687,10 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-async fn embeddings(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> Result<Response, OaiError> {
+async fn embeddings(
+    State(gw): GwState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OaiError> {
     let mut body = body_json(body)?;
     let extras = take_extras(&mut body)?;
     if let Some(obj) = body.as_object_mut() {
@@ -669,14 +732,16 @@ async fn embeddings(State(gw): GwState, body: Result<Bytes, BytesRejection>) -> 
         return Err(task_error(&t));
     }
     let r = t.result.clone().unwrap_or(Value::Null);
-    let vectors: Vec<Vec<f32>> = serde_json::from_value(r.get("embeddings").cloned().unwrap_or(Value::Null))
-        .map_err(|e| OaiError {
-            status: StatusCode::BAD_GATEWAY,
-            message: format!("task {id}: the node's result holds no embeddings: {e}"),
-            kind: "server_error",
-            param: None,
-            code: None,
-        })?;
+    let vectors: Vec<Vec<f32>> = serde_json::from_value(
+        r.get("embeddings").cloned().unwrap_or(Value::Null),
+    )
+    .map_err(|e| OaiError {
+        status: StatusCode::BAD_GATEWAY,
+        message: format!("task {id}: the node's result holds no embeddings: {e}"),
+        kind: "server_error",
+        param: None,
+        code: None,
+    })?;
     let tokens = r.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
     let data: Vec<Value> = vectors
         .into_iter()
@@ -703,11 +768,21 @@ fn base64_encode(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(b.len().div_ceil(3) * 4);
     for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         s.push(T[(n >> 18) as usize & 63] as char);
         s.push(T[(n >> 12) as usize & 63] as char);
-        s.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        s.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        s.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     s
 }

@@ -141,7 +141,10 @@ mod tests {
         assert_eq!((s.duplicates, s.gaps), (1, 1));
         assert_eq!(
             drain(&mut r),
-            vec![StreamEvent::Text("Hel".into()), StreamEvent::Text("lo".into())]
+            vec![
+                StreamEvent::Text("Hel".into()),
+                StreamEvent::Text("lo".into())
+            ]
         );
         // The node was lost; attempt 2 elsewhere.
         s.chunk("t", 2, 0, "Hi".into());
