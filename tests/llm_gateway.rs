@@ -260,3 +260,129 @@ fn openclaw_admin_chat_streams_an_answer_and_models_list_shows_the_node() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("404") && err.contains("nope"), "{err}");
 }
+
+/// Reads one SSE response to its end: the text of its deltas, and whether
+/// it ended with `[DONE]` after a finish_reason (an error event fails).
+fn read_sse(rd: &mut BufReader<std::net::TcpStream>, mut on_text: impl FnMut(&str)) -> String {
+    let mut text = String::new();
+    let mut finished = false;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if rd.read_line(&mut line).unwrap() == 0 {
+            panic!("the stream ended without [DONE]; text so far {text:?}");
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            assert!(finished, "[DONE] without a finish_reason: {text:?}");
+            return text;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "error event: {data}");
+        for c in v["choices"].as_array().unwrap() {
+            if let Some(t) = c["delta"]["content"].as_str() {
+                text.push_str(t);
+                if !t.is_empty() {
+                    on_text(t);
+                }
+            }
+            finished |= c["finish_reason"].is_string();
+        }
+    }
+}
+
+/// A request whose answer is JSON with a Content-Length: the JSON.
+fn post_json(base: &str, path: &str, body: &str) -> serde_json::Value {
+    let mut rd = post(base, path, body);
+    let mut line = String::new();
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+            len = v.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut buf = vec![0; len];
+    rd.read_exact(&mut buf).unwrap();
+    serde_json::from_slice(&buf).unwrap()
+}
+
+fn skip_headers(rd: &mut BufReader<std::net::TcpStream>) -> Option<String> {
+    let mut task = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        if let Some(v) = line.strip_prefix("openclaw-task: ") {
+            task = Some(v.trim().to_string());
+        }
+        if line == "\r\n" {
+            return task;
+        }
+    }
+}
+
+/// A heavy node is killed (SIGKILL) while it streams an answer: the task
+/// goes to the other node, which decodes the same greedy text from the
+/// start; the client's stream skips what it already had and goes on, and
+/// ends with exactly the answer a request without a stream gets.
+#[test]
+fn a_stream_whose_node_is_killed_goes_on_from_the_other_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let cfg = node_config();
+    let mut nodes = vec![
+        Agent::start_on(dir.path(), "heavy-a", &server.broker(), &cfg, "pc"),
+        Agent::start_on(dir.path(), "heavy-b", &server.broker(), &cfg, "pc"),
+    ];
+    server.wait_devices("both heavy nodes serving the model", |d| {
+        d.iter()
+            .filter(|d| d.online && d.capabilities.iter().any(|c| c == &format!("llm:{MODEL}")))
+            .count()
+            == 2
+    });
+    let base = server.client.base().to_string();
+    let ask = |stream: bool| {
+        serde_json::json!({
+            "model": MODEL, "stream": stream, "max_tokens": 40, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a Python function that reverses a string."}],
+        })
+        .to_string()
+    };
+    // The reference: the same request without a stream (both nodes load
+    // the model once this and the stream ran).
+    let reference = post_json(&base, "/v1/chat/completions", &ask(false));
+    let reference = reference["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut rd = post(&base, "/v1/chat/completions", &ask(true));
+    let task = skip_headers(&mut rd).expect("openclaw-task header");
+    let mut killed = None;
+    let text = read_sse(&mut rd, |_| {
+        if killed.is_none() {
+            let t = server.client.task(&task, None).unwrap();
+            let holder = t.device.expect("a streaming task has a device");
+            let i = if holder == "heavy-a" { 0 } else { 1 };
+            nodes[i].kill();
+            killed = Some(holder);
+        }
+    });
+    let killed = killed.expect("some text came before the end");
+    assert_eq!(text, reference, "the stream after the node was lost");
+    let t = server.wait(&task);
+    assert_eq!(
+        t.state,
+        openclaw::protocol::api::TaskState::Succeeded,
+        "{:?}",
+        t.error
+    );
+    assert_eq!(t.attempts, 2, "one attempt on each node");
+    assert_ne!(t.device.as_deref(), Some(killed.as_str()));
+}
