@@ -726,7 +726,13 @@ impl<'m> Worker<'m> {
             })));
             return;
         }
-        let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        if self.seqs.iter().all(Option::is_none) {
+            // Idle: start from an empty cache, so a request alone always
+            // lands in the same cells.
+            self.ctx.clear_kv_cache();
+        } else {
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        }
         self.seqs[slot] = Some(Seq {
             prompt_tokens: job.tokens.len() as u32,
             pending: job.tokens.clone(),
