@@ -69,11 +69,16 @@ pub struct LlmManifest {
     /// Trained context in tokens: a configured context may not exceed it.
     pub context: u32,
     /// Rough memory the model needs loaded with a 4096-token context
-    /// (weights plus KV cache): what the engine's cache bound counts.
+    /// (weights, KV cache, compute buffers), for planning a node. The
+    /// engine's cache bound counts its own estimate (weights plus the KV
+    /// cache of the configured context and slots).
     pub memory_bytes: u64,
     /// Chat template for a GGUF without `tokenizer.chat_template`: a
-    /// llama.cpp template name (`chatml`, `gemma`, ...) or a Jinja string.
-    /// The GGUF's own template wins when it has one.
+    /// llama.cpp built-in template name (`chatml`, `gemma`, `llama3`...).
+    /// A Jinja string is accepted too, but llama.cpp's
+    /// `llama_chat_apply_template` does not run Jinja: it recognises the
+    /// built-in template the string resembles, or fails. The GGUF's own
+    /// template wins when it has one.
     #[serde(default)]
     pub chat_template: Option<String>,
     /// Human description.
