@@ -8,7 +8,9 @@
 #
 #   scripts/bench-llm.sh [MODEL] [TOKENS] [THREADS]
 #
-# Release builds; the model must be fetched (openclaw-admin models fetch).
+# Release builds (OPENCLAW_BENCH_PROFILE=dev: the test build, whose
+# llama.cpp is the same optimized C++ build, our code unoptimized); the
+# model must be fetched (openclaw-admin models fetch).
 set -euo pipefail
 # shellcheck source=scripts/lib/err-trap.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
@@ -17,15 +19,16 @@ model="${1:-qwen2.5-coder-0.5b-instruct}"
 tokens="${2:-128}"
 threads="${3:-1}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/openclaw/target}"
-cargo build --release --quiet --features llm --bin openclaw-agent --bin openclaw-server --bin openclaw-admin
-bin="$CARGO_TARGET_DIR/release"
+profile="${OPENCLAW_BENCH_PROFILE:-release}"
+cargo build --profile "$profile" --quiet --features llm --bin openclaw-agent --bin openclaw-server --bin openclaw-admin
+bin="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile")"
 work="$(mktemp -d)"
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 pids=()
 trap cleanup EXIT
 
-echo "== the engine alone (cargo bench --features llm --bench llm -- $model $threads $tokens)"
-cargo bench --quiet --features llm --bench llm -- "$model" "$threads" "$tokens" | tee "$work/engine.txt"
+echo "== the engine alone (cargo bench --profile $profile --features llm --bench llm -- $model $threads $tokens)"
+cargo bench --profile "$profile" --quiet --features llm --bench llm -- "$model" "$threads" "$tokens" | tee "$work/engine.txt"
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mqtt=$(port); http=$(port)
