@@ -7,6 +7,8 @@
 #![cfg(feature = "llm")]
 
 mod common;
+#[path = "support/llama_server.rs"]
+mod llama_server;
 
 use common::{Agent, Server};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -123,7 +125,7 @@ fn a_client_that_goes_away_mid_stream_cancels_its_task() {
         "messages": [{"role": "user", "content": "Count from 1 to 1000, one number a line."}],
     })
     .to_string();
-    let mut rd = post(&base, "/v1/chat/completions", &body);
+    let mut rd = post(base, "/v1/chat/completions", &body);
     let mut task = None;
     let mut line = String::new();
     loop {
@@ -172,7 +174,7 @@ fn a_chat_without_stream_is_one_json_answer_and_its_task_is_stored() {
         "messages": [{"role": "user", "content": "Say hi."}],
     })
     .to_string();
-    let mut rd = post(&base, "/v1/chat/completions", &body);
+    let mut rd = post(base, "/v1/chat/completions", &body);
     let mut head = String::new();
     let mut line = String::new();
     let mut len = 0usize;
@@ -337,7 +339,7 @@ fn a_stream_whose_node_is_killed_goes_on_from_the_other_node() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("srv"), &[]);
     let cfg = node_config();
-    let mut nodes = vec![
+    let mut nodes = [
         Agent::start_on(dir.path(), "heavy-a", &server.broker(), &cfg, "pc"),
         Agent::start_on(dir.path(), "heavy-b", &server.broker(), &cfg, "pc"),
     ];
@@ -385,4 +387,58 @@ fn a_stream_whose_node_is_killed_goes_on_from_the_other_node() {
     );
     assert_eq!(t.attempts, 2, "one attempt on each node");
     assert_ne!(t.device.as_deref(), Some(killed.as_str()));
+}
+
+/// A heavy node whose model is an `openai` upstream pool of two real
+/// OpenAI-compatible servers (llama-cpp-python's): the gateway's answer
+/// comes from the first; with it killed (SIGKILL) from the second; with
+/// both gone the client gets an error naming the pool's upstreams, and the
+/// server and the node stay up.
+#[test]
+fn a_model_served_by_an_upstream_pool_fails_over_and_then_says_none_is_left() {
+    if llama_server::peer_skipped(
+        "a_model_served_by_an_upstream_pool_fails_over_and_then_says_none_is_left",
+    ) {
+        return;
+    }
+    let mut a = llama_server::Server::start();
+    let mut b = llama_server::Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    // max_concurrent 1: this server interrupts a stream when another
+    // request arrives (llama-cpp-python 0.2.62).
+    let cfg = format!(
+        "[plugins.llm.models.remote-qwen]\nbackend = \"openai\"\nupstream_model = \"qwen\"\n\
+         cooldown_ms = 600000\nmax_cooldown_ms = 600000\nhealth_interval_ms = 0\n\
+         upstreams = [{{ url = \"{}\", max_concurrent = 1 }}, {{ url = \"{}\", max_concurrent = 1 }}]\n",
+        a.url(),
+        b.url()
+    );
+    let mut node = Agent::start_on(dir.path(), "pool-node", &server.broker(), &cfg, "pc");
+    server.wait_devices("the node serving the pool's model", |d| {
+        d.iter()
+            .any(|d| d.online && d.capabilities.iter().any(|c| c == "llm:remote-qwen"))
+    });
+    let base = server.client.base().to_string();
+    let ask = serde_json::json!({
+        "model": "remote-qwen", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hi."}],
+    })
+    .to_string();
+    for step in ["both up", "the first killed"] {
+        let v = post_json(&base, "/v1/chat/completions", &ask);
+        let text = v["choices"][0]["message"]["content"].as_str();
+        assert!(text.is_some_and(|t| !t.is_empty()), "{step}: {v}");
+        a.kill();
+    }
+    b.kill();
+    let v = post_json(&base, "/v1/chat/completions", &ask);
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("no upstream left"), "{v}");
+    assert!(
+        msg.contains(&a.url()) && msg.contains(&b.url()),
+        "each upstream named: {msg}"
+    );
+    assert!(node.alive());
+    assert!(server.client.devices().is_ok());
 }

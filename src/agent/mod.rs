@@ -417,42 +417,69 @@ const CHUNK_MAX_BYTES: usize = 16 << 10;
 
 /// Publishes a streaming task's output as `Chunk` messages numbered from
 /// 0, in order, until the plugin drops its sender. Pieces waiting when one
-/// is sent go out together (fewer messages under load, same text).
+/// is sent go out together (fewer messages under load, same text), never
+/// more than `max_text` bytes in one message: a piece larger than that is
+/// split at a character boundary (one over the MQTT payload limit would
+/// fail the connection at every reconnect).
+///
+/// It never waits on rumqttc's request queue, which the agent's own loop
+/// shares (heartbeats, acks, results): when the queue is full it keeps the
+/// text and tries again shortly, and stops reading the plugin's channel
+/// while it holds `max_text` bytes, so the plugin waits instead.
 async fn forward_output(
     client: rumqttc::AsyncClient,
     topic: String,
     task_id: String,
     mut rx: tokio::sync::mpsc::Receiver<String>,
+    max_text: usize,
 ) {
+    let max_text = max_text.max(64);
     let mut seq = 0u32;
-    while let Some(mut text) = rx.recv().await {
-        while text.len() < CHUNK_MAX_BYTES {
-            match rx.try_recv() {
-                Ok(more) => text.push_str(&more),
-                Err(_) => break,
+    let mut held = String::new();
+    let mut open = true;
+    loop {
+        if held.is_empty() {
+            if !open {
+                return;
             }
+            match rx.recv().await {
+                Some(t) => held = t,
+                None => return,
+            }
+        }
+        while open && held.len() < max_text {
+            match rx.try_recv() {
+                Ok(more) => held.push_str(&more),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let mut cut = held.len().min(max_text);
+        while !held.is_char_boundary(cut) {
+            cut -= 1;
         }
         let msg = FromAgent::Chunk {
             task_id: task_id.clone(),
             seq,
-            text,
+            text: held[..cut].to_string(),
         };
-        // Waits while rumqttc's request queue is full: the plugin then
-        // waits on the bounded channel, never memory growing.
-        if client
-            .publish(
-                topic.clone(),
-                QoS::AtLeastOnce,
-                false,
-                protocol::encode(&msg),
-            )
-            .await
-            .is_err()
-        {
-            // The client is gone (the agent stops); the result still says it all.
-            return;
+        match client.try_publish(
+            topic.clone(),
+            QoS::AtLeastOnce,
+            false,
+            protocol::encode(&msg),
+        ) {
+            Ok(()) => {
+                held.drain(..cut);
+                seq = seq.wrapping_add(1);
+            }
+            Err(_) => {
+                // The queue is full (or the agent is stopping, and this
+                // task with it): leave the queue to the agent's own
+                // messages for a moment; the text waits here.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        seq = seq.wrapping_add(1);
     }
 }
 
@@ -1168,11 +1195,19 @@ impl Manager {
         let id = self.id.clone();
         let (output, forwarder) = if plugin.streams() {
             let (output, rx) = OutputStream::channel(OUTPUT_BOUND);
+            // Room in one message for the envelope and the task id.
+            let max_text = self
+                .cfg
+                .mqtt
+                .max_payload_bytes
+                .saturating_sub(256 + spec.id.len())
+                .min(CHUNK_MAX_BYTES);
             let fwd = tokio::spawn(forward_output(
                 self.client.clone(),
                 self.results_topic.clone(),
                 spec.id.clone(),
                 rx,
+                max_text,
             ));
             (output, Some(fwd))
         } else {

@@ -21,8 +21,8 @@
 //! ```
 //!
 //! Models named by the board (`models`) that have a manifest in
-//! `models_dir` are served embedded with the defaults when the config does
-//! not name them.
+//! `models_dir` and their file on disk are served embedded with the
+//! defaults when the config does not name them.
 
 use super::util::{blocking, config_err, failed, invalid};
 use super::{Plugin, PluginError, Schema, TaskContext};
@@ -184,6 +184,25 @@ fn build_backends(
             }
         }
     }
+    // The board's models that have a manifest and a file here are served
+    // with the defaults unless the config names them.
+    let dir = match table.get("models_dir") {
+        Some(toml::Value::String(d)) => std::path::PathBuf::from(d),
+        _ => std::path::PathBuf::from("models/llm"),
+    };
+    if let Ok(repo) = crate::llm::manifest::LlmRepo::open(&dir) {
+        for name in &board.models {
+            if models.contains_key(name) {
+                continue;
+            }
+            if let Ok(m) = repo.get(name) {
+                if repo.model_path(m).exists() {
+                    slots += crate::llm::embedded::DEFAULT_SLOTS as usize;
+                    embedded.insert(name.clone(), toml::Table::new());
+                }
+            }
+        }
+    }
     if let Some(b) = embedded_backend(table, board, embedded)? {
         backends.push(b);
     }
@@ -302,6 +321,10 @@ impl Plugin for Llm {
         // The request's own checks (`ChatRequest::validate`) name the field.
         Schema::object()
             .field("chat", Schema::object().open())
+            .field(
+                "stream",
+                Schema::boolean().desc("send the text as it is decoded (the gateway's `stream`)"),
+            )
             .field("embed", Schema::object().open())
     }
 
@@ -320,6 +343,9 @@ impl Plugin for Llm {
                 .map_err(|e| invalid(NAME, "chat", e.to_string()))?;
             req.validate().map_err(plugin_error)?;
             let backend = self.backend(&req.model)?;
+            // Only a client that reads the text as it comes gets chunks: a
+            // request without `stream` would double the MQTT traffic.
+            let stream = input.get("stream").and_then(|v| v.as_bool()) == Some(true);
             let output = task.output.clone();
             let cancel = task.cancel.clone();
             let c = blocking(NAME, &task, move || {
@@ -327,9 +353,10 @@ impl Plugin for Llm {
                     .chat(
                         &req,
                         &mut |piece| {
-                            // Nobody reading (a task sent without a stream)
-                            // is fine: the result has the text.
-                            output.send_blocking(piece);
+                            // The result has the whole text in any case.
+                            if stream {
+                                output.send_blocking(piece);
+                            }
                         },
                         &cancel,
                     )

@@ -38,6 +38,11 @@ pub const LLM_CAPABILITY: &str = "llm:";
 /// How long one completion may run on its node unless the request says
 /// otherwise (`timeout_ms`, an OpenClaw extension).
 pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
+/// Longest a streamed answer waits for its client to take an event.
+const SLOW_CLIENT: Duration = Duration::from_secs(60);
+/// Most texts one embeddings request may hold (the vectors come back in
+/// one MQTT message).
+const MAX_EMBED_INPUTS: usize = 64;
 /// Tries on other nodes after a node is lost.
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -64,6 +69,8 @@ struct OaiError {
     kind: &'static str,
     param: Option<String>,
     code: Option<&'static str>,
+    /// Sent with `x-should-retry: false`.
+    no_retry: bool,
 }
 
 impl OaiError {
@@ -74,6 +81,7 @@ impl OaiError {
             kind: "invalid_request_error",
             param: param.map(str::to_string),
             code: None,
+            no_retry: false,
         }
     }
 
@@ -89,7 +97,14 @@ impl OaiError {
 
 impl IntoResponse for OaiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.json())).into_response()
+        let mut r = (self.status, Json(self.json())).into_response();
+        if self.no_retry {
+            // The official clients retry 5xx; a task the scheduler already
+            // tried on its nodes would only go to the back of the queue.
+            r.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        r
     }
 }
 
@@ -111,6 +126,7 @@ impl From<ApiError> for OaiError {
             kind,
             param: None,
             code: None,
+            no_retry: false,
         }
     }
 }
@@ -282,6 +298,7 @@ async fn known_model(sched: &SchedulerHandle, model: &str) -> Result<(), OaiErro
         kind: "invalid_request_error",
         param: Some("model".into()),
         code: Some("model_not_found"),
+        no_retry: false,
     })
 }
 
@@ -309,10 +326,16 @@ fn task_error(t: &TaskView) -> OaiError {
         .error
         .clone()
         .unwrap_or_else(|| format!("task ended {:?}", t.state));
-    let (status, kind) = if msg.contains("invalid input") {
+    // The task's error is "Kind: message" (the agent's ErrorKind).
+    let (status, kind) = if msg.starts_with("InvalidInput:") {
         (StatusCode::BAD_REQUEST, "invalid_request_error")
+    } else if msg.starts_with("TooLarge:") {
+        (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
     } else if t.state == TaskState::TimedOut {
         (StatusCode::GATEWAY_TIMEOUT, "server_error")
+    } else if t.state == TaskState::Cancelled {
+        // Cancelled by an operator: not the client's to retry.
+        (StatusCode::CONFLICT, "invalid_request_error")
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
     };
@@ -322,6 +345,8 @@ fn task_error(t: &TaskView) -> OaiError {
         kind,
         param: None,
         code: None,
+        // The scheduler already tried it on its nodes (up to 3 attempts).
+        no_retry: true,
     }
 }
 
@@ -333,6 +358,7 @@ fn completion_of(t: &TaskView) -> Result<Completion, OaiError> {
         kind: "server_error",
         param: None,
         code: None,
+        no_retry: false,
     })
 }
 
@@ -399,12 +425,12 @@ async fn chat(
     })?;
     known_model(&gw.sched, &req.model).await?;
     let model = req.model.clone();
-    let input = json!({ "chat": req });
+    let input = json!({ "chat": req, "stream": extras.stream });
     let id = submit(&gw.sched, &model, input, &extras).await?;
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
     let created = crate::now_ms() / 1000;
     if !extras.stream {
-        let t = wait_terminal(&gw.sched, &id, extras.timeout_ms).await?;
+        let t = wait_terminal(&gw.sched, &id).await?;
         guard.disarm();
         if t.state != TaskState::Succeeded {
             return Err(task_error(&t));
@@ -439,20 +465,19 @@ async fn chat(
     };
     if first.is_none() {
         // Ended before any output (or never streamed).
-        let t = wait_terminal(&gw.sched, &id, extras.timeout_ms).await?;
+        let t = wait_terminal(&gw.sched, &id).await?;
         if t.state != TaskState::Succeeded {
             guard.disarm();
             return Err(task_error(&t));
         }
     }
-    let (tx, body_rx) = mpsc::channel::<Bytes>(64);
+    let (tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let sse = SseStream {
         sched: gw.sched.clone(),
         id: id.clone(),
         model,
         created,
         include_usage: extras.include_usage,
-        timeout_ms: extras.timeout_ms,
         tx,
     };
     guard.disarm();
@@ -470,33 +495,15 @@ async fn chat(
     Ok(resp)
 }
 
-/// Waits for the task to end, up to its timeout and some.
-async fn wait_terminal(
-    sched: &SchedulerHandle,
-    id: &str,
-    timeout_ms: u64,
-) -> Result<TaskView, OaiError> {
-    let limit = Duration::from_millis(timeout_ms.saturating_add(30_000));
-    let start = tokio::time::Instant::now();
+/// Waits for the task to end. No deadline of its own: the scheduler ends
+/// a task that runs past its `timeout_ms` (counted from its start on a
+/// node, not from the submit: time in the queue is not the node's), and a
+/// client that gives up disconnects, which cancels the task.
+async fn wait_terminal(sched: &SchedulerHandle, id: &str) -> Result<TaskView, OaiError> {
     loop {
-        let left = limit.saturating_sub(start.elapsed());
-        let wait = left.min(Duration::from_secs(300));
-        match wait_for(sched, id, wait).await? {
+        match wait_for(sched, id, Duration::from_secs(300)).await? {
             Some(t) if t.state.is_terminal() => return Ok(t),
-            Some(_) if !left.is_zero() => continue,
-            Some(t) => {
-                return Err(OaiError {
-                    status: StatusCode::GATEWAY_TIMEOUT,
-                    message: format!(
-                        "task {id}: still {:?} after {} ms",
-                        t.state,
-                        limit.as_millis()
-                    ),
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                })
-            }
+            Some(_) => continue,
             None => {
                 return Err(OaiError {
                     status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -504,6 +511,7 @@ async fn wait_terminal(
                     kind: "server_error",
                     param: None,
                     code: None,
+                    no_retry: false,
                 })
             }
         }
@@ -517,8 +525,7 @@ struct SseStream {
     model: String,
     created: u64,
     include_usage: bool,
-    timeout_ms: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 }
 
 impl SseStream {
@@ -533,9 +540,24 @@ impl SseStream {
         Bytes::from(format!("data: {v}\n\n"))
     }
 
-    /// Sends an event; false when the client has gone.
+    /// Sends an event; false when the client has gone, or has not taken
+    /// anything for [`SLOW_CLIENT`] (then the connection is closed: a
+    /// client that never reads must not hold it and its task forever).
     async fn send(&self, b: Bytes) -> bool {
-        self.tx.send(b).await.is_ok()
+        match tokio::time::timeout(SLOW_CLIENT, self.tx.send(Ok(b))).await {
+            Ok(r) => r.is_ok(),
+            Err(_) => {
+                log::warn!(
+                    "task {}: the client took nothing for {} s; closing its stream",
+                    self.id,
+                    SLOW_CLIENT.as_secs()
+                );
+                let _ = self
+                    .tx
+                    .try_send(Err(std::io::Error::other("client too slow")));
+                false
+            }
+        }
     }
 
     async fn run(self, first: Option<StreamEvent>, rx: Option<mpsc::Receiver<StreamEvent>>) {
@@ -580,7 +602,12 @@ impl SseStream {
             };
             let Some(ev) = ev else { break };
             match ev {
-                StreamEvent::Restart => replay = Some(0),
+                StreamEvent::Restart => {
+                    // Each attempt is judged afresh; at the end only the
+                    // result counts (it may come from an earlier attempt).
+                    replay = Some(0);
+                    diverged = false;
+                }
                 StreamEvent::Text(t) if diverged => drop(t),
                 StreamEvent::Text(t) => {
                     let new = match replay {
@@ -612,9 +639,19 @@ impl SseStream {
             }
         }
         // The stream closed: the task ended (or this reader fell behind).
-        let t = match wait_terminal(&self.sched, &self.id, self.timeout_ms).await {
+        // The client may leave while the last part is awaited (a reader
+        // that fell behind waits here for the whole rest): that cancels.
+        let t = tokio::select! {
+            t = wait_terminal(&self.sched, &self.id) => t,
+            _ = self.tx.closed() => return false,
+        };
+        let t = match t {
             Ok(t) => t,
-            Err(e) => return self.send(error_event(&e)).await,
+            Err(e) => {
+                // The task may still run: the stream ends, so does the task.
+                self.send(error_event(&e)).await;
+                return false;
+            }
         };
         if t.state != TaskState::Succeeded {
             let e = task_error(&t);
@@ -624,7 +661,7 @@ impl SseStream {
             Ok(c) => c,
             Err(e) => return self.send(error_event(&e)).await,
         };
-        if diverged || !c.text.starts_with(&sent) {
+        if !c.text.starts_with(&sent) {
             let e = OaiError {
                 status: StatusCode::BAD_GATEWAY,
                 message: format!(
@@ -635,6 +672,7 @@ impl SseStream {
                 kind: "server_error",
                 param: None,
                 code: None,
+                no_retry: false,
             };
             return self.send(error_event(&e)).await;
         }
@@ -671,11 +709,12 @@ fn error_event(e: &OaiError) -> Bytes {
 
 /// A response body fed from a channel; dropped (the client went away) it
 /// closes the channel, which the writer notices.
-struct ChannelBody(mpsc::Receiver<Bytes>);
+/// An `Err` ends the response with an error, which closes the connection.
+struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -683,7 +722,7 @@ impl http_body::Body for ChannelBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         self.0
             .poll_recv(cx)
-            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+            .map(|b| b.map(|b| b.map(http_body::Frame::data)))
     }
 }
 
@@ -712,13 +751,21 @@ async fn embeddings(
     if let Some(obj) = body.as_object_mut() {
         obj.remove("encoding_format");
         obj.remove("user");
-        obj.remove("dimensions");
+        if obj.remove("dimensions").is_some_and(|d| !d.is_null()) {
+            return Err(OaiError::bad(
+                "`dimensions` is not supported: the vectors have the model's own size",
+                Some("dimensions"),
+            ));
+        }
     }
     let req: EmbedRequest = serde_json::from_value(body)
         .map_err(|e| OaiError::bad(format!("invalid embeddings request: {e}"), None))?;
-    if req.input.is_empty() || req.input.len() > 2048 {
+    if req.input.is_empty() || req.input.len() > MAX_EMBED_INPUTS {
         return Err(OaiError::bad(
-            format!("`input` holds {} texts, 1 to 2048 allowed", req.input.len()),
+            format!(
+                "`input` holds {} texts, 1 to {MAX_EMBED_INPUTS} allowed per request",
+                req.input.len()
+            ),
             Some("input"),
         ));
     }
@@ -726,7 +773,7 @@ async fn embeddings(
     let model = req.model.clone();
     let id = submit(&gw.sched, &model, json!({ "embed": req }), &extras).await?;
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
-    let t = wait_terminal(&gw.sched, &id, extras.timeout_ms).await?;
+    let t = wait_terminal(&gw.sched, &id).await?;
     guard.disarm();
     if t.state != TaskState::Succeeded {
         return Err(task_error(&t));
@@ -741,6 +788,7 @@ async fn embeddings(
         kind: "server_error",
         param: None,
         code: None,
+        no_retry: false,
     })?;
     let tokens = r.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
     let data: Vec<Value> = vectors

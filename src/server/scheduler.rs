@@ -700,6 +700,9 @@ impl Scheduler {
             }
             self.tasks.insert(t.row.id.clone(), t);
         }
+        // Streams of tasks that are not open any more.
+        let tasks = &self.tasks;
+        self.streams.retain(|id| tasks.contains_key(id));
         // Waiters whose task is not unfinished after all: answer from the store.
         let gone: Vec<String> = self
             .waiters

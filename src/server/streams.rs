@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 /// past it still reach live readers.
 pub const MAX_KEPT_BYTES: usize = 1 << 20;
 /// Chunks a live reader may fall behind before it is dropped (it then
-/// takes the rest from the result).
-pub const READER_BOUND: usize = 256;
+/// takes the rest from the result). A chunk carries at most 16 KiB (the
+/// agent's `CHUNK_MAX_BYTES`), so a reader holds at most 1 MiB.
+pub const READER_BOUND: usize = 64;
 
 /// What a live reader of a task's output receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,9 @@ struct TaskStream {
     attempt: u32,
     next_seq: u32,
     text: String,
+    /// Past [`MAX_KEPT_BYTES`]: `text` is kept no further (a hole in it
+    /// would make it a wrong prefix for late readers).
+    truncated: bool,
     readers: Vec<mpsc::Sender<StreamEvent>>,
 }
 
@@ -57,6 +61,7 @@ impl Streams {
             s.attempt = attempt;
             s.next_seq = 0;
             s.text.clear();
+            s.truncated = false;
         }
         if seq < s.next_seq {
             self.duplicates += 1;
@@ -64,16 +69,23 @@ impl Streams {
         }
         if seq > s.next_seq {
             self.gaps += 1;
-            log::warn!(
-                "task {id}: output chunk {seq} arrived while {} was expected; dropped (the result \
-                 holds the whole output)",
-                s.next_seq
-            );
+            // At powers of two: a device that keeps sending an old
+            // attempt's chunks must not flood the log.
+            if self.gaps.is_power_of_two() {
+                log::warn!(
+                    "task {id}: output chunk {seq} arrived while {} was expected; dropped (the \
+                     result holds the whole output; {} such chunk(s) so far)",
+                    s.next_seq,
+                    self.gaps
+                );
+            }
             return;
         }
         s.next_seq += 1;
-        if s.text.len() + text.len() <= MAX_KEPT_BYTES {
+        if !s.truncated && s.text.len() + text.len() <= MAX_KEPT_BYTES {
             s.text.push_str(&text);
+        } else {
+            s.truncated = true;
         }
         // A reader that fell behind is dropped: its channel closes and it
         // takes the rest from the result.
@@ -104,6 +116,12 @@ impl Streams {
     /// The task ended: its readers' channels close (they read the result).
     pub fn end(&mut self, id: &str) {
         self.by_task.remove(id);
+    }
+
+    /// Keeps only the streams of tasks `open` says are open (after the
+    /// scheduler replaced its tasks by the store's).
+    pub fn retain(&mut self, open: impl Fn(&str) -> bool) {
+        self.by_task.retain(|id, _| open(id));
     }
 
     /// Open streams (for tests and health).
