@@ -13,8 +13,10 @@
 //! - [`plugins`] (feature `agent`): the plugin interface and the built-ins.
 //! - [`agent`] (feature `agent`): the edge agent.
 //! - [`server`] (feature `server`): the central node: embedded broker, SQLite
-//!   store (with each task's dispatch history), scheduler, HTTP API, and the
-//!   data-dir lock that keeps a second server off the same store.
+//!   store (with each task's dispatch history), scheduler, HTTP API, the
+//!   OpenAI-compatible gateway (`server::openai`) over the streamed output
+//!   of running tasks (`server::streams`), and the data-dir lock that keeps
+//!   a second server off the same store.
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
 //!   embedded (feature `llm`) and OpenAI-compatible upstream pools (agent).
