@@ -2134,6 +2134,11 @@ fn a_parked_suspect_runs_once_alone_when_the_disk_is_back() {
     let t = server.wait(&s);
     assert_eq!(t.state, TaskState::Succeeded, "{:?}", t.error);
     agent.kill();
+    // The kill seen first: until the broker's last will arrives the
+    // server still has the dead agent online, and the check's echo task
+    // (one attempt) sent to it failed with "device went offline" (CI, and
+    // 4 runs in 40 pinned to one busy core).
+    server.wait_offline(ID);
     let mut agent = Agent::start_with(dir.path(), ID, &server.broker(), &cfg, &XFSZ_IGNORED);
     server.wait_online(ID);
     let v = ok(&server, &mut agent, "echo", json!({"s": 1}));
