@@ -102,6 +102,7 @@ fn run(req: &ChatRequest) -> (openclaw::llm::Completion, Vec<String>) {
 
 #[test]
 fn greedy_chat_is_deterministic_and_the_pieces_are_the_text() {
+    let _one = one_at_a_time();
     let req = request("Write a Python function that adds two numbers.", 32);
     let t = std::time::Instant::now();
     let (a, pieces) = run(&req);
@@ -124,6 +125,7 @@ fn greedy_chat_is_deterministic_and_the_pieces_are_the_text() {
 
 #[test]
 fn max_tokens_ends_with_length() {
+    let _one = one_at_a_time();
     let (c, pieces) = run(&request("Tell me a long story about a dragon.", 5));
     assert_eq!(c.finish_reason, FinishReason::Length);
     assert_eq!(c.completion_tokens, 5);
@@ -132,6 +134,7 @@ fn max_tokens_ends_with_length() {
 
 #[test]
 fn a_stop_string_cuts_the_text_and_is_never_streamed() {
+    let _one = one_at_a_time();
     let mut req = request("Count from 1 to 20, separated by commas.", 48);
     let (full, _) = run(&req);
     eprintln!("unstopped: {:?}", full.text);
@@ -147,6 +150,7 @@ fn a_stop_string_cuts_the_text_and_is_never_streamed() {
 
 #[test]
 fn a_json_schema_answer_parses_and_matches() {
+    let _one = one_at_a_time();
     let mut req = request(
         "Describe a person called Ann who is 31 years old, as JSON with fields name and age.",
         80,
@@ -176,6 +180,7 @@ fn a_json_schema_answer_parses_and_matches() {
 
 #[test]
 fn cancel_stops_within_a_token() {
+    let _one = one_at_a_time();
     let req = request("Write a long essay about the history of computing.", 200);
     let cancel = CancellationToken::new();
     let mut pieces = Vec::new();
@@ -208,6 +213,7 @@ fn cancel_stops_within_a_token() {
 
 #[test]
 fn three_requests_on_two_slots_all_complete_as_alone() {
+    let _one = one_at_a_time();
     let prompts = [
         "What is the capital of France?",
         "Write a haiku about rust.",
@@ -258,6 +264,7 @@ fn three_requests_on_two_slots_all_complete_as_alone() {
 
 #[test]
 fn a_prompt_too_long_is_a_context_overflow_with_both_numbers() {
+    let _one = one_at_a_time();
     let req = request(&"hello ".repeat(3000), 8);
     let e = engine()
         .chat(&req, &mut |_: &str| {}, &CancellationToken::new())
@@ -282,6 +289,7 @@ fn a_prompt_too_long_is_a_context_overflow_with_both_numbers() {
 
 #[test]
 fn unknown_model_and_bad_sampling_values_are_refused() {
+    let _one = one_at_a_time();
     let mut req = request("hi", 4);
     req.model = "nope".into();
     let e = engine()
@@ -323,6 +331,7 @@ fn unknown_model_and_bad_sampling_values_are_refused() {
 
 #[test]
 fn a_wrong_sha256_or_a_truncated_file_is_a_clear_error() {
+    let _one = one_at_a_time();
     require(QWEN);
     let repo = LlmRepo::open(models_dir()).unwrap();
     let real = repo.get(QWEN).unwrap().clone();
@@ -380,6 +389,7 @@ fn a_wrong_sha256_or_a_truncated_file_is_a_clear_error() {
 
 #[test]
 fn a_context_past_the_trained_one_is_a_config_error() {
+    let _one = one_at_a_time();
     let repo = LlmRepo::open(models_dir()).unwrap();
     let mut c = config(QWEN);
     c.context = 1 << 20;
@@ -394,6 +404,7 @@ fn a_context_past_the_trained_one_is_a_config_error() {
 
 #[test]
 fn embeddings_have_one_dimension_and_similar_texts_are_closer() {
+    let _one = one_at_a_time();
     let v = engine()
         .embed(&EmbedRequest {
             model: QWEN.into(),
@@ -417,6 +428,7 @@ fn embeddings_have_one_dimension_and_similar_texts_are_closer() {
 
 #[test]
 fn models_lists_the_configured_ones_with_their_context() {
+    let _one = one_at_a_time();
     let m = engine().models();
     assert_eq!(m.len(), 1);
     assert_eq!(
@@ -427,6 +439,7 @@ fn models_lists_the_configured_ones_with_their_context() {
 
 #[test]
 fn gemma_without_a_gguf_template_chats_with_the_manifest_one() {
+    let _one = one_at_a_time();
     require(GEMMA);
     let repo = LlmRepo::open(models_dir()).unwrap();
     let mut c = config(GEMMA);
@@ -450,6 +463,7 @@ fn gemma_without_a_gguf_template_chats_with_the_manifest_one() {
 
 #[test]
 fn past_the_cache_bound_the_least_recently_used_model_is_unloaded() {
+    let _one = one_at_a_time();
     require(QWEN);
     require(GEMMA);
     let repo = LlmRepo::open(models_dir()).unwrap();
@@ -479,4 +493,12 @@ fn past_the_cache_bound_the_least_recently_used_model_is_unloaded() {
     };
     assert_eq!(c.completion_tokens, 2);
     assert_eq!(e.loaded(), vec![QWEN.to_string()]);
+}
+
+/// One test of this file at a time: each runs llama.cpp (1 thread), and
+/// llama.cpp's threads spin-wait, so two at once on 2 cores fall from ~30
+/// to ~1 token/s. `cargo test` runs this file's tests 2 at a time.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
 }

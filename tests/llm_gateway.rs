@@ -71,6 +71,7 @@ fn python() -> String {
 
 #[test]
 fn the_official_openai_client_lists_chats_streams_and_gets_errors() {
+    let _one = one_at_a_time();
     let r = rig();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llm/openai_client.py");
     let out = Command::new(python())
@@ -118,6 +119,7 @@ fn post(base: &str, path: &str, body: &str) -> BufReader<std::net::TcpStream> {
 
 #[test]
 fn a_client_that_goes_away_mid_stream_cancels_its_task() {
+    let _one = one_at_a_time();
     let r = rig();
     let base = r.server.client.base();
     let body = serde_json::json!({
@@ -167,6 +169,7 @@ fn a_client_that_goes_away_mid_stream_cancels_its_task() {
 
 #[test]
 fn a_chat_without_stream_is_one_json_answer_and_its_task_is_stored() {
+    let _one = one_at_a_time();
     let r = rig();
     let base = r.server.client.base();
     let body = serde_json::json!({
@@ -206,6 +209,7 @@ fn a_chat_without_stream_is_one_json_answer_and_its_task_is_stored() {
 
 #[test]
 fn openclaw_admin_chat_streams_an_answer_and_models_list_shows_the_node() {
+    let _one = one_at_a_time();
     let r = rig();
     let admin = env!("CARGO_BIN_EXE_openclaw-admin");
     let base = r.server.client.base().to_string();
@@ -336,6 +340,7 @@ fn skip_headers(rd: &mut BufReader<std::net::TcpStream>) -> Option<String> {
 /// ends with exactly the answer a request without a stream gets.
 #[test]
 fn a_stream_whose_node_is_killed_goes_on_from_the_other_node() {
+    let _one = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("srv"), &[]);
     let cfg = node_config();
@@ -396,6 +401,7 @@ fn a_stream_whose_node_is_killed_goes_on_from_the_other_node() {
 /// server and the node stay up.
 #[test]
 fn a_model_served_by_an_upstream_pool_fails_over_and_then_says_none_is_left() {
+    let _one = one_at_a_time();
     if llama_server::peer_skipped(
         "a_model_served_by_an_upstream_pool_fails_over_and_then_says_none_is_left",
     ) {
@@ -441,4 +447,12 @@ fn a_model_served_by_an_upstream_pool_fails_over_and_then_says_none_is_left() {
     );
     assert!(node.alive());
     assert!(server.client.devices().is_ok());
+}
+
+/// One test of this file at a time: each runs llama.cpp (1 thread), and
+/// llama.cpp's threads spin-wait, so two at once on 2 cores fall from ~30
+/// to ~1 token/s. `cargo test` runs this file's tests 2 at a time.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
 }

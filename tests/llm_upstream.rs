@@ -204,6 +204,7 @@ fn established_to(port: u16) -> usize {
 
 #[test]
 fn streams_from_the_real_server_first_in_a_pool_of_two() {
+    let _one = one_at_a_time();
     if peer_skipped("streams_from_the_real_server_first_in_a_pool_of_two") {
         return;
     }
@@ -238,6 +239,7 @@ fn streams_from_the_real_server_first_in_a_pool_of_two() {
 
 #[test]
 fn embeddings_the_real_server_cannot_make_come_back_with_its_message() {
+    let _one = one_at_a_time();
     if peer_skipped("embeddings_the_real_server_cannot_make_come_back_with_its_message") {
         return;
     }
@@ -266,6 +268,7 @@ fn embeddings_the_real_server_cannot_make_come_back_with_its_message() {
 
 #[test]
 fn fails_over_from_a_dead_port_and_a_killed_server_then_names_each() {
+    let _one = one_at_a_time();
     if peer_skipped("fails_over_from_a_dead_port_and_a_killed_server_then_names_each") {
         return;
     }
@@ -315,6 +318,7 @@ fn fails_over_from_a_dead_port_and_a_killed_server_then_names_each() {
 
 #[test]
 fn health_check_marks_a_killed_server_dead_and_brings_it_back_restarted() {
+    let _one = one_at_a_time();
     if peer_skipped("health_check_marks_a_killed_server_dead_and_brings_it_back_restarted") {
         return;
     }
@@ -427,6 +431,7 @@ fn position(events: &[String], prefix: &str) -> usize {
 
 #[test]
 fn max_concurrent_one_makes_the_second_request_wait_for_the_first() {
+    let _one = one_at_a_time();
     if peer_skipped("max_concurrent_one_makes_the_second_request_wait_for_the_first") {
         return;
     }
@@ -455,6 +460,7 @@ fn max_concurrent_one_makes_the_second_request_wait_for_the_first() {
 
 #[test]
 fn max_concurrent_one_sends_the_second_request_to_the_other_upstream() {
+    let _one = one_at_a_time();
     if peer_skipped("max_concurrent_one_sends_the_second_request_to_the_other_upstream") {
         return;
     }
@@ -487,6 +493,7 @@ fn max_concurrent_one_sends_the_second_request_to_the_other_upstream() {
 
 #[test]
 fn a_full_pool_answers_busy_after_the_queue_timeout() {
+    let _one = one_at_a_time();
     if peer_skipped("a_full_pool_answers_busy_after_the_queue_timeout") {
         return;
     }
@@ -506,6 +513,7 @@ fn a_full_pool_answers_busy_after_the_queue_timeout() {
 
 #[test]
 fn cancel_mid_stream_returns_a_prefix_and_closes_the_connection() {
+    let _one = one_at_a_time();
     if peer_skipped("cancel_mid_stream_returns_a_prefix_and_closes_the_connection") {
         return;
     }
@@ -548,6 +556,7 @@ fn cancel_mid_stream_returns_a_prefix_and_closes_the_connection() {
 
 #[test]
 fn upstreams_broken_before_any_piece_fail_over_to_the_real_server() {
+    let _one = one_at_a_time();
     if peer_skipped("upstreams_broken_before_any_piece_fail_over_to_the_real_server") {
         return;
     }
@@ -609,6 +618,7 @@ fn upstreams_broken_before_any_piece_fail_over_to_the_real_server() {
 
 #[test]
 fn the_real_servers_4xx_are_returned_not_failed_over() {
+    let _one = one_at_a_time();
     if peer_skipped("the_real_servers_4xx_are_returned_not_failed_over") {
         return;
     }
@@ -658,6 +668,7 @@ fn never_tried() -> (String, Arc<AtomicUsize>) {
 
 #[test]
 fn a_stream_broken_after_pieces_is_an_error_not_a_failover() {
+    let _one = one_at_a_time();
     let closes = hostile(|mut s, _| {
         let _ = sse_head(&mut s)
             .and_then(|_| sse_piece(&mut s, "Hel"))
@@ -699,6 +710,7 @@ fn a_stream_broken_after_pieces_is_an_error_not_a_failover() {
 
 #[test]
 fn cancel_drops_the_connection_of_an_endless_stream() {
+    let _one = one_at_a_time();
     let (closed_tx, closed_rx) = mpsc::channel::<String>();
     let closed_tx = Mutex::new(closed_tx);
     let (url, _, _) = hostile(move |mut s, _| {
@@ -739,6 +751,7 @@ fn cancel_drops_the_connection_of_an_endless_stream() {
 
 #[test]
 fn huge_lines_and_endless_text_are_capped() {
+    let _one = one_at_a_time();
     let (huge, _, _) = hostile(|mut s, _| {
         let chunk = vec![b'x'; 16 << 10];
         let _: std::io::Result<()> = sse_head(&mut s)
@@ -780,6 +793,7 @@ fn huge_lines_and_endless_text_are_capped() {
 
 #[test]
 fn a_401_names_the_upstream_and_is_not_failed_over() {
+    let _one = one_at_a_time();
     let (url, _, seen) = hostile(|mut s, _| {
         answer_status(
             &mut s,
@@ -835,6 +849,7 @@ fn a_401_names_the_upstream_and_is_not_failed_over() {
 
 #[test]
 fn a_failed_upstream_is_skipped_until_its_cooldown_ends_then_it_doubles() {
+    let _one = one_at_a_time();
     let (h500, hits, _) = hostile(|mut s, _| {
         answer_status(
             &mut s,
@@ -874,6 +889,7 @@ fn a_failed_upstream_is_skipped_until_its_cooldown_ends_then_it_doubles() {
 
 #[test]
 fn an_upstream_that_ignores_stream_true_gives_one_piece() {
+    let _one = one_at_a_time();
     // Answers a plain JSON completion to a streamed request.
     let (url, _, _) = hostile(|mut s, _| {
         answer_status(
@@ -893,6 +909,7 @@ fn an_upstream_that_ignores_stream_true_gives_one_piece() {
 
 #[test]
 fn a_stream_closed_after_its_finish_reason_is_complete_with_its_usage() {
+    let _one = one_at_a_time();
     // No [DONE]: the finish_reason and the usage chunk came, then EOF.
     let (url, _, _) = hostile(|mut s, _| {
         let _ = sse_head(&mut s)
@@ -916,6 +933,7 @@ fn a_stream_closed_after_its_finish_reason_is_complete_with_its_usage() {
 
 #[test]
 fn a_stream_that_stalls_between_chunks_ends_at_read_timeout_ms() {
+    let _one = one_at_a_time();
     // One piece, then silence with the connection open.
     let (url, _, _) = hostile(|mut s, _| {
         let _ = sse_head(&mut s).and_then(|_| sse_piece(&mut s, "a"));
@@ -935,4 +953,12 @@ fn a_stream_that_stalls_between_chunks_ends_at_read_timeout_ms() {
         "{s}"
     );
     assert_eq!(tried.load(Ordering::SeqCst), 0, "not failed over");
+}
+
+/// One test of this file at a time: each runs llama.cpp (1 thread), and
+/// llama.cpp's threads spin-wait, so two at once on 2 cores fall from ~30
+/// to ~1 token/s. `cargo test` runs this file's tests 2 at a time.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
 }
