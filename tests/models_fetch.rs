@@ -155,7 +155,20 @@ fn admin(models: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .args(args)
         .env_remove("OPENCLAW_PYPI_URL")
         .env_remove("PIP_INDEX_URL")
-        .env_remove("SSL_CERT_DIR");
+        .env_remove("SSL_CERT_DIR")
+        // An empty download cache of its own for every run: the user's
+        // (~/.cache/openclaw/models) would answer from files an earlier run
+        // left there (and get this test's fake models), and a shared one
+        // from this test's earlier steps, so the index would never be
+        // asked. The cache has its own unit test (admin::models).
+        .env("OPENCLAW_MODELS_CACHE", {
+            static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            models
+                .parent()
+                .unwrap_or(models)
+                .join(format!("download-cache-{n}"))
+        });
     for (k, v) in env {
         c.env(k, v);
     }
