@@ -178,6 +178,40 @@ fn a_json_schema_answer_parses_and_matches() {
     assert!(v.is_object(), "{v}");
 }
 
+/// Review findings (high): a temperature just above 0 with a grammar made
+/// llama.cpp's sampler pick a token the grammar refused, and the grammar
+/// abort the process; a small schema nesting lists of types made
+/// exponentially many rules. Now: greedy below 0.001, and a schema past
+/// 256 parts is refused by name.
+#[test]
+fn a_tiny_temperature_with_a_grammar_and_an_exploding_schema_do_not_take_the_process_down() {
+    let _one = one_at_a_time();
+    let mut req = request("Describe Ann, 31, as JSON.", 24);
+    req.response_format = Some(ResponseFormat::JsonObject);
+    req.temperature = Some(1e-38);
+    let (c, _) = run(&req);
+    assert!(c.text.starts_with('{'), "{:?}", c.text);
+    let mut schema = serde_json::json!({"type": "string"});
+    for _ in 0..12 {
+        // Every level doubles the parts: 4096 leaves, far past the bound.
+        schema = serde_json::json!({"type": ["array", "object"], "items": schema.clone(),
+                                    "properties": {"a": schema}});
+    }
+    req.temperature = Some(0.0);
+    req.response_format = Some(ResponseFormat::JsonSchema {
+        json_schema: JsonSchemaSpec {
+            name: None,
+            schema,
+            strict: None,
+        },
+    });
+    let e = engine()
+        .chat(&req, &mut |_| {}, &CancellationToken::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 256 parts"), "{e}");
+}
+
 #[test]
 fn cancel_stops_within_a_token() {
     let _one = one_at_a_time();

@@ -329,8 +329,13 @@ impl Embedded {
                     format!("{} is not in 1..={MAX_SLOTS}", c.slots),
                 );
             }
-            if c.batch == 0 {
-                return bad(format!("models[{i}].batch"), "must be at least 1".into());
+            // One decode step holds a token of every generating slot, and
+            // llama.cpp aborts the process on a batch over `n_batch`.
+            if c.batch < c.slots {
+                return bad(
+                    format!("models[{i}].batch"),
+                    format!("{} is less than slots ({})", c.batch, c.slots),
+                );
             }
             if c.threads == Some(0) {
                 return bad(format!("models[{i}].threads"), "must be at least 1".into());
@@ -938,6 +943,13 @@ fn grammar_for(format: &ResponseFormat) -> Result<Option<String>, LlmError> {
     }
 }
 
+/// Temperatures below this decode greedily.
+pub const MIN_TEMPERATURE: f32 = 1e-3;
+/// Most parts (sub-schemas) of a `json_schema` turned into a grammar: a
+/// small schema that nests lists of types would otherwise make
+/// exponentially many rules.
+pub const MAX_SCHEMA_PARTS: usize = 256;
+
 /// JSON in GBNF (llama.cpp's `json.gbnf`), with bounded whitespace so a
 /// small model cannot loop on blanks.
 const JSON_RULES: &str = r#"value ::= object | array | string | number | ("true" | "false" | "null")
@@ -960,6 +972,8 @@ ws ::= [ \t\n]? [ \t\n]?
 #[derive(Default)]
 struct Gbnf {
     rules: Vec<(String, String)>,
+    /// `rule_for` calls so far, bounded by [`MAX_SCHEMA_PARTS`].
+    parts: usize,
 }
 
 impl Gbnf {
@@ -996,6 +1010,12 @@ impl Gbnf {
 
     fn rule_for(&mut self, schema: &serde_json::Value, hint: &str) -> Result<String, String> {
         use serde_json::Value;
+        self.parts += 1;
+        if self.parts > MAX_SCHEMA_PARTS {
+            return Err(format!(
+                "the schema has more than {MAX_SCHEMA_PARTS} parts (sub-schemas and types)"
+            ));
+        }
         let obj = match schema {
             Value::Bool(true) => return Ok("value".into()),
             Value::Object(o) => o,
@@ -1051,7 +1071,20 @@ impl Gbnf {
                 }
             }
             Some(Value::String(t)) => vec![t.as_str()],
-            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            Some(Value::Array(ts)) => {
+                let mut v: Vec<&str> = Vec::new();
+                for t in ts {
+                    match t.as_str() {
+                        Some(t) if !v.contains(&t) => v.push(t),
+                        Some(_) => {}
+                        None => return Err(format!("`{hint}`: `type` {t} is not a type")),
+                    }
+                }
+                if v.is_empty() {
+                    return Err(format!("`{hint}`: `type` is an empty list"));
+                }
+                v
+            }
             Some(other) => return Err(format!("`{hint}`: `type` {other} is not a type")),
         };
         let mut alts = Vec::new();
@@ -1287,7 +1320,11 @@ fn build_sampler(model: &LlamaModel, req: &ChatRequest) -> Result<LlamaSampler, 
         chain.push(s);
     }
     let temperature = req.temperature.unwrap_or(1.0);
-    if temperature == 0.0 {
+    // Below this the logits divided by the temperature overflow to
+    // infinity: the softmax is NaN and llama.cpp's `dist` picks a token
+    // the grammar refused, and the grammar aborts the process (found by
+    // review). That close to 0 is greedy anyway.
+    if temperature < MIN_TEMPERATURE {
         chain.push(LlamaSampler::greedy());
     } else {
         if let Some(k) = req.top_k.filter(|k| *k > 0) {

@@ -36,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_MESSAGES: usize = 1024;
 /// Most stop strings (OpenAI allows 4).
 pub const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 64;
 /// Largest `max_tokens` accepted (a node's context bounds it further).
 pub const MAX_TOKENS_LIMIT: u32 = 1 << 20;
 
@@ -222,6 +224,28 @@ impl ChatRequest {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "a stop string is empty".into());
+        }
+        // Each token is checked against every suffix of every stop string.
+        if let Some((i, s)) = self
+            .stop
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+        {
+            return bad(
+                &format!("stop[{i}]"),
+                format!("{} bytes, at most {MAX_STOP_BYTES}", s.len()),
+            );
+        }
+        // llama.cpp takes this seed for "random".
+        if self.seed == Some(u32::MAX) {
+            return bad(
+                "seed",
+                format!(
+                    "{} means a random seed to llama.cpp; leave `seed` out for that",
+                    u32::MAX
+                ),
+            );
         }
         Ok(())
     }
