@@ -36,6 +36,7 @@ cat > "$work/server.toml" <<EOF
 [http]
 host = "127.0.0.1"
 port = $http
+auth = "off"
 [mqtt]
 host = "127.0.0.1"
 port = $mqtt

@@ -110,8 +110,14 @@ trap 'exit 143' TERM
 
 # --- 4. Central node --------------------------------------------------------
 say "starting openclaw-server (HTTP and MQTT on free ports, data in $tmp/server)"
-# Loopback only: the demo has no authentication.
+# Loopback only: the demo's broker has no device credentials yet. The HTTP
+# API needs a token (http.auth = "required" by default): the first one is
+# made offline, straight into the server's data dir.
 printf '[mqtt]\nhost = "127.0.0.1"\n' >"$tmp/server.toml"
+say "openclaw-admin token create --role operator --data-dir $tmp/server"
+OPENCLAW_TOKEN="$("$admin_bin" token create --role operator --name demo --data-dir "$tmp/server")" ||
+    die "could not create an API token"
+export OPENCLAW_TOKEN
 "$server_bin" --host 127.0.0.1 --port 0 --mqtt-port 0 --config "$tmp/server.toml" \
     --data-dir "$tmp/server" >"$tmp/server.out" 2>"$tmp/server.log" &
 server_pid=$!

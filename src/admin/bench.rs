@@ -179,7 +179,16 @@ fn start_server(
         source,
     })?;
     let mut child = Command::new(bin)
-        .args(["--host", "127.0.0.1", "--port", "0", "--mqtt-port", "0"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--mqtt-port",
+            "0",
+            "--auth",
+            "off",
+        ])
         .arg("--config")
         .arg(&config)
         .arg("--data-dir")

@@ -49,7 +49,7 @@ impl Client {
     /// `GET /v1/models`.
     pub fn llm_models(&self) -> Result<Vec<ServedModel>, AdminError> {
         let url = format!("{}/v1/models", self.base);
-        let v: Value = self.answer(&url, self.agent.get(&url).call())?;
+        let v: Value = self.answer(&url, self.get(&url).call())?;
         let bad = |m: &str| AdminError::BadAnswer {
             url: url.clone(),
             message: m.to_string(),
@@ -93,14 +93,13 @@ impl Client {
             body["temperature"] = json!(t);
         }
         let start = Instant::now();
-        let mut resp =
-            self.agent
-                .post(&url)
-                .send_json(&body)
-                .map_err(|e| AdminError::Unreachable {
-                    url: url.clone(),
-                    message: e.to_string(),
-                })?;
+        let mut resp = self
+            .post(&url)
+            .send_json(&body)
+            .map_err(|e| AdminError::Unreachable {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
         let status = resp.status().as_u16();
         let task = resp
             .headers()

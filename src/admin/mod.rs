@@ -37,6 +37,8 @@ pub enum AdminError {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// Sent as `Authorization: Bearer` on every request.
+    token: Option<String>,
 }
 
 impl Client {
@@ -54,10 +56,40 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             agent,
+            token: None,
         }
     }
 
-    fn answer<T: DeserializeOwned>(
+    /// The same client, sending `token` (`oc_<id>_<secret>`) with every
+    /// request.
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    fn authed<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => r.header("Authorization", format!("Bearer {t}")),
+            None => r,
+        }
+    }
+
+    /// A GET with the token.
+    pub(crate) fn get(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.authed(self.agent.get(url))
+    }
+
+    /// A POST with the token.
+    pub(crate) fn post(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        self.authed(self.agent.post(url))
+    }
+
+    /// A DELETE with the token.
+    pub(crate) fn delete(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.authed(self.agent.delete(url))
+    }
+
+    pub(crate) fn answer<T: DeserializeOwned>(
         &self,
         url: &str,
         r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
@@ -94,7 +126,7 @@ impl Client {
     /// `POST /v1/tasks`.
     pub fn submit(&self, req: &SubmitRequest) -> Result<SubmitResponse, AdminError> {
         let url = format!("{}/v1/tasks", self.base);
-        self.answer(&url, self.agent.post(&url).send_json(req))
+        self.answer(&url, self.post(&url).send_json(req))
     }
 
     /// `POST /v1/tasks?wait_ms=`: submits and waits up to `wait` for a
@@ -102,7 +134,7 @@ impl Client {
     /// terminal if the wait ran out).
     pub fn submit_wait(&self, req: &SubmitRequest, wait: Duration) -> Result<TaskView, AdminError> {
         let url = format!("{}/v1/tasks?wait_ms={}", self.base, wait.as_millis());
-        self.answer(&url, self.agent.post(&url).send_json(req))
+        self.answer(&url, self.post(&url).send_json(req))
     }
 
     /// `GET /v1/tasks/{id}`, long-polling up to `wait` for a terminal state.
@@ -111,7 +143,7 @@ impl Client {
             Some(w) => format!("{}/v1/tasks/{id}?wait_ms={}", self.base, w.as_millis()),
             None => format!("{}/v1/tasks/{id}", self.base),
         };
-        self.answer(&url, self.agent.get(&url).call())
+        self.answer(&url, self.get(&url).call())
     }
 
     /// Waits until the task is terminal (or `limit` passes).
@@ -129,7 +161,7 @@ impl Client {
     /// `GET /v1/devices`.
     pub fn devices(&self) -> Result<Vec<DeviceView>, AdminError> {
         let url = format!("{}/v1/devices", self.base);
-        self.answer(&url, self.agent.get(&url).call())
+        self.answer(&url, self.get(&url).call())
     }
 
     /// `GET /v1/tasks`.
@@ -138,19 +170,49 @@ impl Client {
         if let Some(s) = state {
             url.push_str(&format!("&state={s}"));
         }
-        self.answer(&url, self.agent.get(&url).call())
+        self.answer(&url, self.get(&url).call())
     }
 
     /// `DELETE /v1/tasks/{id}`.
     pub fn cancel(&self, id: &str) -> Result<TaskView, AdminError> {
         let url = format!("{}/v1/tasks/{id}", self.base);
-        self.answer(&url, self.agent.delete(&url).call())
+        self.answer(&url, self.delete(&url).call())
+    }
+
+    /// `POST /v1/tokens`.
+    pub fn token_create(
+        &self,
+        role: &str,
+        expires: Option<&str>,
+        name: &str,
+    ) -> Result<serde_json::Value, AdminError> {
+        let url = format!("{}/v1/tokens", self.base);
+        let body = serde_json::json!({"role": role, "expires": expires, "name": name});
+        self.answer(&url, self.post(&url).send_json(&body))
+    }
+
+    /// `GET /v1/tokens`.
+    pub fn token_list(&self) -> Result<Vec<serde_json::Value>, AdminError> {
+        let url = format!("{}/v1/tokens", self.base);
+        self.answer(&url, self.get(&url).call())
+    }
+
+    /// `DELETE /v1/tokens/{id}`.
+    pub fn token_revoke(&self, id: &str) -> Result<serde_json::Value, AdminError> {
+        let url = format!("{}/v1/tokens/{id}", self.base);
+        self.answer(&url, self.delete(&url).call())
+    }
+
+    /// `GET /v1/audit`.
+    pub fn audit(&self, limit: u32) -> Result<Vec<serde_json::Value>, AdminError> {
+        let url = format!("{}/v1/audit?limit={limit}", self.base);
+        self.answer(&url, self.get(&url).call())
     }
 
     /// `GET /healthz`.
     pub fn health(&self) -> Result<serde_json::Value, AdminError> {
         let url = format!("{}/healthz", self.base);
-        self.answer(&url, self.agent.get(&url).call())
+        self.answer(&url, self.get(&url).call())
     }
 }
 

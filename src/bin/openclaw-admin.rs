@@ -17,6 +17,10 @@ struct Args {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// API token (`oc_<id>_<secret>`) sent as `Authorization: Bearer`;
+    /// default $OPENCLAW_TOKEN.
+    #[arg(long, global = true)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -121,6 +125,14 @@ enum Cmd {
     /// Model files (models/*.toml), and where the language models are served.
     #[command(subcommand)]
     Models(Models),
+    /// API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(Token),
+    /// Who submitted, cancelled or changed what (newest first; admin).
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Chat with a language model through the server's OpenAI-compatible
     /// gateway; the answer is printed as it is decoded.
     Chat {
@@ -137,6 +149,37 @@ enum Cmd {
         /// 0 (greedy) to 2.
         #[arg(long)]
         temperature: Option<f32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Token {
+    /// Make a token and print it (the only time its secret is shown).
+    Create {
+        /// viewer (reads), operator (submit, cancel, chat), admin (tokens).
+        #[arg(long)]
+        role: String,
+        /// Expiry from now: 30d, 12h, 90m, 45s. Default: never.
+        #[arg(long)]
+        expires: Option<String>,
+        /// A name to tell it by in lists.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Write to this server data dir directly (no server needed: how
+        /// the first admin token is made) instead of through the API.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Revoke a token by its id.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -341,6 +384,104 @@ fn models_fetch(
     Ok(())
 }
 
+/// `token create|list|revoke`, offline on a data dir or through the API.
+fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
+    use openclaw::server::auth::{tokens, TokenStore};
+    let offline = |dir: &PathBuf| -> anyhow::Result<TokenStore> {
+        TokenStore::open(dir).with_context(|| format!("token store in {}", dir.display()))
+    };
+    let print_list = |l: Vec<serde_json::Value>| {
+        if json {
+            println!("{}", serde_json::Value::Array(l));
+            return;
+        }
+        println!(
+            "{:<18} {:<9} {:<10} {:<16} NAME",
+            "ID", "ROLE", "STATE", "EXPIRES_MS"
+        );
+        let now = tokens::now_ms();
+        for v in l {
+            let state = if !v["revoked_ms"].is_null() {
+                "revoked"
+            } else if v["expires_ms"].as_i64().is_some_and(|e| e <= now) {
+                "expired"
+            } else {
+                "active"
+            };
+            println!(
+                "{:<18} {:<9} {:<10} {:<16} {}",
+                v["id"].as_str().unwrap_or(""),
+                v["role"].as_str().unwrap_or(""),
+                state,
+                v["expires_ms"]
+                    .as_i64()
+                    .map(|e| e.to_string())
+                    .unwrap_or("never".into()),
+                v["name"].as_str().unwrap_or("")
+            );
+        }
+    };
+    match t {
+        Token::Create {
+            role,
+            expires,
+            name,
+            data_dir,
+        } => {
+            let v = match data_dir {
+                Some(d) => {
+                    let role = role.parse().context("--role")?;
+                    let ms = expires
+                        .as_deref()
+                        .map(tokens::parse_duration)
+                        .transpose()
+                        .context("--expires")?;
+                    serde_json::to_value(offline(&d)?.create(role, &name, ms)?)?
+                }
+                None => client
+                    .token_create(&role, expires.as_deref(), &name)
+                    .context("cannot create the token")?,
+            };
+            if json {
+                println!("{v}");
+            } else {
+                // The token alone on stdout, for `TOKEN=$(... token create ...)`.
+                println!("{}", v["token"].as_str().unwrap_or(""));
+                eprintln!(
+                    "token {} (role {}) made; its secret is not shown again",
+                    v["id"].as_str().unwrap_or(""),
+                    v["role"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Token::List { data_dir } => {
+            let l = match data_dir {
+                Some(d) => offline(&d)?
+                    .list()?
+                    .into_iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => client.token_list().context("cannot list tokens")?,
+            };
+            print_list(l);
+        }
+        Token::Revoke { id, data_dir } => {
+            let v = match data_dir {
+                Some(d) => serde_json::to_value(offline(&d)?.revoke(&id)?)?,
+                None => client
+                    .token_revoke(&id)
+                    .context("cannot revoke the token")?,
+            };
+            if json {
+                println!("{v}");
+            } else {
+                println!("token {id} revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Cmd::Models(Models::Fetch {
@@ -352,8 +493,34 @@ fn real_main() -> anyhow::Result<()> {
     {
         return models_fetch(names, models_dir, index_url, timeout_secs, args.json);
     }
-    let client = Client::new(&args.server);
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("OPENCLAW_TOKEN").ok());
+    let client = Client::new(&args.server).with_token(token);
     match args.cmd {
+        Cmd::Token(t) => token_cmd(&client, t, args.json)?,
+        Cmd::Audit { limit } => {
+            let rows = client.audit(limit).context("cannot read the audit log")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:>8} {:<24} {:<18} {:<14} TARGET",
+                    "SEQ", "AT", "TOKEN", "ACTION"
+                );
+                for r in rows {
+                    println!(
+                        "{:>8} {:<24} {:<18} {:<14} {}",
+                        r["seq"],
+                        r["at_ms"],
+                        r["token"].as_str().unwrap_or("-"),
+                        r["action"].as_str().unwrap_or(""),
+                        r["target"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         Cmd::Build {
             board,
             release,

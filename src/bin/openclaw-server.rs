@@ -28,6 +28,9 @@ struct Args {
     /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
     #[arg(long)]
     broker: Option<String>,
+    /// `required` (API tokens) or `off` (`http.auth`).
+    #[arg(long, value_parser = ["required", "off"])]
+    auth: Option<String>,
     /// Where the task store lives.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -63,6 +66,9 @@ fn real_main() -> anyhow::Result<()> {
     if let Some(b) = args.broker {
         o.push(("mqtt.embedded", false.into()));
         o.push(("mqtt.broker", b.into()));
+    }
+    if let Some(a) = args.auth {
+        o.push(("http.auth", a.into()));
     }
     if let Some(d) = args.data_dir {
         o.push(("storage.data_dir", d.display().to_string().into()));

@@ -37,6 +37,34 @@ pub struct HttpSection {
     pub max_header_bytes: usize,
     /// The largest page of `GET /v1/tasks`.
     pub max_list_bytes: usize,
+    /// Whether routes need `Authorization: Bearer <token>` (see
+    /// [`crate::server::auth`]).
+    pub auth: AuthMode,
+    /// With `auth = "off"`, allow a host other than loopback.
+    pub allow_unauthenticated: bool,
+    /// Requests per second per token; 0: no limit.
+    pub rate_limit_per_s: f64,
+    /// Requests a token may make at once above its rate.
+    pub rate_limit_burst: u32,
+}
+
+/// `http.auth`
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every route but `/healthz` needs a token.
+    Required,
+    /// Anyone who reaches the port may do anything.
+    Off,
+}
+
+/// Whether `host` (an `http.host`) is reachable only from this machine.
+pub fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 /// `[mqtt]`
@@ -122,6 +150,25 @@ impl ServerConfig {
             );
         }
         self.check_ranges(file)?;
+        if self.http.auth == AuthMode::Off
+            && !is_loopback(&self.http.host)
+            && !self.http.allow_unauthenticated
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "http.auth",
+                format!(
+                    "is \"off\" while http.host {:?} is reachable from other machines: anyone \
+                     there could submit and cancel tasks. Use auth = \"required\" with tokens \
+                     (openclaw-admin token create), bind to 127.0.0.1, or set \
+                     http.allow_unauthenticated = true",
+                    self.http.host
+                ),
+            ));
+        }
+        if !(self.http.rate_limit_per_s >= 0.0 && self.http.rate_limit_per_s.is_finite()) {
+            return bad("http.rate_limit_per_s", "must be a number of at least 0");
+        }
         if self.mqtt.client_id.is_empty() {
             return bad("mqtt.client_id", "must not be empty");
         }

@@ -7,6 +7,7 @@
 //! connections), limits the time a body may take (`http.body_timeout_ms`)
 //! and a request may take beyond its own `wait_ms` (`http.request_timeout_ms`).
 
+use super::auth::{Auth, Caller};
 use super::config::HttpSection;
 use super::scheduler::{ApiError, Command, SchedulerHandle};
 use super::store::{ListFilter, ListedTask, ReadStore};
@@ -17,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use hyper::body::{Frame, Incoming, SizeHint};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -72,18 +73,26 @@ impl IntoResponse for ApiError {
 /// Shared state of the API's handlers.
 struct Api {
     sched: SchedulerHandle,
+    auth: Arc<Auth>,
     max_body: usize,
     lists: Arc<Lists>,
 }
 
 type AppState = State<Arc<Api>>;
 
-/// The API router. `data_dir` holds the task store lists read from.
-pub fn router(handle: SchedulerHandle, http: &HttpSection, data_dir: PathBuf) -> Router {
+/// The API router. `data_dir` holds the task store lists read from; every
+/// route is behind `auth`'s check.
+pub fn router(
+    handle: SchedulerHandle,
+    http: &HttpSection,
+    data_dir: PathBuf,
+    auth: Arc<Auth>,
+) -> Router {
     let max_body = http.max_body_bytes;
-    let gateway = super::openai::router(handle.clone());
+    let gateway = super::openai::router(handle.clone(), auth.clone());
     let api = Api {
         sched: handle,
+        auth: auth.clone(),
         max_body,
         lists: Arc::new(Lists {
             dir: data_dir,
@@ -109,6 +118,11 @@ pub fn router(handle: SchedulerHandle, http: &HttpSection, data_dir: PathBuf) ->
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(Arc::new(api))
         .merge(gateway.layer(DefaultBodyLimit::max(max_body)))
+        .merge(super::auth::router(auth.clone()).layer(DefaultBodyLimit::max(64 << 10)))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            super::auth::check,
+        ))
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, with the
@@ -297,6 +311,7 @@ struct SubmitQuery {
 
 async fn submit(
     State(api): AppState,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<SubmitQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -324,6 +339,7 @@ async fn submit(
         ));
     }
     let resp = h.ask(|resp| Command::Submit { req, resp }).await??;
+    api.auth.audit(&caller, "task.submit", &resp.id).await;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     if wait.is_zero() {
         return Ok((StatusCode::ACCEPTED, Json(resp)).into_response());
@@ -639,8 +655,13 @@ fn find_source<'e, E: std::error::Error + 'static>(
     None
 }
 
-async fn cancel(State(api): AppState, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel(
+    State(api): AppState,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let v = api.sched.ask(|resp| Command::Cancel { id, resp }).await??;
+    api.auth.audit(&caller, "task.cancel", &v.id).await;
     Ok(Json(v).into_response())
 }
 

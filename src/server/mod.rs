@@ -1,6 +1,7 @@
 //! The central node: embedded (or external) MQTT broker, durable SQLite
 //! store, scheduler and HTTP API.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod http;
@@ -32,6 +33,8 @@ pub enum ServerError {
     Lock(#[from] lock::LockError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     HttpBind {
         addr: String,
@@ -67,6 +70,7 @@ pub async fn run(
     let lock = lock::acquire(&cfg.storage.data_dir)?;
     log::info!("data dir locked ({})", lock.path().display());
     let store = store::Store::open(&cfg.storage.data_dir, &cfg.storage.synchronous)?;
+    let auth = auth::Auth::open(&cfg.storage.data_dir, &cfg.http)?;
     let (broker_host, broker_port) = if cfg.mqtt.embedded {
         let host = cfg.mqtt.host.clone();
         let limits = broker::Limits {
@@ -154,7 +158,7 @@ pub async fn run(
         mqtt: (ip, broker_port),
     });
     let handle = handle.with_deadline(Duration::from_millis(cfg.http.request_timeout_ms));
-    let app = http::router(handle, &cfg.http, cfg.storage.data_dir.clone());
+    let app = http::router(handle, &cfg.http, cfg.storage.data_dir.clone(), auth);
     let serve = http::serve(listener, app, &cfg.http, shutdown.clone());
     let mut sched_task = sched_task;
     // A scheduler that ends on its own ends the process (issue 15): HTTP

@@ -15,6 +15,7 @@
 //! "code"}}`: unknown model 404, bad parameters 400 (also a prompt over the
 //! context, with both numbers, as the node reports it).
 
+use super::auth::Caller;
 use super::http::wait_for;
 use super::scheduler::{ApiError, Command, SchedulerHandle};
 use super::streams::StreamEvent;
@@ -26,7 +27,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,17 +49,18 @@ const MAX_ATTEMPTS: u32 = 3;
 
 struct Gateway {
     sched: SchedulerHandle,
+    auth: Arc<super::auth::Auth>,
 }
 
 type GwState = State<Arc<Gateway>>;
 
 /// The gateway's routes, merged into the API router.
-pub fn router(sched: SchedulerHandle) -> Router {
+pub fn router(sched: SchedulerHandle, auth: Arc<super::auth::Auth>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
-        .with_state(Arc::new(Gateway { sched }))
+        .with_state(Arc::new(Gateway { sched, auth }))
 }
 
 /// An error in OpenAI's shape.
@@ -410,6 +412,7 @@ impl Drop for CancelOnDrop {
 
 async fn chat(
     State(gw): GwState,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OaiError> {
     let mut body = body_json(body)?;
@@ -427,6 +430,9 @@ async fn chat(
     let model = req.model.clone();
     let input = json!({ "chat": req, "stream": extras.stream });
     let id = submit(&gw.sched, &model, input, &extras).await?;
+    gw.auth
+        .audit(&caller, "chat", &format!("{model} (task {id})"))
+        .await;
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
     let created = crate::now_ms() / 1000;
     if !extras.stream {
@@ -728,6 +734,7 @@ impl http_body::Body for ChannelBody {
 
 async fn embeddings(
     State(gw): GwState,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OaiError> {
     let mut body = body_json(body)?;
@@ -772,6 +779,9 @@ async fn embeddings(
     known_model(&gw.sched, &req.model).await?;
     let model = req.model.clone();
     let id = submit(&gw.sched, &model, json!({ "embed": req }), &extras).await?;
+    gw.auth
+        .audit(&caller, "embeddings", &format!("{model} (task {id})"))
+        .await;
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
     let t = wait_terminal(&gw.sched, &id).await?;
     guard.disarm();

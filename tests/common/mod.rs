@@ -67,6 +67,10 @@ impl Server {
         if let Some(p) = mqtt_port {
             cmd.arg("--mqtt-port").arg(p.to_string());
         }
+        // Loopback, so tests without `--auth required` need no token.
+        if !extra.contains(&"--auth") {
+            cmd.args(["--auth", "off"]);
+        }
         cmd.args(extra)
             .env("RUST_LOG", "info,rumqttd=off")
             .stdout(Stdio::piped())

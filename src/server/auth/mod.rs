@@ -1,0 +1,552 @@
+//! Who may call the HTTP API: bearer tokens with roles (`viewer`,
+//! `operator`, `admin`), a rate limit per token, and the audit log.
+//!
+//! [`check`] runs before every route. `/healthz` is open (probes carry no
+//! token); reads need `viewer`, anything that changes or computes
+//! (submit, cancel, chat, embeddings) `operator`, `/v1/tokens` and
+//! `/v1/audit` `admin`. Without a valid token: 401 with
+//! `WWW-Authenticate: Bearer`; with a token of too low a role: 403; over
+//! the rate: 429 with `Retry-After`. The OpenAI gateway's routes answer in
+//! OpenAI's error shape, so its clients raise their own auth errors.
+
+pub mod tokens;
+
+pub use tokens::{AuditEntry, AuthError, NewToken, Role, TokenInfo, TokenStore};
+
+use super::config::{AuthMode, HttpSection};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Tokens remembered between store reads (valid and unknown ones alike);
+/// past it the memory starts empty again.
+const MAX_CACHED: usize = 4096;
+/// Audit rows waiting for the writer; a full queue slows the requests that
+/// audit (backpressure), it drops nothing.
+const AUDIT_QUEUE: usize = 4096;
+/// Rows the writer commits at once at most.
+const AUDIT_BATCH: usize = 512;
+/// Longest page of `GET /v1/audit`.
+const MAX_AUDIT_PAGE: u32 = 1000;
+
+/// A token as read from the store (None: no such id) and its secret's hash.
+type Stored = Option<(TokenInfo, Vec<u8>)>;
+
+/// Who made a request: set by [`check`] for every route behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's id; None with `http.auth = "off"`.
+    pub token: Option<String>,
+    pub role: Role,
+}
+
+impl Caller {
+    /// For messages and logs.
+    pub fn name(&self) -> String {
+        match &self.token {
+            Some(id) => format!("token {id} ({})", self.role),
+            None => "an unauthenticated caller".into(),
+        }
+    }
+}
+
+/// A token bucket.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The API's authentication state, shared by every request.
+pub struct Auth {
+    required: bool,
+    store: Arc<Mutex<TokenStore>>,
+    cache: Mutex<HashMap<String, (Instant, Stored)>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    /// (per second, burst); None: no limit.
+    rate: Option<(f64, f64)>,
+    audit_tx: mpsc::Sender<AuditEntry>,
+    /// Requests refused for want of a valid token or role.
+    denied: AtomicU64,
+}
+
+impl Auth {
+    /// Opens `DATA_DIR/auth.db` and starts the audit writer.
+    pub fn open(data_dir: &FsPath, http: &HttpSection) -> Result<Arc<Auth>, AuthError> {
+        let store = TokenStore::open(data_dir)?;
+        let required = http.auth == AuthMode::Required;
+        if required && !store.any_usable()? {
+            log::warn!(
+                "http.auth is \"required\" and {} holds no usable token: every API call \
+                 will get 401. Make one with `openclaw-admin token create --role admin \
+                 --data-dir {}`",
+                data_dir.join(tokens::AUTH_FILE).display(),
+                data_dir.display()
+            );
+        }
+        let mut writer = TokenStore::open(data_dir)?;
+        let (audit_tx, mut rx) = mpsc::channel::<AuditEntry>(AUDIT_QUEUE);
+        // Its own thread and connection: SQLite blocks, and the rows of a
+        // burst go in one commit.
+        std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(AUDIT_BATCH);
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < AUDIT_BATCH {
+                        match rx.try_recv() {
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = writer.audit(&batch) {
+                        log::error!("audit log: {} row(s) not written: {e}", batch.len());
+                    }
+                    batch.clear();
+                }
+            })
+            .map_err(|e| AuthError::Random(format!("cannot start the audit thread: {e}")))?;
+        let rate = (http.rate_limit_per_s > 0.0).then(|| {
+            (
+                http.rate_limit_per_s,
+                f64::from(http.rate_limit_burst.max(1)),
+            )
+        });
+        Ok(Arc::new(Auth {
+            required,
+            store: Arc::new(Mutex::new(store)),
+            cache: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            rate,
+            audit_tx,
+            denied: AtomicU64::new(0),
+        }))
+    }
+
+    /// Requests refused so far for want of a valid token or role.
+    pub fn denied(&self) -> u64 {
+        self.denied.load(Ordering::Relaxed)
+    }
+
+    /// Records `action` on `target` by `caller`. Waits while the writer is
+    /// behind by [`AUDIT_QUEUE`] rows.
+    pub async fn audit(&self, caller: &Caller, action: &str, target: &str) {
+        let entry = AuditEntry {
+            seq: 0,
+            at_ms: tokens::now_ms(),
+            token: caller.token.clone(),
+            role: caller.token.as_ref().map(|_| caller.role),
+            action: action.to_string(),
+            target: target.chars().take(256).collect(),
+        };
+        if self.audit_tx.send(entry).await.is_err() {
+            log::error!("audit log: the writer has stopped; {action} {target} not recorded");
+        }
+    }
+
+    /// Runs `f` on the token store on a blocking thread.
+    async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut TokenStore) -> Result<T, AuthError> + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut s)
+        })
+        .await
+        .unwrap_or_else(|e| Err(AuthError::Random(format!("token store task: {e}"))))
+    }
+
+    /// The token behind `id`, from memory if read within the TTL.
+    async fn lookup(&self, id: &str) -> Result<Stored, AuthError> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, v)) = cache.get(id) {
+                if at.elapsed() < tokens::CACHE_TTL {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        let key = id.to_string();
+        let v = self.with_store(move |s| s.get(&key)).await?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(id.to_string(), (Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    /// Forgets what was read about `id` (after a revocation here).
+    fn forget(&self, id: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Who holds this `Authorization` header value.
+    async fn authenticate(&self, value: Option<&HeaderValue>) -> Result<Caller, Denied> {
+        let value = value.ok_or(Denied::Missing)?;
+        let token =
+            tokens::parse_bearer(value.as_bytes()).map_err(|e| Denied::Bad(e.to_string()))?;
+        let (id, secret) = tokens::parse_token(token).map_err(|e| Denied::Bad(e.to_string()))?;
+        let found = self
+            .lookup(id)
+            .await
+            .map_err(|e| Denied::Unavailable(e.to_string()))?;
+        let Some((info, hash)) = found else {
+            return Err(Denied::Bad(format!("no token with id {id}")));
+        };
+        if !tokens::ct_eq(&hash, &tokens::hash_secret(secret)) {
+            return Err(Denied::Bad(format!("wrong secret for token {id}")));
+        }
+        if let Some(why) = info.unusable(tokens::now_ms()) {
+            return Err(Denied::Bad(why));
+        }
+        Ok(Caller {
+            token: Some(info.id),
+            role: info.role,
+        })
+    }
+
+    /// Takes one request from the caller's bucket; the seconds to wait if
+    /// it is empty.
+    fn take(&self, caller: &Caller) -> Result<(), u64> {
+        let (Some((per_s, burst)), Some(id)) = (self.rate, &caller.token) else {
+            return Ok(());
+        };
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let b = buckets.entry(id.clone()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * per_s).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - b.tokens) / per_s).ceil() as u64).max(1))
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug)]
+enum Denied {
+    Missing,
+    Bad(String),
+    Forbidden(String),
+    Limited(u64),
+    Unavailable(String),
+}
+
+/// The paths that answer in OpenAI's error shape.
+fn is_gateway(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/chat/completions" | "/v1/embeddings" | "/v1/models"
+    ) || path.starts_with("/v1/models/")
+}
+
+impl Denied {
+    fn response(self, gateway: bool) -> Response {
+        let (status, kind, code, msg) = match &self {
+            Denied::Missing => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing_token",
+                "this route needs `Authorization: Bearer <token>` \
+                 (openclaw-admin token create; http.auth is \"required\")"
+                    .to_string(),
+            ),
+            Denied::Bad(m) => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+                m.clone(),
+            ),
+            Denied::Forbidden(m) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "insufficient_role",
+                m.clone(),
+            ),
+            Denied::Limited(s) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limited",
+                format!("this token is over its rate (http.rate_limit_per_s); retry in {s} s"),
+            ),
+            Denied::Unavailable(m) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "token_store",
+                format!("cannot check the token: {m}"),
+            ),
+        };
+        let body = if gateway {
+            json!({"error": {"message": msg, "type": kind, "param": null, "code": code}})
+        } else {
+            json!({ "error": msg })
+        };
+        let mut r = (status, Json(body)).into_response();
+        let h = r.headers_mut();
+        match self {
+            Denied::Missing => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"openclaw\""),
+                );
+            }
+            Denied::Bad(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"openclaw\", error=\"invalid_token\""),
+                );
+            }
+            Denied::Limited(s) => {
+                h.insert(header::RETRY_AFTER, s.into());
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+/// The role a request needs; None for open routes.
+pub fn needed(method: &Method, path: &str) -> Option<Role> {
+    if path == "/healthz" {
+        return None;
+    }
+    if path == "/v1/tokens"
+        || path.starts_with("/v1/tokens/")
+        || path == "/v1/audit"
+        || path.starts_with("/v1/audit/")
+    {
+        return Some(Role::Admin);
+    }
+    if method == Method::GET || method == Method::HEAD {
+        Some(Role::Viewer)
+    } else {
+        Some(Role::Operator)
+    }
+}
+
+/// The middleware: authenticates, checks the role and the rate, and hands
+/// the [`Caller`] to the route.
+pub async fn check(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let (need, gateway) = {
+        let path = req.uri().path();
+        (needed(req.method(), path), is_gateway(path))
+    };
+    let Some(need) = need else {
+        return next.run(req).await;
+    };
+    if !auth.required {
+        req.extensions_mut().insert(Caller {
+            token: None,
+            role: Role::Admin,
+        });
+        return next.run(req).await;
+    }
+    let caller = match auth
+        .authenticate(req.headers().get(header::AUTHORIZATION))
+        .await
+    {
+        Ok(c) => c,
+        Err(d) => return refuse(&auth, d, req.method(), req.uri().path(), gateway),
+    };
+    if caller.role < need {
+        let d = Denied::Forbidden(format!(
+            "{} may not {} {}: it needs the {need} role",
+            caller.name(),
+            req.method(),
+            req.uri().path()
+        ));
+        return refuse(&auth, d, req.method(), req.uri().path(), gateway);
+    }
+    if let Err(s) = auth.take(&caller) {
+        return Denied::Limited(s).response(gateway);
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+fn refuse(auth: &Auth, d: Denied, method: &Method, path: &str, gateway: bool) -> Response {
+    let n = auth.denied.fetch_add(1, Ordering::Relaxed) + 1;
+    // A flood of bad tokens must not flood the log: the first, then at
+    // powers of two.
+    if n.is_power_of_two() {
+        log::warn!(
+            "HTTP: refused {method} {} ({n} refused so far): {d:?}",
+            path.chars().take(128).collect::<String>()
+        );
+    }
+    d.response(gateway)
+}
+
+/// The token and audit routes (admin only, behind [`check`]).
+pub fn router(auth: Arc<Auth>) -> Router {
+    Router::new()
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/audit", get(audit_page))
+        .with_state(auth)
+}
+
+type AuthState = State<Arc<Auth>>;
+
+fn api_error(status: StatusCode, msg: String) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+fn store_error(e: AuthError) -> Response {
+    match e {
+        AuthError::NotFound(_) => api_error(StatusCode::NOT_FOUND, e.to_string()),
+        AuthError::Role(_) | AuthError::Duration(_) | AuthError::Name(_) => {
+            api_error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        _ => api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /v1/tokens` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    role: String,
+    /// `30d`, `12h`; none: never expires.
+    expires: Option<String>,
+    #[serde(default)]
+    name: String,
+}
+
+async fn create_token(
+    State(auth): AuthState,
+    Extension(caller): Extension<Caller>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            )
+        }
+    };
+    let b: CreateBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+    };
+    let role: Role = match b.role.parse() {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let expires = match b.expires.as_deref().map(tokens::parse_duration).transpose() {
+        Ok(e) => e,
+        Err(e) => return store_error(e),
+    };
+    let name = b.name;
+    match auth
+        .with_store(move |s| s.create(role, &name, expires))
+        .await
+    {
+        Ok(t) => {
+            auth.audit(&caller, "token.create", &t.info.id).await;
+            (StatusCode::CREATED, Json(t)).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn list_tokens(State(auth): AuthState) -> Response {
+    match auth.with_store(|s| s.list()).await {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn revoke_token(
+    State(auth): AuthState,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    let key = id.clone();
+    match auth.with_store(move |s| s.revoke(&key)).await {
+        Ok(info) => {
+            auth.forget(&id);
+            auth.audit(&caller, "token.revoke", &id).await;
+            Json(info).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+/// `GET /v1/audit` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+async fn audit_page(
+    State(auth): AuthState,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid query string: {}", e.body_text()),
+            )
+        }
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_AUDIT_PAGE);
+    let before = q.before;
+    match auth.with_store(move |s| s.audit_page(before, limit)).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_by_route() {
+        let g = Method::GET;
+        let p = Method::POST;
+        assert_eq!(needed(&g, "/healthz"), None);
+        assert_eq!(needed(&g, "/v1/tasks"), Some(Role::Viewer));
+        assert_eq!(needed(&p, "/v1/tasks"), Some(Role::Operator));
+        assert_eq!(needed(&Method::DELETE, "/v1/tasks/x"), Some(Role::Operator));
+        assert_eq!(needed(&p, "/v1/chat/completions"), Some(Role::Operator));
+        assert_eq!(needed(&g, "/v1/models"), Some(Role::Viewer));
+        assert_eq!(needed(&g, "/v1/tokens"), Some(Role::Admin));
+        assert_eq!(needed(&Method::DELETE, "/v1/tokens/ab"), Some(Role::Admin));
+        assert_eq!(needed(&g, "/v1/audit"), Some(Role::Admin));
+        // Unknown routes are not open either (the 404 comes after the check).
+        assert_eq!(needed(&p, "/nope"), Some(Role::Operator));
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+}

@@ -1,0 +1,380 @@
+//! API tokens against a real server process (issue 12, item 1): no token,
+//! a malformed, unknown, wrong-secret, expired and revoked one, the wrong
+//! role, the gateway's OpenAI-shaped 401, the rate limit, the audit log,
+//! tokens made offline while the server runs, and the refusal to serve
+//! without authentication on a non-loopback address.
+#![cfg(all(feature = "server", feature = "agent", feature = "admin"))]
+
+mod common;
+
+use common::{Agent, Server};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One request; (status, headers' WWW-Authenticate and Retry-After, body).
+struct Answer {
+    status: u16,
+    www: Option<String>,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+fn call(method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> Answer {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut resp = match (method, body) {
+        ("GET", _) => {
+            let mut r = agent.get(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        ("DELETE", _) => {
+            let mut r = agent.delete(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        (_, b) => {
+            let mut r = agent.post(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.send_json(b.unwrap_or(Value::Null))
+        }
+    }
+    .unwrap();
+    let h = |k: &str| {
+        resp.headers()
+            .get(k)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (www, retry_after) = (h("www-authenticate"), h("retry-after"));
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    Answer {
+        status,
+        www,
+        retry_after,
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    }
+}
+
+/// `openclaw-admin ARGS`; (success, stdout, stderr).
+fn admin(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_openclaw-admin"))
+        .args(args)
+        .env_remove("OPENCLAW_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A token made offline, straight into `dir` (the first admin token).
+fn offline_token(dir: &Path, role: &str, extra: &[&str]) -> String {
+    let d = dir.display().to_string();
+    let mut args = vec!["token", "create", "--role", role, "--data-dir", &d];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = admin(&args);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("oc_"), "{out}");
+    out
+}
+
+fn id_of(token: &str) -> &str {
+    &token[3..19]
+}
+
+/// Polls until `f` holds (a token change read through the server's cache).
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn submit_body() -> Value {
+    json!({"plugin": "echo", "input": {"x": 1}})
+}
+
+#[test]
+fn tokens_roles_expiry_revocation_and_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let mut s = Server::start(&data, &["--auth", "required"]);
+    let url = |p: &str| format!("{}{p}", s.http);
+
+    // Probes need no token; everything else does.
+    assert_eq!(call("GET", &url("/healthz"), None, None).status, 200);
+    let a = call("GET", &url("/v1/tasks"), None, None);
+    assert_eq!(a.status, 401, "{:?}", a.body);
+    assert_eq!(a.www.as_deref(), Some("Bearer realm=\"openclaw\""));
+    assert!(
+        a.body["error"].as_str().unwrap().contains("Bearer"),
+        "{:?}",
+        a.body
+    );
+    // Unknown paths too: no route list for strangers.
+    assert_eq!(call("GET", &url("/nope"), None, None).status, 401);
+
+    // The first admin token, made offline while the server runs.
+    let root = offline_token(&data, "admin", &["--name", "root"]);
+    assert_eq!(
+        call("GET", &url("/v1/tasks"), Some(&root), None).status,
+        200
+    );
+    // A device that offers `echo` and is gone: submitted tasks wait for
+    // it, so there is one to cancel.
+    s.client = s.client.clone().with_token(Some(root.clone()));
+    let mut agent = Agent::start(dir.path(), "gone-1", &s.broker(), "");
+    s.wait_online("gone-1");
+    agent.kill();
+    s.wait_offline("gone-1");
+
+    // Malformed, unknown id, right id with a wrong secret.
+    let wrong_secret = format!("oc_{}_{}", id_of(&root), "0".repeat(64));
+    for (bad, says) in [
+        ("nonsense".to_string(), "does not start with oc_"),
+        (
+            format!("oc_{}_{}", "f".repeat(16), "0".repeat(64)),
+            "no token with id",
+        ),
+        (wrong_secret, "wrong secret"),
+    ] {
+        let a = call("GET", &url("/v1/tasks"), Some(&bad), None);
+        assert_eq!(a.status, 401, "{bad}");
+        assert!(a.www.unwrap().contains("invalid_token"));
+        let e = a.body["error"].as_str().unwrap();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+    let a = call("GET", &url("/v1/tasks"), None, None);
+    assert_eq!(a.status, 401);
+
+    // Tokens made through the API, with the CLI.
+    let mk = |role: &str, extra: &[&str]| {
+        let mut args = vec!["--server", &s.http, "--token", &root, "token", "create"];
+        args.extend_from_slice(&["--role", role]);
+        args.extend_from_slice(extra);
+        let (ok, out, err) = admin(&args);
+        assert!(ok, "{err}");
+        out
+    };
+    let viewer = mk("viewer", &["--name", "dash"]);
+    let operator = mk("operator", &[]);
+    let short = mk("operator", &["--expires", "1s"]);
+
+    // Roles: a viewer reads, cannot submit; an operator submits, cannot
+    // manage tokens.
+    assert_eq!(
+        call("GET", &url("/v1/devices"), Some(&viewer), None).status,
+        200
+    );
+    let a = call(
+        "POST",
+        &url("/v1/tasks"),
+        Some(&viewer),
+        Some(submit_body()),
+    );
+    assert_eq!(a.status, 403, "{:?}", a.body);
+    let e = a.body["error"].as_str().unwrap();
+    assert!(e.contains("viewer") && e.contains("operator role"), "{e}");
+    let a = call(
+        "POST",
+        &url("/v1/tasks"),
+        Some(&operator),
+        Some(submit_body()),
+    );
+    assert_eq!(a.status, 202, "{:?}", a.body);
+    let task = a.body["id"].as_str().unwrap().to_string();
+    let a = call(
+        "DELETE",
+        &url(&format!("/v1/tasks/{task}")),
+        Some(&operator),
+        None,
+    );
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(
+        call("GET", &url("/v1/tokens"), Some(&operator), None).status,
+        403
+    );
+    assert_eq!(
+        call("GET", &url("/v1/audit"), Some(&viewer), None).status,
+        403
+    );
+    // A bad role by name.
+    let a = call(
+        "POST",
+        &url("/v1/tokens"),
+        Some(&root),
+        Some(json!({"role": "god"})),
+    );
+    assert_eq!(a.status, 400);
+    assert!(a.body["error"].as_str().unwrap().contains("\"god\""));
+
+    // The gateway answers in OpenAI's shape.
+    let a = call(
+        "POST",
+        &url("/v1/chat/completions"),
+        None,
+        Some(json!({"model": "m", "messages": []})),
+    );
+    assert_eq!(a.status, 401);
+    assert_eq!(
+        a.body["error"]["type"], "authentication_error",
+        "{:?}",
+        a.body
+    );
+    let a = call("GET", &url("/v1/models"), Some(&viewer), None);
+    assert_eq!(a.status, 200, "{:?}", a.body);
+
+    // Expiry.
+    eventually("the 1 s token expires", || {
+        let a = call("GET", &url("/v1/tasks"), Some(&short), None);
+        a.status == 401 && a.body["error"].as_str().unwrap().contains("expired")
+    });
+
+    // Revocation through the API takes effect at once...
+    let (ok, _, err) = admin(&[
+        "--server",
+        &s.http,
+        "--token",
+        &root,
+        "token",
+        "revoke",
+        id_of(&operator),
+    ]);
+    assert!(ok, "{err}");
+    let a = call("GET", &url("/v1/tasks"), Some(&operator), None);
+    assert_eq!(a.status, 401);
+    assert!(a.body["error"].as_str().unwrap().contains("revoked"));
+    // ...and offline, on the data dir, within the server's cache time.
+    let d = data.display().to_string();
+    let (ok, _, err) = admin(&["token", "revoke", id_of(&viewer), "--data-dir", &d]);
+    assert!(ok, "{err}");
+    eventually("the offline revocation is seen", || {
+        call("GET", &url("/v1/tasks"), Some(&viewer), None).status == 401
+    });
+    let (ok, _, err) = admin(&["token", "revoke", "0123456789abcdef", "--data-dir", &d]);
+    assert!(
+        !ok && err.contains("no token with id 0123456789abcdef"),
+        "{err}"
+    );
+
+    // The list never shows secrets; the audit log says who did what.
+    let (ok, list, err) = admin(&["--json", "token", "list", "--data-dir", &d]);
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 4, "{list}");
+    assert!(
+        !list.to_string().contains(&root[20..]),
+        "a secret is listed"
+    );
+    let op = id_of(&operator).to_string();
+    eventually("the audit log has the operator's submit and cancel", || {
+        let a = call("GET", &url("/v1/audit?limit=100"), Some(&root), None);
+        let rows = a.body.as_array().cloned().unwrap_or_default();
+        let has = |action: &str, token: &str, target: &str| {
+            rows.iter()
+                .any(|r| r["action"] == action && r["token"] == token && r["target"] == target)
+        };
+        has("task.submit", &op, &task)
+            && has("task.cancel", &op, &task)
+            && has("token.create", id_of(&root), id_of(&viewer))
+            && has("token.revoke", id_of(&root), &op)
+    });
+}
+
+#[test]
+fn a_token_over_its_rate_gets_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        "[http]\nrate_limit_per_s = 0.5\nrate_limit_burst = 3\n",
+    )
+    .unwrap();
+    let root = offline_token(&data, "admin", &[]);
+    let other = offline_token(&data, "viewer", &[]);
+    let s = Server::start(
+        &data,
+        &["--auth", "required", "--config", cfg.to_str().unwrap()],
+    );
+    let url = format!("{}/v1/tasks", s.http);
+    let codes: Vec<u16> = (0..4)
+        .map(|_| call("GET", &url, Some(&root), None).status)
+        .collect();
+    assert_eq!(codes[..3], [200, 200, 200], "{codes:?}");
+    assert_eq!(codes[3], 429, "{codes:?}");
+    let a = call("GET", &url, Some(&root), None);
+    assert_eq!(a.status, 429);
+    let wait: u64 = a.retry_after.unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    // Another token has its own bucket.
+    assert_eq!(call("GET", &url, Some(&other), None).status, 200);
+}
+
+#[test]
+fn no_authentication_on_a_network_address_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_openclaw-server"))
+        .args(["--host", "0.0.0.0", "--auth", "off", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("http.auth")
+            && err.contains("0.0.0.0")
+            && err.contains("allow_unauthenticated"),
+        "{err}"
+    );
+    let cfg = dir.path().join("open.toml");
+    std::fs::write(&cfg, "[http]\nallow_unauthenticated = true\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_openclaw-server"))
+        .args([
+            "--host",
+            "0.0.0.0",
+            "--auth",
+            "off",
+            "--print-config",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Loopback without authentication is fine, and the default needs tokens.
+    for args in [&["--host", "127.0.0.1", "--auth", "off"][..], &[]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_openclaw-server"))
+            .args(args)
+            .arg("--print-config")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if args.is_empty() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("auth = \"required\""), "{text}");
+        }
+    }
+}
