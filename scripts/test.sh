@@ -39,7 +39,10 @@ command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v socat >/dev/null 2>&1 || missing+=(socat)  # pty pair for the Modbus RTU test
 # llama.cpp (the `llm` feature, llama-cpp-sys-2): built with cmake, bound with bindgen.
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
-[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/x86_64-linux-gnu/libclang-*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# bindgen loads libclang.so or libclang-N.so*; libclang-cpp (which other
+# packages pull in) is not it: a fresh machine with only that failed here.
+ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 ||
+  missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
