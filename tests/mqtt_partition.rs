@@ -63,6 +63,7 @@ async fn publishing_resumes_after_the_link_comes_back() {
             max_connections: 64,
             submit_log_bytes: 1 << 20,
         },
+        None,
     )
     .unwrap();
     let broker = std::net::SocketAddr::from(([127, 0, 0, 1], broker.port()));

@@ -49,6 +49,7 @@ async fn backlog_delivered(submit_log_bytes: usize) -> HashSet<u32> {
             max_connections: 16,
             submit_log_bytes,
         },
+        None,
     )
     .unwrap();
     let port = addr.port();

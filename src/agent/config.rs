@@ -34,6 +34,13 @@ pub struct MqttSection {
     /// TLS for a `mqtts://` broker.
     #[serde(default)]
     pub tls: config::TlsSection,
+    /// The broker login's name; the agent's id when absent (the embedded
+    /// broker with `mqtt.auth = "required"` wants exactly that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The broker login's password (`openclaw-admin device add` makes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 /// `[agent]`

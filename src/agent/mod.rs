@@ -179,6 +179,10 @@ impl Agent {
             ..Default::default()
         };
         crate::mqtt::apply_tls(&mut opts, &self.cfg.mqtt.broker, &self.cfg.mqtt.tls)?;
+        if let Some(pass) = &self.cfg.mqtt.password {
+            let user = self.cfg.mqtt.username.clone().unwrap_or_else(|| id.clone());
+            opts.set_credentials(user, pass.clone());
+        }
         will_status.heartbeat_ms = self.cfg.agent.heartbeat_ms as u32;
         opts.set_last_will(LastWill::new(
             topics::status(&id),

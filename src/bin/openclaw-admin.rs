@@ -128,6 +128,10 @@ enum Cmd {
     /// API tokens: create, list, revoke.
     #[command(subcommand)]
     Token(Token),
+    /// Device identities on the embedded broker (`mqtt.auth = "required"`),
+    /// written straight into the server's data dir.
+    #[command(subcommand)]
+    Device(Device),
     /// Who submitted, cancelled or changed what (newest first; admin).
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -149,6 +153,36 @@ enum Cmd {
         /// 0 (greedy) to 2.
         #[arg(long)]
         temperature: Option<f32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Device {
+    /// Make a device's broker identity and print the agent config that
+    /// uses it (the only time its password is shown).
+    Add {
+        id: String,
+        /// The server's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// May also submit tasks on `openclaw/v1/submit` (replies under
+        /// `openclaw/clients/ID/`).
+        #[arg(long)]
+        submit: bool,
+        /// Give an existing identity a new password (the old one stops working).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List device identities (never their passwords).
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Revoke a device's identity: its next login is refused.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        data_dir: PathBuf,
     },
 }
 
@@ -384,6 +418,61 @@ fn models_fetch(
     Ok(())
 }
 
+/// `device add|list|revoke`, on the server's data dir.
+fn device_cmd(d: Device, server: &str, json: bool) -> anyhow::Result<()> {
+    use openclaw::server::auth::TokenStore;
+    let open = |dir: &PathBuf| -> anyhow::Result<TokenStore> {
+        TokenStore::open(dir).with_context(|| format!("identity store in {}", dir.display()))
+    };
+    match d {
+        Device::Add {
+            id,
+            data_dir,
+            submit,
+            replace,
+        } => {
+            let n = open(&data_dir)?.device_add(&id, submit, replace)?;
+            if json {
+                println!("{}", serde_json::to_string(&n)?);
+            } else {
+                // `--server` is the HTTP API by default; the broker is what
+                // the agent needs.
+                let broker = if server.starts_with("mqtt") {
+                    server.to_string()
+                } else {
+                    "mqtt://SERVER:1883".to_string()
+                };
+                println!(
+                    "# agent.toml for {id} (its password is not shown again)\n\
+                     id = \"{id}\"\n\n[mqtt]\nbroker = \"{broker}\"\npassword = \"{}\"",
+                    n.password
+                );
+            }
+        }
+        Device::List { data_dir } => {
+            let l = open(&data_dir)?.device_list()?;
+            if json {
+                println!("{}", serde_json::to_string(&l)?);
+            } else {
+                println!("{:<24} {:<7} STATE", "ID", "SUBMIT");
+                for i in l {
+                    let state = if i.revoked_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    println!("{:<24} {:<7} {state}", i.id, i.submit);
+                }
+            }
+        }
+        Device::Revoke { id, data_dir } => {
+            open(&data_dir)?.device_revoke(&id)?;
+            println!("device {id} revoked; its next login is refused");
+        }
+    }
+    Ok(())
+}
+
 /// `token create|list|revoke`, offline on a data dir or through the API.
 fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
     use openclaw::server::auth::{tokens, TokenStore};
@@ -500,6 +589,7 @@ fn real_main() -> anyhow::Result<()> {
     let client = Client::new(&args.server).with_token(token);
     match args.cmd {
         Cmd::Token(t) => token_cmd(&client, t, args.json)?,
+        Cmd::Device(d) => device_cmd(d, &args.server, args.json)?,
         Cmd::Audit { limit } => {
             let rows = client.audit(limit).context("cannot read the audit log")?;
             if args.json {

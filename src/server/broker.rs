@@ -2,7 +2,14 @@
 //! its memory only, so it is transport, never the record: the server's
 //! SQLite and the agents' outboxes are what survive a restart.
 
+use super::auth::identities::{may_publish, may_subscribe, Grant};
+use super::auth::tokens::ct_eq;
+use super::auth::TokenStore;
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Errors starting the broker.
@@ -64,9 +71,112 @@ pub struct Limits {
     pub submit_log_bytes: usize,
 }
 
+/// Who may log in to the embedded broker (`mqtt.auth = "required"`).
+#[derive(Debug, Clone)]
+pub struct BrokerAuth {
+    /// Holds `auth.db` with the device identities.
+    pub data_dir: PathBuf,
+    /// The server's own login: user and client id...
+    pub server_user: String,
+    /// ...and the secret it was given at this start.
+    pub server_secret: String,
+}
+
+/// Logins and topic rules of the embedded broker.
+struct Gate {
+    auth: BrokerAuth,
+    store: Mutex<TokenStore>,
+    /// The grant of each identity that logged in.
+    grants: Mutex<HashMap<String, Grant>>,
+    refused_logins: AtomicU64,
+    denied: AtomicU64,
+}
+
+impl Gate {
+    async fn login(self: Arc<Self>, client_id: String, user: String, pass: String) -> bool {
+        let grant = if client_id != user {
+            None
+        } else if user == self.auth.server_user {
+            ct_eq(pass.as_bytes(), self.auth.server_secret.as_bytes()).then_some(Grant::Server)
+        } else {
+            let (me, u) = (self.clone(), user.clone());
+            tokio::task::spawn_blocking(move || {
+                let store = me.store.lock().unwrap_or_else(|p| p.into_inner());
+                match store.device_login(&u, &pass) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        log::error!("MQTT: cannot check the login of {u}: {e}");
+                        None
+                    }
+                }
+            })
+            .await
+            .unwrap_or(None)
+        };
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        match grant {
+            Some(g) => {
+                grants.insert(user, g);
+                true
+            }
+            None => {
+                // The grant of a session already logged in stays: a failed
+                // login under its name must not cut it off (a revocation
+                // takes effect at the device's next login).
+                let n = self.refused_logins.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    let why = if client_id != user {
+                        "its client id is not its user name"
+                    } else {
+                        "unknown, revoked or wrong password"
+                    };
+                    log::warn!(
+                        "MQTT: refused the login of user {:?} with client id {:?}: {why} \
+                         ({n} refused so far)",
+                        user.chars().take(64).collect::<String>(),
+                        client_id.chars().take(64).collect::<String>()
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    fn allows(&self, user: &str, access: rumqttd::Access, topic: &str) -> bool {
+        let grant = self
+            .grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            .copied();
+        let ok = grant.is_some_and(|g| match access {
+            rumqttd::Access::Publish => may_publish(user, g, topic),
+            rumqttd::Access::Subscribe => may_subscribe(user, g, topic),
+        });
+        if !ok {
+            let n = self.denied.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                log::warn!(
+                    "MQTT: denied {access:?} by {:?} on {:?} ({n} denied so far)",
+                    user.chars().take(64).collect::<String>(),
+                    topic.chars().take(128).collect::<String>()
+                );
+            }
+        }
+        ok
+    }
+}
+
 /// Starts rumqttd on `host:port` (port 0 picks a free one) in its own
 /// threads and waits until it accepts connections. Returns the bound address.
-pub fn start(host: &str, port: u16, limits: &Limits) -> Result<SocketAddr, BrokerError> {
+/// With `auth`, only the server and device identities may log in, each to
+/// its own topics.
+pub fn start(
+    host: &str,
+    port: u16,
+    limits: &Limits,
+    auth: Option<BrokerAuth>,
+) -> Result<SocketAddr, BrokerError> {
     let Limits {
         max_payload,
         max_connections,
@@ -116,8 +226,28 @@ dynamic_filters = true
         submit = crate::protocol::topics::SUBMIT,
         submit_segment = (submit_log_bytes / SUBMIT_SEGMENTS).max(1),
     );
-    let config: rumqttd::Config =
+    let mut config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    if let Some(auth) = auth {
+        let store =
+            TokenStore::open(&auth.data_dir).map_err(|e| BrokerError::Config(e.to_string()))?;
+        let gate = Arc::new(Gate {
+            auth,
+            store: Mutex::new(store),
+            grants: Mutex::new(HashMap::new()),
+            refused_logins: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+        });
+        let settings = config
+            .v4
+            .as_mut()
+            .and_then(|m| m.get_mut("1"))
+            .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?;
+        let g = gate.clone();
+        settings
+            .set_auth_handler(move |client_id, user, pass| g.clone().login(client_id, user, pass));
+        settings.set_acl_handler(move |user, access, topic| gate.allows(user, access, topic));
+    }
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {

@@ -89,6 +89,16 @@ pub struct MqttSection {
     /// TLS to an external `mqtts://` broker (the embedded one is plain TCP).
     #[serde(default)]
     pub tls: config::TlsSection,
+    /// Embedded broker: `required` refuses clients without a device
+    /// identity (`openclaw-admin device add`) and enforces the topic rules
+    /// of [`crate::server::auth::identities`]; `off` lets anyone in.
+    pub auth: AuthMode,
+    /// External broker: the server's login name (default: `client_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// External broker: the server's login password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 /// `[storage]`

@@ -71,6 +71,8 @@ pub async fn run(
     log::info!("data dir locked ({})", lock.path().display());
     let store = store::Store::open(&cfg.storage.data_dir, &cfg.storage.synchronous)?;
     let auth = auth::Auth::open(&cfg.storage.data_dir, &cfg.http)?;
+    // The server's login on its own broker: new at every start, never stored.
+    let server_secret = auth::tokens::random_hex(32)?;
     let (broker_host, broker_port) = if cfg.mqtt.embedded {
         let host = cfg.mqtt.host.clone();
         let limits = broker::Limits {
@@ -79,7 +81,12 @@ pub async fn run(
             submit_log_bytes: cfg.mqtt.submit_log_bytes,
         };
         let port = cfg.mqtt.port;
-        let addr = tokio::task::spawn_blocking(move || broker::start(&host, port, &limits))
+        let gate = (cfg.mqtt.auth == config::AuthMode::Required).then(|| broker::BrokerAuth {
+            data_dir: cfg.storage.data_dir.clone(),
+            server_user: cfg.mqtt.client_id.clone(),
+            server_secret: server_secret.clone(),
+        });
+        let addr = tokio::task::spawn_blocking(move || broker::start(&host, port, &limits, gate))
             .await
             .expect("broker start does not panic")?;
         log::info!("embedded MQTT broker listening on {addr}");
@@ -104,6 +111,16 @@ pub async fn run(
         );
     if !cfg.mqtt.embedded {
         crate::mqtt::apply_tls(&mut opts, &cfg.mqtt.broker, &cfg.mqtt.tls)?;
+        if let Some(pass) = &cfg.mqtt.password {
+            let user = cfg
+                .mqtt
+                .username
+                .clone()
+                .unwrap_or(cfg.mqtt.client_id.clone());
+            opts.set_credentials(user, pass.clone());
+        }
+    } else if cfg.mqtt.auth == config::AuthMode::Required {
+        opts.set_credentials(cfg.mqtt.client_id.clone(), server_secret);
     }
     let (client, eventloop) = crate::mqtt::client(opts, 8192);
     let (sched, handle, rx) = Scheduler::new(

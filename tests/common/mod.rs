@@ -225,6 +225,12 @@ impl Agent {
         Self::spawn(dir, id, broker, config, &[], board)
     }
 
+    /// Starts an agent that logs in to the broker with this password.
+    pub fn start_with_login(dir: &Path, id: &str, broker: &str, password: &str) -> Agent {
+        let mqtt = format!("password = {password:?}\n");
+        Self::spawn_full(dir, id, broker, "", &[], "sim", &mqtt)
+    }
+
     fn spawn(
         dir: &Path,
         id: &str,
@@ -233,13 +239,25 @@ impl Agent {
         prefix: &[&str],
         board: &str,
     ) -> Agent {
+        Self::spawn_full(dir, id, broker, config, prefix, board, "")
+    }
+
+    fn spawn_full(
+        dir: &Path,
+        id: &str,
+        broker: &str,
+        config: &str,
+        prefix: &[&str],
+        board: &str,
+        mqtt: &str,
+    ) -> Agent {
         let data = dir.join(format!("agent-{id}"));
         std::fs::create_dir_all(&data).unwrap();
         let cfg = data.join("agent.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[mqtt]\nkeep_alive_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\
+                "[mqtt]\n{mqtt}keep_alive_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\
                  [agent]\nheartbeat_ms = 300\nresult_resend_ms = 500\n{config}\n"
             ),
         )
@@ -385,8 +403,21 @@ pub struct MqttPeer {
 impl MqttPeer {
     /// Connects and returns once every subscription is acknowledged.
     pub fn connect(port: u16, id: &str, subscribe: &[&str]) -> MqttPeer {
+        Self::connect_as(port, id, None, subscribe)
+    }
+
+    /// [`MqttPeer::connect`] with a login (user, password).
+    pub fn connect_as(
+        port: u16,
+        id: &str,
+        login: Option<(&str, &str)>,
+        subscribe: &[&str],
+    ) -> MqttPeer {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_max_packet_size(4 << 20, 4 << 20);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
         let (client, mut conn) = rumqttc::Client::new(opts, 64);
         for t in subscribe {
             client.subscribe(*t, rumqttc::QoS::AtLeastOnce).unwrap();
@@ -421,6 +452,26 @@ impl MqttPeer {
             .recv_timeout(Duration::from_secs(10))
             .expect("peer subscribed");
         MqttPeer { client, rx }
+    }
+
+    /// Whether the broker takes this login: the first answer to a
+    /// connection attempt (ConnAck, or the connection dropped).
+    pub fn login_accepted(port: u16, id: &str, login: Option<(&str, &str)>) -> bool {
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (_client, mut conn) = rumqttc::Client::new(opts, 8);
+        for ev in conn.iter() {
+            match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    return a.code == rumqttc::ConnectReturnCode::Success
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     pub fn publish(&self, topic: &str, payload: Vec<u8>) {

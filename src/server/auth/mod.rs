@@ -9,6 +9,7 @@
 //! the rate: 429 with `Retry-After`. The OpenAI gateway's routes answer in
 //! OpenAI's error shape, so its clients raise their own auth errors.
 
+pub mod identities;
 pub mod tokens;
 
 pub use tokens::{AuditEntry, AuthError, NewToken, Role, TokenInfo, TokenStore};

@@ -256,7 +256,8 @@ fn iso(ms: i64) -> String {
     )
 }
 
-fn random_hex(bytes: usize) -> Result<String, AuthError> {
+/// `bytes` random bytes from the OS, in hex.
+pub fn random_hex(bytes: usize) -> Result<String, AuthError> {
     let mut buf = vec![0u8; bytes];
     getrandom::getrandom(&mut buf).map_err(|e| AuthError::Random(e.to_string()))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
@@ -264,7 +265,7 @@ fn random_hex(bytes: usize) -> Result<String, AuthError> {
 
 /// The token store of one data dir.
 pub struct TokenStore {
-    conn: Connection,
+    pub(super) conn: Connection,
     path: PathBuf,
 }
 
@@ -292,10 +293,12 @@ impl TokenStore {
                 token TEXT, role TEXT, action TEXT NOT NULL, target TEXT NOT NULL);",
         )
         .map_err(db)?;
-        Ok(TokenStore { conn, path })
+        let s = TokenStore { conn, path };
+        s.identities_schema()?;
+        Ok(s)
     }
 
-    fn db(&self) -> impl Fn(rusqlite::Error) -> AuthError + '_ {
+    pub(super) fn db(&self) -> impl Fn(rusqlite::Error) -> AuthError + '_ {
         |source| AuthError::Db {
             path: self.path.clone(),
             source,

@@ -51,6 +51,30 @@ pub type AuthHandler = Arc<
         + Sync,
 >;
 
+/// What a client asks to do on a topic (OpenClaw patch: topic ACLs, the
+/// shape of upstream's unmerged PR #1071).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Publish on a topic (also a last will's topic, checked at CONNECT).
+    Publish,
+    /// Subscribe with a filter.
+    Subscribe,
+}
+
+/// `(username, access, topic or filter) -> allowed`. A denied publish goes
+/// to [`DENIED_PUBLISH`] (acked as usual: the client sees success, as with
+/// mosquitto, and nobody receives it); a denied filter becomes
+/// [`DENIED_SUBSCRIBE`], on which nothing is ever published; a denied last
+/// will is dropped.
+pub type AclHandler = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
+/// Where denied publishes go. Not a `$` topic: rumqttd disconnects a
+/// client subscribing to one. With rules for every client, nobody may
+/// subscribe here (it would be denied and changed to [`DENIED_SUBSCRIBE`]).
+pub const DENIED_PUBLISH: &str = "openclaw-denied/publish";
+/// What denied subscriptions are changed to; publishing here is denied too,
+/// so nothing ever arrives.
+pub const DENIED_SUBSCRIBE: &str = "openclaw-denied/subscribe";
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
     pub id: usize,
@@ -127,6 +151,14 @@ impl ServerSettings {
     {
         self.connections.set_auth_handler(auth_fn)
     }
+
+    /// See [`AclHandler`].
+    pub fn set_acl_handler<F>(&mut self, acl: F)
+    where
+        F: Fn(&str, Access, &str) -> bool + Send + Sync + 'static,
+    {
+        self.connections.acl = Some(Arc::new(acl));
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone)]
@@ -152,6 +184,9 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// Topic rules by username; None: everyone may do anything.
+    #[serde(skip)]
+    pub acl: Option<AclHandler>,
 }
 
 impl ConnectionSettings {

@@ -4,7 +4,7 @@ use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{Access, AclHandler, ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -58,6 +58,32 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// The CONNECT's username, for `acl`.
+    user: String,
+    acl: Option<AclHandler>,
+}
+
+/// Applies the topic rules to a packet read from the client.
+fn guard(acl: &AclHandler, user: &str, packet: &mut Packet) {
+    match packet {
+        Packet::Publish(publish, _) => {
+            let allowed = std::str::from_utf8(&publish.topic)
+                .map(|t| acl(user, Access::Publish, t))
+                .unwrap_or(false);
+            if !allowed {
+                publish.topic = bytes::Bytes::from_static(crate::DENIED_PUBLISH.as_bytes());
+                publish.retain = false;
+            }
+        }
+        Packet::Subscribe(subscribe, _) => {
+            for f in subscribe.filters.iter_mut() {
+                if !acl(user, Access::Subscribe, &f.path) {
+                    f.path = crate::DENIED_SUBSCRIBE.to_string();
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -68,10 +94,21 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        acl: Option<AclHandler>,
     ) -> Result<RemoteLink<P>, Error> {
-        let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
+        let Packet::Connect(connect, props, mut lastwill, lastwill_props, login) = connect_packet
+        else {
             return Err(Error::NotConnectPacket(connect_packet));
         };
+        let user = login.map(|l| l.username).unwrap_or_default();
+        if let (Some(acl), Some(will)) = (&acl, &lastwill) {
+            let allowed = std::str::from_utf8(&will.topic)
+                .map(|t| acl(&user, Access::Publish, t))
+                .unwrap_or(false);
+            if !allowed {
+                lastwill = None;
+            }
+        }
 
         // Register this connection with the router. Router replys with ack which if ok will
         // start the link. Router can sometimes reject the connection (ex max connection limit)
@@ -122,6 +159,8 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            user,
+            acl,
         })
     }
 
@@ -136,8 +175,14 @@ impl<P: Protocol> RemoteLink<P> {
                     let packet = o?;
                     let len = {
                         let mut buffer = self.link_tx.buffer();
+                        let before = buffer.len();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
+                        if let Some(acl) = &self.acl {
+                            for p in buffer.iter_mut().skip(before) {
+                                guard(acl, &self.user, p);
+                            }
+                        }
                         buffer.len()
                     };
 
@@ -283,6 +328,7 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            acl: None,
         }
     }
 
