@@ -378,3 +378,140 @@ fn no_authentication_on_a_network_address_is_refused_unless_allowed() {
         }
     }
 }
+
+/// Review (s9): a process holding a write transaction on auth.db. Before,
+/// the audit writer gave up on its batch after the 5 s busy timeout
+/// (accepted submits never reached the log), and a token creation waiting
+/// on the lock held the one store connection, so every lookup of a token
+/// not yet cached waited behind it. Now an action the log cannot record is
+/// refused with a 503 that says so, every accepted one is written once the
+/// lock goes, and lookups do not wait on writes.
+#[test]
+fn a_locked_auth_db_refuses_unrecorded_actions_and_loses_no_accepted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let root = offline_token(&data, "admin", &[]);
+    let operator = offline_token(&data, "operator", &[]);
+    let fresh = offline_token(&data, "viewer", &[]);
+    let mut s = Server::start(&data, &["--auth", "required"]);
+    let url = |p: &str| format!("{}{p}", s.http);
+    s.client = s.client.clone().with_token(Some(root.clone()));
+    let mut agent = Agent::start(dir.path(), "gone-1", &s.broker(), "");
+    s.wait_online("gone-1");
+    agent.kill();
+    s.wait_offline("gone-1");
+    assert_eq!(
+        call("GET", &url("/v1/tasks"), Some(&root), None).status,
+        200
+    );
+
+    let lock = rusqlite::Connection::open(data.join("auth.db")).unwrap();
+    lock.execute_batch(
+        "BEGIN IMMEDIATE; INSERT INTO audit (at_ms, action, target) VALUES (0, 'x', 'lock');",
+    )
+    .unwrap();
+
+    // A creation waits on the lock; a token never seen is looked up anyway.
+    let create = {
+        let (u, r) = (url("/v1/tokens"), root.clone());
+        std::thread::spawn(move || call("POST", &u, Some(&r), Some(json!({"role": "viewer"}))))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let a = call("GET", &url("/v1/tasks"), Some(&fresh), None);
+    let took = t.elapsed();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert!(
+        took < Duration::from_secs(3),
+        "a lookup waited {took:?} on a write"
+    );
+    let c = create.join().unwrap();
+    assert!(
+        c.status == 503 || c.status == 201,
+        "{} {:?}",
+        c.status,
+        c.body
+    );
+
+    // Submits: accepted (and recorded later) or refused, saying why.
+    let mut accepted = Vec::new();
+    let start = Instant::now();
+    loop {
+        let t = Instant::now();
+        let a = call(
+            "POST",
+            &url("/v1/tasks"),
+            Some(&operator),
+            Some(submit_body()),
+        );
+        assert!(t.elapsed() < Duration::from_secs(15), "a submit hung");
+        match a.status {
+            202 => accepted.push(a.body["id"].as_str().unwrap().to_string()),
+            503 => {
+                let e = a.body["error"].as_str().unwrap();
+                assert!(e.contains("audit"), "{e}");
+                break;
+            }
+            s => panic!("{s}: {:?}", a.body),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "submits were still accepted after 30 s of a locked audit log"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The refusal did nothing: the queue holds only the accepted ones.
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    eventually("every accepted submit is in the audit log", || {
+        let a = call("GET", &url("/v1/audit?limit=1000"), Some(&root), None);
+        let rows = a.body.as_array().cloned().unwrap_or_default();
+        accepted.iter().all(|id| {
+            rows.iter()
+                .any(|r| r["action"] == "task.submit" && r["target"] == id.as_str())
+        })
+    });
+    eventually("submits are accepted again", || {
+        call(
+            "POST",
+            &url("/v1/tasks"),
+            Some(&operator),
+            Some(submit_body()),
+        )
+        .status
+            == 202
+    });
+}
+
+/// Review (s9): two `Authorization` headers are ambiguous (a proxy may read
+/// the other one): refused, whichever comes first.
+#[test]
+fn several_authorization_headers_are_refused() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let root = offline_token(&data, "admin", &[]);
+    let s = Server::start(&data, &["--auth", "required"]);
+    let raw = |headers: &str| {
+        let mut c = std::net::TcpStream::connect(s.http.trim_start_matches("http://")).unwrap();
+        write!(
+            c,
+            "GET /v1/tokens HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    let one = raw(&format!("Authorization: Bearer {root}\r\n"));
+    assert!(one.starts_with("HTTP/1.1 200"), "{one}");
+    for h in [
+        format!("Authorization: Bearer {root}\r\nAuthorization: Bearer junk\r\n"),
+        format!("Authorization: Bearer junk\r\nAuthorization: Bearer {root}\r\n"),
+        format!("Authorization: Bearer {root}\r\nAuthorization: Bearer {root}\r\n"),
+    ] {
+        let a = raw(&h);
+        assert!(a.starts_with("HTTP/1.1 401"), "{h}: {a}");
+        assert!(a.contains("Authorization headers"), "{a}");
+    }
+}

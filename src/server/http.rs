@@ -338,8 +338,12 @@ async fn submit(
             "`reply_to` and `correlation` are for MQTT submissions only".into(),
         ));
     }
+    let slot = api
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
     let resp = h.ask(|resp| Command::Submit { req, resp }).await??;
-    api.auth.audit(&caller, "task.submit", &resp.id).await;
+    slot.record("task.submit", &resp.id);
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     if wait.is_zero() {
         return Ok((StatusCode::ACCEPTED, Json(resp)).into_response());
@@ -660,8 +664,12 @@ async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let slot = api
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
     let v = api.sched.ask(|resp| Command::Cancel { id, resp }).await??;
-    api.auth.audit(&caller, "task.cancel", &v.id).await;
+    slot.record("task.cancel", &v.id);
     Ok(Json(v).into_response())
 }
 

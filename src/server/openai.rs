@@ -429,10 +429,12 @@ async fn chat(
     known_model(&gw.sched, &req.model).await?;
     let model = req.model.clone();
     let input = json!({ "chat": req, "stream": extras.stream });
+    let slot = gw
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
     let id = submit(&gw.sched, &model, input, &extras).await?;
-    gw.auth
-        .audit(&caller, "chat", &format!("{model} (task {id})"))
-        .await;
+    slot.record("chat", &format!("{model} (task {id})"));
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
     let created = crate::now_ms() / 1000;
     if !extras.stream {
@@ -778,10 +780,12 @@ async fn embeddings(
     }
     known_model(&gw.sched, &req.model).await?;
     let model = req.model.clone();
+    let slot = gw
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
     let id = submit(&gw.sched, &model, json!({ "embed": req }), &extras).await?;
-    gw.auth
-        .audit(&caller, "embeddings", &format!("{model} (task {id})"))
-        .await;
+    slot.record("embeddings", &format!("{model} (task {id})"));
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
     let t = wait_terminal(&gw.sched, &id).await?;
     guard.disarm();

@@ -16,7 +16,7 @@ pub use tokens::{AuditEntry, AuthError, NewToken, Role, TokenInfo, TokenStore};
 use super::config::{AuthMode, HttpSection};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
@@ -33,9 +33,12 @@ use tokio::sync::mpsc;
 /// Tokens remembered between store reads (valid and unknown ones alike);
 /// past it the memory starts empty again.
 const MAX_CACHED: usize = 4096;
-/// Audit rows waiting for the writer; a full queue slows the requests that
-/// audit (backpressure), it drops nothing.
+/// Audit rows waiting for the writer. An action that audits reserves its
+/// row's place before it is done: with the queue full, or while the writer
+/// cannot write, it is refused (503) rather than done unrecorded.
 const AUDIT_QUEUE: usize = 4096;
+/// Longest pause between two attempts of the writer at a failed batch.
+const AUDIT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// Rows the writer commits at once at most.
 const AUDIT_BATCH: usize = 512;
 /// Longest page of `GET /v1/audit`.
@@ -71,12 +74,18 @@ struct Bucket {
 /// The API's authentication state, shared by every request.
 pub struct Auth {
     required: bool,
+    /// For the admin routes (create, revoke, list, audit pages).
     store: Arc<Mutex<TokenStore>>,
+    /// For token lookups alone: a write waiting on a lock another process
+    /// holds (5 s busy timeout) must not hold up every request's check.
+    reader: Arc<Mutex<TokenStore>>,
     cache: Mutex<HashMap<String, (Instant, Stored)>>,
     buckets: Mutex<HashMap<String, Bucket>>,
     /// (per second, burst); None: no limit.
     rate: Option<(f64, f64)>,
     audit_tx: mpsc::Sender<AuditEntry>,
+    /// Why the audit writer's last attempt failed; None while it writes.
+    audit_failing: Arc<Mutex<Option<String>>>,
     /// Requests refused for want of a valid token or role.
     denied: AtomicU64,
 }
@@ -95,10 +104,15 @@ impl Auth {
                 data_dir.display()
             );
         }
+        let reader = TokenStore::open(data_dir)?;
         let mut writer = TokenStore::open(data_dir)?;
         let (audit_tx, mut rx) = mpsc::channel::<AuditEntry>(AUDIT_QUEUE);
+        let audit_failing = Arc::new(Mutex::new(None::<String>));
+        let failing = audit_failing.clone();
         // Its own thread and connection: SQLite blocks, and the rows of a
-        // burst go in one commit.
+        // burst go in one commit. A batch that cannot be written is kept
+        // and tried again (an accepted action is never left out); meanwhile
+        // `failing` has new actions refused.
         std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || {
@@ -111,8 +125,29 @@ impl Auth {
                             Err(_) => break,
                         }
                     }
-                    if let Err(e) = writer.audit(&batch) {
-                        log::error!("audit log: {} row(s) not written: {e}", batch.len());
+                    let mut pause = std::time::Duration::from_millis(50);
+                    while let Err(e) = writer.audit(&batch) {
+                        let was = failing
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .replace(e.to_string());
+                        if was.is_none() {
+                            log::error!(
+                                "audit log: {} row(s) not written yet, retrying; actions \
+                                 that audit are refused meanwhile: {e}",
+                                batch.len()
+                            );
+                        }
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(AUDIT_RETRY_MAX);
+                    }
+                    if failing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .is_some()
+                    {
+                        log::info!("audit log: written again");
                     }
                     batch.clear();
                 }
@@ -127,10 +162,12 @@ impl Auth {
         Ok(Arc::new(Auth {
             required,
             store: Arc::new(Mutex::new(store)),
+            reader: Arc::new(Mutex::new(reader)),
             cache: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             rate,
             audit_tx,
+            audit_failing,
             denied: AtomicU64::new(0),
         }))
     }
@@ -140,28 +177,41 @@ impl Auth {
         self.denied.load(Ordering::Relaxed)
     }
 
-    /// Records `action` on `target` by `caller`. Waits while the writer is
-    /// behind by [`AUDIT_QUEUE`] rows.
-    pub async fn audit(&self, caller: &Caller, action: &str, target: &str) {
-        let entry = AuditEntry {
-            seq: 0,
-            at_ms: tokens::now_ms(),
-            token: caller.token.clone(),
-            role: caller.token.as_ref().map(|_| caller.role),
-            action: action.to_string(),
-            target: target.chars().take(256).collect(),
-        };
-        if self.audit_tx.send(entry).await.is_err() {
-            log::error!("audit log: the writer has stopped; {action} {target} not recorded");
+    /// A place in the audit log for an action `caller` is about to do;
+    /// call it before doing it, and [`AuditSlot::record`] once done. Err
+    /// (the message of a 503): the log cannot take it now, do nothing.
+    pub fn reserve_audit(&self, caller: &Caller) -> Result<AuditSlot, String> {
+        if let Some(e) = &*self.audit_failing.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(format!(
+                "the audit log cannot be written ({e}); nothing was done, retry later"
+            ));
+        }
+        match self.audit_tx.clone().try_reserve_owned() {
+            Ok(permit) => Ok(AuditSlot {
+                permit,
+                caller: caller.clone(),
+            }),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(format!(
+                "the audit log is {AUDIT_QUEUE} rows behind; nothing was done, retry later"
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err("the audit log's writer has stopped; nothing was done".into())
+            }
         }
     }
 
-    /// Runs `f` on the token store on a blocking thread.
+    /// Runs `f` on the admin routes' store connection on a blocking thread.
     async fn with_store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut TokenStore) -> Result<T, AuthError> + Send + 'static,
     ) -> Result<T, AuthError> {
-        let store = self.store.clone();
+        Self::on(self.store.clone(), f).await
+    }
+
+    async fn on<T: Send + 'static>(
+        store: Arc<Mutex<TokenStore>>,
+        f: impl FnOnce(&mut TokenStore) -> Result<T, AuthError> + Send + 'static,
+    ) -> Result<T, AuthError> {
         tokio::task::spawn_blocking(move || {
             let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut s)
@@ -181,7 +231,7 @@ impl Auth {
             }
         }
         let key = id.to_string();
-        let v = self.with_store(move |s| s.get(&key)).await?;
+        let v = Self::on(self.reader.clone(), move |s| s.get(&key)).await?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {
             cache.clear();
@@ -199,8 +249,14 @@ impl Auth {
     }
 
     /// Who holds this `Authorization` header value.
-    async fn authenticate(&self, value: Option<&HeaderValue>) -> Result<Caller, Denied> {
-        let value = value.ok_or(Denied::Missing)?;
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Denied> {
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let value = values.next().ok_or(Denied::Missing)?;
+        if values.next().is_some() {
+            return Err(Denied::Bad(
+                "several Authorization headers: send one".into(),
+            ));
+        }
         let token =
             tokens::parse_bearer(value.as_bytes()).map_err(|e| Denied::Bad(e.to_string()))?;
         let (id, secret) = tokens::parse_token(token).map_err(|e| Denied::Bad(e.to_string()))?;
@@ -243,6 +299,27 @@ impl Auth {
         } else {
             Err((((1.0 - b.tokens) / per_s).ceil() as u64).max(1))
         }
+    }
+}
+
+/// A reserved row of the audit log ([`Auth::reserve_audit`]): recording
+/// it never waits and never fails.
+pub struct AuditSlot {
+    permit: mpsc::OwnedPermit<AuditEntry>,
+    caller: Caller,
+}
+
+impl AuditSlot {
+    /// Records `action` on `target`.
+    pub fn record(self, action: &str, target: &str) {
+        self.permit.send(AuditEntry {
+            seq: 0,
+            at_ms: tokens::now_ms(),
+            token: self.caller.token.clone(),
+            role: self.caller.token.as_ref().map(|_| self.caller.role),
+            action: action.to_string(),
+            target: target.chars().take(256).collect(),
+        });
     }
 }
 
@@ -365,10 +442,7 @@ pub async fn check(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) 
         });
         return next.run(req).await;
     }
-    let caller = match auth
-        .authenticate(req.headers().get(header::AUTHORIZATION))
-        .await
-    {
+    let caller = match auth.authenticate(req.headers()).await {
         Ok(c) => c,
         Err(d) => return refuse(&auth, d, req.method(), req.uri().path(), gateway),
     };
@@ -464,12 +538,16 @@ async fn create_token(
         Err(e) => return store_error(e),
     };
     let name = b.name;
+    let slot = match auth.reserve_audit(&caller) {
+        Ok(s) => s,
+        Err(e) => return api_error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
     match auth
         .with_store(move |s| s.create(role, &name, expires))
         .await
     {
         Ok(t) => {
-            auth.audit(&caller, "token.create", &t.info.id).await;
+            slot.record("token.create", &t.info.id);
             (StatusCode::CREATED, Json(t)).into_response()
         }
         Err(e) => store_error(e),
@@ -489,10 +567,14 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> Response {
     let key = id.clone();
+    let slot = match auth.reserve_audit(&caller) {
+        Ok(s) => s,
+        Err(e) => return api_error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
     match auth.with_store(move |s| s.revoke(&key)).await {
         Ok(info) => {
             auth.forget(&id);
-            auth.audit(&caller, "token.revoke", &id).await;
+            slot.record("token.revoke", &id);
             Json(info).into_response()
         }
         Err(e) => store_error(e),
