@@ -515,3 +515,62 @@ fn several_authorization_headers_are_refused() {
         assert!(a.contains("Authorization headers"), "{a}");
     }
 }
+
+/// Review (s9): auth.db deleted or replaced while the server runs. Before,
+/// the server kept reading and writing the deleted file: tokens made
+/// offline into the new one were refused ("no token with id") for good,
+/// and audit rows went where no one would read them. Now a missing file is
+/// a 503 that says so, and a new file is used as soon as it is there.
+#[test]
+fn a_deleted_or_replaced_auth_db_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let root = offline_token(&data, "admin", &[]);
+    let fresh = offline_token(&data, "viewer", &[]);
+    let s = Server::start(&data, &["--auth", "required"]);
+    let url = |p: &str| format!("{}{p}", s.http);
+    assert_eq!(
+        call("GET", &url("/v1/tasks"), Some(&root), None).status,
+        200
+    );
+    let moved = dir.path().join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    for f in ["auth.db", "auth.db-wal", "auth.db-shm"] {
+        let _ = std::fs::rename(data.join(f), moved.join(f));
+    }
+    // A token not yet read: the store is gone, and the answer says so.
+    let a = call("GET", &url("/v1/tasks"), Some(&fresh), None);
+    assert_eq!(a.status, 503, "{:?}", a.body);
+    let e = a.body["error"].as_str().unwrap();
+    assert!(
+        e.contains("auth.db") && e.contains("no longer there"),
+        "{e}"
+    );
+    // A new store made offline is used.
+    let new_root = offline_token(&data, "admin", &["--name", "after"]);
+    eventually("the new auth.db is read", || {
+        call("GET", &url("/v1/tasks"), Some(&new_root), None).status == 200
+    });
+    let a = call(
+        "POST",
+        &url("/v1/tokens"),
+        Some(&new_root),
+        Some(json!({"role": "viewer"})),
+    );
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let made = a.body["id"].as_str().unwrap().to_string();
+    let d = data.display().to_string();
+    let (ok, list, err) = admin(&["--json", "token", "list", "--data-dir", &d]);
+    assert!(ok, "{err}");
+    assert!(
+        list.contains(&made),
+        "made through the API into the old file: {list}"
+    );
+    eventually("its creation is in the new file's audit log", || {
+        let a = call("GET", &url("/v1/audit"), Some(&new_root), None);
+        a.body.as_array().is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r["action"] == "token.create" && r["target"] == made.as_str())
+        })
+    });
+}

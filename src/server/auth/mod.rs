@@ -30,8 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
-/// Tokens remembered between store reads (valid and unknown ones alike);
-/// past it the memory starts empty again.
+/// Tokens remembered between store reads, known and unknown ids each (the
+/// unknown ones apart: a flood of random ids, which anyone can send, must
+/// not evict the tokens in use); past it that memory starts empty again.
 const MAX_CACHED: usize = 4096;
 /// Audit rows waiting for the writer. An action that audits reserves its
 /// row's place before it is done: with the queue full, or while the writer
@@ -65,6 +66,16 @@ impl Caller {
     }
 }
 
+/// What was read about tokens, and when.
+#[derive(Default)]
+struct Cache {
+    known: HashMap<String, (Instant, Stored)>,
+    unknown: HashMap<String, Instant>,
+    /// Bumped by every [`Auth::forget`]: a read begun before it is not
+    /// kept.
+    epoch: u64,
+}
+
 /// A token bucket.
 struct Bucket {
     tokens: f64,
@@ -79,7 +90,7 @@ pub struct Auth {
     /// For token lookups alone: a write waiting on a lock another process
     /// holds (5 s busy timeout) must not hold up every request's check.
     reader: Arc<Mutex<TokenStore>>,
-    cache: Mutex<HashMap<String, (Instant, Stored)>>,
+    cache: Mutex<Cache>,
     buckets: Mutex<HashMap<String, Bucket>>,
     /// (per second, burst); None: no limit.
     rate: Option<(f64, f64)>,
@@ -126,7 +137,7 @@ impl Auth {
                         }
                     }
                     let mut pause = std::time::Duration::from_millis(50);
-                    while let Err(e) = writer.audit(&batch) {
+                    while let Err(e) = writer.follow().and_then(|()| writer.audit(&batch)) {
                         let was = failing
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -163,7 +174,7 @@ impl Auth {
             required,
             store: Arc::new(Mutex::new(store)),
             reader: Arc::new(Mutex::new(reader)),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
             buckets: Mutex::new(HashMap::new()),
             rate,
             audit_tx,
@@ -214,6 +225,7 @@ impl Auth {
     ) -> Result<T, AuthError> {
         tokio::task::spawn_blocking(move || {
             let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+            s.follow()?;
             f(&mut s)
         })
         .await
@@ -222,30 +234,71 @@ impl Auth {
 
     /// The token behind `id`, from memory if read within the TTL.
     async fn lookup(&self, id: &str) -> Result<Stored, AuthError> {
-        {
+        let epoch = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, v)) = cache.get(id) {
+            if let Some((at, v)) = cache.known.get(id) {
                 if at.elapsed() < tokens::CACHE_TTL {
                     return Ok(v.clone());
                 }
             }
-        }
+            if let Some(at) = cache.unknown.get(id) {
+                if at.elapsed() < tokens::CACHE_TTL {
+                    return Ok(None);
+                }
+            }
+            cache.epoch
+        };
         let key = id.to_string();
         let v = Self::on(self.reader.clone(), move |s| s.get(&key)).await?;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
-        }
-        cache.insert(id.to_string(), (Instant::now(), v.clone()));
+        self.remember(id, v.clone(), epoch);
         Ok(v)
+    }
+
+    /// The cache's epoch before a store read ([`Auth::remember`]).
+    #[cfg(test)]
+    fn epoch(&self) -> u64 {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).epoch
+    }
+
+    /// Keeps what a read begun at `epoch` found, unless a revocation came
+    /// since (that read may be older than it).
+    fn remember(&self, id: &str, v: Stored, epoch: u64) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.epoch != epoch {
+            return;
+        }
+        let now = Instant::now();
+        match v {
+            Some(_) => {
+                if cache.known.len() >= MAX_CACHED {
+                    cache.known.clear();
+                }
+                cache.unknown.remove(id);
+                cache.known.insert(id.to_string(), (now, v));
+            }
+            None => {
+                if cache.unknown.len() >= MAX_CACHED {
+                    cache.unknown.clear();
+                }
+                cache.known.remove(id);
+                cache.unknown.insert(id.to_string(), now);
+            }
+        }
+    }
+
+    /// Whether what was read about `id` is in memory.
+    #[cfg(test)]
+    fn cached(&self, id: &str) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.known.contains_key(id) || cache.unknown.contains_key(id)
     }
 
     /// Forgets what was read about `id` (after a revocation here).
     fn forget(&self, id: &str) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.known.remove(id);
+        cache.unknown.remove(id);
+        cache.epoch += 1;
     }
 
     /// Who holds this `Authorization` header value.
@@ -613,6 +666,51 @@ async fn audit_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn auth(dir: &FsPath) -> Arc<Auth> {
+        let cfg = crate::server::config::ServerConfig::load(None, toml::Table::new()).unwrap();
+        Auth::open(dir, &cfg.http).unwrap()
+    }
+
+    /// Review (s9): a flood of unknown ids (anyone can send them) emptied
+    /// the whole cache every 4096, valid tokens with it.
+    #[tokio::test]
+    async fn unknown_ids_do_not_evict_known_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path());
+        let t = TokenStore::open(dir.path())
+            .unwrap()
+            .create(Role::Viewer, "", None)
+            .unwrap();
+        assert!(a.lookup(&t.info.id).await.unwrap().is_some());
+        for n in 0..(MAX_CACHED as u64 + 10) {
+            assert!(a.lookup(&format!("{n:016x}")).await.unwrap().is_none());
+        }
+        assert!(a.cached(&t.info.id), "the flood evicted a valid token");
+    }
+
+    /// Review (s9): a lookup that read the store before a revocation here
+    /// and stored its answer after the revocation's `forget` kept the
+    /// revoked token usable for the cache's 2 s.
+    #[tokio::test]
+    async fn a_read_older_than_a_revocation_is_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path());
+        let store = TokenStore::open(dir.path()).unwrap();
+        let t = store.create(Role::Admin, "", None).unwrap();
+        let id = t.info.id.clone();
+        let epoch = a.epoch();
+        let stale = store.get(&id).unwrap();
+        store.revoke(&id).unwrap();
+        a.forget(&id);
+        a.remember(&id, stale, epoch);
+        assert!(
+            !a.cached(&id),
+            "a read from before the revocation was cached"
+        );
+        let (info, _) = a.lookup(&id).await.unwrap().unwrap();
+        assert!(info.revoked_ms.is_some());
+    }
 
     #[test]
     fn roles_by_route() {

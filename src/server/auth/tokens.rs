@@ -56,6 +56,16 @@ pub enum AuthError {
     Name(String),
     #[error("no random bytes from the OS: {0}")]
     Random(String),
+    /// The file was deleted (or cannot be looked at) while open.
+    #[error(
+        "token store {} is no longer there (deleted while the server runs?): {source}; \
+         restore it, or make a token with `openclaw-admin token create --data-dir`",
+        path.display()
+    )]
+    Gone {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What a token may do; each role may do what the ones below it may.
@@ -266,6 +276,21 @@ fn random_hex(bytes: usize) -> Result<String, AuthError> {
 pub struct TokenStore {
     conn: Connection,
     path: PathBuf,
+    /// The opened file's device and inode: [`TokenStore::follow`] tells a
+    /// file replaced or deleted since.
+    file: (u64, u64),
+}
+
+#[cfg(unix)]
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|_| (0, 0))
 }
 
 impl TokenStore {
@@ -292,7 +317,31 @@ impl TokenStore {
                 token TEXT, role TEXT, action TEXT NOT NULL, target TEXT NOT NULL);",
         )
         .map_err(db)?;
-        Ok(TokenStore { conn, path })
+        let file = file_id(&path).map_err(|source| AuthError::Gone {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(TokenStore { conn, path, file })
+    }
+
+    /// Makes sure this store reads the file now at its path: another file
+    /// put there (restored, or made by `token create --data-dir` after a
+    /// deletion) is opened; a deleted one is [`AuthError::Gone`], not
+    /// silently read and written on.
+    pub fn follow(&mut self) -> Result<(), AuthError> {
+        let now = file_id(&self.path).map_err(|source| AuthError::Gone {
+            path: self.path.clone(),
+            source,
+        })?;
+        if now != self.file {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            log::warn!(
+                "token store {}: the file was replaced; opening the new one",
+                self.path.display()
+            );
+            *self = TokenStore::open(dir)?;
+        }
+        Ok(())
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> AuthError + '_ {
