@@ -574,3 +574,31 @@ fn a_deleted_or_replaced_auth_db_is_noticed() {
         })
     });
 }
+
+/// Review (s9): tokens made or revoked offline (`--data-dir`: the way to
+/// mint the first admin token) left no trace in the audit log.
+#[test]
+fn offline_token_changes_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let d = data.display().to_string();
+    let root = offline_token(&data, "admin", &[]);
+    let victim = offline_token(&data, "viewer", &[]);
+    let (ok, _, err) = admin(&["token", "revoke", id_of(&victim), "--data-dir", &d]);
+    assert!(ok, "{err}");
+    let s = Server::start(&data, &["--auth", "required"]);
+    let a = call("GET", &format!("{}/v1/audit", s.http), Some(&root), None);
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let rows = a.body.as_array().unwrap();
+    let has = |action: &str, id: &str| {
+        rows.iter().any(|r| {
+            r["action"] == action
+                && r["token"].is_null()
+                && r["target"].as_str().unwrap().starts_with(id)
+                && r["target"].as_str().unwrap().contains("offline")
+        })
+    };
+    assert!(has("token.create", id_of(&root)), "{rows:?}");
+    assert!(has("token.create", id_of(&victim)), "{rows:?}");
+    assert!(has("token.revoke", id_of(&victim)), "{rows:?}");
+}

@@ -436,7 +436,12 @@ fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
                         .map(tokens::parse_duration)
                         .transpose()
                         .context("--expires")?;
-                    serde_json::to_value(offline(&d)?.create(role, &name, ms)?)?
+                    let mut store = offline(&d)?;
+                    let t = store.create(role, &name, ms)?;
+                    store
+                        .audit(&[tokens::AuditEntry::offline("token.create", &t.info.id)])
+                        .context("the token was made but its audit row not written")?;
+                    serde_json::to_value(t)?
                 }
                 None => client
                     .token_create(&role, expires.as_deref(), &name)
@@ -467,7 +472,14 @@ fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
         }
         Token::Revoke { id, data_dir } => {
             let v = match data_dir {
-                Some(d) => serde_json::to_value(offline(&d)?.revoke(&id)?)?,
+                Some(d) => {
+                    let mut store = offline(&d)?;
+                    let info = store.revoke(&id)?;
+                    store
+                        .audit(&[tokens::AuditEntry::offline("token.revoke", &info.id)])
+                        .context("the token was revoked but its audit row not written")?;
+                    serde_json::to_value(info)?
+                }
                 None => client
                     .token_revoke(&id)
                     .context("cannot revoke the token")?,

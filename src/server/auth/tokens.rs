@@ -150,7 +150,8 @@ pub struct AuditEntry {
     /// Grows with every row: `before=` pages back with it.
     pub seq: i64,
     pub at_ms: i64,
-    /// The token's id; `None` with `http.auth = "off"`.
+    /// The token's id; `None` with `http.auth = "off"`, and for a token
+    /// change made offline (`--data-dir`; its target says so).
     pub token: Option<String>,
     pub role: Option<Role>,
     /// `task.submit`, `task.cancel`, `token.create`, `token.revoke`, `chat`,
@@ -158,6 +159,21 @@ pub struct AuditEntry {
     pub action: String,
     /// What it acted on: a task id, a token id, a model.
     pub target: String,
+}
+
+impl AuditEntry {
+    /// A token change made straight on the data dir (`openclaw-admin token
+    /// ... --data-dir`): no token did it; its target says `(offline)`.
+    pub fn offline(action: &str, id: &str) -> AuditEntry {
+        AuditEntry {
+            seq: 0,
+            at_ms: now_ms(),
+            token: None,
+            role: None,
+            action: action.to_string(),
+            target: format!("{id} (offline, --data-dir)"),
+        }
+    }
 }
 
 /// Splits `oc_<id>_<secret>` into its id and secret, checking the shape.
