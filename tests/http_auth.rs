@@ -602,3 +602,44 @@ fn offline_token_changes_are_audited() {
     assert!(has("token.create", id_of(&victim)), "{rows:?}");
     assert!(has("token.revoke", id_of(&victim)), "{rows:?}");
 }
+
+/// Review (s9): with `http.auth = "off"` on loopback any web page the
+/// machine's user opens could submit and cancel tasks (a cross-site
+/// `fetch` with `Content-Type: text/plain` needs no preflight, and the
+/// body was parsed as JSON whatever its type). Browsers send `Origin` on
+/// such requests; without a token they are refused.
+#[test]
+fn without_authentication_browser_requests_are_refused() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("srv"), &[]);
+    let raw = |head: &str, body: &str| {
+        let mut c = std::net::TcpStream::connect(s.http.trim_start_matches("http://")).unwrap();
+        write!(
+            c,
+            "{head}\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    let body = r#"{"plugin": "echo", "input": {}}"#;
+    let csrf = raw(
+        "POST /v1/tasks HTTP/1.1\r\nOrigin: https://evil.example\r\nContent-Type: text/plain",
+        body,
+    );
+    assert!(csrf.starts_with("HTTP/1.1 403"), "{csrf}");
+    assert!(csrf.contains("Origin"), "{csrf}");
+    let read = raw("GET /v1/tasks HTTP/1.1\r\nOrigin: null", "");
+    assert!(read.starts_with("HTTP/1.1 403"), "{read}");
+    // Not from a browser: as before (422: no device offers echo).
+    let plain = raw(
+        "POST /v1/tasks HTTP/1.1\r\nContent-Type: application/json",
+        body,
+    );
+    assert!(plain.starts_with("HTTP/1.1 422"), "{plain}");
+    assert!(raw("GET /v1/tasks HTTP/1.1", "").starts_with("HTTP/1.1 200"));
+    assert!(raw("GET /healthz HTTP/1.1\r\nOrigin: null", "").starts_with("HTTP/1.1 200"));
+}

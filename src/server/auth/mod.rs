@@ -489,6 +489,18 @@ pub async fn check(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) 
         return next.run(req).await;
     };
     if !auth.required {
+        // Anyone who reaches the port may call it, and so may any web page
+        // a user of this machine opens: a cross-site POST with a text/plain
+        // body needs no CORS preflight. Browsers send `Origin` on those;
+        // other clients do not.
+        if req.headers().contains_key(header::ORIGIN) {
+            let d = Denied::Forbidden(
+                "a request with an Origin header (from a web page) needs a token: \
+                 http.auth is \"off\", so browsers are refused"
+                    .into(),
+            );
+            return refuse(&auth, d, req.method(), req.uri().path(), gateway);
+        }
         req.extensions_mut().insert(Caller {
             token: None,
             role: Role::Admin,
