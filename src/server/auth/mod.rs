@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path as FsPath;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -94,7 +94,9 @@ pub struct Auth {
     buckets: Mutex<HashMap<String, Bucket>>,
     /// (per second, burst); None: no limit.
     rate: Option<(f64, f64)>,
-    audit_tx: mpsc::Sender<AuditEntry>,
+    audit_tx: mpsc::Sender<Msg>,
+    /// Set by [`Auth::close`]: the writer stops retrying and spills.
+    closing: Arc<AtomicBool>,
     /// Why the audit writer's last attempt failed; None while it writes.
     audit_failing: Arc<Mutex<Option<String>>>,
     /// Requests refused for want of a valid token or role.
@@ -117,52 +119,17 @@ impl Auth {
         }
         let reader = TokenStore::open(data_dir)?;
         let mut writer = TokenStore::open(data_dir)?;
-        let (audit_tx, mut rx) = mpsc::channel::<AuditEntry>(AUDIT_QUEUE);
+        let spill = data_dir.join(UNWRITTEN_FILE);
+        take_unwritten(&mut writer, &spill);
+        let (audit_tx, rx) = mpsc::channel::<Msg>(AUDIT_QUEUE);
         let audit_failing = Arc::new(Mutex::new(None::<String>));
-        let failing = audit_failing.clone();
+        let closing = Arc::new(AtomicBool::new(false));
+        let (failing, closing_w) = (audit_failing.clone(), closing.clone());
         // Its own thread and connection: SQLite blocks, and the rows of a
-        // burst go in one commit. A batch that cannot be written is kept
-        // and tried again (an accepted action is never left out); meanwhile
-        // `failing` has new actions refused.
+        // burst go in one commit.
         std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || {
-                let mut batch = Vec::with_capacity(AUDIT_BATCH);
-                while let Some(first) = rx.blocking_recv() {
-                    batch.push(first);
-                    while batch.len() < AUDIT_BATCH {
-                        match rx.try_recv() {
-                            Ok(e) => batch.push(e),
-                            Err(_) => break,
-                        }
-                    }
-                    let mut pause = std::time::Duration::from_millis(50);
-                    while let Err(e) = writer.follow().and_then(|()| writer.audit(&batch)) {
-                        let was = failing
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .replace(e.to_string());
-                        if was.is_none() {
-                            log::error!(
-                                "audit log: {} row(s) not written yet, retrying; actions \
-                                 that audit are refused meanwhile: {e}",
-                                batch.len()
-                            );
-                        }
-                        std::thread::sleep(pause);
-                        pause = (pause * 2).min(AUDIT_RETRY_MAX);
-                    }
-                    if failing
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take()
-                        .is_some()
-                    {
-                        log::info!("audit log: written again");
-                    }
-                    batch.clear();
-                }
-            })
+            .spawn(move || audit_writer(writer, rx, &failing, &closing_w, &spill))
             .map_err(|e| AuthError::Random(format!("cannot start the audit thread: {e}")))?;
         let rate = (http.rate_limit_per_s > 0.0).then(|| {
             (
@@ -179,8 +146,33 @@ impl Auth {
             rate,
             audit_tx,
             audit_failing,
+            closing,
             denied: AtomicU64::new(0),
         }))
+    }
+
+    /// Waits (up to ~10 s) until every audit row sent so far is written,
+    /// or spilled to [`UNWRITTEN_FILE`] if auth.db cannot take it. Called
+    /// once the HTTP server has stopped.
+    pub async fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.audit_tx.send(Msg::Close(tx)),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            // Full, or the writer already spilled and stopped.
+            return;
+        }
+        let waited = tokio::task::spawn_blocking(move || {
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+        })
+        .await;
+        if matches!(waited, Ok(Err(std::sync::mpsc::RecvTimeoutError::Timeout))) {
+            log::error!("audit log: the writer did not finish within 10 s; rows may be lost");
+        }
     }
 
     /// Requests refused so far for want of a valid token or role.
@@ -358,21 +350,172 @@ impl Auth {
 /// A reserved row of the audit log ([`Auth::reserve_audit`]): recording
 /// it never waits and never fails.
 pub struct AuditSlot {
-    permit: mpsc::OwnedPermit<AuditEntry>,
+    permit: mpsc::OwnedPermit<Msg>,
     caller: Caller,
 }
 
 impl AuditSlot {
     /// Records `action` on `target`.
     pub fn record(self, action: &str, target: &str) {
-        self.permit.send(AuditEntry {
+        self.permit.send(Msg::Row(AuditEntry {
             seq: 0,
             at_ms: tokens::now_ms(),
             token: self.caller.token.clone(),
             role: self.caller.token.as_ref().map(|_| self.caller.role),
             action: action.to_string(),
             target: target.chars().take(256).collect(),
-        });
+        }));
+    }
+}
+
+/// What the audit writer is sent.
+enum Msg {
+    Row(AuditEntry),
+    /// Everything sent before is written (or spilled): say so.
+    Close(std::sync::mpsc::Sender<()>),
+}
+
+/// Audit rows the writer could not put in auth.db when the server stopped,
+/// one JSON object a line; taken into the log at the next start.
+pub const UNWRITTEN_FILE: &str = "audit-unwritten.jsonl";
+
+/// The audit writer's loop. A batch that cannot be written is kept and
+/// tried again (an accepted action is never left out); meanwhile `failing`
+/// has new actions refused. Closing while it fails, it spills what it
+/// holds to `spill`.
+fn audit_writer(
+    mut writer: TokenStore,
+    mut rx: mpsc::Receiver<Msg>,
+    failing: &Mutex<Option<String>>,
+    closing: &AtomicBool,
+    spill: &FsPath,
+) {
+    let mut batch = Vec::with_capacity(AUDIT_BATCH);
+    let mut done = None;
+    while done.is_none() {
+        match rx.blocking_recv() {
+            None => return,
+            Some(Msg::Close(d)) => done = Some(d),
+            Some(Msg::Row(e)) => batch.push(e),
+        }
+        while batch.len() < AUDIT_BATCH && done.is_none() {
+            match rx.try_recv() {
+                Ok(Msg::Row(e)) => batch.push(e),
+                Ok(Msg::Close(d)) => done = Some(d),
+                Err(_) => break,
+            }
+        }
+        let mut pause = std::time::Duration::from_millis(50);
+        while !batch.is_empty() {
+            let Err(e) = writer.follow().and_then(|()| writer.audit(&batch)) else {
+                break;
+            };
+            let was = failing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(e.to_string());
+            if was.is_none() {
+                log::error!(
+                    "audit log: {} row(s) not written yet, retrying; actions that audit \
+                     are refused meanwhile: {e}",
+                    batch.len()
+                );
+            }
+            if closing.load(Ordering::SeqCst) {
+                rx.close();
+                while let Ok(m) = rx.try_recv() {
+                    match m {
+                        Msg::Row(r) => batch.push(r),
+                        Msg::Close(d) => done = Some(d),
+                    }
+                }
+                match spill_rows(spill, &batch) {
+                    Ok(()) => log::error!(
+                        "audit log: {} row(s) kept in {} for the next start: {e}",
+                        batch.len(),
+                        spill.display()
+                    ),
+                    Err(s) => log::error!(
+                        "audit log: {} row(s) lost: {e}; and {}: {s}",
+                        batch.len(),
+                        spill.display()
+                    ),
+                }
+                if let Some(d) = done {
+                    let _ = d.send(());
+                }
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(AUDIT_RETRY_MAX);
+        }
+        if failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some()
+        {
+            log::info!("audit log: written again");
+        }
+        batch.clear();
+    }
+    if let Some(d) = done {
+        let _ = d.send(());
+    }
+}
+
+fn spill_rows(path: &FsPath, rows: &[AuditEntry]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// Takes the rows a previous run spilled into the log.
+fn take_unwritten(writer: &mut TokenStore, path: &FsPath) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            log::error!("audit log: cannot read {}: {e}", path.display());
+            return;
+        }
+    };
+    let rows: Vec<AuditEntry> = text
+        .lines()
+        .filter_map(|l| match serde_json::from_str(l) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                if !l.trim().is_empty() {
+                    log::warn!("audit log: {}: a line skipped: {e}", path.display());
+                }
+                None
+            }
+        })
+        .collect();
+    match writer.audit(&rows) {
+        Ok(()) => {
+            log::info!(
+                "audit log: {} row(s) from {} taken in",
+                rows.len(),
+                path.display()
+            );
+            if let Err(e) = std::fs::remove_file(path) {
+                log::error!("audit log: cannot remove {}: {e}", path.display());
+            }
+        }
+        Err(e) => log::error!(
+            "audit log: the rows of {} not taken in (kept for the next start): {e}",
+            path.display()
+        ),
     }
 }
 
