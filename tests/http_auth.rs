@@ -696,3 +696,66 @@ fn audit_rows_not_written_at_exit_are_kept_for_the_next_start() {
     );
     assert!(!data.join("audit-unwritten.jsonl").exists());
 }
+
+/// Review (s9): a client that went away while its submit waited on the
+/// scheduler (here: the task store write-locked by another process) had
+/// its task accepted and run, but the handler was dropped before it wrote
+/// the audit row.
+#[test]
+fn a_submit_whose_client_went_away_is_still_audited() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let root = offline_token(&data, "admin", &[]);
+    let operator = offline_token(&data, "operator", &[]);
+    let mut s = Server::start(&data, &["--auth", "required"]);
+    let url = |p: &str| format!("{}{p}", s.http);
+    s.client = s.client.clone().with_token(Some(root.clone()));
+    let mut agent = Agent::start(dir.path(), "gone-1", &s.broker(), "");
+    s.wait_online("gone-1");
+    agent.kill();
+    s.wait_offline("gone-1");
+    assert_eq!(
+        call("GET", &url("/v1/tasks"), Some(&operator), None).status,
+        200
+    );
+    let lock = rusqlite::Connection::open(data.join("openclaw.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = submit_body().to_string();
+    let mut c = std::net::TcpStream::connect(s.http.trim_start_matches("http://")).unwrap();
+    write!(
+        c,
+        "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {operator}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let ids = std::cell::RefCell::new(Vec::<String>::new());
+    eventually("the submit is stored", || {
+        let a = call("GET", &url("/v1/tasks"), Some(&root), None);
+        *ids.borrow_mut() = a
+            .body
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|t| t["id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        !ids.borrow().is_empty()
+    });
+    let ids = ids.into_inner();
+    eventually("its audit row is written", || {
+        let a = call("GET", &url("/v1/audit"), Some(&root), None);
+        let rows = a.body.as_array().cloned().unwrap_or_default();
+        ids.iter().all(|id| {
+            rows.iter()
+                .any(|r| r["action"] == "task.submit" && r["target"] == id.as_str())
+        })
+    });
+}

@@ -342,8 +342,15 @@ async fn submit(
         .auth
         .reserve_audit(&caller)
         .map_err(ApiError::Unavailable)?;
-    let resp = h.ask(|resp| Command::Submit { req, resp }).await??;
-    slot.record("task.submit", &resp.id);
+    // Its own task: a client going away must not drop the audit row of a
+    // submit the scheduler accepts.
+    let sched = h.clone();
+    let resp = detached(async move {
+        let r = sched.ask(|resp| Command::Submit { req, resp }).await??;
+        slot.record("task.submit", &r.id);
+        Ok(r)
+    })
+    .await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     if wait.is_zero() {
         return Ok((StatusCode::ACCEPTED, Json(resp)).into_response());
@@ -668,9 +675,24 @@ async fn cancel(
         .auth
         .reserve_audit(&caller)
         .map_err(ApiError::Unavailable)?;
-    let v = api.sched.ask(|resp| Command::Cancel { id, resp }).await??;
-    slot.record("task.cancel", &v.id);
+    let sched = api.sched.clone();
+    let v = detached(async move {
+        let v = sched.ask(|resp| Command::Cancel { id, resp }).await??;
+        slot.record("task.cancel", &v.id);
+        Ok(v)
+    })
+    .await?;
     Ok(Json(v).into_response())
+}
+
+/// Runs `f` to its end even if the request is dropped (the client went
+/// away): what it changes and its audit row go together.
+pub(crate) async fn detached<T: Send + 'static>(
+    f: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Unavailable(format!("the request's task: {e}"))))
 }
 
 async fn devices(State(api): AppState) -> Result<Response, ApiError> {
