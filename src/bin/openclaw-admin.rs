@@ -436,11 +436,9 @@ fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
                         .map(tokens::parse_duration)
                         .transpose()
                         .context("--expires")?;
-                    let mut store = offline(&d)?;
-                    let t = store.create(role, &name, ms)?;
-                    store
-                        .audit(&[tokens::AuditEntry::offline("token.create", &t.info.id)])
-                        .context("the token was made but its audit row not written")?;
+                    let t = offline(&d)?.create_audited(role, &name, ms, |i| {
+                        tokens::AuditEntry::offline("token.create", &i.id)
+                    })?;
                     serde_json::to_value(t)?
                 }
                 None => client
@@ -473,11 +471,9 @@ fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
         Token::Revoke { id, data_dir } => {
             let v = match data_dir {
                 Some(d) => {
-                    let mut store = offline(&d)?;
-                    let info = store.revoke(&id)?;
-                    store
-                        .audit(&[tokens::AuditEntry::offline("token.revoke", &info.id)])
-                        .context("the token was revoked but its audit row not written")?;
+                    let info = offline(&d)?.revoke_audited(&id, |i| {
+                        tokens::AuditEntry::offline("token.revoke", &i.id)
+                    })?;
                     serde_json::to_value(info)?
                 }
                 None => client

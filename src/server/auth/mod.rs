@@ -57,6 +57,18 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// An audit row of `action` on `target` by this caller.
+    pub fn entry(&self, action: &str, target: &str) -> AuditEntry {
+        AuditEntry {
+            seq: 0,
+            at_ms: tokens::now_ms(),
+            token: self.token.clone(),
+            role: self.token.as_ref().map(|_| self.role),
+            action: action.to_string(),
+            target: target.chars().take(256).collect(),
+        }
+    }
+
     /// For messages and logs.
     pub fn name(&self) -> String {
         match &self.token {
@@ -357,14 +369,8 @@ pub struct AuditSlot {
 impl AuditSlot {
     /// Records `action` on `target`.
     pub fn record(self, action: &str, target: &str) {
-        self.permit.send(Msg::Row(AuditEntry {
-            seq: 0,
-            at_ms: tokens::now_ms(),
-            token: self.caller.token.clone(),
-            role: self.caller.token.as_ref().map(|_| self.caller.role),
-            action: action.to_string(),
-            target: target.chars().take(256).collect(),
-        }));
+        self.permit
+            .send(Msg::Row(self.caller.entry(action, target)));
     }
 }
 
@@ -746,18 +752,16 @@ async fn create_token(
         Err(e) => return store_error(e),
     };
     let name = b.name;
-    let slot = match auth.reserve_audit(&caller) {
-        Ok(s) => s,
-        Err(e) => return api_error(StatusCode::SERVICE_UNAVAILABLE, e),
-    };
+    // The token and its audit row in one transaction, not through the
+    // writer's queue: no token without its row, even after a crash.
+    let who = caller.clone();
     match auth
-        .with_store(move |s| s.create(role, &name, expires))
+        .with_store(move |s| {
+            s.create_audited(role, &name, expires, |i| who.entry("token.create", &i.id))
+        })
         .await
     {
-        Ok(t) => {
-            slot.record("token.create", &t.info.id);
-            (StatusCode::CREATED, Json(t)).into_response()
-        }
+        Ok(t) => (StatusCode::CREATED, Json(t)).into_response(),
         Err(e) => store_error(e),
     }
 }
@@ -775,14 +779,13 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> Response {
     let key = id.clone();
-    let slot = match auth.reserve_audit(&caller) {
-        Ok(s) => s,
-        Err(e) => return api_error(StatusCode::SERVICE_UNAVAILABLE, e),
-    };
-    match auth.with_store(move |s| s.revoke(&key)).await {
+    let who = caller.clone();
+    match auth
+        .with_store(move |s| s.revoke_audited(&key, |i| who.entry("token.revoke", &i.id)))
+        .await
+    {
         Ok(info) => {
             auth.forget(&id);
-            slot.record("token.revoke", &id);
             Json(info).into_response()
         }
         Err(e) => store_error(e),

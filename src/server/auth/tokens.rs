@@ -374,6 +374,70 @@ impl TokenStore {
         name: &str,
         expires_in_ms: Option<u64>,
     ) -> Result<NewToken, AuthError> {
+        Self::insert_token(&self.conn, &self.path, role, name, expires_in_ms)
+    }
+
+    /// Makes a token and writes the audit row `audit` gives for it, in one
+    /// transaction: no token without its row.
+    pub fn create_audited(
+        &mut self,
+        role: Role,
+        name: &str,
+        expires_in_ms: Option<u64>,
+        audit: impl FnOnce(&TokenInfo) -> AuditEntry,
+    ) -> Result<NewToken, AuthError> {
+        let path = self.path.clone();
+        let db = |source| AuthError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        let t = Self::insert_token(&tx, &path, role, name, expires_in_ms)?;
+        Self::insert_audit(&tx, &path, &[audit(&t.info)])?;
+        tx.commit().map_err(db)?;
+        Ok(t)
+    }
+
+    /// Revokes a token and writes its audit row in one transaction.
+    pub fn revoke_audited(
+        &mut self,
+        id: &str,
+        audit: impl FnOnce(&TokenInfo) -> AuditEntry,
+    ) -> Result<TokenInfo, AuthError> {
+        let path = self.path.clone();
+        let db = |source| AuthError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.execute(
+            "UPDATE tokens SET revoked_ms = COALESCE(revoked_ms, ?2) WHERE id = ?1",
+            params![id, now_ms()],
+        )
+        .map_err(db)?;
+        let info = tx
+            .query_row(
+                "SELECT id, hash, role, name, created_ms, expires_ms, revoked_ms \
+                 FROM tokens WHERE id = ?1",
+                [id],
+                Self::row,
+            )
+            .optional()
+            .map_err(db)?
+            .map(|(info, _)| info)
+            .ok_or_else(|| AuthError::NotFound(id.chars().take(64).collect()))?;
+        Self::insert_audit(&tx, &path, &[audit(&info)])?;
+        tx.commit().map_err(db)?;
+        Ok(info)
+    }
+
+    fn insert_token(
+        conn: &Connection,
+        path: &Path,
+        role: Role,
+        name: &str,
+        expires_in_ms: Option<u64>,
+    ) -> Result<NewToken, AuthError> {
         if name.len() > MAX_NAME {
             return Err(AuthError::Name(format!(
                 "{} bytes, at most {MAX_NAME}",
@@ -387,20 +451,22 @@ impl TokenStore {
         let secret = random_hex(SECRET_HEX / 2)?;
         let created_ms = now_ms();
         let expires_ms = expires_in_ms.map(|e| created_ms.saturating_add(e as i64));
-        self.conn
-            .execute(
-                "INSERT INTO tokens (id, hash, role, name, created_ms, expires_ms) \
+        conn.execute(
+            "INSERT INTO tokens (id, hash, role, name, created_ms, expires_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    id,
-                    &hash_secret(&secret)[..],
-                    role.as_str(),
-                    name,
-                    created_ms,
-                    expires_ms
-                ],
-            )
-            .map_err(self.db())?;
+            params![
+                id,
+                &hash_secret(&secret)[..],
+                role.as_str(),
+                name,
+                created_ms,
+                expires_ms
+            ],
+        )
+        .map_err(|source| AuthError::Db {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(NewToken {
             token: format!("oc_{id}_{secret}"),
             info: TokenInfo {
@@ -497,30 +563,37 @@ impl TokenStore {
             source,
         };
         let tx = self.conn.transaction().map_err(db)?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO audit (at_ms, token, role, action, target) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(db)?;
-            for r in rows {
-                st.execute(params![
-                    r.at_ms,
-                    r.token,
-                    r.role.map(Role::as_str),
-                    r.action,
-                    r.target
-                ])
-                .map_err(db)?;
-            }
-        }
+        Self::insert_audit(&tx, &path, rows)?;
         tx.execute(
             "DELETE FROM audit WHERE seq <= (SELECT MAX(seq) FROM audit) - ?1",
             [MAX_AUDIT_ROWS],
         )
         .map_err(db)?;
         tx.commit().map_err(db)
+    }
+
+    fn insert_audit(conn: &Connection, path: &Path, rows: &[AuditEntry]) -> Result<(), AuthError> {
+        let db = |source| AuthError::Db {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut st = conn
+            .prepare_cached(
+                "INSERT INTO audit (at_ms, token, role, action, target) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?;
+        for r in rows {
+            st.execute(params![
+                r.at_ms,
+                r.token,
+                r.role.map(Role::as_str),
+                r.action,
+                r.target
+            ])
+            .map_err(db)?;
+        }
+        Ok(())
     }
 
     /// Audit rows newest first, below `before` (a `seq`) if given.
