@@ -155,7 +155,11 @@ fn devices_log_in_as_themselves_and_reach_only_their_own_topics() {
     // (two through HTTP, one from erp-1; the list shows no inputs)
     let all = s.client.list(None, 100).unwrap();
     assert_eq!(all.len(), 3, "{all:?}");
-    assert_eq!(events.first().map(String::as_str), Some("accepted"), "{events:?}");
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("accepted"),
+        "{events:?}"
+    );
 
     // A revoked identity cannot log in again.
     let (ok, text) = admin(&["device", "revoke", "pi-2", "--data-dir", &d]);

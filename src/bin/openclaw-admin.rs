@@ -525,7 +525,10 @@ fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
                         .map(tokens::parse_duration)
                         .transpose()
                         .context("--expires")?;
-                    serde_json::to_value(offline(&d)?.create(role, &name, ms)?)?
+                    let t = offline(&d)?.create_audited(role, &name, ms, |i| {
+                        tokens::AuditEntry::offline("token.create", &i.id)
+                    })?;
+                    serde_json::to_value(t)?
                 }
                 None => client
                     .token_create(&role, expires.as_deref(), &name)
@@ -556,7 +559,12 @@ fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
         }
         Token::Revoke { id, data_dir } => {
             let v = match data_dir {
-                Some(d) => serde_json::to_value(offline(&d)?.revoke(&id)?)?,
+                Some(d) => {
+                    let info = offline(&d)?.revoke_audited(&id, |i| {
+                        tokens::AuditEntry::offline("token.revoke", &i.id)
+                    })?;
+                    serde_json::to_value(info)?
+                }
                 None => client
                     .token_revoke(&id)
                     .context("cannot revoke the token")?,

@@ -338,8 +338,19 @@ async fn submit(
             "`reply_to` and `correlation` are for MQTT submissions only".into(),
         ));
     }
-    let resp = h.ask(|resp| Command::Submit { req, resp }).await??;
-    api.auth.audit(&caller, "task.submit", &resp.id).await;
+    let slot = api
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
+    // Its own task: a client going away must not drop the audit row of a
+    // submit the scheduler accepts.
+    let sched = h.clone();
+    let resp = detached(async move {
+        let r = sched.ask(|resp| Command::Submit { req, resp }).await??;
+        slot.record("task.submit", &r.id);
+        Ok(r)
+    })
+    .await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
     if wait.is_zero() {
         return Ok((StatusCode::ACCEPTED, Json(resp)).into_response());
@@ -660,9 +671,28 @@ async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let v = api.sched.ask(|resp| Command::Cancel { id, resp }).await??;
-    api.auth.audit(&caller, "task.cancel", &v.id).await;
+    let slot = api
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
+    let sched = api.sched.clone();
+    let v = detached(async move {
+        let v = sched.ask(|resp| Command::Cancel { id, resp }).await??;
+        slot.record("task.cancel", &v.id);
+        Ok(v)
+    })
+    .await?;
     Ok(Json(v).into_response())
+}
+
+/// Runs `f` to its end even if the request is dropped (the client went
+/// away): what it changes and its audit row go together.
+pub(crate) async fn detached<T: Send + 'static>(
+    f: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Unavailable(format!("the request's task: {e}"))))
 }
 
 async fn devices(State(api): AppState) -> Result<Response, ApiError> {

@@ -175,7 +175,12 @@ pub async fn run(
         mqtt: (ip, broker_port),
     });
     let handle = handle.with_deadline(Duration::from_millis(cfg.http.request_timeout_ms));
-    let app = http::router(handle, &cfg.http, cfg.storage.data_dir.clone(), auth);
+    let app = http::router(
+        handle,
+        &cfg.http,
+        cfg.storage.data_dir.clone(),
+        auth.clone(),
+    );
     let serve = http::serve(listener, app, &cfg.http, shutdown.clone());
     let mut sched_task = sched_task;
     // A scheduler that ends on its own ends the process (issue 15): HTTP
@@ -194,6 +199,9 @@ pub async fn run(
         Err(e) if e.is_panic() => Some("it panicked (see the log above)".to_string()),
         Err(e) => Some(e.to_string()),
     };
+    // Every accepted action's audit row written (or kept for the next
+    // start) before the process ends.
+    auth.close().await;
     let _ = client.try_disconnect();
     if tokio::time::timeout(Duration::from_secs(2), loop_handle)
         .await

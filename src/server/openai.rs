@@ -15,7 +15,7 @@
 //! "code"}}`: unknown model 404, bad parameters 400 (also a prompt over the
 //! context, with both numbers, as the node reports it).
 
-use super::auth::Caller;
+use super::auth::{AuditSlot, Caller};
 use super::http::wait_for;
 use super::scheduler::{ApiError, Command, SchedulerHandle};
 use super::streams::StreamEvent;
@@ -304,20 +304,29 @@ async fn known_model(sched: &SchedulerHandle, model: &str) -> Result<(), OaiErro
     })
 }
 
-/// Submits the `llm` task; its id.
+/// Submits the `llm` task and records `action` in its audit slot; its id.
+/// The two go together even if the client goes away meanwhile.
 async fn submit(
     sched: &SchedulerHandle,
     model: &str,
     input: Value,
     x: &Extras,
+    slot: AuditSlot,
+    action: &'static str,
 ) -> Result<String, OaiError> {
     let mut req = SubmitRequest::new("llm", input);
     req.capability = Some(format!("{LLM_CAPABILITY}{model}"));
     req.priority = x.priority;
     req.timeout_ms = Some(x.timeout_ms);
     req.max_attempts = Some(MAX_ATTEMPTS);
-    let r = sched.ask(|resp| Command::Submit { req, resp }).await??;
-    Ok(r.id)
+    let (sched, model) = (sched.clone(), model.to_string());
+    let id = super::http::detached(async move {
+        let r = sched.ask(|resp| Command::Submit { req, resp }).await??;
+        slot.record(action, &format!("{model} (task {})", r.id));
+        Ok(r.id)
+    })
+    .await?;
+    Ok(id)
 }
 
 /// A failed task's error as the client should see it: a plugin's
@@ -429,10 +438,11 @@ async fn chat(
     known_model(&gw.sched, &req.model).await?;
     let model = req.model.clone();
     let input = json!({ "chat": req, "stream": extras.stream });
-    let id = submit(&gw.sched, &model, input, &extras).await?;
-    gw.auth
-        .audit(&caller, "chat", &format!("{model} (task {id})"))
-        .await;
+    let slot = gw
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
+    let id = submit(&gw.sched, &model, input, &extras, slot, "chat").await?;
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
     let created = crate::now_ms() / 1000;
     if !extras.stream {
@@ -778,10 +788,12 @@ async fn embeddings(
     }
     known_model(&gw.sched, &req.model).await?;
     let model = req.model.clone();
-    let id = submit(&gw.sched, &model, json!({ "embed": req }), &extras).await?;
-    gw.auth
-        .audit(&caller, "embeddings", &format!("{model} (task {id})"))
-        .await;
+    let slot = gw
+        .auth
+        .reserve_audit(&caller)
+        .map_err(ApiError::Unavailable)?;
+    let input = json!({ "embed": req });
+    let id = submit(&gw.sched, &model, input, &extras, slot, "embeddings").await?;
     let mut guard = CancelOnDrop(Some((gw.sched.clone(), id.clone())));
     let t = wait_terminal(&gw.sched, &id).await?;
     guard.disarm();

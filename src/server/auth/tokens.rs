@@ -56,6 +56,16 @@ pub enum AuthError {
     Name(String),
     #[error("no random bytes from the OS: {0}")]
     Random(String),
+    /// The file was deleted (or cannot be looked at) while open.
+    #[error(
+        "token store {} is no longer there (deleted while the server runs?): {source}; \
+         restore it, or make a token with `openclaw-admin token create --data-dir`",
+        path.display()
+    )]
+    Gone {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What a token may do; each role may do what the ones below it may.
@@ -140,7 +150,8 @@ pub struct AuditEntry {
     /// Grows with every row: `before=` pages back with it.
     pub seq: i64,
     pub at_ms: i64,
-    /// The token's id; `None` with `http.auth = "off"`.
+    /// The token's id; `None` with `http.auth = "off"`, and for a token
+    /// change made offline (`--data-dir`; its target says so).
     pub token: Option<String>,
     pub role: Option<Role>,
     /// `task.submit`, `task.cancel`, `token.create`, `token.revoke`, `chat`,
@@ -148,6 +159,21 @@ pub struct AuditEntry {
     pub action: String,
     /// What it acted on: a task id, a token id, a model.
     pub target: String,
+}
+
+impl AuditEntry {
+    /// A token change made straight on the data dir (`openclaw-admin token
+    /// ... --data-dir`): no token did it; its target says `(offline)`.
+    pub fn offline(action: &str, id: &str) -> AuditEntry {
+        AuditEntry {
+            seq: 0,
+            at_ms: now_ms(),
+            token: None,
+            role: None,
+            action: action.to_string(),
+            target: format!("{id} (offline, --data-dir)"),
+        }
+    }
 }
 
 /// Splits `oc_<id>_<secret>` into its id and secret, checking the shape.
@@ -267,6 +293,21 @@ pub fn random_hex(bytes: usize) -> Result<String, AuthError> {
 pub struct TokenStore {
     pub(super) conn: Connection,
     path: PathBuf,
+    /// The opened file's device and inode: [`TokenStore::follow`] tells a
+    /// file replaced or deleted since.
+    file: (u64, u64),
+}
+
+#[cfg(unix)]
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|_| (0, 0))
 }
 
 impl TokenStore {
@@ -293,9 +334,33 @@ impl TokenStore {
                 token TEXT, role TEXT, action TEXT NOT NULL, target TEXT NOT NULL);",
         )
         .map_err(db)?;
-        let s = TokenStore { conn, path };
+        let file = file_id(&path).map_err(|source| AuthError::Gone {
+            path: path.clone(),
+            source,
+        })?;
+        let s = TokenStore { conn, path, file };
         s.identities_schema()?;
         Ok(s)
+    }
+
+    /// Makes sure this store reads the file now at its path: another file
+    /// put there (restored, or made by `token create --data-dir` after a
+    /// deletion) is opened; a deleted one is [`AuthError::Gone`], not
+    /// silently read and written on.
+    pub fn follow(&mut self) -> Result<(), AuthError> {
+        let now = file_id(&self.path).map_err(|source| AuthError::Gone {
+            path: self.path.clone(),
+            source,
+        })?;
+        if now != self.file {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            log::warn!(
+                "token store {}: the file was replaced; opening the new one",
+                self.path.display()
+            );
+            *self = TokenStore::open(dir)?;
+        }
+        Ok(())
     }
 
     pub(super) fn db(&self) -> impl Fn(rusqlite::Error) -> AuthError + '_ {
@@ -308,6 +373,70 @@ impl TokenStore {
     /// Makes a token. `expires_in_ms`: from now; None: never.
     pub fn create(
         &self,
+        role: Role,
+        name: &str,
+        expires_in_ms: Option<u64>,
+    ) -> Result<NewToken, AuthError> {
+        Self::insert_token(&self.conn, &self.path, role, name, expires_in_ms)
+    }
+
+    /// Makes a token and writes the audit row `audit` gives for it, in one
+    /// transaction: no token without its row.
+    pub fn create_audited(
+        &mut self,
+        role: Role,
+        name: &str,
+        expires_in_ms: Option<u64>,
+        audit: impl FnOnce(&TokenInfo) -> AuditEntry,
+    ) -> Result<NewToken, AuthError> {
+        let path = self.path.clone();
+        let db = |source| AuthError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        let t = Self::insert_token(&tx, &path, role, name, expires_in_ms)?;
+        Self::insert_audit(&tx, &path, &[audit(&t.info)])?;
+        tx.commit().map_err(db)?;
+        Ok(t)
+    }
+
+    /// Revokes a token and writes its audit row in one transaction.
+    pub fn revoke_audited(
+        &mut self,
+        id: &str,
+        audit: impl FnOnce(&TokenInfo) -> AuditEntry,
+    ) -> Result<TokenInfo, AuthError> {
+        let path = self.path.clone();
+        let db = |source| AuthError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.execute(
+            "UPDATE tokens SET revoked_ms = COALESCE(revoked_ms, ?2) WHERE id = ?1",
+            params![id, now_ms()],
+        )
+        .map_err(db)?;
+        let info = tx
+            .query_row(
+                "SELECT id, hash, role, name, created_ms, expires_ms, revoked_ms \
+                 FROM tokens WHERE id = ?1",
+                [id],
+                Self::row,
+            )
+            .optional()
+            .map_err(db)?
+            .map(|(info, _)| info)
+            .ok_or_else(|| AuthError::NotFound(id.chars().take(64).collect()))?;
+        Self::insert_audit(&tx, &path, &[audit(&info)])?;
+        tx.commit().map_err(db)?;
+        Ok(info)
+    }
+
+    fn insert_token(
+        conn: &Connection,
+        path: &Path,
         role: Role,
         name: &str,
         expires_in_ms: Option<u64>,
@@ -325,20 +454,22 @@ impl TokenStore {
         let secret = random_hex(SECRET_HEX / 2)?;
         let created_ms = now_ms();
         let expires_ms = expires_in_ms.map(|e| created_ms.saturating_add(e as i64));
-        self.conn
-            .execute(
-                "INSERT INTO tokens (id, hash, role, name, created_ms, expires_ms) \
+        conn.execute(
+            "INSERT INTO tokens (id, hash, role, name, created_ms, expires_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    id,
-                    &hash_secret(&secret)[..],
-                    role.as_str(),
-                    name,
-                    created_ms,
-                    expires_ms
-                ],
-            )
-            .map_err(self.db())?;
+            params![
+                id,
+                &hash_secret(&secret)[..],
+                role.as_str(),
+                name,
+                created_ms,
+                expires_ms
+            ],
+        )
+        .map_err(|source| AuthError::Db {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(NewToken {
             token: format!("oc_{id}_{secret}"),
             info: TokenInfo {
@@ -435,30 +566,37 @@ impl TokenStore {
             source,
         };
         let tx = self.conn.transaction().map_err(db)?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO audit (at_ms, token, role, action, target) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(db)?;
-            for r in rows {
-                st.execute(params![
-                    r.at_ms,
-                    r.token,
-                    r.role.map(Role::as_str),
-                    r.action,
-                    r.target
-                ])
-                .map_err(db)?;
-            }
-        }
+        Self::insert_audit(&tx, &path, rows)?;
         tx.execute(
             "DELETE FROM audit WHERE seq <= (SELECT MAX(seq) FROM audit) - ?1",
             [MAX_AUDIT_ROWS],
         )
         .map_err(db)?;
         tx.commit().map_err(db)
+    }
+
+    fn insert_audit(conn: &Connection, path: &Path, rows: &[AuditEntry]) -> Result<(), AuthError> {
+        let db = |source| AuthError::Db {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut st = conn
+            .prepare_cached(
+                "INSERT INTO audit (at_ms, token, role, action, target) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?;
+        for r in rows {
+            st.execute(params![
+                r.at_ms,
+                r.token,
+                r.role.map(Role::as_str),
+                r.action,
+                r.target
+            ])
+            .map_err(db)?;
+        }
+        Ok(())
     }
 
     /// Audit rows newest first, below `before` (a `seq`) if given.
