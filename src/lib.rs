@@ -16,7 +16,8 @@
 //!   store (with each task's dispatch history), scheduler, HTTP API, the
 //!   OpenAI-compatible gateway (`server::openai`) over the streamed output
 //!   of running tasks (`server::streams`), API tokens with roles, rate
-//!   limits and the audit log (`server::auth`), and the data-dir lock that
+//!   limits and the audit log, and the device identities and topic rules
+//!   of the embedded broker (`server::auth`), and the data-dir lock that
 //!   keeps a second server off the same store.
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
