@@ -142,7 +142,7 @@ impl Gate {
         }
     }
 
-    fn allows(&self, user: &str, access: rumqttd::Access, topic: &str) -> bool {
+    fn allows(&self, user: &str, access: rumqttd::Access, topic: &str, payload: &[u8]) -> bool {
         let grant = self
             .grants
             .lock()
@@ -150,7 +150,7 @@ impl Gate {
             .get(user)
             .copied();
         let ok = grant.is_some_and(|g| match access {
-            rumqttd::Access::Publish => may_publish(user, g, topic),
+            rumqttd::Access::Publish => may_publish(user, g, topic, payload),
             rumqttd::Access::Subscribe => may_subscribe(user, g, topic),
         });
         if !ok {
@@ -246,7 +246,9 @@ dynamic_filters = true
         let g = gate.clone();
         settings
             .set_auth_handler(move |client_id, user, pass| g.clone().login(client_id, user, pass));
-        settings.set_acl_handler(move |user, access, topic| gate.allows(user, access, topic));
+        settings.set_acl_handler(move |user, access, topic, payload| {
+            gate.allows(user, access, topic, payload)
+        });
     }
     std::thread::Builder::new()
         .name("mqtt-broker".into())
