@@ -277,3 +277,74 @@ fn auth_required_with_an_external_broker_is_a_config_error() {
     assert!(status.is_some_and(|s| !s.success()), "still running: {err}");
     assert!(err.contains("mqtt.auth"), "{err}");
 }
+
+/// A SIGKILLed server comes back with a new secret of its own; devices log
+/// in again with theirs and run tasks. Failed logins cost little (timed
+/// and printed, not asserted), even with 64 KiB names and passwords.
+#[test]
+fn devices_log_in_again_after_a_server_crash_and_bad_logins_are_cheap() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
+    let mut s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
+    s.wait_online("pi-1");
+
+    let t = std::time::Instant::now();
+    let n = 200;
+    for i in 0..n {
+        assert!(!MqttPeer::login_accepted(
+            s.mqtt_port,
+            "pi-1",
+            Some(("pi-1", &format!("wrong-{i}")))
+        ));
+    }
+    eprintln!("{n} wrong passwords: {:?} each", t.elapsed() / n);
+    let big = "x".repeat(64 << 10);
+    let t = std::time::Instant::now();
+    assert!(!MqttPeer::login_accepted(
+        s.mqtt_port,
+        &big,
+        Some((&big, &big))
+    ));
+    eprintln!("a 64 KiB login: {:?}", t.elapsed());
+    // The device's own session was not disturbed by the failed logins.
+    let mut req = task("echo", json!({"n": 1}));
+    req.target = Some("pi-1".into());
+    let id = s.submit(req);
+    assert_eq!(s.wait(&id).state, TaskState::Succeeded);
+
+    s.restart();
+    s.wait_online("pi-1");
+    let mut req = task("echo", json!({"n": 2}));
+    req.target = Some("pi-1".into());
+    let id = s.submit(req);
+    assert_eq!(s.wait(&id).state, TaskState::Succeeded);
+}
+
+/// Revoking an identity cuts off the session it has open: within a few
+/// seconds its results and statuses are no longer taken (before, a revoked
+/// agent that stayed connected ran and reported tasks indefinitely).
+#[test]
+fn a_revoked_device_live_session_loses_its_rights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
+    let s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
+    s.wait_online("pi-1");
+    let d = data.display().to_string();
+    let (ok, text) = admin(&["device", "revoke", "pi-1", "--data-dir", &d]);
+    assert!(ok, "{text}");
+    std::thread::sleep(Duration::from_secs(4));
+    let mut req = task("echo", json!({"n": 1}));
+    req.target = Some("pi-1".into());
+    let id = s.submit(req);
+    // The agent may still get and run it; its result is not taken.
+    let t = s.client.wait(&id, Duration::from_secs(5)).unwrap();
+    assert_ne!(t.state, TaskState::Succeeded, "{t:?}");
+}

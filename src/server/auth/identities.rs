@@ -188,6 +188,20 @@ impl TokenStore {
         }))
     }
 
+    /// Whether device `id` may no longer log in (revoked, or no identity).
+    pub fn device_revoked(&self, id: &str) -> Result<bool, AuthError> {
+        let revoked: Option<bool> = self
+            .conn
+            .query_row(
+                "SELECT revoked_ms IS NOT NULL FROM mqtt_identities WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())?;
+        Ok(revoked.unwrap_or(true))
+    }
+
     /// Every device identity, by id.
     pub fn device_list(&self) -> Result<Vec<Identity>, AuthError> {
         let mut st = self
@@ -316,7 +330,10 @@ mod tests {
         assert!(s.device_login("pi-1", &m.password).unwrap().is_some());
         assert!(s.device_add("a/b", false, false).is_err());
         assert!(s.device_add("+", false, false).is_err());
+        assert!(!s.device_revoked("pi-1").unwrap());
+        assert!(s.device_revoked("pi-9").unwrap());
         s.device_revoke("pi-1").unwrap();
+        assert!(s.device_revoked("pi-1").unwrap());
         assert_eq!(s.device_login("pi-1", &m.password).unwrap(), None);
         assert_eq!(s.device_list().unwrap().len(), 1);
     }
