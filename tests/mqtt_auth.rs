@@ -348,3 +348,45 @@ fn a_revoked_device_live_session_loses_its_rights() {
     let t = s.client.wait(&id, Duration::from_secs(5)).unwrap();
     assert_ne!(t.state, TaskState::Succeeded, "{t:?}");
 }
+
+/// Filters that would reach another device's tasks by wildcard, shared
+/// subscription, a trailing level or case are all denied.
+#[test]
+fn filter_tricks_do_not_reach_another_device_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let pi2 = device_add(&data, "pi-2", &[]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
+    let s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
+    s.wait_online("pi-1");
+    let spy = MqttPeer::connect_as(
+        s.mqtt_port,
+        "pi-2",
+        Some(("pi-2", &pi2)),
+        &[
+            "$share/g/openclaw/v1/devices/pi-1/tasks",
+            "$share/g/openclaw/v1/devices/pi-2/tasks",
+            "openclaw/v1/devices/pi-1/tasks/#",
+            "openclaw/v1/devices/pi-2/tasks/../../pi-1/tasks",
+            "+/v1/devices/pi-1/tasks",
+            "openclaw/v1/devices/+/tasks",
+            "openclaw/v1/devices/pi-1/tasks/",
+            "OPENCLAW/v1/devices/pi-1/tasks",
+            "openclaw-denied/publish",
+        ],
+    );
+    for n in 0..3 {
+        let mut req = task("echo", json!({ "n": n }));
+        req.target = Some("pi-1".into());
+        let id = s.submit(req);
+        assert_eq!(s.wait(&id).state, TaskState::Succeeded);
+    }
+    let got: Vec<String> =
+        std::iter::from_fn(|| spy.rx.recv_timeout(Duration::from_millis(500)).ok())
+            .map(|p| p.topic)
+            .collect();
+    assert!(got.is_empty(), "pi-2 read {got:?}");
+}
