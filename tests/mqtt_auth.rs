@@ -173,3 +173,220 @@ fn devices_log_in_as_themselves_and_reach_only_their_own_topics() {
     assert!(ok && text.contains("\"revoked_ms\":"), "{text}");
     assert!(!text.contains(&pi1), "a password is listed: {text}");
 }
+
+/// A granted submitter names where the server answers (`reply_to`), and the
+/// server may publish anywhere: without a check, erp-1 could make it answer
+/// into another submitter's reply topic (forged replies under a
+/// correlation erp-2 chose) or into the sink every denied subscription was
+/// changed to (which every device with a denied filter reads).
+#[test]
+fn a_submitter_gets_replies_only_under_its_own_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let pi2 = device_add(&data, "pi-2", &[]);
+    let erp1 = device_add(&data, "erp-1", &["--submit"]);
+    let erp2 = device_add(&data, "erp-2", &["--submit"]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
+    let s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let port = s.mqtt_port;
+    let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
+    s.wait_online("pi-1");
+
+    // pi-2 asked for everything: its filter became the sink's.
+    let sink_reader = MqttPeer::connect_as(port, "pi-2", Some(("pi-2", &pi2)), &["#"]);
+    let victim_topic = "openclaw/clients/erp-2/replies";
+    let victim = MqttPeer::connect_as(port, "erp-2", Some(("erp-2", &erp2)), &[victim_topic]);
+    let own = "openclaw/clients/erp-1/replies";
+    let erp = MqttPeer::connect_as(port, "erp-1", Some(("erp-1", &erp1)), &[own]);
+    for (topic, corr) in [
+        (victim_topic, "po-1"),
+        ("openclaw-denied/subscribe", "x"),
+        ("elsewhere/replies", "y"),
+    ] {
+        // A valid submission and a broken one (answered with "rejected").
+        let ok = json!({"plugin": "echo", "input": {"forged": true}, "target": "pi-1",
+                        "reply_to": topic, "correlation": corr});
+        erp.publish(topics::SUBMIT, serde_json::to_vec(&ok).unwrap());
+        let broken = json!({"plugin": 7, "reply_to": topic, "correlation": corr});
+        erp.publish(topics::SUBMIT, serde_json::to_vec(&broken).unwrap());
+    }
+    // Its own prefix still works, and by its answer the ones before were handled.
+    let submit = json!({"plugin": "echo", "input": {}, "target": "pi-1",
+                        "reply_to": own, "correlation": "mine"});
+    erp.publish(topics::SUBMIT, serde_json::to_vec(&submit).unwrap());
+    loop {
+        let r: Value = serde_json::from_slice(&erp.next_on(own).payload).unwrap();
+        if r["event"] == "succeeded" && r["correlation"] == "mine" {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let got: Vec<String> =
+        std::iter::from_fn(|| victim.rx.recv_timeout(Duration::from_millis(200)).ok())
+            .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+            .collect();
+    assert!(
+        got.is_empty(),
+        "erp-2 got replies it never asked for: {got:?}"
+    );
+    let got: Vec<String> =
+        std::iter::from_fn(|| sink_reader.rx.recv_timeout(Duration::from_millis(200)).ok())
+            .map(|p| p.topic)
+            .collect();
+    assert!(got.is_empty(), "pi-2 read {got:?}");
+    // None of the forged submissions became a task.
+    let all = s.client.list(None, 100).unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+}
+
+/// `mqtt.auth` applies to the embedded broker only: with an external one it
+/// would silently protect nothing.
+#[test]
+fn auth_required_with_an_external_broker_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        "[mqtt]\nembedded = false\nbroker = \"mqtt://127.0.0.1:1\"\nauth = \"required\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_openclaw-server"))
+        .args(["--config", cfg.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("srv"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Unchecked, the server would run on, retrying its broker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "still running: {err}");
+    assert!(err.contains("mqtt.auth"), "{err}");
+}
+
+/// A SIGKILLed server comes back with a new secret of its own; devices log
+/// in again with theirs and run tasks. Failed logins cost little (timed
+/// and printed, not asserted), even with 64 KiB names and passwords.
+#[test]
+fn devices_log_in_again_after_a_server_crash_and_bad_logins_are_cheap() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
+    let mut s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
+    s.wait_online("pi-1");
+
+    let t = std::time::Instant::now();
+    let n = 200;
+    for i in 0..n {
+        assert!(!MqttPeer::login_accepted(
+            s.mqtt_port,
+            "pi-1",
+            Some(("pi-1", &format!("wrong-{i}")))
+        ));
+    }
+    eprintln!("{n} wrong passwords: {:?} each", t.elapsed() / n);
+    let big = "x".repeat(64 << 10);
+    let t = std::time::Instant::now();
+    assert!(!MqttPeer::login_accepted(
+        s.mqtt_port,
+        &big,
+        Some((&big, &big))
+    ));
+    eprintln!("a 64 KiB login: {:?}", t.elapsed());
+    // The device's own session was not disturbed by the failed logins.
+    let mut req = task("echo", json!({"n": 1}));
+    req.target = Some("pi-1".into());
+    let id = s.submit(req);
+    assert_eq!(s.wait(&id).state, TaskState::Succeeded);
+
+    s.restart();
+    s.wait_online("pi-1");
+    let mut req = task("echo", json!({"n": 2}));
+    req.target = Some("pi-1".into());
+    let id = s.submit(req);
+    assert_eq!(s.wait(&id).state, TaskState::Succeeded);
+}
+
+/// Revoking an identity cuts off the session it has open: within a few
+/// seconds its results and statuses are no longer taken (before, a revoked
+/// agent that stayed connected ran and reported tasks indefinitely).
+#[test]
+fn a_revoked_device_live_session_loses_its_rights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
+    let s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
+    s.wait_online("pi-1");
+    let d = data.display().to_string();
+    let (ok, text) = admin(&["device", "revoke", "pi-1", "--data-dir", &d]);
+    assert!(ok, "{text}");
+    std::thread::sleep(Duration::from_secs(4));
+    let mut req = task("echo", json!({"n": 1}));
+    req.target = Some("pi-1".into());
+    let id = s.submit(req);
+    // The agent may still get and run it; its result is not taken.
+    let t = s.client.wait(&id, Duration::from_secs(5)).unwrap();
+    assert_ne!(t.state, TaskState::Succeeded, "{t:?}");
+}
+
+/// Filters that would reach another device's tasks by wildcard, shared
+/// subscription, a trailing level or case are all denied.
+#[test]
+fn filter_tricks_do_not_reach_another_device_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let pi2 = device_add(&data, "pi-2", &[]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
+    let s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
+    s.wait_online("pi-1");
+    let spy = MqttPeer::connect_as(
+        s.mqtt_port,
+        "pi-2",
+        Some(("pi-2", &pi2)),
+        &[
+            "$share/g/openclaw/v1/devices/pi-1/tasks",
+            "$share/g/openclaw/v1/devices/pi-2/tasks",
+            "openclaw/v1/devices/pi-1/tasks/#",
+            "openclaw/v1/devices/pi-2/tasks/../../pi-1/tasks",
+            "+/v1/devices/pi-1/tasks",
+            "openclaw/v1/devices/+/tasks",
+            "openclaw/v1/devices/pi-1/tasks/",
+            "OPENCLAW/v1/devices/pi-1/tasks",
+            "openclaw-denied/publish",
+        ],
+    );
+    for n in 0..3 {
+        let mut req = task("echo", json!({ "n": n }));
+        req.target = Some("pi-1".into());
+        let id = s.submit(req);
+        assert_eq!(s.wait(&id).state, TaskState::Succeeded);
+    }
+    let got: Vec<String> =
+        std::iter::from_fn(|| spy.rx.recv_timeout(Duration::from_millis(500)).ok())
+            .map(|p| p.topic)
+            .collect();
+    assert!(got.is_empty(), "pi-2 read {got:?}");
+}

@@ -59,6 +59,10 @@ pub const SUBMIT_SEGMENTS: usize = 8;
 /// and memory no longer grows by megabytes per device.
 pub const DEVICE_SEGMENT_BYTES: usize = 64 << 10;
 
+/// How often the broker looks for revoked identities among the sessions
+/// logged in (`openclaw-admin device revoke` writes only to `auth.db`).
+pub const REVOCATION_CHECK: Duration = Duration::from_secs(2);
+
 /// What the embedded broker is sized for (from `[mqtt]`).
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -142,7 +146,40 @@ impl Gate {
         }
     }
 
-    fn allows(&self, user: &str, access: rumqttd::Access, topic: &str) -> bool {
+    /// Drops the grant of every logged-in device whose identity was revoked
+    /// since: its open session then may publish and subscribe nothing more
+    /// (its publishes go to the sink; the connection itself stays until it
+    /// ends, and its next login is refused).
+    fn drop_revoked(&self) {
+        let users: Vec<String> = self
+            .grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, g)| matches!(g, Grant::Device { .. }))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in users {
+            let revoked = self
+                .store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_revoked(&u);
+            match revoked {
+                Ok(true) => {
+                    self.grants
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&u);
+                    log::warn!("MQTT: identity {u} was revoked: its session loses its rights");
+                }
+                Ok(false) => {}
+                Err(e) => log::error!("MQTT: cannot check whether {u} was revoked: {e}"),
+            }
+        }
+    }
+
+    fn allows(&self, user: &str, access: rumqttd::Access, topic: &str, payload: &[u8]) -> bool {
         let grant = self
             .grants
             .lock()
@@ -150,7 +187,7 @@ impl Gate {
             .get(user)
             .copied();
         let ok = grant.is_some_and(|g| match access {
-            rumqttd::Access::Publish => may_publish(user, g, topic),
+            rumqttd::Access::Publish => may_publish(user, g, topic, payload),
             rumqttd::Access::Subscribe => may_subscribe(user, g, topic),
         });
         if !ok {
@@ -244,9 +281,19 @@ dynamic_filters = true
             .and_then(|m| m.get_mut("1"))
             .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?;
         let g = gate.clone();
+        std::thread::Builder::new()
+            .name("mqtt-revocations".into())
+            .spawn(move || loop {
+                std::thread::sleep(REVOCATION_CHECK);
+                g.drop_revoked();
+            })
+            .map_err(|e| BrokerError::Config(e.to_string()))?;
+        let g = gate.clone();
         settings
             .set_auth_handler(move |client_id, user, pass| g.clone().login(client_id, user, pass));
-        settings.set_acl_handler(move |user, access, topic| gate.allows(user, access, topic));
+        settings.set_acl_handler(move |user, access, topic, payload| {
+            gate.allows(user, access, topic, payload)
+        });
     }
     std::thread::Builder::new()
         .name("mqtt-broker".into())

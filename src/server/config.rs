@@ -145,6 +145,14 @@ impl ServerConfig {
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, msg: &str| Err(ConfigError::invalid(file, key, msg));
         if !self.mqtt.embedded {
+            if self.mqtt.auth == AuthMode::Required {
+                return bad(
+                    "mqtt.auth",
+                    "applies to the embedded broker only; with mqtt.embedded = false, \
+                     logins and topic rules are the external broker's (give the server's \
+                     login as mqtt.username and mqtt.password)",
+                );
+            }
             if self.mqtt.broker.is_empty() {
                 return bad("mqtt.broker", "must be set when mqtt.embedded is false");
             }

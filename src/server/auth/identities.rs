@@ -47,15 +47,38 @@ pub enum Grant {
     Device { submit: bool },
 }
 
-/// Whether `user` with `grant` may publish on `topic`.
-pub fn may_publish(user: &str, grant: Grant, topic: &str) -> bool {
+/// Whether `user` with `grant` may publish `payload` on `topic`.
+///
+/// A submission may name only a `reply_to` under the submitter's own
+/// [`replies_prefix`]: the server publishes its answers there with its own
+/// rights, so any other topic would let a submitter forge replies in
+/// another submitter's topic, or answer into [`rumqttd::DENIED_SUBSCRIBE`],
+/// which every client with a denied filter reads. The server takes
+/// `reply_to` from the JSON object even when the submission is otherwise
+/// broken (to answer "rejected"), so this looks at it the same way.
+pub fn may_publish(user: &str, grant: Grant, topic: &str, payload: &[u8]) -> bool {
     match grant {
         Grant::Server => true,
         Grant::Device { submit } => {
             topic == topics::status(user)
                 || topic == topics::results(user)
-                || (submit && topic == topics::SUBMIT)
+                || (submit && topic == topics::SUBMIT && replies_to_own(user, payload))
         }
+    }
+}
+
+/// Whether a submission's `reply_to`, if any, is under `user`'s prefix.
+fn replies_to_own(user: &str, payload: &[u8]) -> bool {
+    // Not JSON: the server can read no `reply_to` from it either.
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return true;
+    };
+    match v.get("reply_to") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::String(t)) => t
+            .strip_prefix(&replies_prefix(user))
+            .is_some_and(|rest| !rest.is_empty()),
+        Some(_) => false,
     }
 }
 
@@ -165,6 +188,20 @@ impl TokenStore {
         }))
     }
 
+    /// Whether device `id` may no longer log in (revoked, or no identity).
+    pub fn device_revoked(&self, id: &str) -> Result<bool, AuthError> {
+        let revoked: Option<bool> = self
+            .conn
+            .query_row(
+                "SELECT revoked_ms IS NOT NULL FROM mqtt_identities WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())?;
+        Ok(revoked.unwrap_or(true))
+    }
+
     /// Every device identity, by id.
     pub fn device_list(&self) -> Result<Vec<Identity>, AuthError> {
         let mut st = self
@@ -219,13 +256,60 @@ mod tests {
         assert!(may_subscribe("pi-1", s, "openclaw/clients/pi-1/r"));
         assert!(!may_subscribe("pi-1", s, "openclaw/clients/pi-1/"));
         assert!(!may_subscribe("pi-1", s, "openclaw/clients/pi-2/r"));
-        assert!(may_publish("pi-1", d, "openclaw/v1/devices/pi-1/status"));
-        assert!(may_publish("pi-1", d, "openclaw/v1/devices/pi-1/results"));
-        assert!(!may_publish("pi-1", d, "openclaw/v1/devices/pi-2/results"));
-        assert!(!may_publish("pi-1", d, "openclaw/v1/devices/pi-1/tasks"));
-        assert!(!may_publish("pi-1", d, topics::SUBMIT));
-        assert!(may_publish("pi-1", s, topics::SUBMIT));
-        assert!(may_publish("x", Grant::Server, "anything"));
+        assert!(may_publish(
+            "pi-1",
+            d,
+            "openclaw/v1/devices/pi-1/status",
+            b""
+        ));
+        assert!(may_publish(
+            "pi-1",
+            d,
+            "openclaw/v1/devices/pi-1/results",
+            b""
+        ));
+        assert!(!may_publish(
+            "pi-1",
+            d,
+            "openclaw/v1/devices/pi-2/results",
+            b""
+        ));
+        assert!(!may_publish(
+            "pi-1",
+            d,
+            "openclaw/v1/devices/pi-1/tasks",
+            b""
+        ));
+        assert!(!may_publish("pi-1", d, topics::SUBMIT, b"{}"));
+        assert!(may_publish("pi-1", s, topics::SUBMIT, b"{}"));
+        assert!(may_publish("x", Grant::Server, "anything", b""));
+        // A submission answers only under the submitter's own prefix.
+        for (body, ok) in [
+            (
+                r#"{"plugin":"echo","reply_to":"openclaw/clients/pi-1/r"}"#,
+                true,
+            ),
+            (r#"{"plugin":"echo","reply_to":null}"#, true),
+            ("not json", true),
+            ("[1]", true),
+            (r#"{"reply_to":"openclaw/clients/pi-2/r"}"#, false),
+            (r#"{"reply_to":"openclaw/clients/pi-1/"}"#, false),
+            (r#"{"reply_to":"openclaw/clients/pi-1"}"#, false),
+            (r#"{"reply_to":"openclaw-denied/subscribe"}"#, false),
+            (r#"{"reply_to":"elsewhere"}"#, false),
+            (r#"{"reply_to":7}"#, false),
+            // The server's loose reading takes the last of duplicate keys.
+            (
+                r#"{"reply_to":"openclaw/clients/pi-1/r","reply_to":"openclaw/clients/pi-2/r"}"#,
+                false,
+            ),
+        ] {
+            assert_eq!(
+                may_publish("pi-1", s, topics::SUBMIT, body.as_bytes()),
+                ok,
+                "{body}"
+            );
+        }
     }
 
     #[test]
@@ -246,7 +330,10 @@ mod tests {
         assert!(s.device_login("pi-1", &m.password).unwrap().is_some());
         assert!(s.device_add("a/b", false, false).is_err());
         assert!(s.device_add("+", false, false).is_err());
+        assert!(!s.device_revoked("pi-1").unwrap());
+        assert!(s.device_revoked("pi-9").unwrap());
         s.device_revoke("pi-1").unwrap();
+        assert!(s.device_revoked("pi-1").unwrap());
         assert_eq!(s.device_login("pi-1", &m.password).unwrap(), None);
         assert_eq!(s.device_list().unwrap().len(), 1);
     }

@@ -61,12 +61,13 @@ pub enum Access {
     Subscribe,
 }
 
-/// `(username, access, topic or filter) -> allowed`. A denied publish goes
+/// `(username, access, topic or filter, payload) -> allowed` (the payload
+/// of a publish or last will; empty for a subscription). A denied publish goes
 /// to [`DENIED_PUBLISH`] (acked as usual: the client sees success, as with
 /// mosquitto, and nobody receives it); a denied filter becomes
 /// [`DENIED_SUBSCRIBE`], on which nothing is ever published; a denied last
 /// will is dropped.
-pub type AclHandler = Arc<dyn Fn(&str, Access, &str) -> bool + Send + Sync>;
+pub type AclHandler = Arc<dyn Fn(&str, Access, &str, &[u8]) -> bool + Send + Sync>;
 /// Where denied publishes go. Not a `$` topic: rumqttd disconnects a
 /// client subscribing to one. With rules for every client, nobody may
 /// subscribe here (it would be denied and changed to [`DENIED_SUBSCRIBE`]).
@@ -155,7 +156,7 @@ impl ServerSettings {
     /// See [`AclHandler`].
     pub fn set_acl_handler<F>(&mut self, acl: F)
     where
-        F: Fn(&str, Access, &str) -> bool + Send + Sync + 'static,
+        F: Fn(&str, Access, &str, &[u8]) -> bool + Send + Sync + 'static,
     {
         self.connections.acl = Some(Arc::new(acl));
     }

@@ -68,7 +68,7 @@ fn guard(acl: &AclHandler, user: &str, packet: &mut Packet) {
     match packet {
         Packet::Publish(publish, _) => {
             let allowed = std::str::from_utf8(&publish.topic)
-                .map(|t| acl(user, Access::Publish, t))
+                .map(|t| acl(user, Access::Publish, t, &publish.payload))
                 .unwrap_or(false);
             if !allowed {
                 publish.topic = bytes::Bytes::from_static(crate::DENIED_PUBLISH.as_bytes());
@@ -77,7 +77,7 @@ fn guard(acl: &AclHandler, user: &str, packet: &mut Packet) {
         }
         Packet::Subscribe(subscribe, _) => {
             for f in subscribe.filters.iter_mut() {
-                if !acl(user, Access::Subscribe, &f.path) {
+                if !acl(user, Access::Subscribe, &f.path, &[]) {
                     f.path = crate::DENIED_SUBSCRIBE.to_string();
                 }
             }
@@ -103,7 +103,7 @@ impl<P: Protocol> RemoteLink<P> {
         let user = login.map(|l| l.username).unwrap_or_default();
         if let (Some(acl), Some(will)) = (&acl, &lastwill) {
             let allowed = std::str::from_utf8(&will.topic)
-                .map(|t| acl(&user, Access::Publish, t))
+                .map(|t| acl(&user, Access::Publish, t, &will.message))
                 .unwrap_or(false);
             if !allowed {
                 lastwill = None;
