@@ -105,6 +105,19 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// A server with `--auth required` whose one device, `gone-1` (which
+/// offers `echo`), came online and was killed: submitted tasks wait for it,
+/// so there is one to cancel. Its client sends `root`.
+fn gone_device_server(dir: &Path, data: &Path, root: &str) -> Server {
+    let mut s = Server::start(data, &["--auth", "required"]);
+    s.client = s.client.clone().with_token(Some(root.to_string()));
+    let mut agent = Agent::start(dir, "gone-1", &s.broker(), "");
+    s.wait_online("gone-1");
+    agent.kill();
+    s.wait_offline("gone-1");
+    s
+}
+
 fn submit_body() -> Value {
     json!({"plugin": "echo", "input": {"x": 1}})
 }
@@ -393,13 +406,8 @@ fn a_locked_auth_db_refuses_unrecorded_actions_and_loses_no_accepted_one() {
     let root = offline_token(&data, "admin", &[]);
     let operator = offline_token(&data, "operator", &[]);
     let fresh = offline_token(&data, "viewer", &[]);
-    let mut s = Server::start(&data, &["--auth", "required"]);
+    let s = gone_device_server(dir.path(), &data, &root);
     let url = |p: &str| format!("{}{p}", s.http);
-    s.client = s.client.clone().with_token(Some(root.clone()));
-    let mut agent = Agent::start(dir.path(), "gone-1", &s.broker(), "");
-    s.wait_online("gone-1");
-    agent.kill();
-    s.wait_offline("gone-1");
     assert_eq!(
         call("GET", &url("/v1/tasks"), Some(&root), None).status,
         200
@@ -708,13 +716,8 @@ fn a_submit_whose_client_went_away_is_still_audited() {
     let data = dir.path().join("srv");
     let root = offline_token(&data, "admin", &[]);
     let operator = offline_token(&data, "operator", &[]);
-    let mut s = Server::start(&data, &["--auth", "required"]);
+    let s = gone_device_server(dir.path(), &data, &root);
     let url = |p: &str| format!("{}{p}", s.http);
-    s.client = s.client.clone().with_token(Some(root.clone()));
-    let mut agent = Agent::start(dir.path(), "gone-1", &s.broker(), "");
-    s.wait_online("gone-1");
-    agent.kill();
-    s.wait_offline("gone-1");
     assert_eq!(
         call("GET", &url("/v1/tasks"), Some(&operator), None).status,
         200
