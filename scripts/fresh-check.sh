@@ -32,8 +32,14 @@ die() { printf 'fresh-check: %s\n' "$*" >&2; exit 1; }
 say() { printf '\n== fresh-check: %s\n' "$*"; }
 
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, chroot and mounts)"
+if ! command -v debootstrap >/dev/null 2>&1; then
+  say "installing debootstrap"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null 2>&1 \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; } \
+    || die "debootstrap is not installed and apt-get could not install it"
+fi
 for tool in debootstrap chroot mount git; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install debootstrap)"
+  command -v "$tool" >/dev/null 2>&1 || die "$tool not found"
 done
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_home=${CARGO_HOME:-$HOME/.cargo}

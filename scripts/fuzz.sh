@@ -11,12 +11,15 @@
 #
 #   scripts/fuzz.sh                 # every target, FUZZ_SECONDS each (default 45)
 #   scripts/fuzz.sh submit_json 300 # one target, 300 s
+#   scripts/fuzz.sh --build         # install cargo-fuzz, build every target, run none
 set -euo pipefail
 # shellcheck source=scripts/lib/err-trap.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/err-trap.sh"
 cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.2
+build_only=""
+if [ "${1:-}" = --build ]; then build_only=1; shift; fi
 seconds="${2:-${FUZZ_SECONDS:-45}}"
 cache="$HOME/.cache/openclaw"
 target_dir="$cache/fuzz-target"
@@ -49,6 +52,12 @@ max_len() {
 }
 
 export RUSTC_BOOTSTRAP=1
+if [ -n "$build_only" ]; then
+  # The same flags as `cargo fuzz run` below, so that run finds them built.
+  cargo fuzz build -s none --target-dir "$target_dir"
+  echo "== fuzz targets built: ${targets[*]}"
+  exit 0
+fi
 for t in "${targets[@]}"; do
   corpus="$cache/fuzz-corpus/$t"
   mkdir -p "$corpus"

@@ -67,18 +67,56 @@ log "llama-cpp-python's OpenAI-compatible server in a Python 3.8 venv (the upstr
 # shellcheck source=scripts/lib/llm-upstream-env.sh
 . scripts/lib/llm-upstream-env.sh
 
-log "ARM cross toolchain, aarch64 agent, unit tests under qemu, sshd (scripts/test-arm.sh)"
+# Cold, the ARM builds, the fuzz build and the host build are most of this
+# script's time. On 2 cores, one cargo at a time leaves a core idle through
+# every crate that compiles alone (the big `openclaw` crate three times, tract,
+# the final links), so the ARM job and the fuzz build run beside the host's
+# clippy and test build, each into its own target dir, with their output kept
+# in a log and printed when they end. Tests run only once all three are built.
+jobs_dir="${CARGO_TARGET_DIR%/*}/test-logs"
+mkdir -p "$jobs_dir"
+started=$(date +%s)
+elapsed() { printf '%dm%02ds' $(( ($(date +%s) - started) / 60 )) $(( ($(date +%s) - started) % 60 )); }
+
+log "in the background: ARM cross toolchain, aarch64 and armv7 agents, unit tests under qemu, sshd (scripts/test-arm.sh; log $jobs_dir/arm.log)"
 # Run with the caller's environment but not its host target dir: it sets its own.
-(unset CARGO_TARGET_DIR; bash scripts/test-arm.sh)
+(unset CARGO_TARGET_DIR; bash scripts/test-arm.sh) >"$jobs_dir/arm.log" 2>&1 &
+arm_pid=$!
+log "in the background: cargo-fuzz and the fuzz targets' build (scripts/fuzz.sh --build; log $jobs_dir/fuzz-build.log)"
+nice -n 5 bash scripts/fuzz.sh --build >"$jobs_dir/fuzz-build.log" 2>&1 &
+fuzz_pid=$!
+# A failure in the foreground must not leave them building.
+trap 'kill "$arm_pid" "$fuzz_pid" 2>/dev/null || true' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "cargo clippy (all targets, all features, warnings are errors)"
+log "cargo clippy (all targets, all features, warnings are errors) [$(elapsed)]"
 cargo clippy --all-targets --all-features -- -D warnings
 
-log "cargo test (all features)"
+log "cargo test --no-run (all features): the test build [$(elapsed)]"
+cargo test --all-features --no-fail-fast --no-run
+
+# join NAME PID LOG: waits for a background job, prints its log, fails if it did.
+join() {
+  local rc=0
+  wait "$2" || rc=$?
+  log "$1 ended (exit $rc) [$(elapsed)]; its log:"
+  cat "$3"
+  if [ "$rc" -ne 0 ]; then
+    echo "ERROR: $1 failed with exit code $rc (log above, and in $3)" >&2
+    exit "$rc"
+  fi
+}
+join "scripts/test-arm.sh" "$arm_pid" "$jobs_dir/arm.log"
+join "scripts/fuzz.sh --build" "$fuzz_pid" "$jobs_dir/fuzz-build.log"
+trap - EXIT
+
+log "cargo test (all features) [$(elapsed)]"
 cargo test --all-features --no-fail-fast -- --test-threads=2
 
-log "fuzzing: every cargo-fuzz target for a bounded time (scripts/fuzz.sh)"
-bash scripts/fuzz.sh
+# CI fuzzes each target briefly (a smoke run: the build, the seeds, what new
+# paths 25 s finds); by hand, FUZZ_SECONDS or scripts/fuzz.sh TARGET SECONDS.
+log "fuzzing: every cargo-fuzz target for a bounded time (scripts/fuzz.sh) [$(elapsed)]"
+FUZZ_SECONDS="${FUZZ_SECONDS:-25}" bash scripts/fuzz.sh
+log "all done [$(elapsed)]"

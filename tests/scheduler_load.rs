@@ -135,8 +135,11 @@ fn admission_limits_answer_429_and_unknown_capabilities_422() {
     let mut r = task("echo", json!("one too many"));
     r.target = Some("gone".into());
     match server.client.submit(&r) {
-        Err(AdminError::Api { status, message }) => {
-            assert_eq!(status, 429, "{message}");
+        Err(AdminError::Throttled {
+            retry_after_s,
+            message,
+        }) => {
+            assert!(retry_after_s >= 1, "{message}");
             assert!(message.contains("scheduler.max_queued_tasks"), "{message}");
         }
         other => panic!("expected 429, got {other:?}"),

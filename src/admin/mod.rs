@@ -21,6 +21,10 @@ pub enum AdminError {
     Unreachable { url: String, message: String },
     #[error("server answered {status}: {message}")]
     Api { status: u16, message: String },
+    /// 429 with `Retry-After`: the token's request rate or the scheduler's
+    /// admission limit; nothing was done, the same request may be sent again.
+    #[error("server answered 429 (retry after {retry_after_s} s): {message}")]
+    Throttled { retry_after_s: u64, message: String },
     #[error("unexpected answer from {url}: {message}")]
     BadAnswer { url: String, message: String },
     #[error("{path}: {source}")]
@@ -99,6 +103,11 @@ impl Client {
             message: e.to_string(),
         })?;
         let status = resp.status().as_u16();
+        let retry_after_s = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let text = resp
             .body_mut()
             .read_to_string()
@@ -110,7 +119,13 @@ impl Client {
             let message = serde_json::from_str::<ErrorBody>(&text)
                 .map(|b| b.error)
                 .unwrap_or(text);
-            return Err(AdminError::Api { status, message });
+            return Err(match retry_after_s {
+                Some(retry_after_s) if status == 429 => AdminError::Throttled {
+                    retry_after_s,
+                    message,
+                },
+                _ => AdminError::Api { status, message },
+            });
         }
         serde_json::from_str(&text).map_err(|e| AdminError::BadAnswer {
             url: url.to_string(),
