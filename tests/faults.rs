@@ -650,7 +650,17 @@ fn partition_of_an_agent_netns_then_loss_and_delay_lose_nothing() {
         net.enter_side();
         let dir = tempfile::tempdir().unwrap();
         let effects = Effects::new(dir.path());
-        let server = Server::start(&dir.path().join("srv"), &[]);
+        // The broker on the veth address too (loopback is the default).
+        let conf = dir.path().join("server.toml");
+        std::fs::write(
+            &conf,
+            "[mqtt]\nhost = \"0.0.0.0\"\nallow_anonymous = true\n",
+        )
+        .unwrap();
+        let server = Server::start(
+            &dir.path().join("srv"),
+            &["--config", conf.to_str().unwrap()],
+        );
         let broker = format!("mqtt://{}:{}", NetPair::SIDE_ADDR, server.mqtt_port);
         let prefix = ["ip", "netns", "exec", net.edge.as_str()];
         let _agent = Agent::start_with(

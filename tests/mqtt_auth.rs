@@ -3,12 +3,13 @@
 //! clients, wrong passwords, revoked identities and a client id that is not
 //! the login's (no session takeover); a device reads only its own task
 //! topic, publishes only its own status and results, and submits only if
-//! granted; tasks still run end to end.
+//! granted; tasks still run end to end. The same identities and rules on a
+//! real mosquitto 2 through `openclaw-admin broker-config`.
 #![cfg(all(feature = "server", feature = "agent", feature = "admin"))]
 
 mod common;
 
-use common::{task, Agent, MqttPeer, Server};
+use common::{task, Agent, Mosquitto, MqttPeer, Server};
 use openclaw::protocol::api::TaskState;
 use openclaw::protocol::{self, topics, DeviceStatus};
 use serde_json::{json, Value};
@@ -278,6 +279,43 @@ fn auth_required_with_an_external_broker_is_a_config_error() {
     assert!(err.contains("mqtt.auth"), "{err}");
 }
 
+/// The embedded broker listens on loopback unless told otherwise; told to
+/// listen on the network with no logins, the server refuses to start and
+/// says why, unless `mqtt.allow_anonymous` says that is meant.
+#[test]
+fn an_anonymous_broker_on_the_network_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let print = |conf: &str| {
+        let cfg = dir.path().join("server.toml");
+        std::fs::write(&cfg, conf).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_openclaw-server"))
+            .args(["--config", cfg.to_str().unwrap(), "--print-config"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = print("");
+    assert!(ok, "{text}");
+    let v: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(v["mqtt"]["host"].as_str(), Some("127.0.0.1"), "{text}");
+    let (ok, text) = print("[mqtt]\nhost = \"0.0.0.0\"\n");
+    assert!(
+        !ok && text.contains("mqtt.auth")
+            && text.contains("0.0.0.0")
+            && text.contains("allow_anonymous"),
+        "{text}"
+    );
+    let (ok, text) = print("[mqtt]\nhost = \"0.0.0.0\"\nallow_anonymous = true\n");
+    assert!(ok, "{text}");
+    let (ok, text) = print("[mqtt]\nhost = \"0.0.0.0\"\nauth = \"required\"\n");
+    assert!(ok, "{text}");
+}
+
 /// A SIGKILLed server comes back with a new secret of its own; devices log
 /// in again with theirs and run tasks. Failed logins cost little (timed
 /// and printed, not asserted), even with 64 KiB names and passwords.
@@ -389,4 +427,165 @@ fn filter_tricks_do_not_reach_another_device_tasks() {
             .map(|p| p.topic)
             .collect();
     assert!(got.is_empty(), "pi-2 read {got:?}");
+}
+
+/// `openclaw-admin broker-config` gives a real mosquitto 2 the same
+/// identities and topic rules: anonymous and wrong logins are refused; a
+/// device runs tasks with its password; another device reads none of its
+/// tasks, cannot announce a device it is not or submit without the grant;
+/// connecting with another device's client id gets its own (its user name)
+/// instead of taking the other's session over; after `device revoke`, the
+/// files written again and mosquitto reloaded, the revoked login is
+/// refused while the server's own login (kept across runs) still works.
+#[test]
+fn broker_config_gives_mosquitto_the_same_identities_and_rules() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("srv");
+    let pi1 = device_add(&data, "pi-1", &[]);
+    let pi2 = device_add(&data, "pi-2", &[]);
+    let port = common::free_port();
+    let out = d.join("mq");
+    let (ds, os, ps) = (
+        data.display().to_string(),
+        out.display().to_string(),
+        port.to_string(),
+    );
+    let config = [
+        "--json",
+        "broker-config",
+        "--out",
+        &os,
+        "--data-dir",
+        &ds,
+        "--port",
+        &ps,
+        "--bind",
+        "127.0.0.1",
+    ];
+    let (ok, text) = admin(&config);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["devices"], 2, "{v}");
+    assert_eq!(v["new_server_password"], true, "{v}");
+    // mosquitto, started as root, reads its files as its own user.
+    let conf = out.join("mosquitto.conf");
+    let log = d.join("mosquitto.log");
+    let mut c = std::fs::read_to_string(&conf).unwrap();
+    c.push_str(&format!(
+        "persistence false\nlog_dest file {}\nlog_type all\n",
+        log.display()
+    ));
+    std::fs::write(&conf, c).unwrap();
+    for p in [d, &out] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    for f in ["passwd", "acl", "mosquitto.conf"] {
+        std::fs::set_permissions(out.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let broker = Mosquitto::start_file(&conf, port);
+
+    assert!(!MqttPeer::login_accepted(port, "anon", None), "anonymous");
+    assert!(!MqttPeer::login_accepted(
+        port,
+        "pi-2",
+        Some(("pi-2", "wrong"))
+    ));
+    assert!(MqttPeer::login_accepted(port, "pi-2", Some(("pi-2", &pi2))));
+
+    let server_toml = out.join("server.toml");
+    let s = Server::start_with_broker(&data, port, &["--config", server_toml.to_str().unwrap()]);
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let _agent = Agent::start_with_login(d, "pi-1", &url, &pi1);
+    s.wait_online("pi-1");
+    let run_on_pi1 = |n: u32| {
+        let mut req = task("echo", json!({ "n": n }));
+        req.target = Some("pi-1".into());
+        let id = s.submit(req);
+        let t = s.wait(&id);
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    };
+    run_on_pi1(1);
+
+    // pi-2's login with pi-1's client id: mosquitto gives it pi-2 instead.
+    let logins = |text: &str| text.matches("u'pi-2'").count();
+    let seen = logins(&std::fs::read_to_string(&log).unwrap_or_default());
+    let spy = MqttPeer::connect_as(
+        port,
+        "pi-1",
+        Some(("pi-2", &pi2)),
+        &[&topics::tasks("pi-1"), "#", "openclaw/v1/devices/+/results"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if logins(&text) > seen {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no login of pi-2 logged: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !text.contains("Client pi-1 already connected"),
+        "pi-2 took over pi-1's session: {text}"
+    );
+    let fake = DeviceStatus {
+        device_id: "ghost".into(),
+        online: true,
+        board: "sim".into(),
+        plugins: vec!["echo".into()],
+        capabilities: vec!["plugin:echo".into()],
+        max_concurrency: 4,
+        queue_capacity: 4,
+        heartbeat_ms: 60_000,
+        ..Default::default()
+    };
+    spy.client
+        .publish(
+            topics::status("ghost"),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            protocol::encode(&fake),
+        )
+        .unwrap();
+    spy.publish(
+        topics::SUBMIT,
+        serde_json::to_vec(&json!({"plugin": "echo", "input": {"from": "pi-2"}})).unwrap(),
+    );
+    run_on_pi1(2);
+    let got: Vec<String> =
+        std::iter::from_fn(|| spy.rx.recv_timeout(Duration::from_millis(500)).ok())
+            .map(|p| p.topic)
+            .collect();
+    assert!(got.is_empty(), "pi-2 read {got:?}");
+    let devices = s.client.devices().unwrap();
+    assert!(!devices.iter().any(|d| d.id == "ghost"), "{devices:?}");
+    assert_eq!(s.client.list(None, 100).unwrap().len(), 2);
+
+    // Revoked, written again, reloaded: pi-2 is out, the server is not.
+    let before = std::fs::read_to_string(&server_toml).unwrap();
+    let (ok, text) = admin(&["device", "revoke", "pi-2", "--data-dir", &ds]);
+    assert!(ok, "{text}");
+    let (ok, text) = admin(&config);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["devices"], 1, "{v}");
+    assert_eq!(v["new_server_password"], false, "{v}");
+    assert_eq!(std::fs::read_to_string(&server_toml).unwrap(), before);
+    std::fs::set_permissions(out.join("passwd"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(out.join("acl"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    broker.reload();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while MqttPeer::login_accepted(port, "pi-2", Some(("pi-2", &pi2))) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pi-2 still logs in after the reload"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run_on_pi1(3);
 }

@@ -64,9 +64,10 @@ async fn publishing_resumes_after_the_link_comes_back() {
             submit_log_bytes: 1 << 20,
         },
         None,
+        None,
     )
     .unwrap();
-    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], broker.port()));
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], broker.public.port()));
 
     // What the "server" side receives, by payload.
     let seen = Arc::new(Mutex::new(HashSet::<u64>::new()));

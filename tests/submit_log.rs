@@ -50,9 +50,10 @@ async fn backlog_delivered(submit_log_bytes: usize) -> HashSet<u32> {
             submit_log_bytes,
         },
         None,
+        None,
     )
     .unwrap();
-    let port = addr.port();
+    let port = addr.public.port();
 
     let (server, mut sloop) = AsyncClient::new(opts("server", port), 16);
     server.subscribe(SUBMIT, QoS::AtLeastOnce).await.unwrap();

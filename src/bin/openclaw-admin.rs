@@ -27,17 +27,39 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Write a starter configuration and model folder.
+    /// Write a starter configuration and model folder. With `--host`, a
+    /// fleet installation with safe settings instead: a fleet CA, the
+    /// broker's certificate, per-device certificates and identities, the
+    /// first admin token, and the server's and agents' configs that use
+    /// them (tokens required; the broker on mutual TLS with logins required).
     Init {
         /// Folder for local models.
         #[arg(long, default_value = "./local_models")]
         model_path: PathBuf,
-        /// Folder for the configuration files.
+        /// Folder for the configuration files (and, with --host, the CA,
+        /// certificates, token and data dir).
         #[arg(long, default_value = "./openclaw")]
         dir: PathBuf,
-        /// Overwrite existing files.
+        /// Overwrite existing starter files (never an installation's keys).
         #[arg(long)]
         force: bool,
+        /// A name or address devices reach the server by (repeat for more;
+        /// the broker's certificate is for all, agents use the first).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// With --host: a device to make an identity and agent config for
+        /// (repeat).
+        #[arg(long = "device", requires = "hosts")]
+        devices: Vec<String>,
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+        #[arg(long, default_value_t = 8883)]
+        mqtt_port: u16,
+        /// With --host: where each device's bundle (agents/ID/) will be on
+        /// the device (its agent.toml names its files there); default:
+        /// where init writes it.
+        #[arg(long, requires = "hosts")]
+        device_dir: Option<PathBuf>,
     },
     /// Submit a task.
     Submit {
@@ -132,6 +154,28 @@ enum Cmd {
     /// written straight into the server's data dir.
     #[command(subcommand)]
     Device(Device),
+    /// Files for an external mosquitto 2.x with the device identities of a
+    /// data dir: `passwd`, `acl` (each device its own topics),
+    /// `mosquitto.conf` (client id bound to user name) and the server's
+    /// `server.toml` for it. Run again after `device add` or `revoke`, then
+    /// reload mosquitto (SIGHUP).
+    BrokerConfig {
+        /// Where to write the files.
+        #[arg(long)]
+        out: PathBuf,
+        /// The server's data dir (its `auth.db`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// mosquitto's listener port.
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        /// mosquitto's listener address (default: every address).
+        #[arg(long)]
+        bind: Option<String>,
+        /// The server's user name and client id on the broker.
+        #[arg(long, default_value = "openclaw-server")]
+        server_user: String,
+    },
     /// Who submitted, cancelled or changed what (newest first; admin).
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -598,6 +642,56 @@ fn real_main() -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Token(t) => token_cmd(&client, t, args.json)?,
         Cmd::Device(d) => device_cmd(d, &args.server, args.json)?,
+        Cmd::BrokerConfig {
+            out,
+            data_dir,
+            port,
+            bind,
+            server_user,
+        } => {
+            let w = openclaw::server::auth::mosquitto::write(
+                &out,
+                &data_dir,
+                port,
+                bind.as_deref(),
+                &server_user,
+            )
+            .context("broker-config failed")?;
+            if args.json {
+                let files: Vec<String> = w.files.iter().map(|f| f.display().to_string()).collect();
+                let skipped: Vec<_> = w
+                    .skipped
+                    .iter()
+                    .map(|(id, why)| serde_json::json!({"id": id, "why": why}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"files": files, "devices": w.devices, "skipped": skipped,
+                        "new_server_password": w.new_server_password})
+                );
+            } else {
+                for f in &w.files {
+                    println!("wrote {}", f.display());
+                }
+                println!("{} device identities in the password file", w.devices);
+                for (id, why) in &w.skipped {
+                    println!("left out {id}: {why}");
+                }
+                if w.new_server_password {
+                    println!(
+                        "the server's login is new: start it with --config {}",
+                        w.files[3].display()
+                    );
+                }
+                println!(
+                    "mosquitto reads these after it drops root: chgrp mosquitto {}/passwd {}/acl; \
+                     then `mosquitto -c {}` (or reload it)",
+                    out.display(),
+                    out.display(),
+                    w.files[0].display()
+                );
+            }
+        }
         Cmd::Audit { limit } => {
             let rows = client.audit(limit).context("cannot read the audit log")?;
             if args.json {
@@ -742,7 +836,62 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Init {
             model_path,
             dir,
+            hosts,
+            devices,
+            http_port,
+            mqtt_port,
+            device_dir,
             force,
+        } if !hosts.is_empty() => {
+            if force {
+                bail!("--force cannot overwrite an installation's keys and token: remove {} first, or pick another --dir", dir.display());
+            }
+            let done = openclaw::admin::init::init(&openclaw::admin::init::InitOptions {
+                out: dir,
+                model_path,
+                hosts,
+                devices,
+                http_port,
+                mqtt_port,
+                device_dir,
+            })
+            .context("init failed")?;
+            if args.json {
+                let agents: serde_json::Map<String, serde_json::Value> = done
+                    .agents
+                    .iter()
+                    .map(|(id, p)| (id.clone(), p.display().to_string().into()))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"server_config": done.server_config.display().to_string(),
+                        "data_dir": done.data_dir.display().to_string(),
+                        "admin_token": done.admin_token, "agents": agents,
+                        "ca": done.ca.display().to_string()})
+                );
+            } else {
+                println!(
+                    "server:  openclaw-server --config {}",
+                    done.server_config.display()
+                );
+                println!(
+                    "admin token (also in admin.token; shown once): {}",
+                    done.admin_token
+                );
+                for (id, p) in &done.agents {
+                    println!("device {id}: openclaw-agent --config {}", p.display());
+                }
+                println!(
+                    "fleet CA: {} (its key beside it: keep it offline)",
+                    done.ca.display()
+                );
+            }
+        }
+        Cmd::Init {
+            model_path,
+            dir,
+            force,
+            ..
         } => {
             let files = admin::init(&dir, &model_path, force).context("init failed")?;
             if args.json {
@@ -754,6 +903,10 @@ fn real_main() -> anyhow::Result<()> {
                 println!(
                     "next: openclaw-server --config {0}/server.toml   and   openclaw-agent --config {0}/agent.toml",
                     dir.display()
+                );
+                println!(
+                    "for a fleet on a network: openclaw-admin init --dir NEW_DIR --host NAME --device ID ... \
+                     (a CA, TLS, device logins and the first admin token)"
                 );
             }
         }

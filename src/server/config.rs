@@ -93,12 +93,43 @@ pub struct MqttSection {
     /// identity (`openclaw-admin device add`) and enforces the topic rules
     /// of [`crate::server::auth::identities`]; `off` lets anyone in.
     pub auth: AuthMode,
+    /// Embedded broker with `auth = "off"`: listening on a host other than
+    /// loopback is refused unless this is true.
+    pub allow_anonymous: bool,
     /// External broker: the server's login name (default: `client_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     /// External broker: the server's login password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// Embedded broker: TLS on its listener (`mqtt.host:mqtt.port` then
+    /// speaks only TLS; agents connect with `mqtts://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_tls: Option<ListenTlsSection>,
+}
+
+/// `[mqtt.listen_tls]`: the embedded broker's certificate and, for mutual
+/// TLS, the CA that signs the devices' client certificates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTlsSection {
+    /// PEM certificate chain of the broker (its names are what agents
+    /// check: the host of their `mqtts://` URL).
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`.
+    pub key_file: PathBuf,
+    /// PEM file of CA certificates (all of them trusted): when set, a client
+    /// must show a certificate that chains to one, or its handshake fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// A handshake not finished by then is given up (a client that opens
+    /// TCP and says nothing holds nobody else up, and not for ever).
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
 }
 
 /// `[storage]`
@@ -161,11 +192,30 @@ impl ServerConfig {
             self.mqtt
                 .tls
                 .validate(&self.mqtt.broker, file, "mqtt.tls")?;
+            if self.mqtt.listen_tls.is_some() {
+                return bad(
+                    "mqtt.listen_tls",
+                    "is the embedded broker's TLS; with mqtt.embedded = false, the external \
+                     broker's TLS is its own (and [mqtt.tls] is how the server trusts it)",
+                );
+            }
         } else if self.mqtt.tls != config::TlsSection::default() {
             return bad(
                 "mqtt.tls",
-                "TLS applies to an external mqtts:// broker; the embedded broker is plain TCP",
+                "is how the server trusts an external mqtts:// broker; for TLS on the \
+                 embedded broker's listener use [mqtt.listen_tls]",
             );
+        } else if let Some(t) = &self.mqtt.listen_tls {
+            if !(1..=600_000).contains(&t.handshake_timeout_ms) {
+                return bad(
+                    "mqtt.listen_tls.handshake_timeout_ms",
+                    "must be between 1 and 600000",
+                );
+            }
+            // Parsed now, so a bad file is a config error naming it, not a
+            // broker that starts and refuses everyone.
+            crate::server::broker::tls::server_config(t)
+                .map_err(|e| ConfigError::invalid(file, "mqtt.listen_tls", e.to_string()))?;
         }
         self.check_ranges(file)?;
         if self.http.auth == AuthMode::Off
@@ -181,6 +231,24 @@ impl ServerConfig {
                      (openclaw-admin token create), bind to 127.0.0.1, or set \
                      http.allow_unauthenticated = true",
                     self.http.host
+                ),
+            ));
+        }
+        if self.mqtt.embedded
+            && self.mqtt.auth == AuthMode::Off
+            && !is_loopback(&self.mqtt.host)
+            && !self.mqtt.allow_anonymous
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "mqtt.auth",
+                format!(
+                    "is \"off\" while the embedded broker's mqtt.host {:?} is reachable from \
+                     other machines: anyone there could read every task's input and answer \
+                     as any device. Use auth = \"required\" with device identities \
+                     (openclaw-admin device add), keep mqtt.host on 127.0.0.1, or set \
+                     mqtt.allow_anonymous = true",
+                    self.mqtt.host
                 ),
             ));
         }

@@ -44,6 +44,8 @@ pub enum ServerError {
     Http(std::io::Error),
     #[error(transparent)]
     Tls(#[from] crate::mqtt::TlsError),
+    #[error(transparent)]
+    BrokerTls(#[from] broker::tls::BrokerTlsError),
     /// The scheduler ended on its own (an error, or a panic): the process
     /// must end too, rather than leave HTTP answering 503 forever.
     #[error("scheduler stopped: {0}")]
@@ -54,7 +56,8 @@ pub enum ServerError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoints {
     pub http: SocketAddr,
-    /// The broker the server uses (embedded or external).
+    /// The broker the devices use (embedded or external; with
+    /// `[mqtt.listen_tls]`, the TLS listener).
     pub mqtt: (std::net::IpAddr, u16),
 }
 
@@ -73,6 +76,9 @@ pub async fn run(
     let auth = auth::Auth::open(&cfg.storage.data_dir, &cfg.http)?;
     // The server's login on its own broker: new at every start, never stored.
     let server_secret = auth::tokens::random_hex(32)?;
+    // The embedded broker's device-facing listener, where it differs from
+    // what this server connects to (TLS).
+    let mut mqtt_public: Option<SocketAddr> = None;
     let (broker_host, broker_port) = if cfg.mqtt.embedded {
         let host = cfg.mqtt.host.clone();
         let limits = broker::Limits {
@@ -86,16 +92,26 @@ pub async fn run(
             server_user: cfg.mqtt.client_id.clone(),
             server_secret: server_secret.clone(),
         });
-        let addr = tokio::task::spawn_blocking(move || broker::start(&host, port, &limits, gate))
-            .await
-            .expect("broker start does not panic")?;
-        log::info!("embedded MQTT broker listening on {addr}");
-        let host = if addr.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            addr.ip().to_string()
+        let tls = match &cfg.mqtt.listen_tls {
+            Some(t) => Some(broker::tls::acceptor(t)?),
+            None => None,
         };
-        (host, addr.port())
+        let with_tls = tls.is_some();
+        let at =
+            tokio::task::spawn_blocking(move || broker::start(&host, port, &limits, gate, tls))
+                .await
+                .expect("broker start does not panic")?;
+        if with_tls {
+            log::info!(
+                "embedded MQTT broker listening on {} (TLS), and on {} for this server",
+                at.public,
+                at.internal
+            );
+        } else {
+            log::info!("embedded MQTT broker listening on {}", at.public);
+        }
+        mqtt_public = Some(at.public);
+        (at.internal.ip().to_string(), at.internal.port())
     } else {
         cfg.broker_addr()
     };
@@ -170,10 +186,12 @@ pub async fn run(
     let ip = broker_host
         .parse()
         .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-    ready(Endpoints {
-        http,
-        mqtt: (ip, broker_port),
-    });
+    let mqtt = match mqtt_public {
+        Some(a) if a.ip().is_unspecified() => (std::net::IpAddr::from([127, 0, 0, 1]), a.port()),
+        Some(a) => (a.ip(), a.port()),
+        None => (ip, broker_port),
+    };
+    ready(Endpoints { http, mqtt });
     let handle = handle.with_deadline(Duration::from_millis(cfg.http.request_timeout_ms));
     let app = http::router(
         handle,

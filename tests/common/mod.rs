@@ -345,6 +345,21 @@ impl Mosquitto {
         Self::spawn(conf, port)
     }
 
+    /// mosquitto with a config file of its own, whose `listener` is on `port`.
+    pub fn start_file(conf: &Path, port: u16) -> Mosquitto {
+        Self::spawn(conf.to_path_buf(), port)
+    }
+
+    /// SIGHUP: mosquitto reloads its password and ACL files.
+    pub fn reload(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP mosquitto");
+    }
+
     /// SIGKILLs the broker (its sessions and queued messages are gone:
     /// `persistence false`) and starts a new one on the same port.
     pub fn restart(&mut self) {

@@ -104,7 +104,24 @@ impl TokenStore {
                     id TEXT PRIMARY KEY, hash BLOB NOT NULL, submit INTEGER NOT NULL,
                     created_ms INTEGER NOT NULL, revoked_ms INTEGER);",
             )
-            .map_err(self.db())
+            .map_err(self.db())?;
+        // Added for broker-config: the password in mosquitto's own format
+        // (NULL for identities made before it).
+        let has: bool = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('mqtt_identities') \
+                 WHERE name = 'mosquitto_hash'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.db())?;
+        if !has {
+            self.conn
+                .execute_batch("ALTER TABLE mqtt_identities ADD COLUMN mosquitto_hash TEXT;")
+                .map_err(self.db())?;
+        }
+        Ok(())
     }
 
     /// Makes (or, with `replace`, remakes with a new password) the broker
@@ -122,16 +139,26 @@ impl TokenStore {
             )));
         }
         let password = super::tokens::random_hex(32)?;
+        let mut salt = [0u8; 12];
+        getrandom::getrandom(&mut salt).map_err(|e| AuthError::Random(e.to_string()))?;
+        let mosquitto = super::mosquitto::password_hash(&password, &salt);
         let created_ms = now_ms();
         let sql = if replace {
-            "INSERT OR REPLACE INTO mqtt_identities (id, hash, submit, created_ms) \
-             VALUES (?1, ?2, ?3, ?4)"
+            "INSERT OR REPLACE INTO mqtt_identities (id, hash, submit, created_ms, mosquitto_hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5)"
         } else {
-            "INSERT INTO mqtt_identities (id, hash, submit, created_ms) VALUES (?1, ?2, ?3, ?4)"
+            "INSERT INTO mqtt_identities (id, hash, submit, created_ms, mosquitto_hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5)"
         };
         match self.conn.execute(
             sql,
-            params![id, &hash_secret(&password)[..], submit, created_ms],
+            params![
+                id,
+                &hash_secret(&password)[..],
+                submit,
+                created_ms,
+                mosquitto
+            ],
         ) {
             Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -214,6 +241,24 @@ impl TokenStore {
             .query_map([], Self::identity_row)
             .map_err(self.db())?
             .map(|r| r.map(|(i, _)| i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.db())?;
+        Ok(rows)
+    }
+
+    /// Every device identity with its mosquitto password hash (None for
+    /// one made before those were kept), by id: for `broker-config`.
+    pub fn device_mosquitto_hashes(&self) -> Result<Vec<(Identity, Option<String>)>, AuthError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, hash, submit, created_ms, revoked_ms, mosquitto_hash \
+                 FROM mqtt_identities ORDER BY id",
+            )
+            .map_err(self.db())?;
+        let rows = st
+            .query_map([], |r| Ok((Self::identity_row(r)?.0, r.get(5)?)))
+            .map_err(self.db())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.db())?;
         Ok(rows)

@@ -10,6 +10,7 @@
 //! OpenAI's error shape, so its clients raise their own auth errors.
 
 pub mod identities;
+pub mod mosquitto;
 pub mod tokens;
 
 pub use tokens::{AuditEntry, AuthError, NewToken, Role, TokenInfo, TokenStore};

@@ -21,6 +21,8 @@ use tracing_subscriber::{
 pub use link::alerts;
 pub use link::local;
 pub use link::meters;
+/// The stream a link reads and writes (what an [`Acceptor`] returns).
+pub use link::network::N;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
@@ -141,6 +143,33 @@ pub struct ServerSettings {
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
+    /// OpenClaw patch: see [`Acceptor`].
+    #[serde(skip)]
+    pub acceptor: Option<Acceptor>,
+}
+
+/// What [`Acceptor`] runs on each accepted TCP connection.
+pub type AcceptFuture =
+    Pin<Box<dyn std::future::Future<Output = std::io::Result<Box<dyn N>>> + Send>>;
+
+/// OpenClaw patch: the embedder's own handshake on every accepted
+/// connection (TLS with the embedder's rustls and certificates, built once).
+/// Unlike `tls`, whose handshake upstream awaits inside the accept loop (one
+/// client that opens TCP and stalls holds up every new connection) and
+/// whose acceptor re-reads its PEM files per connection, each handshake runs
+/// in its own task and is given up after `timeout`.
+#[derive(Clone)]
+pub struct Acceptor {
+    pub handshake: Arc<dyn Fn(tokio::net::TcpStream) -> AcceptFuture + Send + Sync>,
+    pub timeout: std::time::Duration,
+}
+
+impl fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerSettings {
@@ -151,6 +180,11 @@ impl ServerSettings {
         O::IntoFuture: Send,
     {
         self.connections.set_auth_handler(auth_fn)
+    }
+
+    /// See [`Acceptor`].
+    pub fn set_acceptor(&mut self, acceptor: Acceptor) {
+        self.acceptor = Some(acceptor);
     }
 
     /// See [`AclHandler`].

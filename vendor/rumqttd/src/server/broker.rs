@@ -406,6 +406,43 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // OpenClaw patch: the embedder's handshake, in a task of its own
+            // with a deadline (see `Acceptor`); the loop goes on accepting.
+            // (MQTT over TCP only: websocket listeners keep their own path.)
+            let acceptor = match link_type {
+                LinkType::Remote => self.config.acceptor.clone(),
+                #[cfg(feature = "websocket")]
+                LinkType::Websocket => None,
+            };
+            if let Some(acceptor) = acceptor {
+                let (config, router_tx) = (config.clone(), self.router_tx.clone());
+                let (protocol, wills) = (self.protocol.clone(), self.awaiting_will_handler.clone());
+                count += 1;
+                task::spawn(async move {
+                    let network =
+                        match time::timeout(acceptor.timeout, (acceptor.handshake)(stream)).await {
+                            Ok(Ok(n)) => n,
+                            Ok(Err(e)) => {
+                                warn!(error=?e, ?addr, "handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                warn!(?addr, timeout=?acceptor.timeout, "handshake timed out");
+                                return;
+                            }
+                        };
+                    remote(config, None, router_tx, network, protocol, wills)
+                        .instrument(tracing::error_span!(
+                            "remote_link",
+                            client_id = field::Empty,
+                            connection_id = field::Empty,
+                        ))
+                        .await
+                });
+                time::sleep(delay).await;
+                continue;
+            }
+
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {

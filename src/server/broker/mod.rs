@@ -1,6 +1,9 @@
 //! The embedded MQTT broker (rumqttd). Sessions and retained messages live in
 //! its memory only, so it is transport, never the record: the server's
-//! SQLite and the agents' outboxes are what survive a restart.
+//! SQLite and the agents' outboxes are what survive a restart. With
+//! `[mqtt.listen_tls]` its listener speaks TLS ([`tls`]).
+
+pub mod tls;
 
 use super::auth::identities::{may_publish, may_subscribe, Grant};
 use super::auth::tokens::ct_eq;
@@ -204,33 +207,65 @@ impl Gate {
     }
 }
 
+/// Where a started broker listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// `host:port`, for the devices (TLS with [`tls`]).
+    pub public: SocketAddr,
+    /// Where the server's own client connects: `public`, or with TLS a
+    /// plain listener on a free loopback port (the same logins and rules).
+    pub internal: SocketAddr,
+}
+
+/// A free port on `host` now (rumqttd binds by itself and only logs a
+/// failure, so binding here first gives a real error and picks the port).
+fn probe(host: &str, port: u16) -> Result<SocketAddr, BrokerError> {
+    let bind_err = |source| BrokerError::Bind {
+        addr: format!("{host}:{port}"),
+        source,
+    };
+    let probe = TcpListener::bind((host, port)).map_err(bind_err)?;
+    probe.local_addr().map_err(bind_err)
+}
+
 /// Starts rumqttd on `host:port` (port 0 picks a free one) in its own
-/// threads and waits until it accepts connections. Returns the bound address.
-/// With `auth`, only the server and device identities may log in, each to
-/// its own topics.
+/// threads and waits until it accepts connections. With `auth`, only the
+/// server and device identities may log in, each to its own topics; with
+/// `tls`, the listener speaks TLS through that acceptor.
 pub fn start(
     host: &str,
     port: u16,
     limits: &Limits,
     auth: Option<BrokerAuth>,
-) -> Result<SocketAddr, BrokerError> {
+    tls: Option<rumqttd::Acceptor>,
+) -> Result<Listening, BrokerError> {
     let Limits {
         max_payload,
         max_connections,
         submit_log_bytes,
     } = *limits;
-    // rumqttd logs a bind failure instead of returning it, so bind here first
-    // to give a real error (and to pick a port when asked for 0).
-    let probe = TcpListener::bind((host, port)).map_err(|source| BrokerError::Bind {
-        addr: format!("{host}:{port}"),
-        source,
-    })?;
-    let addr = probe.local_addr().map_err(|source| BrokerError::Bind {
-        addr: format!("{host}:{port}"),
-        source,
-    })?;
-    drop(probe);
-    let text = format!(
+    let addr = probe(host, port)?;
+    let internal = match tls {
+        Some(_) => Some(probe("127.0.0.1", 0)?),
+        None => None,
+    };
+    let listener = |n: u8, name: &str, addr: SocketAddr| {
+        format!(
+            r#"
+[v4.{n}]
+name = "{name}"
+listen = "{addr}"
+next_connection_delay_ms = 1
+[v4.{n}.connections]
+connection_timeout_ms = 60000
+max_payload_size = {payload}
+max_inflight_count = 500
+dynamic_filters = true
+"#,
+            payload = max_payload + 1024,
+        )
+    };
+    let mut text = format!(
         r#"id = 0
 [router]
 id = 0
@@ -246,25 +281,28 @@ max_segment_count = {SEGMENTS}
 [router.custom_segment."{submit}"]
 max_segment_size = {submit_segment}
 max_segment_count = {SUBMIT_SEGMENTS}
-
-[v4.1]
-name = "openclaw-v4"
-listen = "{addr}"
-next_connection_delay_ms = 1
-[v4.1.connections]
-connection_timeout_ms = 60000
-max_payload_size = {payload}
-max_inflight_count = 500
-dynamic_filters = true
 "#,
-        payload = max_payload + 1024,
         segment = SEGMENT_BYTES,
         device_tasks = crate::protocol::topics::tasks("+"),
         submit = crate::protocol::topics::SUBMIT,
         submit_segment = (submit_log_bytes / SUBMIT_SEGMENTS).max(1),
     );
+    text.push_str(&listener(1, "openclaw-v4", addr));
+    if let Some(internal) = internal {
+        text.push_str(&listener(2, "openclaw-v4-loopback", internal));
+    }
     let mut config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    let listeners = config
+        .v4
+        .as_mut()
+        .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?;
+    if let Some(acceptor) = tls {
+        listeners
+            .get_mut("1")
+            .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?
+            .set_acceptor(acceptor);
+    }
     if let Some(auth) = auth {
         let store =
             TokenStore::open(&auth.data_dir).map_err(|e| BrokerError::Config(e.to_string()))?;
@@ -275,11 +313,6 @@ dynamic_filters = true
             refused_logins: AtomicU64::new(0),
             denied: AtomicU64::new(0),
         });
-        let settings = config
-            .v4
-            .as_mut()
-            .and_then(|m| m.get_mut("1"))
-            .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?;
         let g = gate.clone();
         std::thread::Builder::new()
             .name("mqtt-revocations".into())
@@ -288,12 +321,15 @@ dynamic_filters = true
                 g.drop_revoked();
             })
             .map_err(|e| BrokerError::Config(e.to_string()))?;
-        let g = gate.clone();
-        settings
-            .set_auth_handler(move |client_id, user, pass| g.clone().login(client_id, user, pass));
-        settings.set_acl_handler(move |user, access, topic, payload| {
-            gate.allows(user, access, topic, payload)
-        });
+        for settings in listeners.values_mut() {
+            let (g, gate) = (gate.clone(), gate.clone());
+            settings.set_auth_handler(move |client_id, user, pass| {
+                g.clone().login(client_id, user, pass)
+            });
+            settings.set_acl_handler(move |user, access, topic, payload| {
+                gate.allows(user, access, topic, payload)
+            });
+        }
     }
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -304,7 +340,7 @@ dynamic_filters = true
             }
         })
         .map_err(|e| BrokerError::Config(e.to_string()))?;
-    let connect_to = match addr {
+    let reachable = |addr: SocketAddr| match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => {
             SocketAddr::from(([127, 0, 0, 1], a.port()))
         }
@@ -313,12 +349,21 @@ dynamic_filters = true
         }
         a => a,
     };
+    let listening = Listening {
+        public: addr,
+        internal: internal.unwrap_or(reachable(addr)),
+    };
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if TcpStream::connect_timeout(&connect_to, Duration::from_millis(200)).is_ok() {
-            return Ok(addr);
+    for a in [reachable(listening.public), listening.internal] {
+        loop {
+            if TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(BrokerError::NotReady(a));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    Err(BrokerError::NotReady(addr))
+    Ok(listening)
 }
