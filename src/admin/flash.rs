@@ -141,6 +141,14 @@ pub struct FlashOptions {
     pub models_dir: PathBuf,
     /// Extra agent configuration (TOML) merged under the generated keys.
     pub agent_config: Option<PathBuf>,
+    /// A device's credentials as `openclaw-admin init --device ID` made
+    /// them (`agents/ID/`: `agent.toml` with its broker password and
+    /// `[mqtt.tls]`, the CA, its client certificate and key): installed
+    /// under the release (`credentials/`, the key 0600), the config's
+    /// `[mqtt] password` and `[mqtt.tls]` pointing there.
+    pub credentials: Option<PathBuf>,
+    /// API token for the server's HTTP API (the heartbeat check).
+    pub token: Option<String>,
     /// Device id; default: the device's host name.
     pub id: Option<String>,
     /// Install prefix on the device.
@@ -172,6 +180,8 @@ impl FlashOptions {
             binary: binary.into(),
             models_dir: "models".into(),
             agent_config: None,
+            credentials: None,
+            token: None,
             id: None,
             prefix: "/opt/openclaw".into(),
             unit_dir: "/etc/systemd/system".into(),
@@ -181,6 +191,84 @@ impl FlashOptions {
             dry_run: false,
         }
     }
+}
+
+/// A credentials bundle read for the release.
+struct Credentials {
+    id: Option<String>,
+    password: Option<String>,
+    /// `[mqtt.tls]` with the paths where the release puts the files.
+    tls: Option<toml::Table>,
+    /// (name under `credentials/`, bytes, mode).
+    files: Vec<(String, Vec<u8>, u32)>,
+}
+
+/// Reads `dir/agent.toml` of a bundle (`openclaw-admin init --device`):
+/// its id, broker password and TLS files, which must be in `dir`.
+fn credentials(dir: &Path, rel_dir: &str, broker: &str) -> Result<Credentials, String> {
+    let f = dir.join("agent.toml");
+    let text =
+        std::fs::read_to_string(&f).map_err(|e| format!("--credentials: {}: {e}", f.display()))?;
+    let t: toml::Table = text
+        .parse()
+        .map_err(|e| format!("--credentials: {}: {e}", f.display()))?;
+    let id = t.get("id").and_then(|v| v.as_str()).map(String::from);
+    let mqtt = t.get("mqtt").and_then(|m| m.as_table());
+    let password = mqtt
+        .and_then(|m| m.get("password"))
+        .and_then(|v| v.as_str())
+        .map(String::from);
+    let mut files = Vec::new();
+    let tls = match mqtt.and_then(|m| m.get("tls")).and_then(|v| v.as_table()) {
+        None => None,
+        Some(tls) => {
+            if !crate::config::broker_uses_tls(broker) {
+                return Err(format!(
+                    "--credentials {} holds TLS files, but the broker `{broker}` is not mqtts:// \
+                     (give --server mqtts://HOST:PORT)",
+                    dir.display()
+                ));
+            }
+            let mut out = toml::Table::new();
+            for key in ["ca_file", "client_cert_file", "client_key_file"] {
+                let Some(p) = tls.get(key).and_then(|v| v.as_str()) else {
+                    continue;
+                };
+                // The file by its name, from the bundle itself: the paths
+                // in it are where init meant it to be, not necessarily here.
+                let name = Path::new(p)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .filter(|n| !n.is_empty() && !n.starts_with('.'))
+                    .ok_or_else(|| format!("--credentials: mqtt.tls.{key} = {p:?} names no file"))?
+                    .to_string();
+                let src = dir.join(&name);
+                let data = std::fs::read(&src).map_err(|e| {
+                    format!("--credentials: mqtt.tls.{key}: {}: {e}", src.display())
+                })?;
+                let mode = if key == "client_key_file" {
+                    0o600
+                } else {
+                    0o644
+                };
+                out.insert(key.into(), format!("{rel_dir}/credentials/{name}").into());
+                files.push((name, data, mode));
+            }
+            Some(out)
+        }
+    };
+    if password.is_none() && tls.is_none() {
+        return Err(format!(
+            "--credentials: {} has neither [mqtt] password nor [mqtt.tls]",
+            f.display()
+        ));
+    }
+    Ok(Credentials {
+        id,
+        password,
+        tls,
+        files,
+    })
 }
 
 /// What a successful flash did.
@@ -573,7 +661,19 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
         format!("{rel_dir}/board.toml")
     };
     let mut cfg = extra;
-    if let Some(id) = &o.id {
+    let creds = match &o.credentials {
+        Some(dir) => Some(credentials(dir, &rel_dir, &o.broker).map_err(prep)?),
+        None => None,
+    };
+    if let Some(c) = &creds {
+        for (name, data, mode) in &c.files {
+            put(&format!("credentials/{name}"), data, *mode).map_err(prep)?;
+        }
+    }
+    let id =
+        o.id.clone()
+            .or_else(|| creds.as_ref().and_then(|c| c.id.clone()));
+    if let Some(id) = &id {
         cfg.insert("id".into(), id.clone().into());
     }
     cfg.insert("board".into(), board_ref.into());
@@ -584,6 +684,14 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     match mqtt.as_table_mut() {
         Some(t) => {
             t.insert("broker".into(), o.broker.clone().into());
+            if let Some(c) = &creds {
+                if let Some(p) = &c.password {
+                    t.insert("password".into(), p.clone().into());
+                }
+                if let Some(tls) = &c.tls {
+                    t.insert("tls".into(), toml::Value::Table(tls.clone()));
+                }
+            }
         }
         None => return Err(prep("--agent-config: `mqtt` must be a table".into())),
     }
@@ -606,7 +714,9 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
         board.name,
         toml::to_string(&cfg).map_err(|e| prep(e.to_string()))?
     );
-    put("agent.toml", agent_toml.as_bytes(), 0o644).map_err(prep)?;
+    // With a password in it, for its owner only.
+    let mode = if creds.is_some() { 0o600 } else { 0o644 };
+    put("agent.toml", agent_toml.as_bytes(), mode).map_err(prep)?;
     let unit = unit_text(&pre, &board.name);
     put(UNIT, unit.as_bytes(), 0o644).map_err(prep)?;
 
@@ -799,7 +909,7 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     }
 
     // --- restart and heartbeat ---------------------------------------------
-    let client = Client::new(&o.http);
+    let client = Client::new(&o.http).with_token(o.token.clone());
     let baseline = |client: &Client| -> u64 {
         client
             .devices()
@@ -957,6 +1067,51 @@ mod tests {
         assert_ne!(a.path(), b.path());
         let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    /// An `init --device` bundle: its password and TLS files go into the
+    /// release (`credentials/`, the key for its owner only) and the config
+    /// points there; TLS files with a plain mqtt:// broker, a file missing
+    /// from the bundle, or a bundle with no credentials are refused by name.
+    #[test]
+    fn credentials_bundles_go_into_the_release() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path();
+        std::fs::write(
+            b.join("agent.toml"),
+            "id = \"pi-1\"\n[mqtt]\nbroker = \"mqtts://srv:8883\"\npassword = \"s3cret\"\n\
+             [mqtt.tls]\nca_file = \"/etc/openclaw/ca.pem\"\nclient_cert_file = \"/x/client.pem\"\n\
+             client_key_file = \"client.key\"\n",
+        )
+        .unwrap();
+        for f in ["ca.pem", "client.pem", "client.key"] {
+            std::fs::write(b.join(f), f).unwrap();
+        }
+        let c = credentials(b, "/opt/openclaw/releases/7", "mqtts://srv:8883").unwrap();
+        assert_eq!(c.id.as_deref(), Some("pi-1"));
+        assert_eq!(c.password.as_deref(), Some("s3cret"));
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            tls["client_key_file"].as_str(),
+            Some("/opt/openclaw/releases/7/credentials/client.key")
+        );
+        assert_eq!(
+            tls["ca_file"].as_str(),
+            Some("/opt/openclaw/releases/7/credentials/ca.pem")
+        );
+        let key = c.files.iter().find(|(n, _, _)| n == "client.key").unwrap();
+        assert_eq!((key.1.as_slice(), key.2), (&b"client.key"[..], 0o600));
+        let e = credentials(b, "/r", "mqtt://srv:1883").err().unwrap();
+        assert!(e.contains("not mqtts://"), "{e}");
+        std::fs::remove_file(b.join("client.pem")).unwrap();
+        let e = credentials(b, "/r", "mqtts://srv:8883").err().unwrap();
+        assert!(
+            e.contains("client_cert_file") && e.contains("client.pem"),
+            "{e}"
+        );
+        std::fs::write(b.join("agent.toml"), "id = \"pi-1\"\n").unwrap();
+        let e = credentials(b, "/r", "mqtts://srv:8883").err().unwrap();
+        assert!(e.contains("neither"), "{e}");
     }
 
     #[test]

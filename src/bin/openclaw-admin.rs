@@ -324,6 +324,11 @@ struct FlashArgs {
     /// Extra agent configuration (TOML) to install with the generated keys.
     #[arg(long)]
     agent_config: Option<PathBuf>,
+    /// The device's credentials from `openclaw-admin init --device ID`
+    /// (the `agents/ID` folder): its broker password, CA and client
+    /// certificate, installed with the release.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
     /// Local model folder (manifests and files).
     #[arg(long, default_value = "models")]
     models_dir: PathBuf,
@@ -772,9 +777,9 @@ fn real_main() -> anyhow::Result<()> {
             }
         }
         Cmd::Flash(f) => {
-            if !args.server.starts_with("mqtt://") {
+            if !args.server.starts_with("mqtt://") && !args.server.starts_with("mqtts://") {
                 bail!(
-                    "flash needs the broker the agent connects to: --server mqtt://HOST:PORT (the server's HTTP API goes in --http)"
+                    "flash needs the broker the agent connects to: --server mqtt://HOST:PORT or mqtts://HOST:PORT (the server's HTTP API goes in --http)"
                 );
             }
             let b = openclaw::boards::Board::load(&f.board)?;
@@ -793,6 +798,11 @@ fn real_main() -> anyhow::Result<()> {
             o.systemctl = f.systemctl;
             o.id = f.id;
             o.agent_config = f.agent_config;
+            o.credentials = f.credentials;
+            o.token = args
+                .token
+                .clone()
+                .or_else(|| std::env::var("OPENCLAW_TOKEN").ok());
             o.models_dir = f.models_dir;
             o.wait = Duration::from_secs(f.wait_secs);
             o.step_timeout = Duration::from_secs(f.step_timeout_secs.max(1));
