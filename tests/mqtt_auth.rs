@@ -35,6 +35,37 @@ fn device_add(data: &Path, id: &str, extra: &[&str]) -> String {
     v["password"].as_str().unwrap().to_string()
 }
 
+/// Announces a device `ghost` (retained) that the publisher is not.
+fn forge_ghost(spy: &MqttPeer) {
+    let fake = DeviceStatus {
+        device_id: "ghost".into(),
+        online: true,
+        board: "sim".into(),
+        plugins: vec!["echo".into()],
+        capabilities: vec!["plugin:echo".into()],
+        max_concurrency: 4,
+        queue_capacity: 4,
+        heartbeat_ms: 60_000,
+        ..Default::default()
+    };
+    spy.client
+        .publish(
+            topics::status("ghost"),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            protocol::encode(&fake),
+        )
+        .unwrap();
+}
+
+/// A submission from a client not granted submitting.
+fn submit_ungranted(spy: &MqttPeer) {
+    spy.publish(
+        topics::SUBMIT,
+        serde_json::to_vec(&json!({"plugin": "echo", "input": {"from": "pi-2"}})).unwrap(),
+    );
+}
+
 fn admin(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_openclaw-admin"))
         .args(args)
@@ -101,30 +132,9 @@ fn devices_log_in_as_themselves_and_reach_only_their_own_topics() {
         &[&topics::tasks("pi-1"), "#", "openclaw/v1/devices/+/results"],
     );
     // It may announce itself, but not a device it is not...
-    let fake = DeviceStatus {
-        device_id: "ghost".into(),
-        online: true,
-        board: "sim".into(),
-        plugins: vec!["echo".into()],
-        capabilities: vec!["plugin:echo".into()],
-        max_concurrency: 4,
-        queue_capacity: 4,
-        heartbeat_ms: 60_000,
-        ..Default::default()
-    };
-    spy.client
-        .publish(
-            topics::status("ghost"),
-            rumqttc::QoS::AtLeastOnce,
-            true,
-            protocol::encode(&fake),
-        )
-        .unwrap();
+    forge_ghost(&spy);
     // ...nor submit without the grant.
-    spy.publish(
-        topics::SUBMIT,
-        serde_json::to_vec(&json!({"plugin": "echo", "input": {"from": "pi-2"}})).unwrap(),
-    );
+    submit_ungranted(&spy);
     let mut req = task("echo", json!({"n": 2}));
     req.target = Some("pi-1".into());
     let id2 = s.submit(req);
@@ -533,29 +543,8 @@ fn broker_config_gives_mosquitto_the_same_identities_and_rules() {
         !text.contains("Client pi-1 already connected"),
         "pi-2 took over pi-1's session: {text}"
     );
-    let fake = DeviceStatus {
-        device_id: "ghost".into(),
-        online: true,
-        board: "sim".into(),
-        plugins: vec!["echo".into()],
-        capabilities: vec!["plugin:echo".into()],
-        max_concurrency: 4,
-        queue_capacity: 4,
-        heartbeat_ms: 60_000,
-        ..Default::default()
-    };
-    spy.client
-        .publish(
-            topics::status("ghost"),
-            rumqttc::QoS::AtLeastOnce,
-            true,
-            protocol::encode(&fake),
-        )
-        .unwrap();
-    spy.publish(
-        topics::SUBMIT,
-        serde_json::to_vec(&json!({"plugin": "echo", "input": {"from": "pi-2"}})).unwrap(),
-    );
+    forge_ghost(&spy);
+    submit_ungranted(&spy);
     run_on_pi1(2);
     let got: Vec<String> =
         std::iter::from_fn(|| spy.rx.recv_timeout(Duration::from_millis(500)).ok())
