@@ -2017,13 +2017,13 @@ impl Scheduler {
                 continue;
             }
             let preferred = prefer.map(|(d, _)| d).filter(|d| self.eligible(d, t, now));
-            let candidates: Box<dyn Iterator<Item = &Device>> = match &t.row.target {
-                Some(target) => Box::new(self.devices.get(target).into_iter()),
-                None => Box::new(free.iter().filter_map(|f| self.devices.get(f))),
-            };
             let (chosen, why) = match preferred {
                 Some(d) => (Some(d), Why::Preferred),
                 None => {
+                    let candidates: Box<dyn Iterator<Item = &Device>> = match &t.row.target {
+                        Some(target) => Box::new(self.devices.get(target).into_iter()),
+                        None => Box::new(free.iter().filter_map(|f| self.devices.get(f))),
+                    };
                     let eligible: Vec<&Device> =
                         candidates.filter(|d| self.eligible(d, t, now)).collect();
                     let n = eligible.len();
