@@ -50,6 +50,7 @@ fn req(target: Option<String>) -> SubmitRequest {
         max_attempts: None,
         reply_to: None,
         correlation: None,
+        route: None,
     }
 }
 

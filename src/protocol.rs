@@ -639,6 +639,48 @@ pub struct StorageCounters {
 pub mod api {
     use serde::{Deserialize, Serialize};
 
+    /// The product's three routes: where a task runs and how its answer
+    /// returns. `auto` (the default) lets the scheduler decide from the
+    /// plugin: `llm` (a language model) goes `heavy`, a submission with
+    /// `reply_to` is `queue`, anything else `edge`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Route {
+        #[default]
+        Auto,
+        /// A plugin next to its data, on a device. Asked for explicitly, only
+        /// devices of class `edge`; resolved from `auto`, any device that
+        /// offers the plugin (heavy nodes run edge plugins too).
+        Edge,
+        /// Nodes of class `heavy` only (language models; a model is offered
+        /// only by a node whose memory holds it).
+        Heavy,
+        /// Cross-system and asynchronous: submitted over MQTT, answered on
+        /// its `reply_to` topic; any device that offers the plugin.
+        Queue,
+    }
+
+    impl Route {
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Route::Auto => "auto",
+                Route::Edge => "edge",
+                Route::Heavy => "heavy",
+                Route::Queue => "queue",
+            }
+        }
+
+        pub fn parse(s: &str) -> Option<Route> {
+            Some(match s {
+                "auto" => Route::Auto,
+                "edge" => Route::Edge,
+                "heavy" => Route::Heavy,
+                "queue" => Route::Queue,
+                _ => return None,
+            })
+        }
+    }
+
     /// A task submission.
     #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]
@@ -670,6 +712,9 @@ pub mod api {
         /// MQTT only: echoed back in replies so the submitter can match them.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub correlation: Option<String>,
+        /// `auto` (default), `edge`, `heavy` or `queue`: see [`Route`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub route: Option<Route>,
     }
 
     impl SubmitRequest {
@@ -685,6 +730,7 @@ pub mod api {
                 max_attempts: None,
                 reply_to: None,
                 correlation: None,
+                route: None,
             }
         }
     }
@@ -773,6 +819,12 @@ pub mod api {
         /// it runs; the result has all of it once it ends.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub output: Option<String>,
+        /// The route the task took (`auto` resolved at submission).
+        #[serde(default)]
+        pub route: Route,
+        /// Why its device was chosen, from its latest dispatch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub placement: Option<String>,
     }
 
     /// A device as the API shows it.

@@ -44,6 +44,8 @@ fn seed(dir: &Path, n: usize, bytes: usize) -> Vec<String> {
             dispatched_ms: None,
             started_ms: None,
             finished_ms: Some(2_000_000),
+            route: openclaw::protocol::api::Route::Auto,
+            placement: None,
         })
         .unwrap();
         ids.push(id);

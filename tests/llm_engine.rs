@@ -421,6 +421,32 @@ fn a_wrong_sha256_or_a_truncated_file_is_a_clear_error() {
     assert!(msg.contains("cannot load"), "{msg}");
 }
 
+/// Placement by memory: a model whose manifest needs more memory than the
+/// node has is not offered (no `llm:`/`model:` capability, so the server
+/// never routes it here); the ones that fit still are.
+#[test]
+fn a_model_larger_than_the_node_is_not_offered() {
+    let repo = LlmRepo::open(models_dir()).unwrap();
+    let mut big = repo.get(QWEN).unwrap().clone();
+    big.name = "qwen-70b-shaped".into();
+    big.memory_bytes = 40 << 30;
+    let small = repo.get(QWEN).unwrap().clone();
+    let repo = LlmRepo::from_manifests(models_dir(), vec![small, big]);
+    let e = Embedded::with_repo_on(
+        repo,
+        vec![config(QWEN), config("qwen-70b-shaped")],
+        8 << 30,
+        16 << 30,
+    )
+    .unwrap();
+    let names: Vec<String> = e.models().into_iter().map(|m| m.name).collect();
+    assert_eq!(names, vec![QWEN.to_string()]);
+    assert_eq!(
+        e.not_offered(),
+        &[("qwen-70b-shaped".to_string(), 40u64 << 30)]
+    );
+}
+
 #[test]
 fn a_context_past_the_trained_one_is_a_config_error() {
     let _one = one_at_a_time();

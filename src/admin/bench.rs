@@ -367,6 +367,7 @@ fn park(
                         max_attempts: None,
                         reply_to: None,
                         correlation: None,
+                        route: None,
                     };
                     client.submit(&req)?;
                 }

@@ -1507,7 +1507,12 @@ impl Manager {
             crate::boards::BoardClass::Edge => "class:edge".to_string(),
             crate::boards::BoardClass::Heavy => "class:heavy".to_string(),
         });
-        caps.extend(self.board.models.iter().map(|m| format!("model:{m}")));
+        // An edge board's models are its ONNX ones; a heavy node's GGUF
+        // models are offered by the `llm` plugin, and only those it can
+        // hold (placement by memory), so the board's list is not repeated.
+        if self.board.class == crate::boards::BoardClass::Edge {
+            caps.extend(self.board.models.iter().map(|m| format!("model:{m}")));
+        }
         caps.sort();
         caps.dedup();
         caps

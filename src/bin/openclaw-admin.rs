@@ -80,6 +80,9 @@ enum Cmd {
         /// Execution time limit, milliseconds.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// auto (default: from the plugin), edge, heavy or queue.
+        #[arg(long, value_parser = ["auto", "edge", "heavy", "queue"])]
+        route: Option<String>,
         /// Wait for the result.
         #[arg(long)]
         wait: bool,
@@ -420,7 +423,11 @@ fn show_task(t: &TaskView, json: bool) -> anyhow::Result<()> {
     println!("plugin   {}", t.plugin);
     println!("state    {}", t.state.as_str());
     println!("priority {}", t.priority);
+    println!("route    {}", t.route.as_str());
     println!("device   {}", t.device.as_deref().unwrap_or("-"));
+    if let Some(p) = &t.placement {
+        println!("why      {p}");
+    }
     println!("attempts {}/{}", t.attempts, t.max_attempts);
     if let Some(r) = &t.result {
         println!("result   {}", serde_json::to_string_pretty(r)?);
@@ -927,6 +934,7 @@ fn real_main() -> anyhow::Result<()> {
             target,
             capability,
             timeout_ms,
+            route,
             wait,
             wait_secs,
         } => {
@@ -935,6 +943,9 @@ fn real_main() -> anyhow::Result<()> {
                 target,
                 capability,
                 timeout_ms,
+                route: route
+                    .as_deref()
+                    .and_then(openclaw::protocol::api::Route::parse),
                 ..SubmitRequest::new(plugin, parse_json("--input", &input)?)
             };
             let r = client.submit(&req).context("submit failed")?;

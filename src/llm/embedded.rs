@@ -281,6 +281,7 @@ struct CacheEntry {
 pub struct Embedded {
     repo: LlmRepo,
     configs: Vec<ModelConfig>,
+    not_offered: Vec<(String, u64)>,
     cache_bytes: u64,
     cache: Mutex<HashMap<String, CacheEntry>>,
 }
@@ -307,6 +308,22 @@ impl Embedded {
         repo: LlmRepo,
         models: Vec<ModelConfig>,
         cache_bytes: u64,
+    ) -> Result<Embedded, LlmError> {
+        let total = crate::plugins::sysinfo::memory()
+            .total_kb
+            .saturating_mul(1024);
+        Self::with_repo_on(repo, models, cache_bytes, total)
+    }
+
+    /// As [`Embedded::with_repo`] on a node with `node_memory` bytes of
+    /// RAM (0: unknown). A model whose manifest needs more (`memory_bytes`)
+    /// is not offered here: placement by memory, so a 70B model is never
+    /// routed to a node that cannot hold it ([`Embedded::not_offered`]).
+    pub fn with_repo_on(
+        repo: LlmRepo,
+        models: Vec<ModelConfig>,
+        cache_bytes: u64,
+        node_memory: u64,
     ) -> Result<Embedded, LlmError> {
         let bad = |key: String, message: String| Err(LlmError::Config { key, message });
         for (i, c) in models.iter().enumerate() {
@@ -350,12 +367,36 @@ impl Embedded {
                 );
             }
         }
+        let mut offered = Vec::new();
+        let mut not_offered = Vec::new();
+        for c in models {
+            let need = repo.get(&c.model).map(|m| m.memory_bytes).unwrap_or(0);
+            if node_memory > 0 && need > node_memory {
+                log::warn!(
+                    "llm: model `{}` needs {} MB of memory and this node has {} MB: not offered \
+                     (a node with more memory, or an upstream pool, can serve it)",
+                    c.model,
+                    need >> 20,
+                    node_memory >> 20
+                );
+                not_offered.push((c.model, need));
+            } else {
+                offered.push(c);
+            }
+        }
         Ok(Embedded {
             repo,
-            configs: models,
+            configs: offered,
+            not_offered,
             cache_bytes,
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The configured models this node does not offer because they need
+    /// more memory than it has: (name, bytes needed).
+    pub fn not_offered(&self) -> &[(String, u64)] {
+        &self.not_offered
     }
 
     fn config(&self, name: &str) -> Result<&ModelConfig, LlmError> {

@@ -465,6 +465,9 @@ struct ListItem<'a> {
     dispatched_ms: Option<u64>,
     started_ms: Option<u64>,
     finished_ms: Option<u64>,
+    route: crate::protocol::api::Route,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    placement: Option<&'a str>,
 }
 
 /// Stored JSON text as it is; `null` if it is not JSON (as `TaskRow::view`).
@@ -528,6 +531,8 @@ impl Lists {
                 dispatched_ms: t.dispatched_ms,
                 started_ms: t.started_ms,
                 finished_ms: t.finished_ms,
+                route: t.route,
+                placement: t.placement,
             };
             serde_json::to_writer(&mut item, &view).expect("serializing to memory");
             if n == limit || (n > 0 && body.len() + item.len() + 2 > self.max_bytes) {

@@ -37,6 +37,8 @@ pub struct Needs {
     pub plugin: String,
     pub target: Option<String>,
     pub capability: Option<String>,
+    /// A device class the route asks for (`class:edge`, `class:heavy`).
+    pub class: Option<&'static str>,
 }
 
 /// A lane's handle, valid while the lane has tasks.
@@ -355,6 +357,7 @@ mod tests {
             plugin: plugin.into(),
             target: target.map(String::from),
             capability: None,
+            class: None,
         }
     }
 

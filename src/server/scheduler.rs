@@ -24,7 +24,9 @@ use super::config::SchedulerSection;
 use super::queue::{self, Needs, Queue};
 use super::store::{Store, StoreError, TaskRow};
 use crate::mqtt::MqttEvent;
-use crate::protocol::api::{DeviceView, Reply, SubmitRequest, SubmitResponse, TaskState, TaskView};
+use crate::protocol::api::{
+    DeviceView, Reply, Route, SubmitRequest, SubmitResponse, TaskState, TaskView,
+};
 use crate::protocol::{
     self, topics, DeviceStatus, ErrorKind, FromAgent, RejectReason, TaskSpec, ToAgent, Value,
 };
@@ -950,6 +952,14 @@ impl Scheduler {
                 return bad("`capability` must not be empty".into());
             }
         }
+        let asked = req.route.unwrap_or_default();
+        if asked == Route::Queue && req.reply_to.is_none() {
+            return bad(
+                "`route` \"queue\" is for submissions answered on `reply_to` (over MQTT, \
+                 openclaw/v1/submit); give a `reply_to`, or use \"auto\""
+                    .into(),
+            );
+        }
         // Exactly what was submitted reaches the agent, or a clear 400.
         let input = match Value::try_from_json(&req.input) {
             Ok(v) => v,
@@ -1031,6 +1041,31 @@ impl Scheduler {
                 ))));
             }
         }
+        if let Some(class) = route_class(asked, &req.plugin) {
+            // As for capabilities: a class nobody known is of would wait forever.
+            let fits = |d: &Device| {
+                d.status.plugins.contains(&req.plugin)
+                    && d.status.capabilities.iter().any(|c| c == class)
+                    && req.target.as_ref().is_none_or(|t| *t == d.status.device_id)
+            };
+            if !self.devices.values().any(fits) {
+                let route = resolve_route(asked, &req.plugin, req.reply_to.is_some());
+                return Err(SubmitFail::Api(ApiError::Unprocessable(format!(
+                    "route `{}`{}: no known device{} of {class} offers plugin `{}`",
+                    route.as_str(),
+                    if asked == Route::Auto {
+                        format!(" (auto: plugin `{HEAVY_PLUGIN}` runs on heavy nodes)")
+                    } else {
+                        String::new()
+                    },
+                    req.target
+                        .as_ref()
+                        .map(|t| format!(" `{t}`"))
+                        .unwrap_or_default(),
+                    req.plugin
+                ))));
+            }
+        }
         let input = req.input.to_string();
         if self.tasks.len() >= self.cfg.max_queued_tasks {
             return Err(SubmitFail::Api(ApiError::Busy {
@@ -1079,6 +1114,8 @@ impl Scheduler {
             dispatched_ms: None,
             started_ms: None,
             finished_ms: None,
+            route: asked,
+            placement: None,
         };
         self.store.save(&row).map_err(SubmitFail::Store)?;
         let resp = SubmitResponse {
@@ -1138,6 +1175,7 @@ impl Scheduler {
             plugin: row.plugin.clone(),
             target: row.target.clone(),
             capability: row.capability.clone(),
+            class: route_class(row.route, &row.plugin),
         };
         // A task recovered after a restart waits while its device is away.
         let away = prefer
@@ -1882,6 +1920,9 @@ impl Scheduler {
                 .capability
                 .as_ref()
                 .is_none_or(|c| d.status.capabilities.contains(c))
+            && needs
+                .class
+                .is_none_or(|c| d.status.capabilities.iter().any(|x| x == c))
     }
 
     fn eligible(&self, d: &Device, t: &Task, now: Instant) -> bool {
@@ -1899,6 +1940,8 @@ impl Scheduler {
                 .capability
                 .as_ref()
                 .is_none_or(|c| d.status.capabilities.contains(c))
+            && route_class(t.row.route, &t.row.plugin)
+                .is_none_or(|c| d.status.capabilities.iter().any(|x| x == c))
     }
 
     fn dispatch(&mut self) -> Result<(), StoreError> {
@@ -1974,28 +2017,34 @@ impl Scheduler {
                 continue;
             }
             let preferred = prefer.map(|(d, _)| d).filter(|d| self.eligible(d, t, now));
-            let candidates: Box<dyn Iterator<Item = &Device>> = match &t.row.target {
-                Some(target) => Box::new(self.devices.get(target).into_iter()),
-                None => Box::new(free.iter().filter_map(|f| self.devices.get(f))),
+            let (chosen, why) = match preferred {
+                Some(d) => (Some(d), Why::Preferred),
+                None => {
+                    let candidates: Box<dyn Iterator<Item = &Device>> = match &t.row.target {
+                        Some(target) => Box::new(self.devices.get(target).into_iter()),
+                        None => Box::new(free.iter().filter_map(|f| self.devices.get(f))),
+                    };
+                    let eligible: Vec<&Device> =
+                        candidates.filter(|d| self.eligible(d, t, now)).collect();
+                    let n = eligible.len();
+                    let best = eligible.into_iter().min_by(|a, b| {
+                        let la = a.assigned.len() as f32 / a.capacity() as f32;
+                        let lb = b.assigned.len() as f32 / b.capacity() as f32;
+                        la.total_cmp(&lb)
+                            .then(a.status.load1.total_cmp(&b.status.load1))
+                    });
+                    (best, Why::LeastLoaded(n))
+                }
             };
-            let chosen = preferred
-                .or_else(|| {
-                    candidates
-                        .filter(|d| self.eligible(d, t, now))
-                        .min_by(|a, b| {
-                            let la = a.assigned.len() as f32 / a.capacity() as f32;
-                            let lb = b.assigned.len() as f32 / b.capacity() as f32;
-                            la.total_cmp(&lb)
-                                .then(a.status.load1.total_cmp(&b.status.load1))
-                        })
-                })
-                .map(|d| d.status.device_id.clone());
             // Nobody has room for this lane any more: it waits for the next pass.
-            let Some(dev) = chosen else { continue };
+            let Some(chosen) = chosen else { continue };
+            let placement = placement(&t.row, chosen, why);
+            let dev = chosen.status.device_id.clone();
             self.queue.remove(&id);
             let t = self.tasks.get_mut(&id).expect("queued task is known");
             t.row.state = TaskState::Dispatched;
             t.row.device = Some(dev.clone());
+            t.row.placement = Some(placement);
             t.row.attempts += 1;
             t.row.dispatched_ms = Some(crate::now_ms());
             t.deadline = Some(after(
@@ -2033,6 +2082,84 @@ impl Scheduler {
 enum SubmitFail {
     Api(ApiError),
     Store(StoreError),
+}
+
+/// How a dispatch chose its device.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// The device that held the task before (it came back in time).
+    Preferred,
+    /// The least loaded of this many eligible devices with room.
+    LeastLoaded(usize),
+}
+
+/// The task view's `placement`: the route, what a device had to offer, and
+/// why this one, in a sentence.
+fn placement(row: &TaskRow, d: &Device, why: Why) -> String {
+    let route = resolve_route(row.route, &row.plugin, row.reply_to.is_some());
+    let mut s = format!("route {}", route.as_str());
+    if row.route == Route::Auto {
+        s.push_str(match route {
+            Route::Heavy => " (auto: plugin llm runs on heavy nodes)",
+            Route::Queue => " (auto: answered on reply_to)",
+            _ => " (auto)",
+        });
+    }
+    let mut needs = vec![format!("plugin {}", row.plugin)];
+    if let Some(c) = route_class(row.route, &row.plugin) {
+        needs.push(c.to_string());
+    }
+    if let Some(c) = &row.capability {
+        needs.push(c.clone());
+    }
+    let _ = write!(
+        s,
+        "; {} offers {}; ",
+        d.status.device_id,
+        needs.join(" and ")
+    );
+    match why {
+        Why::Preferred => s.push_str("it ran this task before and came back in time"),
+        Why::LeastLoaded(_) if row.target.is_some() => s.push_str("the task's target"),
+        Why::LeastLoaded(n) => {
+            let _ = write!(
+                s,
+                "least loaded of {n} eligible device{} with room ({} of {} slots in use, load {:.2})",
+                if n == 1 { "" } else { "s" },
+                d.assigned.len(),
+                d.capacity(),
+                d.status.load1
+            );
+        }
+    }
+    s
+}
+
+/// The plugin whose tasks `auto` routes to heavy nodes.
+pub const HEAVY_PLUGIN: &str = "llm";
+
+/// `auto` resolved: `heavy` for a language model, `queue` for a submission
+/// answered on `reply_to`, else `edge`.
+pub fn resolve_route(asked: Route, plugin: &str, reply_to: bool) -> Route {
+    match asked {
+        Route::Auto if plugin == HEAVY_PLUGIN => Route::Heavy,
+        Route::Auto if reply_to => Route::Queue,
+        Route::Auto => Route::Edge,
+        r => r,
+    }
+}
+
+/// The device class the route `asked` at submission holds a task to:
+/// `heavy` (asked, or `auto` for a language model) only heavy nodes; `edge`
+/// asked by name only edge devices. An `auto` task that resolved to `edge`
+/// or `queue` may run on any device that offers its plugin (heavy nodes run
+/// edge plugins too).
+fn route_class(asked: Route, plugin: &str) -> Option<&'static str> {
+    match resolve_route(asked, plugin, false) {
+        Route::Heavy => Some("class:heavy"),
+        Route::Edge if asked == Route::Edge => Some("class:edge"),
+        _ => None,
+    }
 }
 
 fn spec_of(row: &TaskRow) -> TaskSpec {
@@ -2135,6 +2262,7 @@ mod tests {
             max_attempts: None,
             reply_to: None,
             correlation: None,
+            route: None,
         }
     }
 
@@ -2206,6 +2334,83 @@ mod tests {
         let waits = submit(s, req(Some("gpu"), None));
         s.dispatch().unwrap();
         assert_eq!(s.tasks[&waits].row.state, TaskState::Queued);
+    }
+
+    /// Issue 11's routes: `heavy` only on heavy nodes (and `auto` sends the
+    /// `llm` plugin there), `edge` by name only on edge devices, `auto` for
+    /// anything else on any device; `queue` needs `reply_to`; a route no
+    /// known device can serve is refused by name; the view says which route
+    /// was taken and why its device was chosen.
+    #[tokio::test(start_paused = true)]
+    async fn routes_pick_the_device_class_and_say_why() {
+        let mut r = rig();
+        let s = &mut r.s;
+        let mut heavy = status("pc-1", &["class:heavy"], 4);
+        heavy.plugins.push("llm".into());
+        heartbeat(s, &heavy);
+        heartbeat(s, &status("pi-1", &["class:edge"], 4));
+        let routed = |route: Option<Route>, plugin: &str| {
+            let mut q = req(None, None);
+            q.route = route;
+            q.plugin = plugin.into();
+            q
+        };
+        let llm = submit(s, routed(None, "llm"));
+        let to_heavy = submit(s, routed(Some(Route::Heavy), "echo"));
+        let to_edge = submit(s, routed(Some(Route::Edge), "echo"));
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &llm).as_deref(), Some("pc-1"));
+        assert_eq!(device_of(s, &to_heavy).as_deref(), Some("pc-1"));
+        assert_eq!(device_of(s, &to_edge).as_deref(), Some("pi-1"));
+        let v = s.tasks[&llm].row.view();
+        assert_eq!(v.route, Route::Heavy);
+        let why = v.placement.unwrap();
+        assert!(
+            why.contains("route heavy (auto: plugin llm runs on heavy nodes)")
+                && why.contains("pc-1 offers plugin llm and class:heavy")
+                && why.contains("least loaded of 1 eligible device"),
+            "{why}"
+        );
+        let why = s.tasks[&to_edge].row.view().placement.unwrap();
+        assert!(
+            why.starts_with("route edge; pi-1 offers plugin echo and class:edge"),
+            "{why}"
+        );
+        // `auto` for an edge plugin: any device that has it, heavy too.
+        let ids: Vec<String> = (0..6).map(|_| submit(s, routed(None, "echo"))).collect();
+        s.dispatch().unwrap();
+        let on: HashSet<String> = ids.iter().filter_map(|i| device_of(s, i)).collect();
+        assert_eq!(on.len(), 2, "auto edge tasks used both devices: {on:?}");
+        assert_eq!(s.tasks[&ids[0]].row.view().route, Route::Edge);
+        // `queue` is for answers on `reply_to`.
+        match s.submit(routed(Some(Route::Queue), "echo")) {
+            Err(SubmitFail::Api(ApiError::BadRequest(m))) => {
+                assert!(
+                    m.contains("`route` \"queue\"") && m.contains("reply_to"),
+                    "{m}"
+                )
+            }
+            _ => panic!("route queue without reply_to was accepted"),
+        }
+        let mut q = routed(None, "echo");
+        q.reply_to = Some("erp/replies".into());
+        let queued = submit(s, q);
+        assert_eq!(s.tasks[&queued].row.view().route, Route::Queue);
+        // No heavy node offers sysinfo: refused, naming route and class.
+        let mut pi2 = status("pi-2", &["class:edge"], 4);
+        pi2.plugins.push("sysinfo".into());
+        heartbeat(s, &pi2);
+        match s.submit(routed(Some(Route::Heavy), "sysinfo")) {
+            Err(SubmitFail::Api(ApiError::Unprocessable(m))) => assert!(
+                m.contains("route `heavy`") && m.contains("class:heavy") && m.contains("sysinfo"),
+                "{m}"
+            ),
+            _ => panic!("a heavy route nobody can serve was accepted"),
+        }
+        // The route survives in the store.
+        let stored = s.store.get(&to_edge).unwrap().unwrap();
+        assert_eq!(stored.route, Route::Edge);
+        assert!(stored.placement.unwrap().contains("pi-1"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -3143,6 +3348,8 @@ mod tests {
                         dispatched_ms: None,
                         started_ms: None,
                         finished_ms: Some(1 + i as u64),
+                        route: Route::Auto,
+                        placement: None,
                     })
                     .unwrap();
             }

@@ -4,7 +4,7 @@
 //! answers clients, dispatches or acknowledges MQTT messages after the commit
 //! (group commit), so nothing is acknowledged before it is on disk.
 
-use crate::protocol::api::{TaskState, TaskView};
+use crate::protocol::api::{Route, TaskState, TaskView};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ pub enum StoreError {
 }
 
 /// The column names of [`COLUMNS`], by index (for errors).
-const COLUMN_NAMES: [&str; 19] = [
+const COLUMN_NAMES: [&str; 21] = [
     "id",
     "plugin",
     "input",
@@ -55,6 +55,8 @@ const COLUMN_NAMES: [&str; 19] = [
     "dispatched_ms",
     "started_ms",
     "finished_ms",
+    "route",
+    "placement",
 ];
 
 /// Names the row and the column of a conversion error.
@@ -101,6 +103,11 @@ pub struct TaskRow {
     pub dispatched_ms: Option<u64>,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
+    /// The route asked for at submission (`auto` unless named); the view
+    /// shows it resolved.
+    pub route: Route,
+    /// Why its latest dispatch went where it did.
+    pub placement: Option<String>,
 }
 
 impl TaskRow {
@@ -126,6 +133,12 @@ impl TaskRow {
             started_ms: self.started_ms,
             finished_ms: self.finished_ms,
             output: None,
+            route: crate::server::scheduler::resolve_route(
+                self.route,
+                &self.plugin,
+                self.reply_to.is_some(),
+            ),
+            placement: self.placement.clone(),
         }
     }
 }
@@ -138,7 +151,7 @@ pub struct Store {
 
 const COLUMNS: &str = "id, plugin, input, priority, target, capability, timeout_ms, max_attempts, \
      reply_to, correlation, state, attempts, device, result, error, created_ms, dispatched_ms, \
-     started_ms, finished_ms";
+     started_ms, finished_ms, route, placement";
 
 impl Store {
     /// Opens (creating if needed) `DIR/openclaw.db`.
@@ -176,6 +189,7 @@ impl Store {
                 id TEXT PRIMARY KEY, status BLOB NOT NULL, last_seen_ms INTEGER NOT NULL);"
         ))
         .and_then(|()| Self::create_dispatches(&conn))
+        .and_then(|()| Self::add_route_columns(&conn))
         .map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
@@ -209,6 +223,22 @@ impl Store {
                 WHERE device IS NOT NULL AND state IN ('queued', 'dispatched', 'running');
              COMMIT;",
         )
+    }
+
+    /// `route` and `placement` (issue 11's routes), added to a store made
+    /// before them; their rows read as `auto` with no placement.
+    fn add_route_columns(conn: &Connection) -> rusqlite::Result<()> {
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('tasks') WHERE name = 'route'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch(
+                "ALTER TABLE tasks ADD COLUMN route TEXT; ALTER TABLE tasks ADD COLUMN placement TEXT;",
+            )?;
+        }
+        Ok(())
     }
 
     /// Records that task `id`'s attempt `attempt` was sent to `device`.
@@ -354,12 +384,12 @@ impl Store {
     pub fn save(&mut self, t: &TaskRow) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "INSERT INTO tasks ({COLUMNS}) VALUES \
-             (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19) \
+             (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21) \
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, \
              attempts = excluded.attempts, device = excluded.device, \
              result = excluded.result, error = excluded.error, \
              dispatched_ms = excluded.dispatched_ms, started_ms = excluded.started_ms, \
-             finished_ms = excluded.finished_ms"
+             finished_ms = excluded.finished_ms, placement = excluded.placement"
         ))?;
         stmt.execute(params![
             t.id,
@@ -381,6 +411,8 @@ impl Store {
             t.dispatched_ms.map(|v| v as i64),
             t.started_ms.map(|v| v as i64),
             t.finished_ms.map(|v| v as i64),
+            t.route.as_str(),
+            t.placement,
         ])?;
         Ok(())
     }
@@ -411,6 +443,12 @@ impl Store {
                 dispatched_ms: u(16)?,
                 started_ms: u(17)?,
                 finished_ms: u(18)?,
+                route: r
+                    .get::<_, Option<String>>(19)?
+                    .as_deref()
+                    .and_then(Route::parse)
+                    .unwrap_or(Route::Auto),
+                placement: r.get(20)?,
             },
             state,
         ))
@@ -583,6 +621,8 @@ pub struct ListedTask<'a> {
     pub dispatched_ms: Option<u64>,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
+    pub route: Route,
+    pub placement: Option<&'a str>,
 }
 
 /// What a list reads.
@@ -642,7 +682,7 @@ impl ReadStore {
         let mut sql = format!(
             "SELECT id, plugin, priority, target, capability, device, attempts, max_attempts, \
              timeout_ms, state, {input}, {result}, error, created_ms, dispatched_ms, started_ms, \
-             finished_ms FROM tasks WHERE 1"
+             finished_ms, route, placement, reply_to IS NOT NULL FROM tasks WHERE 1"
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if !f.states.is_empty() {
@@ -688,7 +728,7 @@ impl ReadStore {
     /// One row of [`ReadStore::list`]'s query; errors name the row and the column.
     fn listed<'r>(r: &'r Row<'_>) -> Result<ListedTask<'r>, StoreError> {
         // The query's column order, by index (for errors).
-        const NAMES: [&str; 17] = [
+        const NAMES: [&str; 20] = [
             "id",
             "plugin",
             "priority",
@@ -706,6 +746,9 @@ impl ReadStore {
             "dispatched_ms",
             "started_ms",
             "finished_ms",
+            "route",
+            "placement",
+            "reply_to",
         ];
         let id = || {
             column_text(r, 0)
@@ -751,6 +794,12 @@ impl ReadStore {
             dispatched_ms: u(14)?,
             started_ms: u(15)?,
             finished_ms: u(16)?,
+            route: crate::server::scheduler::resolve_route(
+                text(17)?.and_then(Route::parse).unwrap_or(Route::Auto),
+                text(1)?.unwrap_or_default(),
+                r.get::<_, bool>(19).map_err(named(19))?,
+            ),
+            placement: text(18)?,
         })
     }
 }
@@ -780,6 +829,8 @@ mod tests {
             dispatched_ms: None,
             started_ms: None,
             finished_ms: None,
+            route: Route::Auto,
+            placement: None,
         }
     }
 
@@ -915,7 +966,8 @@ mod tests {
             .prepare(
                 "SELECT id, plugin, priority, target, capability, device, attempts, \
                       max_attempts, timeout_ms, state, input, result, error, created_ms, \
-                      dispatched_ms, started_ms, finished_ms FROM tasks WHERE id = 'bad'",
+                      dispatched_ms, started_ms, finished_ms, route, placement, \
+                      reply_to IS NOT NULL FROM tasks WHERE id = 'bad'",
             )
             .unwrap();
         let mut rows = stmt.query([]).unwrap();
