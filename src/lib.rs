@@ -12,17 +12,22 @@
 //! - [`mqtt`]: the task that owns an MQTT event loop (back-off, resubscribe).
 //! - [`plugins`] (feature `agent`): the plugin interface and the built-ins.
 //! - [`agent`] (feature `agent`): the edge agent.
-//! - [`server`] (feature `server`): the central node: embedded broker, SQLite
-//!   store (with each task's dispatch history), scheduler, HTTP API, the
+//! - [`server`] (feature `server`): the central node: embedded broker with
+//!   TLS on its listener (`server::broker`, `server::broker::tls`), SQLite
+//!   store (with each task's dispatch history, route and placement),
+//!   scheduler (routes `edge`/`heavy`/`queue`), HTTP API, the
 //!   OpenAI-compatible gateway (`server::openai`) over the streamed output
 //!   of running tasks (`server::streams`), API tokens with roles, rate
-//!   limits and the audit log, and the device identities and topic rules
-//!   of the embedded broker (`server::auth`), and the data-dir lock that
-//!   keeps a second server off the same store.
+//!   limits and the audit log, the device identities and topic rules of
+//!   the embedded broker and their mosquitto form (`server::auth`,
+//!   `server::auth::mosquitto`), and the data-dir lock that keeps a second
+//!   server off the same store.
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
 //!   embedded (feature `llm`) and OpenAI-compatible upstream pools (agent).
-//! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`.
+//! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`,
+//!   cross builds and flashing, model downloads, and `init` (a new
+//!   installation's CA, certificates, token and configs).
 //!
 //! The binaries in `src/bin/` only parse arguments and call into these.
 
