@@ -715,3 +715,94 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     let r = server.wait(&server.submit(t));
     assert_eq!(r.result, Some(json!({"n": 2})), "{r:?}");
 }
+
+/// Into a fleet made by `openclaw-admin init`: API tokens required, the
+/// broker on mutual TLS with logins required. `flash --credentials` takes
+/// the device's bundle (`agents/dev-1`): its password, the CA and its client
+/// certificate go into the release, readable by their owner only where
+/// secret; the installed agent logs in over TLS with its password, and the
+/// heartbeat check reads the devices with the token.
+#[test]
+fn flash_installs_init_credentials_into_a_secured_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let site = d.join("site");
+    let out = Command::new(program(
+        "OPENCLAW_TEST_ADMIN_BIN",
+        env!("CARGO_BIN_EXE_openclaw-admin"),
+    ))
+    .args(["--json", "init", "--dir", site.to_str().unwrap()])
+    .args(["--model-path", d.join("models").to_str().unwrap()])
+    .args(["--host", "localhost", "--device", "dev-1"])
+    .args(["--http-port", "0", "--mqtt-port", "0"])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = v["admin_token"].as_str().unwrap().to_string();
+    let server = Server::start(
+        Path::new(v["data_dir"].as_str().unwrap()),
+        &[
+            "--config",
+            v["server_config"].as_str().unwrap(),
+            "--auth",
+            "required",
+        ],
+    );
+    let port = server.broker().rsplit(':').next().unwrap().to_string();
+    let broker = format!("mqtts://localhost:{port}");
+
+    let board = d.join("flashsim.toml");
+    let sim = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/boards/sim.toml"))
+        .unwrap()
+        .replace("name = \"sim\"", "name = \"flashsim\"");
+    std::fs::write(&board, &sim).unwrap();
+    let binary = d.join("openclaw-agent");
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&binary)
+        .arg(program(
+            "OPENCLAW_TEST_AGENT_BIN",
+            env!("CARGO_BIN_EXE_openclaw-agent"),
+        ))
+        .status()
+        .expect("strip (binutils)");
+    assert!(st.success());
+    let extra = d.join("extra.toml");
+    std::fs::write(
+        &extra,
+        "[mqtt]\nkeep_alive_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\
+         [agent]\nheartbeat_ms = 300\n",
+    )
+    .unwrap();
+    let setup = Setup {
+        sshd: Sshd::start(&d.join("ssh")),
+        device: Device::new(&d.join("device")),
+        board,
+        binary,
+        extra,
+    };
+    let bundle = site.join("agents/dev-1");
+    let args = with(
+        setup.args(&broker, &server.http),
+        "--credentials",
+        bundle.to_str().unwrap(),
+    );
+    let out = admin(&with(args, "--token", &token));
+    assert!(out.status.success(), "flash with credentials failed");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("device dev-1 online"));
+    let rel = setup.device.prefix.join(setup.device.current().unwrap());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&rel.join("credentials/client.key")), 0o600);
+    assert_eq!(mode(&rel.join("agent.toml")), 0o600);
+    let cfg = String::from_utf8(read(rel.join("agent.toml"))).unwrap();
+    assert!(cfg.contains("password = "), "{cfg}");
+    assert!(
+        cfg.contains(&format!("{}/credentials/ca.pem", rel.display())),
+        "{cfg}"
+    );
+}
