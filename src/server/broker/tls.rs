@@ -121,5 +121,6 @@ pub fn acceptor(tls: &ListenTlsSection) -> Result<rumqttd::Acceptor, BrokerTlsEr
             })
         }),
         timeout: Duration::from_millis(tls.handshake_timeout_ms),
+        max_pending: tls.max_handshakes,
     })
 }

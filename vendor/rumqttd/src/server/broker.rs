@@ -380,11 +380,31 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        // OpenClaw patch: the embedder's socket, if it bound one (see
+        // `ServerSettings::bound`).
+        let bound = self
+            .config
+            .bound
+            .as_ref()
+            .and_then(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let listener = match bound {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)?
+            }
+            None => TcpListener::bind(&self.config.listen).await?,
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
+        // OpenClaw patch: the handshakes under way (see `Acceptor::max_pending`).
+        let pending = self
+            .config
+            .acceptor
+            .as_ref()
+            .map(|a| Arc::new(tokio::sync::Semaphore::new(a.max_pending.max(1))));
+        let mut turned_away: u64 = 0;
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
@@ -402,6 +422,11 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
+                    // OpenClaw patch: out of file descriptors (EMFILE), the
+                    // listener stays readable and accept fails at once:
+                    // without a pause this loop spins a core until some
+                    // connection closes.
+                    time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -414,7 +439,21 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => None,
             };
-            if let Some(acceptor) = acceptor {
+            if let (Some(acceptor), Some(pending)) = (acceptor, &pending) {
+                let Ok(permit) = pending.clone().try_acquire_owned() else {
+                    turned_away += 1;
+                    if turned_away.is_power_of_two() {
+                        warn!(
+                            ?addr,
+                            max = acceptor.max_pending,
+                            turned_away,
+                            "too many handshakes under way: connection closed"
+                        );
+                    }
+                    drop(stream);
+                    time::sleep(delay).await;
+                    continue;
+                };
                 let (config, router_tx) = (config.clone(), self.router_tx.clone());
                 let (protocol, wills) = (self.protocol.clone(), self.awaiting_will_handler.clone());
                 count += 1;
@@ -431,6 +470,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                                 return;
                             }
                         };
+                    drop(permit);
                     remote(config, None, router_tx, network, protocol, wills)
                         .instrument(tracing::error_span!(
                             "remote_link",
