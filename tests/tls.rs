@@ -407,6 +407,30 @@ fn tls_config_errors_name_the_key() {
     let err =
         server_err("[mqtt.listen_tls]\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"k.pem\"\n");
     assert!(err.contains("/nonexistent/c.pem"), "{err}");
+
+    // A certificate rustls cannot read is named as the cert file (it was
+    // blamed on the key file), a key of another certificate as the key file.
+    let d = dir.path();
+    pki::make_ca(d, "cfg");
+    let (cert, key) = make_cert(d, "cfg", "b1", "DNS:localhost", "serverAuth");
+    let (_, other_key) = make_cert(d, "cfg", "b2", "DNS:localhost", "serverAuth");
+    let bad = d.join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let tls = |c: &Path, k: &Path| {
+        format!(
+            "[mqtt.listen_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            c.display(),
+            k.display()
+        )
+    };
+    let err = server_err(&tls(&bad, &key));
+    assert!(err.contains("mqtt.listen_tls.cert_file"), "{err}");
+    let err = server_err(&tls(&cert, &other_key));
+    assert!(err.contains("mqtt.listen_tls.key_file"), "{err}");
 }
 
 /// `openclaw-admin init` makes an installation that works as written: the
@@ -456,6 +480,12 @@ fn init_makes_an_installation_that_runs_a_task_end_to_end() {
         let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
+
+    let data_mode = std::fs::metadata(out.join("data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(data_mode & 0o777, 0o700, "the data dir");
 
     let token = v["admin_token"].as_str().unwrap().to_string();
     let server = Server::start(

@@ -241,11 +241,19 @@ pub fn init(opts: &InitOptions) -> Result<Initialized, InitError> {
     write(&bc, &broker_cert, 0o644)?;
     write(&bk, &broker_key, 0o600)?;
 
+    // The server's data dir: auth.db (token and password hashes), and later
+    // every task's input and result; only for its owner.
     let data_dir = out.join("data");
-    std::fs::create_dir_all(&data_dir).map_err(|source| InitError::Io {
-        path: data_dir.clone(),
-        source,
-    })?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&data_dir)
+            .map_err(|source| InitError::Io {
+                path: data_dir.clone(),
+                source,
+            })?;
+    }
     let mut store = TokenStore::open(&data_dir)?;
     let token = store.create_audited(Role::Admin, "init", None, |i| {
         AuditEntry::offline("token.create", &i.id)
