@@ -226,10 +226,10 @@ fn embedded_broker_over_mutual_tls_with_stalled_handshakes_open() {
     }
 }
 
-/// `max_handshakes`: with that many stalled handshakes under way, the next
-/// connection is closed at once (before, each one accepted waited out the
+/// `max_handshakes`: with that many stalled handshakes under way, a new
+/// connection gives up the oldest (before, each one accepted waited out the
 /// deadline with its descriptor and buffers, as many as the accept loop took
-/// in that time); once they end, an agent gets in.
+/// in that time), and an agent gets in while stalled ones fill every slot.
 #[test]
 fn embedded_broker_tls_bounds_the_handshakes_under_way() {
     let dir = tempfile::tempdir().unwrap();
@@ -237,20 +237,28 @@ fn embedded_broker_tls_bounds_the_handshakes_under_way() {
     let (server, url, agent_tls) =
         embedded_tls_server_with(d, "handshake_timeout_ms = 600000\nmax_handshakes = 2\n");
     let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-    let stalled: Vec<std::net::TcpStream> = (0..2)
-        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
-        .collect();
-    let mut third = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    third
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    let mut b = [0u8; 16];
-    match std::io::Read::read(&mut third, &mut b) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("a handshake beyond max_handshakes was let wait: {other:?}"),
-    }
-    drop(stalled);
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        s
+    };
+    let closed = |s: &mut std::net::TcpStream| {
+        let mut b = [0u8; 16];
+        match std::io::Read::read(s, &mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    let mut oldest = connect();
+    let _second = connect();
+    let _third = connect();
+    assert!(
+        closed(&mut oldest),
+        "the oldest stalled handshake was kept past max_handshakes"
+    );
+    // Two stalled handshakes hold both slots all along.
     let _agent = Agent::start(d, "tls-m1", &url, &agent_tls);
     server.wait_online("tls-m1");
     let id = server.submit(task("echo", json!({ "bounded": true })));

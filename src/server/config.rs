@@ -126,8 +126,8 @@ pub struct ListenTlsSection {
     /// TCP and says nothing holds nobody else up, and not for ever).
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
-    /// At most this many handshakes at once; a connection beyond them is
-    /// closed at once (the agent retries). Bounds what clients that stall
+    /// At most this many handshakes at once; a connection beyond them gives
+    /// up the oldest under way (only a stalled one gets old). Bounds what clients that stall
     /// their handshakes hold: a descriptor and up to ~64 KiB of buffered
     /// ClientHello each, until `handshake_timeout_ms`.
     #[serde(default = "default_max_handshakes")]

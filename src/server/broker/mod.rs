@@ -234,17 +234,12 @@ pub struct Listening {
 /// broker's own bind (on the loopback listener of [`Listening::internal`]
 /// that would have handed it the server's login).
 fn bind(host: &str, port: u16) -> Result<(TcpListener, SocketAddr), BrokerError> {
-    use std::os::fd::AsRawFd;
     let bind_err = |source| BrokerError::Bind {
         addr: format!("{host}:{port}"),
         source,
     };
+    // (std's backlog, 128, is what tokio's bind in rumqttd used too.)
     let listener = TcpListener::bind((host, port)).map_err(bind_err)?;
-    // std listens with a backlog of 128; tokio's own bind (what rumqttd
-    // did) uses 1024, which a fleet reconnecting at once needs. A second
-    // listen(2) on a listening socket only changes its backlog.
-    // SAFETY: a valid socket descriptor owned by `listener`.
-    unsafe { libc::listen(listener.as_raw_fd(), 1024) };
     let addr = listener.local_addr().map_err(bind_err)?;
     Ok((listener, addr))
 }

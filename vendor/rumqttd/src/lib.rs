@@ -174,10 +174,11 @@ pub struct Acceptor {
     pub handshake: Arc<dyn Fn(tokio::net::TcpStream) -> AcceptFuture + Send + Sync>,
     pub timeout: std::time::Duration,
     /// At most this many handshakes at once: a connection accepted while
-    /// that many are under way is closed at once. Without it, clients that
-    /// open TCP (or send most of a 64 KiB ClientHello) and stall hold a
-    /// descriptor and rustls' buffers each until `timeout`, as many as the
-    /// accept loop takes in that time.
+    /// that many are under way gives up the oldest of them. Without it,
+    /// clients that open TCP (or send most of a 64 KiB ClientHello) and
+    /// stall hold a descriptor and rustls' buffers each until `timeout`, as
+    /// many as the accept loop takes in that time. (Refusing the newest
+    /// instead would let that many stalled clients keep everyone out.)
     pub max_pending: usize,
 }
 

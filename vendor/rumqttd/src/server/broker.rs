@@ -398,13 +398,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
-        // OpenClaw patch: the handshakes under way (see `Acceptor::max_pending`).
-        let pending = self
-            .config
-            .acceptor
-            .as_ref()
-            .map(|a| Arc::new(tokio::sync::Semaphore::new(a.max_pending.max(1))));
-        let mut turned_away: u64 = 0;
+        // OpenClaw patch: the handshakes under way, oldest first, each with
+        // the sender whose drop gives it up (see `Acceptor::max_pending`).
+        type Pending = std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>;
+        let pending: Arc<Mutex<Pending>> = Arc::default();
+        let mut handshakes: u64 = 0;
+        let mut evicted: u64 = 0;
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
@@ -439,38 +438,60 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => None,
             };
-            if let (Some(acceptor), Some(pending)) = (acceptor, &pending) {
-                let Ok(permit) = pending.clone().try_acquire_owned() else {
-                    turned_away += 1;
-                    if turned_away.is_power_of_two() {
-                        warn!(
-                            ?addr,
-                            max = acceptor.max_pending,
-                            turned_away,
-                            "too many handshakes under way: connection closed"
-                        );
+            if let Some(acceptor) = acceptor {
+                // Full: the oldest handshake under way is given up to make
+                // room (a real client's takes milliseconds, so only one that
+                // stalls is ever that old), rather than refusing the new one,
+                // which would let a few stalled clients keep everyone out.
+                handshakes += 1;
+                let me = handshakes;
+                let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+                {
+                    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    while p.len() >= acceptor.max_pending.max(1) {
+                        p.pop_front();
+                        evicted += 1;
+                        if evicted.is_power_of_two() {
+                            warn!(
+                                max = acceptor.max_pending,
+                                evicted,
+                                "too many handshakes under way: the oldest given up"
+                            );
+                        }
                     }
-                    drop(stream);
-                    time::sleep(delay).await;
-                    continue;
-                };
+                    p.push_back((me, cancel));
+                }
+                let pending = pending.clone();
                 let (config, router_tx) = (config.clone(), self.router_tx.clone());
                 let (protocol, wills) = (self.protocol.clone(), self.awaiting_will_handler.clone());
                 count += 1;
                 task::spawn(async move {
-                    let network =
-                        match time::timeout(acceptor.timeout, (acceptor.handshake)(stream)).await {
-                            Ok(Ok(n)) => n,
-                            Ok(Err(e)) => {
-                                warn!(error=?e, ?addr, "handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                warn!(?addr, timeout=?acceptor.timeout, "handshake timed out");
-                                return;
-                            }
-                        };
-                    drop(permit);
+                    let shake = time::timeout(acceptor.timeout, (acceptor.handshake)(stream));
+                    let done = tokio::select! {
+                        r = shake => Some(r),
+                        _ = cancelled => None,
+                    };
+                    {
+                        let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(i) = p.iter().position(|(id, _)| *id == me) {
+                            p.remove(i);
+                        }
+                    }
+                    let network = match done {
+                        Some(Ok(Ok(n))) => n,
+                        Some(Ok(Err(e))) => {
+                            warn!(error=?e, ?addr, "handshake failed");
+                            return;
+                        }
+                        Some(Err(_)) => {
+                            warn!(?addr, timeout=?acceptor.timeout, "handshake timed out");
+                            return;
+                        }
+                        None => {
+                            warn!(?addr, "handshake given up for a newer one");
+                            return;
+                        }
+                    };
                     remote(config, None, router_tx, network, protocol, wills)
                         .instrument(tracing::error_span!(
                             "remote_link",
