@@ -189,6 +189,13 @@ pub fn init(opts: &InitOptions) -> Result<Initialized, InitError> {
                 "--device {d:?} is not a valid device id (letters, digits, - _ . up to 64)"
             )));
         }
+        // Each is a folder under agents/: `..` put its key and config in
+        // the installation's own folder.
+        if d == "." || d == ".." {
+            return Err(InitError::Invalid(format!(
+                "--device {d:?} cannot name a folder under agents/"
+            )));
+        }
     }
     let out = &opts.out;
     for what in ["server.toml", "pki", "data"] {
@@ -351,6 +358,25 @@ mod tests {
         assert_eq!(validity(now, 2), ((2026, 12, 30), (2028, 12, 30)));
         // 2024-03-01 00:30 UTC: the day before is February 29th.
         assert_eq!(validity(1_709_253_000, 1), ((2024, 2, 29), (2025, 2, 28)));
+    }
+
+    #[test]
+    fn devices_named_dot_or_dot_dot_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for id in [".", ".."] {
+            let e = init(&InitOptions {
+                out: dir.path().join("site"),
+                model_path: dir.path().join("models"),
+                hosts: vec!["localhost".into()],
+                devices: vec![id.into()],
+                http_port: 0,
+                mqtt_port: 0,
+                device_dir: None,
+            })
+            .unwrap_err();
+            assert!(matches!(e, InitError::Invalid(_)), "{id}: {e}");
+        }
+        assert!(!dir.path().join("site").join("client.key").exists());
     }
 
     #[test]
