@@ -157,6 +157,11 @@ fn refused_agent(dir: &Path, conf: &Path, id: &str, server: &Server) -> String {
 /// `timeout_ms`). Returns the server, the `mqtts://` URL and the agent's
 /// `[mqtt.tls]` section.
 fn embedded_tls_server(d: &Path, timeout_ms: u64) -> (Server, String, String) {
+    embedded_tls_server_with(d, &format!("handshake_timeout_ms = {timeout_ms}\n"))
+}
+
+/// [`embedded_tls_server`] with `extra` in its `[mqtt.listen_tls]`.
+fn embedded_tls_server_with(d: &Path, extra: &str) -> (Server, String, String) {
     let ca = pki::make_ca(d, "fleet");
     let (cert, key) = make_cert(
         d,
@@ -170,8 +175,7 @@ fn embedded_tls_server(d: &Path, timeout_ms: u64) -> (Server, String, String) {
     std::fs::write(
         &conf,
         format!(
-            "[mqtt.listen_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n\
-             handshake_timeout_ms = {timeout_ms}\n",
+            "[mqtt.listen_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{extra}",
             cert.display(),
             key.display(),
             ca.display()
@@ -220,6 +224,114 @@ fn embedded_broker_over_mutual_tls_with_stalled_handshakes_open() {
             "a stalled connection was closed early: {r:?}"
         );
     }
+}
+
+/// `max_handshakes`: with that many stalled handshakes under way, a new
+/// connection gives up the oldest (before, each one accepted waited out the
+/// deadline with its descriptor and buffers, as many as the accept loop took
+/// in that time), and an agent gets in while stalled ones fill every slot.
+#[test]
+fn embedded_broker_tls_bounds_the_handshakes_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (server, url, agent_tls) =
+        embedded_tls_server_with(d, "handshake_timeout_ms = 600000\nmax_handshakes = 2\n");
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        s
+    };
+    let closed = |s: &mut std::net::TcpStream| {
+        let mut b = [0u8; 16];
+        match std::io::Read::read(s, &mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    let mut oldest = connect();
+    let _second = connect();
+    let _third = connect();
+    assert!(
+        closed(&mut oldest),
+        "the oldest stalled handshake was kept past max_handshakes"
+    );
+    // Two stalled handshakes hold both slots all along.
+    let _agent = Agent::start(d, "tls-m1", &url, &agent_tls);
+    server.wait_online("tls-m1");
+    let id = server.submit(task("echo", json!({ "bounded": true })));
+    assert_eq!(server.wait(&id).state, TaskState::Succeeded);
+}
+
+/// With `[mqtt.listen_tls]` and `mqtt.auth = "off"` (the client CA the only
+/// gate), the plain loopback listener beside it for the server took any
+/// MQTT client on this machine, no certificate asked: it now wants the
+/// server's own login (made at each start), and the server still works.
+#[test]
+fn embedded_tls_loopback_listener_admits_only_the_server() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = pki::make_ca(d, "fleet");
+    let (cert, key) = make_cert(d, "fleet", "broker", "DNS:localhost", "serverAuth");
+    let conf = d.join("server.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[mqtt.listen_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_openclaw-server"))
+            .args(["--config", conf.to_str().unwrap(), "--host", "127.0.0.1"])
+            .args(["--port", "0", "--mqtt-port", "0", "--auth", "off"])
+            .arg("--data-dir")
+            .arg(d.join("srv"))
+            .env("RUST_LOG", "info,rumqttd=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut loopback = None;
+    let mut connected = false;
+    while loopback.is_none() || !connected {
+        let line = lines.next().expect("server ended").unwrap();
+        if let Some(rest) = line.split(", and on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap();
+            loopback = Some(addr.parse::<std::net::SocketAddr>().unwrap());
+        }
+        connected |= line.contains("server: connected");
+    }
+    std::thread::spawn(move || for _ in lines {});
+    // MQTT 3.1.1 CONNECT, clean session, client id "x", no login.
+    let mut s = std::net::TcpStream::connect(loopback.unwrap()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    s.write_all(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'x',
+    ])
+    .unwrap();
+    let mut ack = [0u8; 4];
+    let n = s.read(&mut ack).unwrap_or(0);
+    assert!(
+        !(n == 4 && ack == [0x20, 2, 0, 0]),
+        "an anonymous client got into the loopback listener"
+    );
 }
 
 /// `handshake_timeout_ms`: a client that opens TCP and says nothing is
@@ -303,6 +415,30 @@ fn tls_config_errors_name_the_key() {
     let err =
         server_err("[mqtt.listen_tls]\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"k.pem\"\n");
     assert!(err.contains("/nonexistent/c.pem"), "{err}");
+
+    // A certificate rustls cannot read is named as the cert file (it was
+    // blamed on the key file), a key of another certificate as the key file.
+    let d = dir.path();
+    pki::make_ca(d, "cfg");
+    let (cert, key) = make_cert(d, "cfg", "b1", "DNS:localhost", "serverAuth");
+    let (_, other_key) = make_cert(d, "cfg", "b2", "DNS:localhost", "serverAuth");
+    let bad = d.join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let tls = |c: &Path, k: &Path| {
+        format!(
+            "[mqtt.listen_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            c.display(),
+            k.display()
+        )
+    };
+    let err = server_err(&tls(&bad, &key));
+    assert!(err.contains("mqtt.listen_tls.cert_file"), "{err}");
+    let err = server_err(&tls(&cert, &other_key));
+    assert!(err.contains("mqtt.listen_tls.key_file"), "{err}");
 }
 
 /// `openclaw-admin init` makes an installation that works as written: the
@@ -352,6 +488,12 @@ fn init_makes_an_installation_that_runs_a_task_end_to_end() {
         let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
+
+    let data_mode = std::fs::metadata(out.join("data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(data_mode & 0o777, 0o700, "the data dir");
 
     let token = v["admin_token"].as_str().unwrap().to_string();
     let server = Server::start(

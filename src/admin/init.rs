@@ -86,14 +86,31 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), InitError> {
     f.sync_all().map_err(io)
 }
 
-/// Years since 1970, from the clock (certificates run from January 1st of
-/// this year; no date crate needed for that).
-fn this_year() -> i32 {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    1970 + (secs / 31_556_952) as i32
+/// The civil (proleptic Gregorian, UTC) date of `days` since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`): no date crate needed for it.
+fn civil_from_days(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+    (y, m, d)
+}
+
+/// A certificate's validity, made `now_s` (seconds since 1970): from the
+/// day before (a device whose clock is a little behind still accepts it)
+/// for `years` whole years. (An average-length year, as before, put the
+/// start on January 1st of the *next* year in the last hours of most years,
+/// and gave certificates made in December barely a year.)
+fn validity(now_s: u64, years: i32) -> ((i32, u8, u8), (i32, u8, u8)) {
+    let (y, m, d) = civil_from_days((now_s / 86_400) as i64 - 1);
+    // February 29th has no twin in most years.
+    let end_day = if (m, d) == (2, 29) { 28 } else { d };
+    ((y, m, d), (y + years, m, end_day))
 }
 
 fn params(names: Vec<String>, cn: &str, years: i32) -> Result<CertificateParams, InitError> {
@@ -101,10 +118,32 @@ fn params(names: Vec<String>, cn: &str, years: i32) -> Result<CertificateParams,
     p.distinguished_name.push(DnType::CommonName, cn);
     p.distinguished_name
         .push(DnType::OrganizationName, "OpenClaw fleet");
-    let y = this_year();
-    p.not_before = rcgen::date_time_ymd(y, 1, 1);
-    p.not_after = rcgen::date_time_ymd(y + years, 1, 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let ((y0, m0, d0), (y1, m1, d1)) = validity(now, years);
+    p.not_before = rcgen::date_time_ymd(y0, m0, d0);
+    p.not_after = rcgen::date_time_ymd(y1, m1, d1);
     Ok(p)
+}
+
+/// Whether `host` can go into the broker's certificate and an agent's
+/// `mqtts://HOST:PORT` as it is: an IP address, or a DNS name of letters,
+/// digits, `-`, `_` and `.` (a leading `*.` for a wildcard).
+fn valid_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        })
 }
 
 fn toml_str(s: &str) -> String {
@@ -118,10 +157,29 @@ pub fn init(opts: &InitOptions) -> Result<Initialized, InitError> {
             "--host: at least one name or address devices reach the server by".into(),
         ));
     }
-    for h in &opts.hosts {
-        if h.is_empty() || h.contains(['/', ' ', '"', '\\']) {
+    // `[::1]` as written in a URL is the address `::1`.
+    let hosts: Vec<String> = opts
+        .hosts
+        .iter()
+        .map(
+            |h| match h.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ip.to_string(),
+                _ => h.clone(),
+            },
+        )
+        .collect();
+    for h in &hosts {
+        if !valid_host(h) {
             return Err(InitError::Invalid(format!(
-                "--host {h:?} is not a host name or address"
+                "--host {h:?} is not a host name or IP address"
+            )));
+        }
+    }
+    // Written into each agent.toml, in a comment too: no line breaks.
+    if let Some(d) = &opts.device_dir {
+        if d.to_string_lossy().chars().any(char::is_control) {
+            return Err(InitError::Invalid(format!(
+                "--device-dir {d:?} holds a control character"
             )));
         }
     }
@@ -129,6 +187,13 @@ pub fn init(opts: &InitOptions) -> Result<Initialized, InitError> {
         if !crate::protocol::topics::valid_device_id(d) {
             return Err(InitError::Invalid(format!(
                 "--device {d:?} is not a valid device id (letters, digits, - _ . up to 64)"
+            )));
+        }
+        // Each is a folder under agents/: `..` put its key and config in
+        // the installation's own folder.
+        if d == "." || d == ".." {
+            return Err(InitError::Invalid(format!(
+                "--device {d:?} cannot name a folder under agents/"
             )));
         }
     }
@@ -175,19 +240,27 @@ pub fn init(opts: &InitOptions) -> Result<Initialized, InitError> {
         Ok::<_, InitError>((cert.pem(), key.serialize_pem()))
     };
     let (broker_cert, broker_key) = leaf(
-        opts.hosts.clone(),
-        &opts.hosts[0],
+        hosts.clone(),
+        &hosts[0],
         ExtendedKeyUsagePurpose::ServerAuth,
     )?;
     let (bc, bk) = (pki.join("broker.pem"), pki.join("broker.key"));
     write(&bc, &broker_cert, 0o644)?;
     write(&bk, &broker_key, 0o600)?;
 
+    // The server's data dir: auth.db (token and password hashes), and later
+    // every task's input and result; only for its owner.
     let data_dir = out.join("data");
-    std::fs::create_dir_all(&data_dir).map_err(|source| InitError::Io {
-        path: data_dir.clone(),
-        source,
-    })?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&data_dir)
+            .map_err(|source| InitError::Io {
+                path: data_dir.clone(),
+                source,
+            })?;
+    }
     let mut store = TokenStore::open(&data_dir)?;
     let token = store.create_audited(Role::Admin, "init", None, |i| {
         AuditEntry::offline("token.create", &i.id)
@@ -238,7 +311,10 @@ pub fn init(opts: &InitOptions) -> Result<Initialized, InitError> {
                  [mqtt.tls]\nca_file = {ca}\nclient_cert_file = {cert}\nclient_key_file = {key}\n",
                 there = there.display(),
                 idq = toml_str(id),
-                url = toml_str(&format!("mqtts://{}:{}", opts.hosts[0], opts.mqtt_port)),
+                url = toml_str(&match hosts[0].parse::<std::net::Ipv6Addr>() {
+                    Ok(ip) => format!("mqtts://[{ip}]:{}", opts.mqtt_port),
+                    Err(_) => format!("mqtts://{}:{}", hosts[0], opts.mqtt_port),
+                }),
                 pass = toml_str(&n.password),
                 ca = file("ca.pem"),
                 cert = file("client.pem"),
@@ -256,4 +332,79 @@ pub fn init(opts: &InitOptions) -> Result<Initialized, InitError> {
         agents,
         ca: ca_pem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_match_known_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        // 2024-02-29, 2026-12-31, 2027-01-01.
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(20_818), (2026, 12, 31));
+        assert_eq!(civil_from_days(20_819), (2027, 1, 1));
+    }
+
+    /// Late on December 31st the certificates were dated from January 1st
+    /// of the next year (not yet valid for hours); made in December they
+    /// lasted barely a year.
+    #[test]
+    fn validity_starts_before_now_and_lasts_whole_years() {
+        // 2026-12-31 20:00 UTC.
+        let now = 1_798_761_600 - 4 * 3600;
+        assert_eq!(validity(now, 2), ((2026, 12, 30), (2028, 12, 30)));
+        // 2024-03-01 00:30 UTC: the day before is February 29th.
+        assert_eq!(validity(1_709_253_000, 1), ((2024, 2, 29), (2025, 2, 28)));
+    }
+
+    #[test]
+    fn devices_named_dot_or_dot_dot_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for id in [".", ".."] {
+            let e = init(&InitOptions {
+                out: dir.path().join("site"),
+                model_path: dir.path().join("models"),
+                hosts: vec!["localhost".into()],
+                devices: vec![id.into()],
+                http_port: 0,
+                mqtt_port: 0,
+                device_dir: None,
+            })
+            .unwrap_err();
+            assert!(matches!(e, InitError::Invalid(_)), "{id}: {e}");
+        }
+        assert!(!dir.path().join("site").join("client.key").exists());
+    }
+
+    #[test]
+    fn hosts_are_names_or_addresses() {
+        for ok in [
+            "localhost",
+            "10.0.0.5",
+            "::1",
+            "gw.example.com",
+            "*.fleet.lan",
+            "pi_1",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a\nb",
+            "a\"b",
+            "evil.com:1883",
+            "a/b",
+            "[::1]",
+            "a..b",
+            ".",
+            "a#b",
+            "x@y",
+        ] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
+    }
 }

@@ -126,10 +126,20 @@ pub struct ListenTlsSection {
     /// TCP and says nothing holds nobody else up, and not for ever).
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// At most this many handshakes at once; a connection beyond them gives
+    /// up the oldest under way (only a stalled one gets old). Bounds what clients that stall
+    /// their handshakes hold: a descriptor and up to ~64 KiB of buffered
+    /// ClientHello each, until `handshake_timeout_ms`.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_max_handshakes() -> usize {
+    1024
 }
 
 /// `[storage]`
@@ -210,6 +220,12 @@ impl ServerConfig {
                 return bad(
                     "mqtt.listen_tls.handshake_timeout_ms",
                     "must be between 1 and 600000",
+                );
+            }
+            if !(1..=1_000_000).contains(&t.max_handshakes) {
+                return bad(
+                    "mqtt.listen_tls.max_handshakes",
+                    "must be between 1 and 1000000",
                 );
             }
             // Parsed now, so a bad file is a config error naming it, not a

@@ -93,7 +93,11 @@ pub async fn run(
             server_secret: server_secret.clone(),
         });
         let tls = match &cfg.mqtt.listen_tls {
-            Some(t) => Some(broker::tls::acceptor(t)?),
+            Some(t) => Some(broker::TlsListener {
+                acceptor: broker::tls::acceptor(t)?,
+                server_user: cfg.mqtt.client_id.clone(),
+                server_secret: server_secret.clone(),
+            }),
             None => None,
         };
         let with_tls = tls.is_some();
@@ -135,7 +139,9 @@ pub async fn run(
                 .unwrap_or(cfg.mqtt.client_id.clone());
             opts.set_credentials(user, pass.clone());
         }
-    } else if cfg.mqtt.auth == config::AuthMode::Required {
+    } else if cfg.mqtt.auth == config::AuthMode::Required || cfg.mqtt.listen_tls.is_some() {
+        // With TLS the server's loopback listener wants its login even when
+        // devices need none (see `broker::TlsListener`).
         opts.set_credentials(cfg.mqtt.client_id.clone(), server_secret);
     }
     let (client, eventloop) = crate::mqtt::client(opts, 8192);

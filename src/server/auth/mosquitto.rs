@@ -173,6 +173,8 @@ pub fn mosquitto_conf(port: u16, bind: Option<&str>, passwd: &str, acl: &str) ->
 /// Errors writing the broker's files.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerConfigError {
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Store(#[from] AuthError),
     #[error("{}: {source}", path.display())]
@@ -206,11 +208,18 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), BrokerConfigErro
     };
     // A new file beside it, renamed over: mosquitto reloading at that
     // moment sees the old file or the new one, never half of one.
+    // Made anew (O_EXCL): a stale or planted `*.tmp` (a symlink to another
+    // file, or a file with looser permissions) is removed, never followed
+    // or written through.
     let tmp = path.with_extension("tmp");
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)
         .map_err(io)?;
@@ -233,6 +242,31 @@ pub fn write(
     bind: Option<&str>,
     server_user: &str,
 ) -> Result<Written, BrokerConfigError> {
+    // Both go into mosquitto's line-based files and into server.toml as
+    // they are: a space, `#` or line break would be a new directive there.
+    if !topics::valid_device_id(server_user) {
+        return Err(BrokerConfigError::Invalid(format!(
+            "--server-user {:?} is not valid (letters, digits, - _ . up to 64)",
+            server_user.chars().take(80).collect::<String>()
+        )));
+    }
+    if let Some(b) = bind {
+        if b.parse::<std::net::IpAddr>().is_err()
+            && !(!b.is_empty()
+                && b.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+        {
+            return Err(BrokerConfigError::Invalid(format!(
+                "--bind {:?} is not an IP address or host name",
+                b.chars().take(80).collect::<String>()
+            )));
+        }
+    }
+    if out.to_string_lossy().chars().any(char::is_control) {
+        return Err(BrokerConfigError::Invalid(format!(
+            "--out {out:?} holds a control character (mosquitto.conf is line-based)"
+        )));
+    }
     std::fs::create_dir_all(out).map_err(|source| BrokerConfigError::Io {
         path: out.to_path_buf(),
         source,
@@ -299,15 +333,22 @@ pub fn write(
         0o644,
     )?;
     let host = match bind {
-        None | Some("0.0.0.0") | Some("::") => "127.0.0.1",
-        Some(b) => b,
+        None | Some("0.0.0.0") | Some("::") => "127.0.0.1".to_string(),
+        Some(b) if b.parse::<std::net::Ipv6Addr>().is_ok() => format!("[{b}]"),
+        Some(b) => b.to_string(),
     };
+    // The kept password is whatever an earlier server.toml held: quoted as
+    // TOML, so a `"` or line break in it stays inside the string.
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     write_file(
         &server_toml,
         &format!(
             "# The server's [mqtt] for this mosquitto (openclaw-server --config ...).\n\
-             [mqtt]\nembedded = false\nbroker = \"mqtt://{host}:{port}\"\n\
-             client_id = \"{server_user}\"\nusername = \"{server_user}\"\npassword = \"{server_password}\"\n"
+             [mqtt]\nembedded = false\nbroker = {broker}\n\
+             client_id = {user}\nusername = {user}\npassword = {pass}\n",
+            broker = q(&format!("mqtt://{host}:{port}")),
+            user = q(server_user),
+            pass = q(&server_password),
         ),
         0o600,
     )?;
@@ -391,5 +432,58 @@ mod tests {
         assert!(!f.acl.contains("user pi-1"));
         let names: Vec<&str> = f.skipped.iter().map(|(i, _)| i.as_str()).collect();
         assert_eq!(names, ["gone", "old"]);
+    }
+
+    /// `--server-user` and `--bind` go into line-based files and
+    /// server.toml as they are: anything that could start a new directive
+    /// there is refused before a file is written.
+    #[test]
+    fn names_that_would_inject_directives_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, data) = (dir.path().join("out"), dir.path().join("data"));
+        for user in ["srv\ntopic readwrite #", "a b", "srv#", "", "q\"x"] {
+            let e = write(&out, &data, 1883, None, user).unwrap_err();
+            assert!(matches!(e, BrokerConfigError::Invalid(_)), "{user:?}: {e}");
+        }
+        for bind in ["127.0.0.1\nallow_anonymous true", "a b", "h\"", ""] {
+            let e = write(&out, &data, 1883, Some(bind), "srv").unwrap_err();
+            assert!(matches!(e, BrokerConfigError::Invalid(_)), "{bind:?}: {e}");
+        }
+        assert!(!out.join("passwd").exists());
+    }
+
+    /// A planted `passwd.tmp` symlink is replaced, not written through; a
+    /// kept password with a quote stays one TOML string; an IPv6 bind is
+    /// bracketed in the server's broker URL.
+    #[test]
+    fn rewrite_neither_follows_tmp_symlinks_nor_breaks_server_toml() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (out, data) = (dir.path().join("out"), dir.path().join("data"));
+        std::fs::create_dir_all(&out).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("passwd.tmp")).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("server.tmp")).unwrap();
+        std::fs::write(
+            out.join("server.toml"),
+            "[mqtt]\npassword = \"p\\\"w\\nbroker = 1\"\n",
+        )
+        .unwrap();
+        let w = write(&out, &data, 1883, Some("::1"), "srv").unwrap();
+        assert!(!w.new_server_password);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        let text = std::fs::read_to_string(out.join("server.toml")).unwrap();
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(v["mqtt"]["password"].as_str(), Some("p\"w\nbroker = 1"));
+        assert_eq!(v["mqtt"]["broker"].as_str(), Some("mqtt://[::1]:1883"));
+        let mode = std::fs::metadata(out.join("server.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(std::fs::read_to_string(out.join("passwd"))
+            .unwrap()
+            .starts_with("srv:$7$101$"));
     }
 }

@@ -9,7 +9,7 @@ use super::auth::identities::{may_publish, may_subscribe, Grant};
 use super::auth::tokens::ct_eq;
 use super::auth::TokenStore;
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -207,6 +207,16 @@ impl Gate {
     }
 }
 
+/// `[mqtt.listen_tls]` for [`start`]: the acceptor of the devices' listener
+/// and the server's own login, which the plain loopback listener beside it
+/// requires even with `mqtt.auth = "off"` (else anyone on this machine could
+/// go round the TLS listener's client certificates).
+pub struct TlsListener {
+    pub acceptor: rumqttd::Acceptor,
+    pub server_user: String,
+    pub server_secret: String,
+}
+
 /// Where a started broker listens.
 #[derive(Debug, Clone, Copy)]
 pub struct Listening {
@@ -217,15 +227,21 @@ pub struct Listening {
     pub internal: SocketAddr,
 }
 
-/// A free port on `host` now (rumqttd binds by itself and only logs a
-/// failure, so binding here first gives a real error and picks the port).
-fn probe(host: &str, port: u16) -> Result<SocketAddr, BrokerError> {
+/// The broker's socket on `host:port` (port 0 picks a free one), bound and
+/// listening here: rumqttd accepts on this very socket
+/// ([`rumqttd::ServerSettings::set_bound`]), so a failure is a real error
+/// and no other process can take the port between a check and the
+/// broker's own bind (on the loopback listener of [`Listening::internal`]
+/// that would have handed it the server's login).
+fn bind(host: &str, port: u16) -> Result<(TcpListener, SocketAddr), BrokerError> {
     let bind_err = |source| BrokerError::Bind {
         addr: format!("{host}:{port}"),
         source,
     };
-    let probe = TcpListener::bind((host, port)).map_err(bind_err)?;
-    probe.local_addr().map_err(bind_err)
+    // (std's backlog, 128, is what tokio's bind in rumqttd used too.)
+    let listener = TcpListener::bind((host, port)).map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, addr))
 }
 
 /// Starts rumqttd on `host:port` (port 0 picks a free one) in its own
@@ -237,17 +253,20 @@ pub fn start(
     port: u16,
     limits: &Limits,
     auth: Option<BrokerAuth>,
-    tls: Option<rumqttd::Acceptor>,
+    tls: Option<TlsListener>,
 ) -> Result<Listening, BrokerError> {
     let Limits {
         max_payload,
         max_connections,
         submit_log_bytes,
     } = *limits;
-    let addr = probe(host, port)?;
-    let internal = match tls {
-        Some(_) => Some(probe("127.0.0.1", 0)?),
-        None => None,
+    let (public_socket, addr) = bind(host, port)?;
+    let (internal_socket, internal) = match tls {
+        Some(_) => {
+            let (s, a) = bind("127.0.0.1", 0)?;
+            (Some(s), Some(a))
+        }
+        None => (None, None),
     };
     let listener = |n: u8, name: &str, addr: SocketAddr| {
         format!(
@@ -297,11 +316,43 @@ max_segment_count = {SUBMIT_SEGMENTS}
         .v4
         .as_mut()
         .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?;
-    if let Some(acceptor) = tls {
+    let public = listeners
+        .get_mut("1")
+        .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?;
+    // Each server thread takes its socket as it starts accepting: both
+    // taken is what "ready" means below (the kernel queues connections
+    // from the bind on, so a test connection says nothing).
+    let mut sockets: Vec<(SocketAddr, rumqttd::BoundListener)> = Vec::new();
+    let bound = Arc::new(Mutex::new(Some(public_socket)));
+    public.bound = Some(bound.clone());
+    sockets.push((addr, bound));
+    let loopback_login = match tls {
+        Some(t) => {
+            public.set_acceptor(t.acceptor);
+            Some((t.server_user, t.server_secret))
+        }
+        None => None,
+    };
+    if let (Some(s), Some(a)) = (internal_socket, internal) {
+        let bound = Arc::new(Mutex::new(Some(s)));
         listeners
-            .get_mut("1")
-            .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?
-            .set_acceptor(acceptor);
+            .get_mut("2")
+            .ok_or_else(|| BrokerError::Config("no loopback v4 listener".into()))?
+            .bound = Some(bound.clone());
+        sockets.push((a, bound));
+    }
+    if let (None, Some((server_user, secret))) = (&auth, loopback_login) {
+        // No device logins: the TLS listener's client certificates are the
+        // only gate, and the loopback one admits the server alone.
+        let loopback = listeners
+            .get_mut("2")
+            .ok_or_else(|| BrokerError::Config("no loopback v4 listener".into()))?;
+        loopback.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let ok = client_id == user
+                && user == server_user
+                && ct_eq(pass.as_bytes(), secret.as_bytes());
+            std::future::ready(ok)
+        });
     }
     if let Some(auth) = auth {
         let store =
@@ -354,11 +405,8 @@ max_segment_count = {SUBMIT_SEGMENTS}
         internal: internal.unwrap_or(reachable(addr)),
     };
     let start = Instant::now();
-    for a in [reachable(listening.public), listening.internal] {
-        loop {
-            if TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok() {
-                break;
-            }
+    for (a, bound) in sockets {
+        while bound.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
             if start.elapsed() > Duration::from_secs(10) {
                 return Err(BrokerError::NotReady(a));
             }

@@ -104,9 +104,12 @@ pub fn server_config(tls: &ListenTlsSection) -> Result<rustls::ServerConfig, Bro
         }
         None => builder.with_no_client_auth(),
     };
-    builder
-        .with_single_cert(chain, key)
-        .map_err(|e| invalid("key_file", &tls.key_file, &e))
+    builder.with_single_cert(chain, key).map_err(|e| match e {
+        // A certificate rustls cannot read is the cert file's fault; a key
+        // that is not the certificate's (or unreadable) the key file's.
+        rustls::Error::InvalidCertificate(_) => invalid("cert_file", &tls.cert_file, &e),
+        e => invalid("key_file", &tls.key_file, &e),
+    })
 }
 
 /// The acceptor the broker's listener runs on each connection.
@@ -121,5 +124,6 @@ pub fn acceptor(tls: &ListenTlsSection) -> Result<rumqttd::Acceptor, BrokerTlsEr
             })
         }),
         timeout: Duration::from_millis(tls.handshake_timeout_ms),
+        max_pending: tls.max_handshakes,
     })
 }

@@ -146,7 +146,18 @@ pub struct ServerSettings {
     /// OpenClaw patch: see [`Acceptor`].
     #[serde(skip)]
     pub acceptor: Option<Acceptor>,
+    /// OpenClaw patch: a socket the embedder already bound and listens on
+    /// (at `listen`), which the server accepts on instead of binding again.
+    /// Binding, dropping and letting the broker bind the same port later
+    /// left a window in which another local process could take the port
+    /// and be the broker for whoever connects (the embedder's own client,
+    /// with its login, included).
+    #[serde(skip)]
+    pub bound: Option<BoundListener>,
 }
+
+/// See [`ServerSettings::bound`] (taken by the first server that starts).
+pub type BoundListener = Arc<std::sync::Mutex<Option<std::net::TcpListener>>>;
 
 /// What [`Acceptor`] runs on each accepted TCP connection.
 pub type AcceptFuture =
@@ -162,12 +173,20 @@ pub type AcceptFuture =
 pub struct Acceptor {
     pub handshake: Arc<dyn Fn(tokio::net::TcpStream) -> AcceptFuture + Send + Sync>,
     pub timeout: std::time::Duration,
+    /// At most this many handshakes at once: a connection accepted while
+    /// that many are under way gives up the oldest of them. Without it,
+    /// clients that open TCP (or send most of a 64 KiB ClientHello) and
+    /// stall hold a descriptor and rustls' buffers each until `timeout`, as
+    /// many as the accept loop takes in that time. (Refusing the newest
+    /// instead would let that many stalled clients keep everyone out.)
+    pub max_pending: usize,
 }
 
 impl fmt::Debug for Acceptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Acceptor")
             .field("timeout", &self.timeout)
+            .field("max_pending", &self.max_pending)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +204,11 @@ impl ServerSettings {
     /// See [`Acceptor`].
     pub fn set_acceptor(&mut self, acceptor: Acceptor) {
         self.acceptor = Some(acceptor);
+    }
+
+    /// See [`ServerSettings::bound`].
+    pub fn set_bound(&mut self, listener: std::net::TcpListener) {
+        self.bound = Some(Arc::new(std::sync::Mutex::new(Some(listener))));
     }
 
     /// See [`AclHandler`].

@@ -380,11 +380,30 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        // OpenClaw patch: the embedder's socket, if it bound one (see
+        // `ServerSettings::bound`).
+        let bound = self
+            .config
+            .bound
+            .as_ref()
+            .and_then(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let listener = match bound {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)?
+            }
+            None => TcpListener::bind(&self.config.listen).await?,
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
+        // OpenClaw patch: the handshakes under way, oldest first, each with
+        // the sender whose drop gives it up (see `Acceptor::max_pending`).
+        type Pending = std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>;
+        let pending: Arc<Mutex<Pending>> = Arc::default();
+        let mut handshakes: u64 = 0;
+        let mut evicted: u64 = 0;
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
@@ -402,6 +421,11 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
+                    // OpenClaw patch: out of file descriptors (EMFILE), the
+                    // listener stays readable and accept fails at once:
+                    // without a pause this loop spins a core until some
+                    // connection closes.
+                    time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -415,22 +439,59 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 LinkType::Websocket => None,
             };
             if let Some(acceptor) = acceptor {
+                // Full: the oldest handshake under way is given up to make
+                // room (a real client's takes milliseconds, so only one that
+                // stalls is ever that old), rather than refusing the new one,
+                // which would let a few stalled clients keep everyone out.
+                handshakes += 1;
+                let me = handshakes;
+                let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+                {
+                    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    while p.len() >= acceptor.max_pending.max(1) {
+                        p.pop_front();
+                        evicted += 1;
+                        if evicted.is_power_of_two() {
+                            warn!(
+                                max = acceptor.max_pending,
+                                evicted,
+                                "too many handshakes under way: the oldest given up"
+                            );
+                        }
+                    }
+                    p.push_back((me, cancel));
+                }
+                let pending = pending.clone();
                 let (config, router_tx) = (config.clone(), self.router_tx.clone());
                 let (protocol, wills) = (self.protocol.clone(), self.awaiting_will_handler.clone());
                 count += 1;
                 task::spawn(async move {
-                    let network =
-                        match time::timeout(acceptor.timeout, (acceptor.handshake)(stream)).await {
-                            Ok(Ok(n)) => n,
-                            Ok(Err(e)) => {
-                                warn!(error=?e, ?addr, "handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                warn!(?addr, timeout=?acceptor.timeout, "handshake timed out");
-                                return;
-                            }
-                        };
+                    let shake = time::timeout(acceptor.timeout, (acceptor.handshake)(stream));
+                    let done = tokio::select! {
+                        r = shake => Some(r),
+                        _ = cancelled => None,
+                    };
+                    {
+                        let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(i) = p.iter().position(|(id, _)| *id == me) {
+                            p.remove(i);
+                        }
+                    }
+                    let network = match done {
+                        Some(Ok(Ok(n))) => n,
+                        Some(Ok(Err(e))) => {
+                            warn!(error=?e, ?addr, "handshake failed");
+                            return;
+                        }
+                        Some(Err(_)) => {
+                            warn!(?addr, timeout=?acceptor.timeout, "handshake timed out");
+                            return;
+                        }
+                        None => {
+                            warn!(?addr, "handshake given up for a newer one");
+                            return;
+                        }
+                    };
                     remote(config, None, router_tx, network, protocol, wills)
                         .instrument(tracing::error_span!(
                             "remote_link",
