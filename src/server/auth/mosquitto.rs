@@ -251,11 +251,10 @@ pub fn write(
         )));
     }
     if let Some(b) = bind {
-        if b.parse::<std::net::IpAddr>().is_err()
-            && !(!b.is_empty()
-                && b.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
-        {
+        let host_name = !b.is_empty()
+            && b.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if b.parse::<std::net::IpAddr>().is_err() && !host_name {
             return Err(BrokerConfigError::Invalid(format!(
                 "--bind {:?} is not an IP address or host name",
                 b.chars().take(80).collect::<String>()
