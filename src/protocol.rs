@@ -643,7 +643,7 @@ pub mod api {
     /// returns. `auto` (the default) lets the scheduler decide from the
     /// plugin: `llm` (a language model) goes `heavy`, a submission with
     /// `reply_to` is `queue`, anything else `edge`.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
     #[serde(rename_all = "lowercase")]
     pub enum Route {
         #[default]
@@ -660,7 +660,30 @@ pub mod api {
         Queue,
     }
 
+    /// Only a string: serde's derived enum answers a number, `true` or an
+    /// array with serde_json's bare "expected value at line 1 column N",
+    /// which reads as if the JSON itself were broken; this says what
+    /// `route` takes.
+    impl<'de> Deserialize<'de> for Route {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Route, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = Route;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a route: \"auto\", \"edge\", \"heavy\" or \"queue\"")
+                }
+                fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Route, E> {
+                    Route::parse(s).ok_or_else(|| E::unknown_variant(s, Route::NAMES))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
     impl Route {
+        /// The names `route` takes.
+        pub const NAMES: &'static [&'static str] = &["auto", "edge", "heavy", "queue"];
+
         pub fn as_str(self) -> &'static str {
             match self {
                 Route::Auto => "auto",
@@ -998,6 +1021,57 @@ mod tests {
     fn json_value_conversion_is_lossless() {
         let j = serde_json::json!({"n": -3, "f": 1.5, "s": "ü", "l": [true, null], "m": {}});
         assert_eq!(serde_json::Value::from(Value::from(j.clone())), j);
+    }
+
+    /// `route` over HTTP and MQTT: the four lowercase names (and `null`,
+    /// the default); anything else is an error naming the field's values,
+    /// never a silent `auto`.
+    #[test]
+    fn routes_parse_strictly() {
+        let parse = |route: &str| {
+            serde_json::from_str::<api::SubmitRequest>(&format!(
+                r#"{{"plugin":"echo","input":1,"route":{route}}}"#
+            ))
+        };
+        for (text, want) in [
+            ("\"auto\"", Some(api::Route::Auto)),
+            ("\"edge\"", Some(api::Route::Edge)),
+            ("\"heavy\"", Some(api::Route::Heavy)),
+            ("\"queue\"", Some(api::Route::Queue)),
+            ("null", None),
+        ] {
+            assert_eq!(parse(text).unwrap().route, want, "{text}");
+        }
+        for bad in [
+            "\"HEAVY\"",
+            "\"Heavy\"",
+            "\" edge\"",
+            "\"\"",
+            "5",
+            "true",
+            "[]",
+            "{}",
+        ] {
+            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            let m = e.to_string();
+            assert!(
+                m.contains("expected one of `auto`, `edge`, `heavy`, `queue`")
+                    || m.contains("expected a route: \"auto\", \"edge\", \"heavy\" or \"queue\""),
+                "{bad}: {m}"
+            );
+        }
+        for r in [
+            api::Route::Auto,
+            api::Route::Edge,
+            api::Route::Heavy,
+            api::Route::Queue,
+        ] {
+            assert_eq!(api::Route::parse(r.as_str()), Some(r));
+            assert_eq!(
+                serde_json::to_string(&r).unwrap(),
+                format!("\"{}\"", r.as_str())
+            );
+        }
     }
 
     /// Found by the `submit_json` fuzz target: without serde_json's

@@ -212,7 +212,19 @@ fn credentials(dir: &Path, rel_dir: &str, broker: &str) -> Result<Credentials, S
     let t: toml::Table = text
         .parse()
         .map_err(|e| format!("--credentials: {}: {e}", f.display()))?;
-    let id = t.get("id").and_then(|v| v.as_str()).map(String::from);
+    let id = match t.get("id") {
+        None => None,
+        Some(toml::Value::String(id)) if crate::protocol::topics::valid_device_id(id) => {
+            Some(id.clone())
+        }
+        Some(v) => {
+            return Err(format!(
+                "--credentials: {}: `id` = {v} is not a valid device id \
+                 (1-64 of letters, digits, - _ .)",
+                f.display()
+            ))
+        }
+    };
     let mqtt = t.get("mqtt").and_then(|m| m.as_table());
     let password = mqtt
         .and_then(|m| m.get("password"))
@@ -239,8 +251,21 @@ fn credentials(dir: &Path, rel_dir: &str, broker: &str) -> Result<Credentials, S
                 let name = Path::new(p)
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .filter(|n| !n.is_empty() && !n.starts_with('.'))
-                    .ok_or_else(|| format!("--credentials: mqtt.tls.{key} = {p:?} names no file"))?
+                    // Plain names only, as the release's other paths: no
+                    // spaces, quotes or newlines on their way to scp and
+                    // the device.
+                    .filter(|n| {
+                        !n.is_empty()
+                            && !n.starts_with('.')
+                            && n.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "--credentials: mqtt.tls.{key} = {p:?} names no file of \
+                             letters, digits and - _ . +"
+                        )
+                    })?
                     .to_string();
                 let src = dir.join(&name);
                 let data = std::fs::read(&src).map_err(|e| {
@@ -670,12 +695,27 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
             put(&format!("credentials/{name}"), data, *mode).map_err(prep)?;
         }
     }
+    // The bundle's password and certificate are its device's: the agent
+    // logs in under its id, so another id could never log in (the flash
+    // would fail only at `heartbeat`, after a restart and a rollback).
+    if let (Some(want), Some(c)) = (&o.id, &creds) {
+        if let Some(have) = c.id.as_ref().filter(|have| *have != want) {
+            return Err(prep(format!(
+                "--id {want} but --credentials {} is device {have}'s (its password and \
+                 certificate log in only as {have}): give --id {have}, or the bundle of {want}",
+                o.credentials.as_deref().unwrap_or(Path::new("")).display()
+            )));
+        }
+    }
     let id =
         o.id.clone()
             .or_else(|| creds.as_ref().and_then(|c| c.id.clone()));
     if let Some(id) = &id {
         cfg.insert("id".into(), id.clone().into());
     }
+    // The id the agent will run as (--id, the bundle's, or --agent-config's),
+    // for the heartbeat check; none: the device's host name.
+    let config_id = cfg.get("id").and_then(|v| v.as_str()).map(String::from);
     cfg.insert("board".into(), board_ref.into());
     cfg.insert("data_dir".into(), format!("{pre}/data").into());
     let mqtt = cfg
@@ -770,7 +810,9 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
         .map_err(|(s, m)| fail(s, m, UNTOUCHED))?;
     let (device_id, previous) = if o.dry_run {
         (
-            o.id.clone().unwrap_or_else(|| "<device host name>".into()),
+            config_id
+                .clone()
+                .unwrap_or_else(|| "<device host name>".into()),
             None,
         )
     } else {
@@ -797,7 +839,7 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
                 UNTOUCHED,
             ));
         }
-        let id = o.id.clone().unwrap_or_else(|| lines[1].to_string());
+        let id = config_id.clone().unwrap_or_else(|| lines[1].to_string());
         let prev = match lines[2] {
             "-" => None,
             l => release_of_link(l),
@@ -1163,5 +1205,57 @@ mod tests {
         assert_eq!(e.step, Step::Prepare);
         assert!(e.to_string().contains("x86_64 binary"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The bundle's id is the one the agent logs in as: without --id the
+    /// heartbeat check waits for it (not for the device's host name, which
+    /// the agent does not use then); a different --id is refused before
+    /// anything is sent, as are ids and file names that are not plain.
+    #[test]
+    fn a_bundle_names_the_device_and_must_agree_with_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("agent");
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[5] = 1;
+        elf[18] = 62;
+        std::fs::write(&bin, &elf).unwrap();
+        let bundle = dir.path().join("pi-1");
+        std::fs::create_dir(&bundle).unwrap();
+        std::fs::write(
+            bundle.join("agent.toml"),
+            "id = \"pi-1\"\n[mqtt]\npassword = \"s3cret\"\n",
+        )
+        .unwrap();
+        let mut o = FlashOptions::new("sim", "pi@192.0.2.1", "mqtt://192.0.2.2:1883", &bin);
+        o.dry_run = true;
+        o.credentials = Some(bundle.clone());
+        let mut lines = Vec::new();
+        let r = flash(&o, &mut |l| lines.push(l.to_string())).unwrap();
+        assert_eq!(r.device_id, "pi-1");
+        let all = lines.join("\n");
+        assert!(all.contains("until pi-1 is online"), "{all}");
+        o.id = Some("pi-2".into());
+        let e = flash(&o, &mut |_| {}).unwrap_err();
+        assert_eq!(e.step, Step::Prepare);
+        let m = e.to_string();
+        assert!(m.contains("--id pi-2") && m.contains("pi-1"), "{m}");
+        o.id = Some("pi-1".into());
+        assert_eq!(flash(&o, &mut |_| {}).unwrap().device_id, "pi-1");
+        // Not plain: an id with a topic wildcard, a file name with a quote.
+        std::fs::write(
+            bundle.join("agent.toml"),
+            "id = \"a/#\"\n[mqtt]\npassword = \"x\"\n",
+        )
+        .unwrap();
+        let e = credentials(&bundle, "/r", "mqtt://h:1").err().unwrap();
+        assert!(e.contains("not a valid device id"), "{e}");
+        std::fs::write(
+            bundle.join("agent.toml"),
+            "[mqtt.tls]\nca_file = \"/x/ca'$(reboot).pem\"\n",
+        )
+        .unwrap();
+        let e = credentials(&bundle, "/r", "mqtts://h:1").err().unwrap();
+        assert!(e.contains("names no file"), "{e}");
     }
 }

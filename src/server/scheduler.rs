@@ -1043,15 +1043,22 @@ impl Scheduler {
         }
         if let Some(class) = route_class(asked, &req.plugin) {
             // As for capabilities: a class nobody known is of would wait forever.
+            // All of the task's needs on one device (as `can_take` and
+            // `eligible` check them): a class on one device and the
+            // capability on another would be a lane nobody ever serves.
             let fits = |d: &Device| {
                 d.status.plugins.contains(&req.plugin)
                     && d.status.capabilities.iter().any(|c| c == class)
                     && req.target.as_ref().is_none_or(|t| *t == d.status.device_id)
+                    && req
+                        .capability
+                        .as_ref()
+                        .is_none_or(|c| d.status.capabilities.contains(c))
             };
             if !self.devices.values().any(fits) {
                 let route = resolve_route(asked, &req.plugin, req.reply_to.is_some());
                 return Err(SubmitFail::Api(ApiError::Unprocessable(format!(
-                    "route `{}`{}: no known device{} of {class} offers plugin `{}`",
+                    "route `{}`{}: no known device{} of {class} offers plugin `{}`{}",
                     route.as_str(),
                     if asked == Route::Auto {
                         format!(" (auto: plugin `{HEAVY_PLUGIN}` runs on heavy nodes)")
@@ -1062,7 +1069,11 @@ impl Scheduler {
                         .as_ref()
                         .map(|t| format!(" `{t}`"))
                         .unwrap_or_default(),
-                    req.plugin
+                    req.plugin,
+                    req.capability
+                        .as_ref()
+                        .map(|c| format!(" with capability `{c}`"))
+                        .unwrap_or_default()
                 ))));
             }
         }
@@ -2024,15 +2035,24 @@ impl Scheduler {
                         Some(target) => Box::new(self.devices.get(target).into_iter()),
                         None => Box::new(free.iter().filter_map(|f| self.devices.get(f))),
                     };
-                    let eligible: Vec<&Device> =
-                        candidates.filter(|d| self.eligible(d, t, now)).collect();
-                    let n = eligible.len();
-                    let best = eligible.into_iter().min_by(|a, b| {
-                        let la = a.assigned.len() as f32 / a.capacity() as f32;
-                        let lb = b.assigned.len() as f32 / b.capacity() as f32;
-                        la.total_cmp(&lb)
-                            .then(a.status.load1.total_cmp(&b.status.load1))
-                    });
+                    // One pass, no allocation per task: the count of
+                    // eligible devices (for the placement) and the first
+                    // least loaded of them (as `min_by` picks it).
+                    let mut n = 0;
+                    let mut best: Option<&Device> = None;
+                    for d in candidates.filter(|d| self.eligible(d, t, now)) {
+                        n += 1;
+                        let better = best.is_none_or(|b| {
+                            let ld = d.assigned.len() as f32 / d.capacity() as f32;
+                            let lb = b.assigned.len() as f32 / b.capacity() as f32;
+                            ld.total_cmp(&lb)
+                                .then(d.status.load1.total_cmp(&b.status.load1))
+                                .is_lt()
+                        });
+                        if better {
+                            best = Some(d);
+                        }
+                    }
                     (best, Why::LeastLoaded(n))
                 }
             };
@@ -2411,6 +2431,41 @@ mod tests {
         let stored = s.store.get(&to_edge).unwrap().unwrap();
         assert_eq!(stored.route, Route::Edge);
         assert!(stored.placement.unwrap().contains("pi-1"));
+    }
+
+    /// A route's class and a capability must be on one device: with the
+    /// class on one (a heavy node without `gpu`) and the capability on
+    /// another (an edge board with it), no device can ever take the task,
+    /// so it is refused at submission instead of waiting forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_route_class_and_a_capability_on_different_devices_are_refused() {
+        let mut r = rig();
+        let s = &mut r.s;
+        heartbeat(s, &status("pc-1", &["class:heavy"], 4));
+        heartbeat(s, &status("pi-1", &["class:edge", "gpu"], 4));
+        let mut q = req(Some("gpu"), None);
+        q.route = Some(Route::Heavy);
+        match s.submit(q.clone()) {
+            Err(SubmitFail::Api(ApiError::Unprocessable(m))) => assert!(
+                m.contains("route `heavy`")
+                    && m.contains("class:heavy")
+                    && m.contains("capability `gpu`"),
+                "{m}"
+            ),
+            Ok(r) => {
+                s.dispatch().unwrap();
+                panic!(
+                    "accepted, and never dispatched: {:?}",
+                    s.tasks[&r.id].row.state
+                )
+            }
+            Err(_) => panic!("refused for another reason"),
+        }
+        // Once a heavy node has it too, the same submission runs there.
+        heartbeat(s, &status("pc-2", &["class:heavy", "gpu"], 4));
+        let id = submit(s, q);
+        s.dispatch().unwrap();
+        assert_eq!(device_of(s, &id).as_deref(), Some("pc-2"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -227,18 +227,38 @@ impl Store {
 
     /// `route` and `placement` (issue 11's routes), added to a store made
     /// before them; their rows read as `auto` with no placement.
+    /// Each column is looked for on its own, inside one write transaction:
+    /// a store left with `route` but not `placement` (a crash between the
+    /// two statements) still gets `placement`, instead of every later
+    /// open failing on `no such column`; and a second process opening the
+    /// same store meanwhile waits instead of adding a column twice.
     fn add_route_columns(conn: &Connection) -> rusqlite::Result<()> {
-        let has: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('tasks') WHERE name = 'route'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has {
-            conn.execute_batch(
-                "ALTER TABLE tasks ADD COLUMN route TEXT; ALTER TABLE tasks ADD COLUMN placement TEXT;",
-            )?;
+        let has = |name: &str| -> rusqlite::Result<bool> {
+            conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('tasks') WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+        };
+        if has("route")? && has("placement")? {
+            return Ok(());
         }
-        Ok(())
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let added = (|| {
+            for name in ["route", "placement"] {
+                if !has(name)? {
+                    conn.execute_batch(&format!("ALTER TABLE tasks ADD COLUMN {name} TEXT"))?;
+                }
+            }
+            Ok(())
+        })();
+        match added {
+            Ok(()) => conn.execute_batch("COMMIT"),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     /// Records that task `id`'s attempt `attempt` was sent to `device`.
@@ -870,6 +890,56 @@ mod tests {
         assert_eq!(s.dispatches("held").unwrap(), [(3, "pi-3".to_string())]);
         assert_eq!(s.delete_finished_before(10, 10, 1 << 20).unwrap().0, 1);
         assert!(s.dispatches("done").unwrap().is_empty());
+    }
+
+    /// A store made before routes (no `route`, no `placement`) opens with
+    /// its rows as `auto` with no placement, in the task rows and in the
+    /// lists; so does one whose upgrade stopped after the first column.
+    #[test]
+    fn a_store_from_before_routes_opens_and_lists() {
+        let old_schema = "CREATE TABLE tasks (
+                id TEXT PRIMARY KEY, plugin TEXT NOT NULL, input TEXT NOT NULL,
+                priority INTEGER NOT NULL, target TEXT, capability TEXT,
+                timeout_ms INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
+                reply_to TEXT, correlation TEXT, state TEXT NOT NULL,
+                attempts INTEGER NOT NULL, device TEXT, result TEXT, error TEXT,
+                created_ms INTEGER NOT NULL, dispatched_ms INTEGER, started_ms INTEGER,
+                finished_ms INTEGER);
+             INSERT INTO tasks (id, plugin, input, priority, timeout_ms, max_attempts,
+                reply_to, state, attempts, created_ms)
+                VALUES ('old', 'llm', '1', 50, 1000, 3, 'erp/r', 'queued', 0, 7);";
+        for partial in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let c = Connection::open(dir.path().join("openclaw.db")).unwrap();
+                c.execute_batch(old_schema).unwrap();
+                if partial {
+                    c.execute_batch("ALTER TABLE tasks ADD COLUMN route TEXT")
+                        .unwrap();
+                }
+            }
+            let s = Store::open(dir.path(), "full").unwrap();
+            let rows = s.unfinished_readable().unwrap();
+            assert_eq!(rows.len(), 1, "partial {partial}");
+            assert_eq!(
+                (rows[0].route, rows[0].placement.as_deref()),
+                (Route::Auto, None)
+            );
+            // The view resolves `auto`: the `llm` plugin goes heavy.
+            assert_eq!(rows[0].view().route, Route::Heavy);
+            let read = ReadStore::open(dir.path()).unwrap();
+            let mut seen = Vec::new();
+            let left_out = read
+                .list(&ListFilter::default(), |t| {
+                    seen.push((t.id.to_string(), t.route, t.placement.map(String::from)));
+                    true
+                })
+                .unwrap();
+            assert_eq!(left_out, 0);
+            assert_eq!(seen, [("old".to_string(), Route::Heavy, None)]);
+            drop(s);
+            Store::open(dir.path(), "full").unwrap();
+        }
     }
 
     #[test]
