@@ -297,7 +297,12 @@ impl hyper::body::Body for TimedBody {
 }
 
 async fn health(State(api): AppState) -> Result<Response, ApiError> {
-    let health = api.sched.ask(|resp| Command::Health { resp }).await?;
+    let mut health = api.sched.ask(|resp| Command::Health { resp }).await?;
+    // Every action that audits is refused while the audit log cannot be
+    // written (a full disk can meet auth.db before the task store).
+    if health.status == "ok" && api.auth.audit_failure().is_some() {
+        health.status = "audit failing".into();
+    }
     Ok(Json(health).into_response())
 }
 

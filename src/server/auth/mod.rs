@@ -197,6 +197,15 @@ impl Auth {
     /// A place in the audit log for an action `caller` is about to do;
     /// call it before doing it, and [`AuditSlot::record`] once done. Err
     /// (the message of a 503): the log cannot take it now, do nothing.
+    /// Why the audit log cannot be written now, if it cannot (its writer
+    /// retries; actions that audit are refused meanwhile).
+    pub fn audit_failure(&self) -> Option<String> {
+        self.audit_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn reserve_audit(&self, caller: &Caller) -> Result<AuditSlot, String> {
         if let Some(e) = &*self.audit_failing.lock().unwrap_or_else(|p| p.into_inner()) {
             return Err(format!(
