@@ -365,7 +365,12 @@ fn five_thousand_long_polls_still_work() {
     );
     let _agent = Agent::start(dir.path(), "lp-2", &server.broker(), "");
     server.wait_online("lp-2");
-    let id = server.submit(task("echo", json!({"sleep_ms": 60_000})));
+    // Running until cancelled: with the default 30 s timeout it timed out
+    // first on a loaded machine (opening 5000 connections took that long),
+    // and the cancel below got 409.
+    let mut long = task("echo", json!({"sleep_ms": 600_000}));
+    long.timeout_ms = Some(900_000);
+    let id = server.submit(long);
     let a = addr(&server);
     let req = format!(
         "GET /v1/tasks/{id}?wait_ms=120000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
