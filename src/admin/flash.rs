@@ -691,6 +691,13 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
         None => None,
     };
     if let Some(c) = &creds {
+        if c.password.is_some() && c.tls.is_none() && !crate::config::broker_uses_tls(&o.broker) {
+            warnings.push(format!(
+                "the device's broker password goes over plain MQTT to {} (use mqtts:// and \
+                 [mqtt.listen_tls])",
+                o.broker
+            ));
+        }
         for (name, data, mode) in &c.files {
             put(&format!("credentials/{name}"), data, *mode).map_err(prep)?;
         }

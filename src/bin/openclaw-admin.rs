@@ -1131,12 +1131,20 @@ fn real_main() -> anyhow::Result<()> {
             while i < warmup + tasks {
                 let req = SubmitRequest::new(plugin.clone(), input.clone());
                 let start = Instant::now();
-                let run = client
-                    .submit(&req)
-                    .and_then(|r| client.wait(&r.id, Duration::from_secs(60)));
+                let mut submitted = None;
+                let run = client.submit(&req).and_then(|r| {
+                    submitted = Some(r.id.clone());
+                    client.wait(&r.id, Duration::from_secs(60))
+                });
                 let el = start.elapsed();
                 let t = match run {
                     Err(admin::AdminError::Throttled { retry_after_s, .. }) if in_a_row < 30 => {
+                        // Throttled while waiting: the task runs again, so
+                        // this one goes (best effort: the cancel may be
+                        // throttled too).
+                        if let Some(id) = submitted {
+                            let _ = client.cancel(&id);
+                        }
                         throttled += 1;
                         in_a_row += 1;
                         std::thread::sleep(Duration::from_secs(retry_after_s.clamp(1, 60)));
