@@ -37,7 +37,7 @@ command -v g++ >/dev/null 2>&1 || { echo "g++ is needed to build libFuzzer (apt-
 if [ $# -ge 1 ]; then
   targets=("$1")
 else
-  targets=(envelope_decode segment_recovery config_parse submit_json auth_parse)
+  targets=(envelope_decode segment_recovery config_parse submit_json auth_parse release_manifest)
 fi
 
 # Longest input per target. The wire decoders get the whole 1 MiB payload

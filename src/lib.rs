@@ -25,6 +25,9 @@
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
 //!   embedded (feature `llm`) and OpenAI-compatible upstream pools (agent).
+//! - [`release`]: signed release manifests (ed25519) for over-the-air
+//!   agent updates: what the admin signs, the server serves and the agent
+//!   verifies before it installs (`agent::ota`).
 //! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`,
 //!   cross builds and flashing, model downloads, and `init` (a new
 //!   installation's CA, certificates, token and configs).
@@ -56,6 +59,9 @@ pub mod inference;
 
 #[cfg(any(feature = "agent", feature = "server"))]
 pub mod llm;
+
+#[cfg(any(feature = "agent", feature = "server"))]
+pub mod release;
 
 /// A token cancelled on SIGINT or SIGTERM: the one shutdown signal every
 /// task of a program listens to.

@@ -451,6 +451,52 @@ pub enum ToAgent {
     Cancel { task_id: String },
     /// The server has stored this result; the agent may drop it from its outbox.
     ResultAck { task_id: String },
+    /// Install this release (over-the-air update; `agent::ota`). Sent only
+    /// to agents whose status has a `release`, which older ones lack.
+    Update(UpdateOffer),
+    /// The server has seen this release running here: the agent keeps it
+    /// (its trial ends) rather than switching back at the deadline.
+    UpdateConfirmed { release: String },
+}
+
+/// An update the server asks an agent to install.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateOffer {
+    /// The signed manifest file's text (`release`): the agent trusts
+    /// nothing here that its signature does not cover.
+    pub manifest: String,
+    /// Sent as `Authorization: Bearer` with the download: the binary is
+    /// served only to the devices of a rollout.
+    pub grant: String,
+}
+
+/// Where an agent is with an update, as its status reports it (and the
+/// API, in lowercase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    /// Downloading, checking and installing it beside the running release.
+    Installing,
+    /// Installed and switched to; restarting into it.
+    Switching,
+    /// Running it on trial: it switches back unless the server confirms
+    /// it (`ToAgent::UpdateConfirmed`) before the deadline.
+    Trial,
+    /// Confirmed: this is the release it keeps.
+    Confirmed,
+    /// Refused or failed before the switch (the old release runs on).
+    Failed,
+    /// Switched to, then back: it did not start, or was not confirmed.
+    RolledBack,
+}
+
+/// An agent's last update and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReport {
+    pub release: String,
+    pub state: UpdateState,
+    /// Why it failed or was rolled back (empty otherwise).
+    pub message: String,
 }
 
 /// Why an agent refused a task.
@@ -549,6 +595,11 @@ pub struct DeviceStatus {
     pub sent_ms: u64,
     /// The agent's journal counters.
     pub storage: StorageCounters,
+    /// The release it runs (`PREFIX/releases/ID`), when it can be updated
+    /// over the air (`[ota]` set up); `None` for an agent that cannot.
+    pub release: Option<String>,
+    /// Its last over-the-air update.
+    pub update: Option<UpdateReport>,
 }
 
 impl DeviceStatus {
@@ -559,13 +610,31 @@ impl DeviceStatus {
     /// (or one stored by an older server) decodes with the missing fields at
     /// their defaults. The reverse does not hold: an older server rejects a
     /// newer, longer status as malformed (trailing bytes), so upgrade the
-    /// server first. Shapes: 1.0 ends at `sent_ms`; 1.1 adds `storage`.
+    /// server first. Shapes: 1.0 ends at `sent_ms`; 1.1 adds `storage`;
+    /// 1.2 adds `release` and `update`.
     pub fn decode(bytes: &[u8], limit: usize) -> Result<DeviceStatus, ProtocolError> {
         match decode::<DeviceStatus>(bytes, limit) {
-            Err(ProtocolError::Malformed(e)) => decode::<DeviceStatusV1_0>(bytes, limit)
+            Err(ProtocolError::Malformed(e)) => decode::<DeviceStatusV1_1>(bytes, limit)
                 .map(DeviceStatus::from)
+                .or_else(|_| decode::<DeviceStatusV1_0>(bytes, limit).map(DeviceStatus::from))
                 .map_err(|_| ProtocolError::Malformed(e)),
             r => r,
+        }
+    }
+}
+
+/// `DeviceStatus` 1.1: 1.0 and its `storage` (before `release`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+struct DeviceStatusV1_1 {
+    v1_0: DeviceStatusV1_0,
+    storage: StorageCounters,
+}
+
+impl From<DeviceStatusV1_1> for DeviceStatus {
+    fn from(o: DeviceStatusV1_1) -> DeviceStatus {
+        DeviceStatus {
+            storage: o.storage,
+            ..DeviceStatus::from(o.v1_0)
         }
     }
 }
@@ -617,6 +686,8 @@ impl From<DeviceStatusV1_0> for DeviceStatus {
             malformed: o.malformed,
             sent_ms: o.sent_ms,
             storage: StorageCounters::default(),
+            release: None,
+            update: None,
         }
     }
 }
@@ -875,6 +946,12 @@ pub mod api {
         /// The agent's journal counters, from its last status.
         #[serde(default)]
         pub storage: super::StorageCounters,
+        /// The release it runs, if it can be updated over the air.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub release: Option<String>,
+        /// Its last over-the-air update.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub update: Option<super::UpdateReport>,
     }
 
     /// Every error body of the API.
@@ -1006,6 +1083,18 @@ mod tests {
         assert_eq!(got.storage, StorageCounters::default());
         let mut new = got.clone();
         new.storage.write_errors = 3;
+        // 1.1: with `storage`, before `release`.
+        let v1_1 = DeviceStatusV1_1 {
+            v1_0: old.clone(),
+            storage: new.storage,
+        };
+        assert_eq!(DeviceStatus::decode(&encode(&v1_1), 1024).unwrap(), new);
+        new.release = Some("rpi4-7".into());
+        new.update = Some(UpdateReport {
+            release: "rpi4-8".into(),
+            state: UpdateState::RolledBack,
+            message: "it did not start".into(),
+        });
         assert_eq!(DeviceStatus::decode(&encode(&new), 1024).unwrap(), new);
         assert!(matches!(
             DeviceStatus::decode(&[1, 0xff, 0xff], 1024),

@@ -457,6 +457,8 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
     );
     assert_eq!(cfg["mqtt"]["keep_alive_secs"].as_integer(), Some(1));
     assert_eq!(cfg["agent"]["heartbeat_ms"].as_integer(), Some(300));
+    // Over-the-air updates install into this layout (keys: --ota-key).
+    assert_eq!(cfg["ota"]["prefix"].as_str(), Some(pre.as_str()));
     assert_eq!(
         cfg["plugins"]["infer"]["models_dir"].as_str(),
         Some(format!("{rel_s}/models").as_str())
@@ -467,6 +469,9 @@ fn flash_installs_over_ssh_and_survives_failed_updates() {
         "\nExecStart={pre}/current/bin/openclaw-agent --config {pre}/current/agent.toml\n"
     )));
     assert!(unit.contains("\nRestart=on-failure\n") && unit.contains("\nStartLimitBurst=10\n"));
+    assert!(unit.contains(&format!(
+        "\nExecStartPre=-{pre}/good/bin/openclaw-agent --ota-guard {pre}\n"
+    )));
     assert!(unit.contains("\nType=notify\n") && unit.contains("\nWatchdogSec=30\n"));
     assert_eq!(read(rel.join("openclaw-agent.service")), unit.as_bytes());
     assert!(dev.prefix.join("data").is_dir());

@@ -149,6 +149,9 @@ pub struct FlashOptions {
     pub credentials: Option<PathBuf>,
     /// API token for the server's HTTP API (the heartbeat check).
     pub token: Option<String>,
+    /// Release signing keys the agent trusts for over-the-air updates
+    /// (`[ota] keys`: the lines of `release keygen`'s `.pub` files).
+    pub ota_keys: Vec<String>,
     /// Device id; default: the device's host name.
     pub id: Option<String>,
     /// Install prefix on the device.
@@ -182,6 +185,7 @@ impl FlashOptions {
             agent_config: None,
             credentials: None,
             token: None,
+            ota_keys: Vec::new(),
             id: None,
             prefix: "/opt/openclaw".into(),
             unit_dir: "/etc/systemd/system".into(),
@@ -331,6 +335,10 @@ pub fn unit_text(prefix: &str, board: &str) -> String {
          [Service]\n\
          Type=notify\n\
          NotifyAccess=main\n\
+         # Over-the-air updates: the last confirmed release counts the starts of a\n\
+         # new one on trial and switches back past its limits (a binary that\n\
+         # cannot start cannot stop this). `-`: no `good` release yet is no error.\n\
+         ExecStartPre=-{prefix}/good/bin/openclaw-agent --ota-guard {prefix}\n\
          ExecStart={prefix}/current/bin/openclaw-agent --config {prefix}/current/agent.toml\n\
          WorkingDirectory={prefix}/data\n\
          Environment=RUST_LOG=info\n\
@@ -725,6 +733,21 @@ pub fn flash(o: &FlashOptions, log: &mut dyn FnMut(&str)) -> Result<FlashReport,
     let config_id = cfg.get("id").and_then(|v| v.as_str()).map(String::from);
     cfg.insert("board".into(), board_ref.into());
     cfg.insert("data_dir".into(), format!("{pre}/data").into());
+    // Over-the-air updates install into this same layout.
+    let mut ota = toml::Table::new();
+    ota.insert("prefix".into(), pre.clone().into());
+    if !o.ota_keys.is_empty() {
+        for k in &o.ota_keys {
+            crate::release::parse_public_key(k).map_err(|e| prep(format!("--ota-key: {e}")))?;
+        }
+        ota.insert("keys".into(), o.ota_keys.clone().into());
+    }
+    match cfg.get_mut("ota").and_then(|v| v.as_table_mut()) {
+        Some(t) => t.extend(ota),
+        None => {
+            cfg.insert("ota".into(), toml::Value::Table(ota));
+        }
+    }
     let mqtt = cfg
         .entry("mqtt")
         .or_insert_with(|| toml::Value::Table(Default::default()));

@@ -11,6 +11,7 @@ pub mod flash;
 #[cfg(feature = "server")]
 pub mod init;
 pub mod models;
+pub mod release;
 
 use crate::protocol::api::{DeviceView, ErrorBody, SubmitRequest, SubmitResponse, TaskView};
 use serde::de::DeserializeOwned;
@@ -37,6 +38,8 @@ pub enum AdminError {
     },
     #[error("{0} already exists; pass --force to overwrite")]
     Exists(PathBuf),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A client for one server.

@@ -19,7 +19,32 @@ pub struct AgentConfig {
     pub mqtt: MqttSection,
     pub agent: AgentSection,
     pub storage: StorageSection,
+    pub ota: OtaSection,
     pub plugins: BTreeMap<String, toml::Table>,
+}
+
+/// `[ota]`: over-the-air updates (`agent::ota`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OtaSection {
+    /// The install's root (`PREFIX/releases`, `PREFIX/current`), as
+    /// `openclaw-admin flash` lays it out; empty: updates are refused.
+    pub prefix: PathBuf,
+    /// Trusted release signing keys (64 hex digits each, from
+    /// `openclaw-admin release keygen`); none: updates are refused.
+    pub keys: Vec<String>,
+    /// A download larger than this is refused (before it starts, when the
+    /// manifest says so; else when it gets there).
+    pub max_download_bytes: u64,
+    /// A new release not confirmed by the server this long after the
+    /// switch is rolled back.
+    pub confirm_timeout_ms: u64,
+    /// A new release that has started this many times without being
+    /// confirmed is rolled back at the next start (the unit's guard).
+    pub max_starts: u32,
+    /// The new binary's self-check (`--print-config` on its config) must
+    /// end within this.
+    pub self_check_timeout_ms: u64,
 }
 
 /// `[mqtt]`
@@ -154,6 +179,20 @@ impl AgentConfig {
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        for (i, k) in self.ota.keys.iter().enumerate() {
+            crate::release::parse_public_key(k)
+                .map_err(|e| ConfigError::invalid(file, &format!("ota.keys[{i}]"), e.to_string()))?;
+        }
+        if !self.ota.prefix.as_os_str().is_empty() && !self.ota.prefix.is_absolute() {
+            return Err(ConfigError::invalid(
+                file,
+                "ota.prefix",
+                "must be an absolute path (the install's root, as flash made it)",
+            ));
+        }
+        if self.ota.max_starts == 0 {
+            return Err(ConfigError::invalid(file, "ota.max_starts", "must be at least 1"));
+        }
         if !topics::valid_device_id(&self.id) {
             return Err(ConfigError::invalid(
                 file,

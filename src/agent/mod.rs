@@ -37,6 +37,7 @@
 
 pub mod config;
 mod journal;
+pub mod ota;
 pub mod sd_notify;
 
 pub use config::AgentConfig;
@@ -113,7 +114,23 @@ enum Event {
     Finished(TaskOutcome, bool),
     /// Everything the task's plugin started has ended.
     WorkEnded(String),
+    /// An update's install ended (`ota::Updater::on_offer`).
+    UpdatePrepared(Result<crate::release::Manifest, String>),
 }
+
+/// How [`Agent::run_to_end`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Shut down as asked.
+    Stopped,
+    /// Switched releases (an update, or back from one): the process
+    /// exits for its supervisor to start `current` again.
+    Restart(String),
+}
+
+/// The exit code that asks systemd (`Restart=on-failure`) to start the
+/// switched-to release.
+pub const RESTART_EXIT_CODE: i32 = 75;
 
 impl Agent {
     /// Loads the board, builds and validates the plugins.
@@ -147,8 +164,15 @@ impl Agent {
         )
     }
 
-    /// Runs until `shutdown` is cancelled.
+    /// Runs until `shutdown` is cancelled (or an update switched releases:
+    /// see [`Agent::run_to_end`]).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        self.run_to_end(shutdown).await.map(|_| ())
+    }
+
+    /// Runs until `shutdown` is cancelled or an update switched releases,
+    /// and says which.
+    pub async fn run_to_end(self, shutdown: CancellationToken) -> Result<RunEnd, AgentError> {
         std::fs::create_dir_all(&self.cfg.data_dir).map_err(|source| AgentError::DataDir {
             path: self.cfg.data_dir.display().to_string(),
             source,
@@ -225,6 +249,7 @@ impl Agent {
             results_topic: topics::results(&id),
             id,
             client: client.clone(),
+            ota: ota::Updater::new(&self.cfg.ota, &self.board.name),
             registry: self.registry,
             board: self.board,
             cfg: self.cfg,
@@ -291,6 +316,9 @@ impl Agent {
                             fatal = Some(e);
                             break;
                         }
+                        if m.ota.restart.is_some() {
+                            break;
+                        }
                     }
                     None => break,
                 },
@@ -300,6 +328,9 @@ impl Agent {
                     // what the tick recorded (a parked task started).
                     if let Err(e) = m.journal.check().and_then(|_| m.commit()) {
                         fatal = Some(e);
+                        break;
+                    }
+                    if m.ota.restart.is_some() {
                         break;
                     }
                 }
@@ -393,7 +424,10 @@ impl Agent {
             loop_stop.cancel();
         }
         log::info!("agent {} stopped", m.id);
-        Ok(())
+        Ok(match m.ota.restart {
+            Some(r) => RunEnd::Restart(r),
+            None => RunEnd::Stopped,
+        })
     }
 }
 
@@ -551,6 +585,8 @@ struct Manager {
     replayed: u64,
     /// Effects held back until the batch's journal records are on disk.
     deferred: Vec<Deferred>,
+    /// Over-the-air updates.
+    ota: ota::Updater,
 }
 
 impl Manager {
@@ -559,6 +595,11 @@ impl Manager {
             Event::Mqtt(ev) => self.on_mqtt(ev),
             Event::Finished(outcome, still) => self.on_finished(outcome, still),
             Event::WorkEnded(id) => self.on_work_ended(&id),
+            Event::UpdatePrepared(r) => {
+                if self.ota.on_prepared(r) {
+                    self.publish_status();
+                }
+            }
         }
     }
 
@@ -663,6 +704,20 @@ impl Manager {
                     }
                     self.inbox = kept;
                     self.cancelled_before_start(task_id);
+                }
+            }
+            ToAgent::Update(offer) => {
+                let tx = self.events.clone();
+                let changed = self.ota.on_offer(offer, move |r| {
+                    let _ = tx.blocking_send(Event::UpdatePrepared(r));
+                });
+                if changed {
+                    self.publish_status();
+                }
+            }
+            ToAgent::UpdateConfirmed { release } => {
+                if self.ota.on_confirmed(&release) {
+                    self.publish_status();
                 }
             }
             ToAgent::ResultAck { task_id } => {
@@ -1438,6 +1493,9 @@ impl Manager {
             log::warn!("agent {}: journal sync failed: {e}", self.id);
         }
         self.retry_parked();
+        if self.ota.on_tick() {
+            self.publish_status();
+        }
         if !self.connected {
             return;
         }
@@ -1497,6 +1555,8 @@ impl Manager {
                     write_errors: s.write_errors,
                 }
             },
+            release: self.ota.release.clone(),
+            update: self.ota.report.clone(),
         }
     }
 

@@ -153,6 +153,9 @@ enum Cmd {
     /// API tokens: create, list, revoke.
     #[command(subcommand)]
     Token(Token),
+    /// Signed over-the-air agent releases: keygen, create, deploy, list, show.
+    #[command(subcommand)]
+    Release(Release),
     /// Device identities on the embedded broker (`mqtt.auth = "required"`),
     /// written straight into the server's data dir.
     #[command(subcommand)]
@@ -231,6 +234,67 @@ enum Device {
         #[arg(long)]
         data_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum Release {
+    /// Make a release signing key: KEY (PKCS#8 PEM, 0600) and KEY.pub (the
+    /// line agents list in `[ota] keys`; flash --ota-key installs it).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a manifest for an agent binary and upload both to the server.
+    Create {
+        /// Board profile the binary is for (its target is the default --target).
+        #[arg(long)]
+        board: String,
+        #[arg(long)]
+        binary: PathBuf,
+        /// Signing key from `release keygen` (or `openssl genpkey -algorithm ed25519`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        target: Option<String>,
+        /// Default: this openclaw-admin's version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Must grow with every release; default: one above the server's highest for the board.
+        #[arg(long)]
+        counter: Option<u64>,
+        /// Default: BOARD-COUNTER.
+        #[arg(long)]
+        id: Option<String>,
+        /// Where devices download it; default: SERVER/v1/releases/ID/binary.
+        #[arg(long)]
+        url: Option<String>,
+        /// Devices refuse it after this: 30d, 12h, 90m.
+        #[arg(long, default_value = "30d")]
+        expires: String,
+        /// Also write the signed manifest to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Only sign (and write --out); upload nothing.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Roll a release out; a paused rollout resumes.
+    Deploy {
+        id: String,
+        /// Only these devices (comma-separated).
+        #[arg(long, value_delimiter = ',', conflicts_with = "canary")]
+        devices: Option<Vec<String>>,
+        /// First to this share of the board's devices (10%), the rest once those succeeded.
+        #[arg(long)]
+        canary: Option<String>,
+        /// Pause when more than this share of the devices so far failed (default: the server's).
+        #[arg(long)]
+        max_failure: Option<String>,
+    },
+    /// Releases and the state of their rollouts.
+    List,
+    /// One release and each of its devices.
+    Show { id: String },
 }
 
 #[derive(Subcommand)]
@@ -332,6 +396,10 @@ struct FlashArgs {
     /// certificate, installed with the release.
     #[arg(long)]
     credentials: Option<PathBuf>,
+    /// A release signing key's `.pub` file (`release keygen`): the agent
+    /// installs over-the-air releases it signed. Repeatable.
+    #[arg(long = "ota-key")]
+    ota_keys: Vec<PathBuf>,
     /// Local model folder (manifests and files).
     #[arg(long, default_value = "models")]
     models_dir: PathBuf,
@@ -529,6 +597,124 @@ fn device_cmd(d: Device, server: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `release keygen|create|deploy|list|show`.
+fn release_cmd(client: &Client, r: Release, json: bool) -> anyhow::Result<()> {
+    use openclaw::admin::release as rel;
+    let print = |v: &openclaw::release::api::ReleaseView| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+            return Ok(());
+        }
+        println!(
+            "release {} (board {}, {}, version {}, counter {}, {} bytes): {}{}",
+            v.id,
+            v.board,
+            v.target,
+            v.version,
+            v.counter,
+            v.size,
+            v.state,
+            v.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        );
+        for t in &v.targets {
+            println!(
+                "  {:<24} wave {} {:<10} {}",
+                t.device, t.wave, t.state, t.message
+            );
+        }
+        Ok(())
+    };
+    match r {
+        Release::Keygen { out } => {
+            let (public, id) = rel::keygen(&out).context("release keygen failed")?;
+            if json {
+                println!("{}", serde_json::json!({"key": out, "public": public, "key_id": id}));
+            } else {
+                println!("wrote {} (keep it secret) and {}.pub", out.display(), out.display());
+                println!("key id {id}; agents trust it with [ota] keys = [\"{public}\"]");
+            }
+        }
+        Release::Create {
+            board,
+            binary,
+            key,
+            target,
+            version,
+            counter,
+            id,
+            url,
+            expires,
+            out,
+            offline,
+        } => {
+            let expires_ms = openclaw::server::auth::tokens::parse_duration(&expires)
+                .context("--expires")?;
+            let o = rel::CreateOptions {
+                board,
+                binary,
+                key,
+                target,
+                version,
+                counter,
+                id,
+                url,
+                expires_ms,
+                out,
+                offline,
+            };
+            let (m, view) = rel::create(client, &o).context("release create failed")?;
+            match view {
+                Some(v) => print(&v)?,
+                None if json => println!("{}", serde_json::to_string_pretty(&m)?),
+                None => println!(
+                    "signed release {} (counter {}, key {}); not uploaded",
+                    m.id, m.counter, m.key_id
+                ),
+            }
+        }
+        Release::Deploy {
+            id,
+            devices,
+            canary,
+            max_failure,
+        } => {
+            let req = openclaw::release::api::DeployRequest {
+                devices,
+                canary_percent: canary
+                    .map(|c| rel::parse_percent(&c))
+                    .transpose()
+                    .map_err(anyhow::Error::msg)
+                    .context("--canary")?,
+                max_failure_percent: max_failure
+                    .map(|c| {
+                        c.trim()
+                            .trim_end_matches('%')
+                            .parse::<u8>()
+                            .ok()
+                            .filter(|p| *p <= 100)
+                            .ok_or_else(|| format!("`{c}` is not a percentage from 0% to 100%"))
+                    })
+                    .transpose()
+                    .map_err(anyhow::Error::msg)
+                    .context("--max-failure")?,
+            };
+            print(&rel::deploy(client, &id, &req).context("release deploy failed")?)?;
+        }
+        Release::List => {
+            let l = rel::list(client).context("release list failed")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                for v in &l {
+                    print(v)?;
+                }
+            }
+        }
+        Release::Show { id } => print(&rel::show(client, &id).context("release show failed")?)?,
+    }
+    Ok(())
+}
+
 /// `token create|list|revoke`, offline on a data dir or through the API.
 fn token_cmd(client: &Client, t: Token, json: bool) -> anyhow::Result<()> {
     use openclaw::server::auth::{tokens, TokenStore};
@@ -653,6 +839,7 @@ fn real_main() -> anyhow::Result<()> {
     let client = Client::new(&args.server).with_token(token);
     match args.cmd {
         Cmd::Token(t) => token_cmd(&client, t, args.json)?,
+        Cmd::Release(r) => release_cmd(&client, r, args.json)?,
         Cmd::Device(d) => device_cmd(d, &args.server, args.json)?,
         Cmd::BrokerConfig {
             out,
@@ -806,6 +993,11 @@ fn real_main() -> anyhow::Result<()> {
             o.id = f.id;
             o.agent_config = f.agent_config;
             o.credentials = f.credentials;
+            for k in &f.ota_keys {
+                let text = std::fs::read_to_string(k)
+                    .with_context(|| format!("--ota-key {}", k.display()))?;
+                o.ota_keys.push(text.trim().to_string());
+            }
             o.token = args
                 .token
                 .clone()

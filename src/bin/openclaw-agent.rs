@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use openclaw::agent::{Agent, AgentConfig};
+use openclaw::agent::{Agent, AgentConfig, RunEnd};
 use openclaw::config::override_table;
 use std::path::PathBuf;
 
@@ -28,6 +28,10 @@ struct Args {
     /// Print the effective configuration and board profile, then exit.
     #[arg(long)]
     print_config: bool,
+    /// The unit's guard (ExecStartPre, run from PREFIX/good): count the
+    /// starts of a release on trial and switch back past its limits, then exit.
+    #[arg(long, value_name = "PREFIX")]
+    ota_guard: Option<PathBuf>,
 }
 
 fn main() {
@@ -41,6 +45,12 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(prefix) = &args.ota_guard {
+        let said = openclaw::agent::ota::guard(prefix, openclaw::now_ms())
+            .with_context(|| format!("OTA guard for {}", prefix.display()))?;
+        eprintln!("openclaw-agent: OTA guard: {said}");
+        return Ok(());
+    }
     let mut o: Vec<(&'static str, toml::Value)> = Vec::new();
     if let Some(b) = args.board {
         o.push(("board", b.into()));
@@ -76,11 +86,16 @@ fn real_main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let result = rt.block_on(async move {
         let token = openclaw::shutdown_on_signal();
-        agent.run(token).await.context("agent failed")
+        agent.run_to_end(token).await.context("agent failed")
     });
     // `run` already waited `agent.shutdown_timeout_ms` for running work;
     // a blocking thread still in a call nothing interrupts does not keep
     // the process alive (dropping the runtime would wait for it).
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
-    result
+    if let RunEnd::Restart(release) = result? {
+        // systemd (Restart=on-failure) starts `current` again.
+        eprintln!("openclaw-agent: switched to release {release}; exiting to be restarted");
+        std::process::exit(openclaw::agent::RESTART_EXIT_CODE);
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ pub struct ServerConfig {
     pub mqtt: MqttSection,
     pub storage: StorageSection,
     pub scheduler: SchedulerSection,
+    pub releases: super::releases::ReleasesSection,
 }
 
 /// `[http]`

@@ -222,7 +222,15 @@ async fn handle(
     } else {
         limits.request + Duration::from_millis(wait)
     };
-    let req = req.map(|b| TimedBody::new(b, limits.body));
+    // A release binary is tens of megabytes: its upload gets ten minutes.
+    let upload = req.method() == axum::http::Method::POST && req.uri().path() == "/v1/releases";
+    let body_limit = if upload {
+        limits.body.max(Duration::from_secs(600))
+    } else {
+        limits.body
+    };
+    let limit = if upload { limit + body_limit } else { limit };
+    let req = req.map(|b| TimedBody::new(b, body_limit));
     let svc = hyper_util::service::TowerToHyperService::new(app);
     match tokio::time::timeout(limit, hyper::service::Service::call(&svc, req)).await {
         Ok(r) => r,

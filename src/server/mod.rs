@@ -8,6 +8,7 @@ pub mod http;
 pub mod lock;
 pub mod openai;
 pub mod queue;
+pub mod releases;
 pub mod scheduler;
 pub mod store;
 pub mod streams;
@@ -48,6 +49,8 @@ pub enum ServerError {
     BrokerTls(#[from] broker::tls::BrokerTlsError),
     /// The scheduler ended on its own (an error, or a panic): the process
     /// must end too, rather than leave HTTP answering 503 forever.
+    #[error(transparent)]
+    Releases(#[from] releases::ReleasesError),
     #[error("scheduler stopped: {0}")]
     Scheduler(String),
 }
@@ -199,12 +202,22 @@ pub async fn run(
     };
     ready(Endpoints { http, mqtt });
     let handle = handle.with_deadline(Duration::from_millis(cfg.http.request_timeout_ms));
+    let (rel, rel_handle, rel_rx) = releases::Releases::new(
+        &cfg.storage.data_dir,
+        cfg.releases.clone(),
+        client.clone(),
+        handle.clone(),
+    )?;
+    tokio::spawn(rel.run(rel_rx, shutdown.clone()));
     let app = http::router(
         handle,
         &cfg.http,
         cfg.storage.data_dir.clone(),
         auth.clone(),
-    );
+    )
+    .merge(releases::router(rel_handle, auth.clone()).layer(
+        axum::middleware::from_fn_with_state(auth.clone(), auth::check),
+    ));
     let serve = http::serve(listener, app, &cfg.http, shutdown.clone());
     let mut sched_task = sched_task;
     // A scheduler that ends on its own ends the process (issue 15): HTTP

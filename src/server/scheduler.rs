@@ -292,6 +292,8 @@ impl Device {
             last_heartbeat_ms: self.last_seen_ms,
             malformed: s.malformed,
             storage: s.storage,
+            release: s.release.clone(),
+            update: s.update.clone(),
         }
     }
 }

@@ -624,6 +624,13 @@ pub fn needed(method: &Method, path: &str) -> Option<Role> {
     if path == "/healthz" {
         return None;
     }
+    if path.starts_with("/v1/releases/") && path.ends_with("/binary") && method == Method::GET {
+        // Devices download with the rollout's grant, not an API token.
+        return None;
+    }
+    if (path == "/v1/releases" || path.starts_with("/v1/releases/")) && method == Method::POST {
+        return Some(Role::Admin);
+    }
     if path == "/v1/tokens"
         || path.starts_with("/v1/tokens/")
         || path == "/v1/audit"
@@ -896,6 +903,11 @@ mod tests {
         assert_eq!(needed(&g, "/v1/audit"), Some(Role::Admin));
         // Unknown routes are not open either (the 404 comes after the check).
         assert_eq!(needed(&p, "/nope"), Some(Role::Operator));
+        assert_eq!(needed(&p, "/v1/releases"), Some(Role::Admin));
+        assert_eq!(needed(&p, "/v1/releases/r1/deploy"), Some(Role::Admin));
+        assert_eq!(needed(&g, "/v1/releases/r1"), Some(Role::Viewer));
+        assert_eq!(needed(&g, "/v1/releases/r1/binary"), None);
+        assert_eq!(needed(&p, "/v1/releases/r1/binary"), Some(Role::Admin));
         assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
     }
 }
