@@ -497,6 +497,10 @@ pub struct UpdateReport {
     pub state: UpdateState,
     /// Why it failed or was rolled back (empty otherwise).
     pub message: String,
+    /// For a refused or failed offer: the sha256 of the manifest text it
+    /// was about, so the server counts it only against the offer it made
+    /// (an id read from a manifest that did not verify proves nothing).
+    pub offer_sha256: String,
 }
 
 /// Why an agent refused a task.
@@ -1094,6 +1098,7 @@ mod tests {
             release: "rpi4-8".into(),
             state: UpdateState::RolledBack,
             message: "it did not start".into(),
+            offer_sha256: String::new(),
         });
         assert_eq!(DeviceStatus::decode(&encode(&new), 1024).unwrap(), new);
         assert!(matches!(

@@ -156,9 +156,8 @@ impl Manifest {
                 "1 to 64 of A-Z a-z 0-9 . _ -, not starting with a dot",
             ));
         }
-        let plain = |s: &str| {
-            !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
-        };
+        let plain =
+            |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic());
         if !plain(&self.version) {
             return Err(bad("version", "1 to 128 printable ASCII characters"));
         }
@@ -181,7 +180,10 @@ impl Manifest {
             return Err(bad("url", "an http:// or https:// URL without spaces"));
         }
         if self.counter == 0 {
-            return Err(bad("counter", "0 is what an install without a manifest has"));
+            return Err(bad(
+                "counter",
+                "0 is what an install without a manifest has",
+            ));
         }
         if self.expires_ms <= self.created_ms {
             return Err(bad("expires_ms", "not after created_ms"));
@@ -252,7 +254,8 @@ pub fn verify(text: &[u8], keys: &[VerifyingKey]) -> Result<Manifest, ReleaseErr
 #[cfg(feature = "admin")]
 pub fn generate_key() -> Result<SigningKey, ReleaseError> {
     let mut seed = [0u8; 32];
-    getrandom::getrandom(&mut seed).map_err(|e| ReleaseError::Key(format!("no randomness: {e}")))?;
+    getrandom::getrandom(&mut seed)
+        .map_err(|e| ReleaseError::Key(format!("no randomness: {e}")))?;
     Ok(SigningKey::from_bytes(&seed))
 }
 

@@ -5,7 +5,7 @@
 //! `good`), `ExecStart` (from `current`), and `Restart=on-failure`.
 mod common;
 
-use common::{free_port, Server};
+use common::Server;
 use openclaw::release::api::ReleaseView;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,7 +62,6 @@ struct Seen {
 /// One device: `PREFIX/releases/a` installed as flash would, and the
 /// supervisor running it.
 struct Device {
-    id: String,
     prefix: PathBuf,
     stop: Arc<AtomicBool>,
     child: Arc<Mutex<Option<Child>>>,
@@ -103,17 +102,23 @@ impl Device {
 
     /// Starts the supervisor; `kill_at` is set for the agent and guard
     /// processes until one of them dies by SIGKILL.
-    fn run(id: &str, prefix: &Path, kill_at: Option<&str>) -> Device {
+    fn run(prefix: &Path, kill_at: Option<&str>) -> Device {
         let stop = Arc::new(AtomicBool::new(false));
         let child: Arc<Mutex<Option<Child>>> = Arc::new(Mutex::new(None));
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let (s, c, v, p) = (stop.clone(), child.clone(), seen.clone(), prefix.to_path_buf());
+        let (s, c, v, p) = (
+            stop.clone(),
+            child.clone(),
+            seen.clone(),
+            prefix.to_path_buf(),
+        );
         let mut kill_at = kill_at.map(String::from);
         let thread = std::thread::spawn(move || {
             use std::os::unix::process::ExitStatusExt;
             while !s.load(Ordering::SeqCst) {
+                let armed = kill_at.clone();
                 let env = |cmd: &mut Command| {
-                    if let Some(k) = &kill_at {
+                    if let Some(k) = &armed {
                         cmd.env("OPENCLAW_TEST_KILL_AT", k);
                     }
                 };
@@ -125,7 +130,8 @@ impl Device {
                     env(&mut g);
                     if let Ok(o) = g.output() {
                         let mut seen = v.lock().unwrap();
-                        seen.guard.push(String::from_utf8_lossy(&o.stderr).into_owned());
+                        seen.guard
+                            .push(String::from_utf8_lossy(&o.stderr).into_owned());
                         if o.status.signal() == Some(9) {
                             seen.killed += 1;
                             kill_at = None;
@@ -136,6 +142,9 @@ impl Device {
                     .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
                     .unwrap_or_default();
                 v.lock().unwrap().starts.push(release);
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
                 let mut cmd = Command::new(p.join("current/bin/openclaw-agent"));
                 cmd.arg("--config")
                     .arg(p.join("current/agent.toml"))
@@ -148,7 +157,17 @@ impl Device {
                     std::thread::sleep(Duration::from_millis(200));
                     continue;
                 };
-                *c.lock().unwrap() = Some(ch);
+                {
+                    let mut slot = c.lock().unwrap();
+                    if s.load(Ordering::SeqCst) {
+                        // Drop ran meanwhile: nobody else will kill it.
+                        let mut ch = ch;
+                        let _ = ch.kill();
+                        let _ = ch.wait();
+                        break;
+                    }
+                    *slot = Some(ch);
+                }
                 let status = loop {
                     if let Some(ch) = c.lock().unwrap().as_mut() {
                         if let Ok(Some(st)) = ch.try_wait() {
@@ -176,7 +195,6 @@ impl Device {
             }
         });
         Device {
-            id: id.to_string(),
             prefix: prefix.to_path_buf(),
             stop,
             child,
@@ -231,7 +249,7 @@ fn target_state(v: &ReleaseView, device: &str) -> (String, String) {
     (t.state.clone(), t.message.clone())
 }
 
-/// The device as the server sees it: (online, release, update state, message).
+/// The device as the server sees it: (online, release, "state: message").
 fn device_view(server: &Server, id: &str) -> Option<(bool, Option<String>, Option<String>)> {
     let d = server.client.devices().ok()?;
     let d = d.into_iter().find(|d| d.id == id)?;
@@ -268,9 +286,12 @@ fn broken_binary(dir: &Path) -> PathBuf {
 }
 
 fn create(server: &Server, key: &Path, binary: &Path, id: &str, counter: u64) {
+    // The devices are on this machine: loopback is where they download.
+    let url = format!("{}/v1/releases/{id}/binary", server.http);
     admin_ok(
         server,
         &[
+            "--json",
             "release",
             "create",
             "--board",
@@ -285,6 +306,8 @@ fn create(server: &Server, key: &Path, binary: &Path, id: &str, counter: u64) {
             id,
             "--counter",
             &counter.to_string(),
+            "--url",
+            &url,
         ],
     );
 }
@@ -301,7 +324,10 @@ fn rig() -> Rig {
     let root = dir.path().to_path_buf();
     let server = server(&root);
     let key = root.join("release.key");
-    let out = admin_ok(&server, &["release", "keygen", "--out", key.to_str().unwrap()]);
+    let out = admin_ok(
+        &server,
+        &["release", "keygen", "--out", key.to_str().unwrap()],
+    );
     assert!(out.contains("key id"), "{out}");
     Rig {
         _dir: dir,
@@ -313,8 +339,13 @@ fn rig() -> Rig {
 
 impl Rig {
     fn device(&self, id: &str, kill_at: Option<&str>) -> Device {
-        let prefix = Device::install(&self.root, id, &self.server, &pub_key(&self.root, "release.key"));
-        let d = Device::run(id, &prefix, kill_at);
+        let prefix = Device::install(
+            &self.root,
+            id,
+            &self.server,
+            &pub_key(&self.root, "release.key"),
+        );
+        let d = Device::run(&prefix, kill_at);
         wait_running(&self.server, id, "a");
         d
     }
@@ -324,7 +355,11 @@ impl Rig {
 fn an_update_is_installed_confirmed_and_bad_ones_are_refused() {
     let r = rig();
     let dev = r.device("ota-1", None);
-    assert_eq!(dev.link("good"), "a", "the agent marks what flash installed as good");
+    assert_eq!(
+        dev.link("good"),
+        "a",
+        "the agent marks what flash installed as good"
+    );
 
     create(&r.server, &r.key, &new_binary(&r.root, "b"), "b", 2);
     let v = show(&r.server, "b");
@@ -344,18 +379,39 @@ fn an_update_is_installed_confirmed_and_bad_ones_are_refused() {
     });
     assert_eq!(dev.link("current"), "b");
     assert_eq!(dev.link("good"), "b");
-    assert!(dev.prefix.join("releases/a/bin/openclaw-agent").exists(), "the previous release is kept");
+    assert!(
+        dev.prefix.join("releases/a/bin/openclaw-agent").exists(),
+        "the previous release is kept"
+    );
     assert_eq!(dev.seen.lock().unwrap().starts, vec!["a", "b"]);
     // Tasks still run on the new release.
-    let t = r.server.wait(&r.server.submit(common::task("echo", serde_json::json!({"x": 1}))));
+    let t = r.server.wait(
+        &r.server
+            .submit(common::task("echo", serde_json::json!({"x": 1}))),
+    );
     assert!(common::succeeded(&t), "{t:?}");
 
     // Each bad release is refused by the agent, which stays on b.
     let other = r.root.join("other.key");
-    admin_ok(&r.server, &["release", "keygen", "--out", other.to_str().unwrap()]);
+    admin_ok(
+        &r.server,
+        &["release", "keygen", "--out", other.to_str().unwrap()],
+    );
     let cases: Vec<(&str, u64, Box<dyn Fn(&Path)>, &str, PathBuf)> = vec![
-        ("downgrade", 1, Box::new(|_: &Path| {}), "downgrade", r.key.clone()),
-        ("wrongkey", 5, Box::new(|_: &Path| {}), "not among the trusted keys", other.clone()),
+        (
+            "downgrade",
+            1,
+            Box::new(|_: &Path| {}),
+            "downgrade",
+            r.key.clone(),
+        ),
+        (
+            "wrongkey",
+            5,
+            Box::new(|_: &Path| {}),
+            "not among the trusted keys",
+            other.clone(),
+        ),
         (
             "tampered",
             6,
@@ -386,12 +442,25 @@ fn an_update_is_installed_confirmed_and_bad_ones_are_refused() {
         let v = settled(&r.server, id, Duration::from_secs(60));
         let (state, message) = target_state(&v, "ota-1");
         assert_eq!(state, "failed", "{id}: {v:?}");
-        assert!(message.contains(why), "{id}: `{message}` should say `{why}`");
-        assert_eq!(v.state, "paused", "{id}: one of one failed pauses it: {v:?}");
+        assert!(
+            message.contains(why),
+            "{id}: `{message}` should say `{why}`"
+        );
+        assert_eq!(
+            v.state, "paused",
+            "{id}: one of one failed pauses it: {v:?}"
+        );
         assert_eq!(dev.link("current"), "b", "{id}");
-        assert!(!dev.prefix.join(format!("releases/{id}")).exists(), "{id} was not installed");
+        assert!(
+            !dev.prefix.join(format!("releases/{id}")).exists(),
+            "{id} was not installed"
+        );
     }
-    assert_eq!(dev.seen.lock().unwrap().starts, vec!["a", "b"], "no restart for a refused release");
+    assert_eq!(
+        dev.seen.lock().unwrap().starts,
+        vec!["a", "b"],
+        "no restart for a refused release"
+    );
     let (online, release, _) = device_view(&r.server, "ota-1").unwrap();
     assert!(online && release.as_deref() == Some("b"));
 
@@ -405,10 +474,49 @@ fn an_update_is_installed_confirmed_and_bad_ones_are_refused() {
     std::fs::write(&mismatched, b"x").unwrap();
     let o = admin(
         &r.server,
-        &["release", "create", "--board", "sim", "--binary", mismatched.to_str().unwrap(),
-          "--key", r.key.to_str().unwrap(), "--id", "b", "--counter", "9"],
+        &[
+            "release",
+            "create",
+            "--board",
+            "sim",
+            "--binary",
+            mismatched.to_str().unwrap(),
+            "--key",
+            r.key.to_str().unwrap(),
+            "--id",
+            "b",
+            "--counter",
+            "9",
+        ],
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("exists"), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is loopback"),
+        "the signed URL would be loopback: {err}"
+    );
+    let o = admin(
+        &r.server,
+        &[
+            "release",
+            "create",
+            "--board",
+            "sim",
+            "--binary",
+            mismatched.to_str().unwrap(),
+            "--key",
+            r.key.to_str().unwrap(),
+            "--id",
+            "b",
+            "--counter",
+            "9",
+            "--url",
+            "http://10.0.0.1:8080/v1/releases/b/binary",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("release `b` exists"),
+        "{o:?}"
+    );
     // The download needs the rollout's grant.
     let resp = ureq::get(&format!("{}/v1/releases/b/binary", r.server.http))
         .header("Authorization", "Bearer nope")
@@ -428,10 +536,16 @@ fn a_release_that_cannot_start_is_rolled_back_and_the_canary_pauses_the_rest() {
         .map(|id| r.device(id, None))
         .collect();
     create(&r.server, &r.key, &broken_binary(&r.root), "broken", 2);
-    admin_ok(&r.server, &["release", "deploy", "broken", "--canary", "33%"]);
+    admin_ok(
+        &r.server,
+        &["release", "deploy", "broken", "--canary", "33%"],
+    );
     let v = settled(&r.server, "broken", Duration::from_secs(60));
     assert_eq!(v.state, "paused", "{v:?}");
-    assert!(v.reason.as_deref().unwrap_or("").contains("1 of 1"), "{v:?}");
+    assert!(
+        v.reason.as_deref().unwrap_or("").contains("1 of 1"),
+        "{v:?}"
+    );
     let (state, message) = target_state(&v, "can-1");
     assert_eq!(state, "failed");
     assert!(message.contains("started 2 times"), "{message}");
@@ -457,10 +571,17 @@ fn sigkill_at_every_install_step_ends_on_a_working_release() {
     let r = rig();
     let mut counter = 2;
     let mut running = "a".to_string();
-    for step in ["downloaded", "staged", "pending", "switched", "confirming", "confirmed-good"] {
+    for step in [
+        "downloaded",
+        "staged",
+        "pending",
+        "switched",
+        "confirming",
+        "confirmed-good",
+    ] {
         let prefix = r.root.join("kill-1");
         let dev = if prefix.exists() {
-            let d = Device::run("kill-1", &prefix, Some(step));
+            let d = Device::run(&prefix, Some(step));
             wait_running(&r.server, "kill-1", &running);
             d
         } else {
@@ -473,15 +594,22 @@ fn sigkill_at_every_install_step_ends_on_a_working_release() {
         assert_eq!(v.state, "done", "{step}: {v:?}");
         assert_eq!(target_state(&v, "kill-1").0, "succeeded", "{step}: {v:?}");
         wait_running(&r.server, "kill-1", &id);
-        assert_eq!(dev.seen.lock().unwrap().killed, 1, "{step}: the hook fired once");
-        r.server.wait_devices(&format!("{step}: {id} confirmed"), |d| {
-            d.iter().any(|d| {
-                d.id == "kill-1"
-                    && d.update.as_ref().is_some_and(|u| {
-                        u.release == id && u.state == openclaw::protocol::UpdateState::Confirmed
-                    })
-            })
-        });
+        r.server
+            .wait_devices(&format!("{step}: {id} confirmed"), |d| {
+                d.iter().any(|d| {
+                    d.id == "kill-1"
+                        && d.update.as_ref().is_some_and(|u| {
+                            u.release == id && u.state == openclaw::protocol::UpdateState::Confirmed
+                        })
+                })
+            });
+        // After the Confirmed report: a kill in the confirmation comes
+        // after the server marked the target succeeded.
+        assert_eq!(
+            dev.seen.lock().unwrap().killed,
+            1,
+            "{step}: the hook fired once"
+        );
         assert_eq!(dev.link("good"), id, "{step}");
         drop(dev);
         running = id;
@@ -489,7 +617,7 @@ fn sigkill_at_every_install_step_ends_on_a_working_release() {
     }
     // Killed while switching back: the broken release is left all the same.
     for step in ["rollback-noted", "rollback-switched"] {
-        let dev = Device::run("kill-1", &r.root.join("kill-1"), Some(step));
+        let dev = Device::run(&r.root.join("kill-1"), Some(step));
         wait_running(&r.server, "kill-1", &running);
         let id = format!("broken{counter}");
         create(&r.server, &r.key, &broken_binary(&r.root), &id, counter);
@@ -498,9 +626,12 @@ fn sigkill_at_every_install_step_ends_on_a_working_release() {
         assert_eq!(target_state(&v, "kill-1").0, "failed", "{step}: {v:?}");
         wait_running(&r.server, "kill-1", &running);
         assert_eq!(dev.link("current"), running, "{step}");
-        assert_eq!(dev.seen.lock().unwrap().killed, 1, "{step}: the hook fired once");
+        assert_eq!(
+            dev.seen.lock().unwrap().killed,
+            1,
+            "{step}: the hook fired once"
+        );
         drop(dev);
         counter += 1;
     }
-    let _ = free_port;
 }

@@ -20,14 +20,22 @@ pub fn keygen(out: &Path) -> Result<(String, String), AdminError> {
     let public = release::public_key_hex(&key.verifying_key());
     let pub_path = PathBuf::from(format!("{}.pub", out.display()));
     if pub_path.exists() {
-        return Err(fail(format!("{} exists: not overwritten", pub_path.display())));
+        return Err(fail(format!(
+            "{} exists: not overwritten",
+            pub_path.display()
+        )));
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(out)
-        .map_err(|e| fail(format!("{}: {e} (an existing key is never overwritten)", out.display())))?;
+        .map_err(|e| {
+            fail(format!(
+                "{}: {e} (an existing key is never overwritten)",
+                out.display()
+            ))
+        })?;
     f.write_all(pem.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| fail(format!("{}: {e}", out.display())))?;
@@ -68,9 +76,11 @@ pub fn create(
     let fail = |m: String| AdminError::Invalid(format!("release create: {m}"));
     let pem = std::fs::read_to_string(&o.key)
         .map_err(|e| fail(format!("--key {}: {e}", o.key.display())))?;
-    let key = release::key_from_pem(&pem).map_err(|e| fail(format!("--key {}: {e}", o.key.display())))?;
+    let key =
+        release::key_from_pem(&pem).map_err(|e| fail(format!("--key {}: {e}", o.key.display())))?;
     let board = crate::boards::Board::load(&o.board).map_err(|e| fail(format!("--board: {e}")))?;
-    let (size, sha256) = hash_file(&o.binary).map_err(|e| fail(format!("--binary {}: {e}", o.binary.display())))?;
+    let (size, sha256) =
+        hash_file(&o.binary).map_err(|e| fail(format!("--binary {}: {e}", o.binary.display())))?;
     let counter = match o.counter {
         Some(c) => c,
         None if o.offline => return Err(fail("--offline needs --counter".into())),
@@ -84,20 +94,50 @@ pub fn create(
                 + 1
         }
     };
-    let id = o.id.clone().unwrap_or_else(|| format!("{}-{counter}", board.name));
+    let id =
+        o.id.clone()
+            .unwrap_or_else(|| format!("{}-{counter}", board.name));
     if !release::valid_id(&id) {
         return Err(fail(format!(
             "release id `{id}`: 1 to 64 of A-Z a-z 0-9 . _ -, not starting with a dot"
         )));
     }
+    let url = match &o.url {
+        Some(u) => u.clone(),
+        None => {
+            // Signed into the manifest: a loopback address would send every
+            // device to itself, for good.
+            let host = client
+                .base()
+                .split("://")
+                .nth(1)
+                .unwrap_or("")
+                .split('/')
+                .next()
+                .unwrap_or("");
+            let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            if matches!(
+                host,
+                "127.0.0.1" | "localhost" | "[::1]" | "::1" | "0.0.0.0"
+            ) || host.starts_with("127.")
+            {
+                return Err(fail(format!(
+                    "the server's address {} is loopback, and devices download from the URL \
+                     signed into the manifest: give --server as devices reach it, or --url",
+                    client.base()
+                )));
+            }
+            format!("{}/v1/releases/{id}/binary", client.base())
+        }
+    };
     let now = crate::now_ms();
     let m = Manifest {
-        url: o
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("{}/v1/releases/{id}/binary", client.base())),
+        url,
         id,
-        version: o.version.clone().unwrap_or_else(|| env!("CARGO_PKG_VERSION").into()),
+        version: o
+            .version
+            .clone()
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").into()),
         counter,
         target: o.target.clone().unwrap_or_else(|| board.target.clone()),
         board: board.name.clone(),

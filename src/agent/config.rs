@@ -180,8 +180,9 @@ impl AgentConfig {
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         for (i, k) in self.ota.keys.iter().enumerate() {
-            crate::release::parse_public_key(k)
-                .map_err(|e| ConfigError::invalid(file, &format!("ota.keys[{i}]"), e.to_string()))?;
+            crate::release::parse_public_key(k).map_err(|e| {
+                ConfigError::invalid(file, &format!("ota.keys[{i}]"), e.to_string())
+            })?;
         }
         if !self.ota.prefix.as_os_str().is_empty() && !self.ota.prefix.is_absolute() {
             return Err(ConfigError::invalid(
@@ -191,7 +192,11 @@ impl AgentConfig {
             ));
         }
         if self.ota.max_starts == 0 {
-            return Err(ConfigError::invalid(file, "ota.max_starts", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                file,
+                "ota.max_starts",
+                "must be at least 1",
+            ));
         }
         if !topics::valid_device_id(&self.id) {
             return Err(ConfigError::invalid(

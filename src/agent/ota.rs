@@ -80,6 +80,8 @@ pub enum OtaError {
     Running(String),
     #[error("release {0} is on trial: a new update waits until the server confirms it")]
     OnTrial(String),
+    #[error("release {id} was rolled back here ({reason}): not installed again")]
+    RolledBack { id: String, reason: String },
     #[error("download of {url}: {message}")]
     Download { url: String, message: String },
     #[error("the download is {got} bytes, the manifest says {want}")]
@@ -193,11 +195,13 @@ fn sync_dir(dir: &Path) -> Result<(), OtaError> {
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, OtaError> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| OtaError::Io {
-            what: "read",
-            path: path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| OtaError::Io {
+                what: "read",
+                path: path.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io("read", path)(e)),
     }
@@ -239,6 +243,7 @@ pub struct Startup {
 
 /// Reads the install's state at the agent's start (after [`guard`] ran).
 pub fn startup(l: &Layout) -> Result<Startup, OtaError> {
+    finish_confirm(l)?;
     let release = l.current();
     let mut s = Startup {
         release: release.clone(),
@@ -251,6 +256,7 @@ pub fn startup(l: &Layout) -> Result<Startup, OtaError> {
                 release: p.release.clone(),
                 state: UpdateState::Trial,
                 message: String::new(),
+                offer_sha256: String::new(),
             });
             s.trial = Some(p);
             return Ok(s);
@@ -268,6 +274,7 @@ pub fn startup(l: &Layout) -> Result<Startup, OtaError> {
             release: r.release,
             state: UpdateState::RolledBack,
             message: r.reason,
+            offer_sha256: String::new(),
         });
     } else if let Some(i) = read_json::<Installed>(&l.state("installed.json"))? {
         if Some(&i.release) == release.as_ref() && s.report.is_none() {
@@ -275,6 +282,7 @@ pub fn startup(l: &Layout) -> Result<Startup, OtaError> {
                 release: i.release,
                 state: UpdateState::Confirmed,
                 message: String::new(),
+                offer_sha256: String::new(),
             });
         }
     }
@@ -292,6 +300,9 @@ pub fn startup(l: &Layout) -> Result<Startup, OtaError> {
 /// `max_starts` or the deadline. Says what it did.
 pub fn guard(prefix: &Path, now_ms: u64) -> Result<String, OtaError> {
     let l = Layout::new(prefix);
+    if let Some(r) = finish_confirm(&l)? {
+        return Ok(format!("release {r} was confirmed; its trial is over"));
+    }
     let Some(mut p) = read_json::<Pending>(&l.state("pending.json"))? else {
         return Ok("no release on trial".into());
     };
@@ -327,8 +338,30 @@ pub fn guard(prefix: &Path, now_ms: u64) -> Result<String, OtaError> {
     ))
 }
 
-/// Switches back to the previous release: the reason first, then the link,
-/// then the trial is over.
+/// A confirmation killed after `installed.json` named the release on trial
+/// is finished (the server had confirmed it): `good` and the end of the
+/// trial, never a rollback of a confirmed release. Returns it, if so.
+fn finish_confirm(l: &Layout) -> Result<Option<String>, OtaError> {
+    let Some(p) = read_json::<Pending>(&l.state("pending.json"))? else {
+        return Ok(None);
+    };
+    let installed = read_json::<Installed>(&l.state("installed.json"))?;
+    if installed.is_none_or(|i| i.release != p.release) || l.current().as_ref() != Some(&p.release)
+    {
+        return Ok(None);
+    }
+    if l.linked("good").as_ref() != Some(&p.release) {
+        l.point("good", &p.release)?;
+    }
+    remove(&l.state("rolled-back.json"))?;
+    remove(&l.state("pending.json"))?;
+    prune(l, &[&p.release, &p.previous]);
+    Ok(Some(p.release))
+}
+
+/// Switches back to the previous release: the link first (a rename needs
+/// next to no space: a full disk does not stop it), then the reason (best
+/// effort), then the trial is over.
 pub fn roll_back(l: &Layout, p: &Pending, reason: &str) -> Result<(), OtaError> {
     let prev = l.release(&p.previous);
     if !prev.join("bin/openclaw-agent").is_file() {
@@ -339,17 +372,21 @@ pub fn roll_back(l: &Layout, p: &Pending, reason: &str) -> Result<(), OtaError> 
         });
     }
     log::warn!("OTA: rolling back to {}: {reason}", p.previous);
-    write_json(
+    l.point("current", &p.previous)?;
+    fault("rollback-switched");
+    // Killed here, the device is back on its release and the server offers
+    // the update again: one more try, which ends noted.
+    if let Err(e) = write_json(
         &l.state("rolled-back.json"),
         &RolledBack {
             release: p.release.clone(),
             back_to: p.previous.clone(),
             reason: reason.to_string(),
         },
-    )?;
+    ) {
+        log::warn!("OTA: the rollback's reason could not be written: {e}");
+    }
     fault("rollback-noted");
-    l.point("current", &p.previous)?;
-    fault("rollback-switched");
     remove(&l.state("pending.json"))
 }
 
@@ -453,9 +490,9 @@ pub fn check_offer(
             now_ms,
         });
     }
-    let current = l
-        .current()
-        .ok_or(OtaError::NotConfigured("ota.prefix has no `current` release link"))?;
+    let current = l.current().ok_or(OtaError::NotConfigured(
+        "ota.prefix has no `current` release link",
+    ))?;
     if let Some(p) = read_json::<Pending>(&l.state("pending.json"))? {
         if p.release == current {
             return Err(OtaError::OnTrial(current));
@@ -463,6 +500,14 @@ pub fn check_offer(
     }
     if m.id == current {
         return Err(OtaError::Running(m.id));
+    }
+    if let Some(r) = read_json::<RolledBack>(&l.state("rolled-back.json"))? {
+        if r.release == m.id {
+            return Err(OtaError::RolledBack {
+                id: m.id,
+                reason: r.reason,
+            });
+        }
     }
     let installed = installed_counter(l, &current)?;
     if m.counter <= installed {
@@ -541,9 +586,9 @@ pub fn prepare(
 
 /// Starts the trial and switches `current` to the prepared release.
 pub fn switch(l: &Layout, cfg: &OtaSection, m: &Manifest) -> Result<Pending, OtaError> {
-    let previous = l
-        .current()
-        .ok_or(OtaError::NotConfigured("ota.prefix has no `current` release link"))?;
+    let previous = l.current().ok_or(OtaError::NotConfigured(
+        "ota.prefix has no `current` release link",
+    ))?;
     let p = Pending {
         release: m.id.clone(),
         previous,
@@ -614,8 +659,9 @@ fn fetch(m: &Manifest, grant: &str, path: &Path) -> Result<(), OtaError> {
         .http_status_as_error(false)
         .max_redirects(0)
         .timeout_connect(Some(Duration::from_secs(10)))
-        // Slow links get time; a stalled one does not hold the update forever.
-        .timeout_recv_body(Some(Duration::from_secs(600)));
+        // The whole body's time: a minute plus 32 KiB/s, so slow links get
+        // time and a stalled one does not hold the update forever.
+        .timeout_recv_body(Some(Duration::from_secs(60 + m.size / (32 << 10))));
     if m.url.starts_with("https://") {
         let (tls, why) = crate::plugins::http::platform_tls_config();
         if let Some(why) = why {
@@ -639,6 +685,19 @@ fn fetch(m: &Manifest, grant: &str, path: &Path) -> Result<(), OtaError> {
             .unwrap_or_default();
         return Err(fail(format!("HTTP {status}: {}", body.trim())));
     }
+    let r = save(m, &mut resp, path);
+    if r.is_err() {
+        // Also on a full disk: the partial file must not keep it full.
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+fn save(
+    m: &Manifest,
+    resp: &mut ureq::http::Response<ureq::Body>,
+    path: &Path,
+) -> Result<(), OtaError> {
     let mut reader = resp
         .body_mut()
         .with_config()
@@ -649,15 +708,16 @@ fn fetch(m: &Manifest, grant: &str, path: &Path) -> Result<(), OtaError> {
     let mut got: u64 = 0;
     let mut buf = vec![0u8; 64 << 10];
     loop {
+        // The limit (size + 1) is never reached: the loop stops past size.
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            // ureq reports its limit as an error: more than the manifest says.
-            Err(_) if got >= m.size => {
-                got += 1;
-                break;
+            Err(e) => {
+                return Err(OtaError::Download {
+                    url: m.url.clone(),
+                    message: format!("after {got} bytes: {e}"),
+                })
             }
-            Err(e) => return Err(fail(format!("after {got} bytes: {e}"))),
         };
         got += n as u64;
         if got > m.size {
@@ -667,16 +727,11 @@ fn fetch(m: &Manifest, grant: &str, path: &Path) -> Result<(), OtaError> {
         f.write_all(&buf[..n]).map_err(io("write", path))?;
     }
     if got != m.size {
-        let _ = std::fs::remove_file(path);
-        return Err(OtaError::Size {
-            got,
-            want: m.size,
-        });
+        return Err(OtaError::Size { got, want: m.size });
     }
     f.sync_all().map_err(io("sync", path))?;
     let sha = release::hex(&hash.finalize());
     if sha != m.sha256 {
-        let _ = std::fs::remove_file(path);
         return Err(OtaError::Sha256 {
             got: sha,
             want: m.sha256.clone(),
@@ -694,11 +749,15 @@ fn self_check(dir: &Path, limit: Duration) -> Result<(), OtaError> {
     if dir.join("agent.toml").is_file() {
         cmd.arg("--config").arg(dir.join("agent.toml"));
     }
+    // stderr to a file, not a pipe: a chatty binary must not block on a
+    // full pipe nobody reads until it exits.
+    let log_path = dir.join(".self-check.log");
+    let log = std::fs::File::create(&log_path).map_err(io("write", &log_path))?;
     let mut child = cmd
         .arg("--print-config")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(log)
         .spawn()
         .map_err(|e| OtaError::SelfCheck(format!("{} did not start: {e}", bin.display())))?;
     let started = Instant::now();
@@ -706,9 +765,10 @@ fn self_check(dir: &Path, limit: Duration) -> Result<(), OtaError> {
         match child.try_wait() {
             Ok(Some(status)) => {
                 let mut err = String::new();
-                if let Some(mut s) = child.stderr.take() {
-                    let _ = s.by_ref().take(4096).read_to_string(&mut err);
+                if let Ok(f) = std::fs::File::open(&log_path) {
+                    let _ = f.take(4096).read_to_string(&mut err);
                 }
+                let _ = std::fs::remove_file(&log_path);
                 return if status.success() {
                     Ok(())
                 } else {
@@ -746,8 +806,8 @@ pub struct Updater {
     trial: Option<Pending>,
     /// The last update, for the status.
     pub report: Option<UpdateReport>,
-    /// The release being installed on a blocking thread.
-    busy: Option<String>,
+    /// The release being installed on a blocking thread, and its offer's sha256.
+    busy: Option<(String, String)>,
     /// Set when the process is to exit and be restarted (into the release
     /// named, already switched to).
     pub restart: Option<String>,
@@ -767,7 +827,14 @@ impl Updater {
             busy: None,
             restart: None,
         };
-        if cfg.prefix.as_os_str().is_empty() || cfg.keys.is_empty() {
+        if cfg.prefix.as_os_str().is_empty() {
+            return u;
+        }
+        if cfg.keys.is_empty() {
+            log::warn!(
+                "OTA: ota.prefix is set but ota.keys is empty: over-the-air updates are off \
+                 (flash --ota-key, or [ota] keys)"
+            );
             return u;
         }
         let l = Layout::new(&cfg.prefix);
@@ -807,26 +874,44 @@ impl Updater {
         offer: crate::protocol::UpdateOffer,
         done: impl FnOnce(Result<Manifest, String>) + Send + 'static,
     ) -> bool {
+        // The id is read unverified: the report also names the offer's
+        // sha256, which the server matches with the manifest it sent, so
+        // a forged offer naming a real release cannot fail its rollout.
         let id = release::parse(offer.manifest.as_bytes())
             .map(|(m, _)| m.id)
             .unwrap_or_else(|_| "?".into());
+        let sha = release::hex(&Sha256::digest(offer.manifest.as_bytes()));
         let Some(l) = self.layout.clone() else {
             log::warn!("OTA: update {id} offered, but updates are not set up here ([ota])");
-            return self.set(&id, UpdateState::Failed, "updates are not set up on this agent ([ota] prefix and keys)".into());
+            return self.set(
+                &id,
+                UpdateState::Failed,
+                "updates are not set up on this agent ([ota] prefix and keys)".into(),
+            );
         };
         if self.busy.is_some() || self.restart.is_some() {
             // The server offers it again; one install at a time.
             return false;
         }
-        if let Err(e) = check_offer(&l, &self.cfg, &self.board, offer.manifest.as_bytes(), crate::now_ms()) {
-            if let OtaError::Running(_) = e {
+        if let Err(e) = check_offer(
+            &l,
+            &self.cfg,
+            &self.board,
+            offer.manifest.as_bytes(),
+            crate::now_ms(),
+        ) {
+            // A duplicate of what runs or is on trial (a redelivery after
+            // the restart), or an update while on trial: not a failure;
+            // the server offers it again once this one is confirmed.
+            if let OtaError::Running(_) | OtaError::OnTrial(_) = e {
+                log::info!("OTA: update {id} not taken now: {e}");
                 return false;
             }
             log::warn!("OTA: update {id} refused: {e}");
-            return self.set(&id, UpdateState::Failed, e.to_string());
+            return self.set_offer(&id, UpdateState::Failed, e.to_string(), sha);
         }
         log::info!("OTA: installing release {id}");
-        self.busy = Some(id.clone());
+        self.busy = Some((id.clone(), sha.clone()));
         let (cfg, board) = (self.cfg.clone(), self.board.clone());
         tokio::task::spawn_blocking(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -837,12 +922,15 @@ impl Updater {
                 Err(_) => Err("the install panicked".into()),
             });
         });
-        self.set(&id, UpdateState::Installing, String::new())
+        self.set_offer(&id, UpdateState::Installing, String::new(), sha)
     }
 
     /// The install ended: switch to it and ask for a restart, or report why not.
     pub fn on_prepared(&mut self, r: Result<Manifest, String>) -> bool {
-        let id = self.busy.take().unwrap_or_else(|| "?".into());
+        let (id, sha) = self
+            .busy
+            .take()
+            .unwrap_or_else(|| ("?".into(), String::new()));
         let Some(l) = self.layout.clone() else {
             return false;
         };
@@ -855,7 +943,7 @@ impl Updater {
             }
             Err(e) => {
                 log::warn!("OTA: update {id} failed: {e}");
-                self.set(&id, UpdateState::Failed, e)
+                self.set_offer(&id, UpdateState::Failed, e, sha)
             }
         }
     }
@@ -869,7 +957,8 @@ impl Updater {
             return false;
         }
         match confirm(l, release) {
-            Ok(_) => {
+            Ok(false) => false,
+            Ok(true) => {
                 log::info!("OTA: release {release} confirmed by the server");
                 self.trial = None;
                 self.set(release, UpdateState::Confirmed, String::new())
@@ -901,17 +990,30 @@ impl Updater {
                 self.set(&rel, UpdateState::RolledBack, why)
             }
             Err(e) => {
-                log::warn!("OTA: cannot roll back: {e}");
+                log::warn!("OTA: cannot roll back: {e}; staying on {}", t.release);
+                // Once: the trial ends here, on the release that runs.
+                self.trial = None;
                 false
             }
         }
     }
 
     fn set(&mut self, release: &str, state: UpdateState, message: String) -> bool {
+        self.set_offer(release, state, message, String::new())
+    }
+
+    fn set_offer(
+        &mut self,
+        release: &str,
+        state: UpdateState,
+        message: String,
+        offer: String,
+    ) -> bool {
         self.report = Some(UpdateReport {
             release: release.to_string(),
             state,
             message,
+            offer_sha256: offer,
         });
         true
     }
@@ -954,17 +1056,26 @@ mod tests {
         assert_eq!(l.linked("good").as_deref(), Some("a"), "startup sets good");
         trial(&l, "b", "a", 2, u64::MAX);
         for n in 1..=2 {
-            assert!(guard(d.path(), 0).unwrap().contains(&format!("start {n} of 2")));
+            assert!(guard(d.path(), 0)
+                .unwrap()
+                .contains(&format!("start {n} of 2")));
             let s = startup(&l).unwrap();
             assert_eq!(s.trial.as_ref().unwrap().starts, n);
-            assert_eq!(l.linked("good").as_deref(), Some("a"), "a trial is not good");
+            assert_eq!(
+                l.linked("good").as_deref(),
+                Some("a"),
+                "a trial is not good"
+            );
         }
         assert!(guard(d.path(), 0).unwrap().starts_with("rolled back to a"));
         assert_eq!(l.current().as_deref(), Some("a"));
         let s = startup(&l).unwrap();
         assert!(s.trial.is_none());
         let r = s.report.unwrap();
-        assert_eq!((r.release.as_str(), r.state), ("b", UpdateState::RolledBack));
+        assert_eq!(
+            (r.release.as_str(), r.state),
+            ("b", UpdateState::RolledBack)
+        );
         assert!(r.message.contains("started 2 times"), "{}", r.message);
     }
 
@@ -988,7 +1099,10 @@ mod tests {
         assert_eq!(s.report.unwrap().state, UpdateState::Confirmed);
         assert_eq!(installed_counter(&l, "b").unwrap(), 2);
         assert!(!d.path().join("releases/old").exists(), "pruned");
-        assert!(d.path().join("releases/a").exists(), "the previous one kept");
+        assert!(
+            d.path().join("releases/a").exists(),
+            "the previous one kept"
+        );
     }
 
     #[test]
@@ -1048,7 +1162,9 @@ mod tests {
         let check = |text: String| check_offer(&l, &c, "sim", text.as_bytes(), crate::now_ms());
         assert!(check(offer(&key, |_| {})).is_ok());
         let e = |f: fn(&mut Manifest)| check(offer(&key, f)).unwrap_err().to_string();
-        assert!(e(|m| m.target = "riscv64gc-unknown-linux-gnu".into()).contains("built for riscv64"));
+        assert!(
+            e(|m| m.target = "riscv64gc-unknown-linux-gnu".into()).contains("built for riscv64")
+        );
         assert!(e(|m| m.board = "rpi4".into()).contains("board `rpi4`"));
         assert!(e(|m| {
             m.created_ms = 1;

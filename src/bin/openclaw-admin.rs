@@ -265,7 +265,8 @@ enum Release {
         /// Default: BOARD-COUNTER.
         #[arg(long)]
         id: Option<String>,
-        /// Where devices download it; default: SERVER/v1/releases/ID/binary.
+        /// Where devices download it (signed in); default: SERVER/v1/releases/ID/binary
+        /// (refused when --server is loopback: devices would fetch from themselves).
         #[arg(long)]
         url: Option<String>,
         /// Devices refuse it after this: 30d, 12h, 90m.
@@ -282,9 +283,10 @@ enum Release {
     Deploy {
         id: String,
         /// Only these devices (comma-separated).
-        #[arg(long, value_delimiter = ',', conflicts_with = "canary")]
+        #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
-        /// First to this share of the board's devices (10%), the rest once those succeeded.
+        /// First to this share of the devices (10%); the rest once those all settled
+        /// with the failure rate within --max-failure.
         #[arg(long)]
         canary: Option<String>,
         /// Pause when more than this share of the devices so far failed (default: the server's).
@@ -614,7 +616,10 @@ fn release_cmd(client: &Client, r: Release, json: bool) -> anyhow::Result<()> {
             v.counter,
             v.size,
             v.state,
-            v.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            v.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
         );
         for t in &v.targets {
             println!(
@@ -628,9 +633,16 @@ fn release_cmd(client: &Client, r: Release, json: bool) -> anyhow::Result<()> {
         Release::Keygen { out } => {
             let (public, id) = rel::keygen(&out).context("release keygen failed")?;
             if json {
-                println!("{}", serde_json::json!({"key": out, "public": public, "key_id": id}));
+                println!(
+                    "{}",
+                    serde_json::json!({"key": out, "public": public, "key_id": id})
+                );
             } else {
-                println!("wrote {} (keep it secret) and {}.pub", out.display(), out.display());
+                println!(
+                    "wrote {} (keep it secret) and {}.pub",
+                    out.display(),
+                    out.display()
+                );
                 println!("key id {id}; agents trust it with [ota] keys = [\"{public}\"]");
             }
         }
@@ -647,8 +659,8 @@ fn release_cmd(client: &Client, r: Release, json: bool) -> anyhow::Result<()> {
             out,
             offline,
         } => {
-            let expires_ms = openclaw::server::auth::tokens::parse_duration(&expires)
-                .context("--expires")?;
+            let expires_ms =
+                openclaw::server::auth::tokens::parse_duration(&expires).context("--expires")?;
             let o = rel::CreateOptions {
                 board,
                 binary,

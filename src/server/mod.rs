@@ -47,12 +47,15 @@ pub enum ServerError {
     Tls(#[from] crate::mqtt::TlsError),
     #[error(transparent)]
     BrokerTls(#[from] broker::tls::BrokerTlsError),
-    /// The scheduler ended on its own (an error, or a panic): the process
-    /// must end too, rather than leave HTTP answering 503 forever.
     #[error(transparent)]
     Releases(#[from] releases::ReleasesError),
+    /// The scheduler ended on its own (an error, or a panic): the process
+    /// must end too, rather than leave HTTP answering 503 forever.
     #[error("scheduler stopped: {0}")]
     Scheduler(String),
+    /// Likewise the release task (rollouts would stop silently).
+    #[error("release task stopped: {0}")]
+    ReleaseTask(String),
 }
 
 /// Where a running server can be reached.
@@ -208,7 +211,7 @@ pub async fn run(
         client.clone(),
         handle.clone(),
     )?;
-    tokio::spawn(rel.run(rel_rx, shutdown.clone()));
+    let mut rel_task = tokio::spawn(rel.run(rel_rx, shutdown.clone()));
     let app = http::router(
         handle,
         &cfg.http,
@@ -227,6 +230,19 @@ pub async fn run(
         r = &mut sched_task => {
             shutdown.cancel();
             r
+        }
+        // Likewise the release task: rollouts must not stop silently.
+        r = &mut rel_task => {
+            if shutdown.is_cancelled() && r.is_ok() {
+                sched_task.await
+            } else {
+                shutdown.cancel();
+                let _ = sched_task.await;
+                return Err(ServerError::ReleaseTask(match r {
+                    Ok(()) => "it ended without being asked to".into(),
+                    Err(e) => e.to_string(),
+                }));
+            }
         }
     };
     let failed = match sched_end {

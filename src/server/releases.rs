@@ -159,9 +159,9 @@ impl Store {
     }
 
     fn ids(&self, state: Option<&str>) -> rusqlite::Result<Vec<String>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id FROM releases WHERE ?1 IS NULL OR state = ?1 ORDER BY created_ms, id")?;
+        let mut st = self.conn.prepare(
+            "SELECT id FROM releases WHERE ?1 IS NULL OR state = ?1 ORDER BY created_ms, id",
+        )?;
         let rows = st.query_map([state], |r| r.get(0))?;
         rows.collect()
     }
@@ -190,12 +190,26 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (release_id, device_id) DO UPDATE SET wave = ?3, state = ?4,
                message = ?5, sent_ms = ?6, updated_ms = ?7",
-            params![id, t.device, t.wave, t.state, t.message, t.sent_ms, t.updated_ms],
+            params![
+                id,
+                t.device,
+                t.wave,
+                t.state,
+                t.message,
+                t.sent_ms,
+                t.updated_ms
+            ],
         )?;
         Ok(())
     }
 
-    fn set_state(&self, id: &str, state: &str, reason: Option<&str>, wave: u32) -> rusqlite::Result<()> {
+    fn set_state(
+        &self,
+        id: &str,
+        state: &str,
+        reason: Option<&str>,
+        wave: u32,
+    ) -> rusqlite::Result<()> {
         self.conn.execute(
             "UPDATE releases SET state = ?2, reason = ?3, wave = ?4 WHERE id = ?1",
             params![id, state, reason, wave],
@@ -437,9 +451,7 @@ impl Releases {
                 up.size, up.sha256, m.size, m.sha256
             )));
         }
-        if self.store.get(&m.id).map_err(unavailable)?.is_some()
-            || self.store.bin(&m.id).exists()
-        {
+        if self.store.get(&m.id).map_err(unavailable)?.is_some() || self.store.bin(&m.id).exists() {
             return Err(ApiError::Conflict(format!("release `{}` exists", m.id)));
         }
         let grant = random_hex(32).map_err(|e| ApiError::Unavailable(e.to_string()))?;
@@ -450,7 +462,13 @@ impl Releases {
             "INSERT INTO releases (id, manifest, grant, state, reason, canary_percent,
                max_failure_percent, wave, created_ms)
              VALUES (?1, ?2, ?3, 'new', NULL, NULL, ?4, 0, ?5)",
-            params![m.id, text, grant, self.cfg.max_failure_percent, crate::now_ms()],
+            params![
+                m.id,
+                text,
+                grant,
+                self.cfg.max_failure_percent,
+                crate::now_ms()
+            ],
         );
         if let Err(e) = r {
             let _ = std::fs::remove_file(&bin);
@@ -497,14 +515,25 @@ impl Releases {
                     .set_state(id, state, None, wave)
                     .map_err(unavailable)?;
                 log::info!("release {id}: rollout resumed ({state}, wave {wave})");
-                return self.store.view(id).map_err(unavailable)?.ok_or_else(|| {
-                    ApiError::Unavailable("the release vanished".into())
-                });
+                return self
+                    .store
+                    .view(id)
+                    .map_err(unavailable)?
+                    .ok_or_else(|| ApiError::Unavailable("the release vanished".into()));
             }
             s => {
                 return Err(ApiError::Conflict(format!(
                     "release `{id}` is {s}: it was deployed already"
                 )))
+            }
+        }
+        for other in self.store.ids(Some("rolling")).map_err(unavailable)? {
+            if let Some(o) = self.store.get(&other).map_err(unavailable)? {
+                if &o.manifest.board == board {
+                    return Err(ApiError::Conflict(format!(
+                        "release `{other}` is rolling out to board `{board}`: one rollout per board at a time"
+                    )));
+                }
             }
         }
         if crate::now_ms() > r.manifest.expires_ms {
@@ -550,9 +579,12 @@ impl Releases {
                 }
                 list.clone()
             }
+            // Agents that cannot be updated over the air (no [ota], or from
+            // before it) are left out, not counted as failures; named
+            // with `devices`, they are.
             None => devices
                 .values()
-                .filter(|d| &d.board == board)
+                .filter(|d| &d.board == board && d.release.is_some())
                 .map(|d| d.id.clone())
                 .collect(),
         };
@@ -560,7 +592,7 @@ impl Releases {
         chosen.dedup();
         if chosen.is_empty() {
             return Err(ApiError::Conflict(format!(
-                "no device of board `{board}` is known to this server"
+                "no device of board `{board}` that can be updated over the air is known to this server"
             )));
         }
         let canary = req
@@ -620,7 +652,10 @@ impl Releases {
                 self.offered
                     .insert((r.manifest.id.clone(), device.to_string()), crate::now_ms());
             }
-            Err(e) => log::warn!("releases: offer of {} to {device} not sent: {e}", r.manifest.id),
+            Err(e) => log::warn!(
+                "releases: offer of {} to {device} not sent: {e}",
+                r.manifest.id
+            ),
         }
     }
 
@@ -641,8 +676,7 @@ impl Releases {
     /// One pass over the rollouts that are running.
     async fn tick(&mut self) -> Result<(), String> {
         let rolling = self.store.ids(Some("rolling")).map_err(|e| e.to_string())?;
-        let done = self.store.ids(Some("done")).map_err(|e| e.to_string())?;
-        if rolling.is_empty() && done.is_empty() {
+        if rolling.is_empty() && self.store.ids(None).map_err(|e| e.to_string())?.is_empty() {
             return Ok(());
         }
         let devices = Self::devices(self.sched.clone())
@@ -652,7 +686,9 @@ impl Releases {
             self.advance(&id, &devices).map_err(|e| e.to_string())?;
         }
         // A device that restarted on trial after its target succeeded
-        // (the confirmation lost) is confirmed again.
+        // (the confirmation lost) is confirmed again, whatever the state
+        // of the rollout (paused, done): else it rolls a confirmed
+        // release back at its deadline.
         for d in devices.values() {
             if let (Some(rel), Some(u)) = (&d.release, &d.update) {
                 if u.state == UpdateState::Trial && &u.release == rel {
@@ -676,6 +712,7 @@ impl Releases {
             return Ok(());
         };
         let now = crate::now_ms();
+        let offer_sha = release::hex(&<sha2::Sha256 as sha2::Digest>::digest(r.text.as_bytes()));
         let mut targets = self.store.targets(id)?;
         for t in targets.iter_mut().filter(|t| t.wave <= r.wave) {
             let before = (t.state.clone(), t.message.clone());
@@ -699,49 +736,60 @@ impl Releases {
                         t.state = "sent".into();
                         t.sent_ms = now;
                     }
+                    // Offline (or forgotten) since its wave began: the
+                    // rollout does not wait for it forever.
+                    _ if now.saturating_sub(t.updated_ms) > self.cfg.target_timeout_ms => {
+                        t.state = "failed".into();
+                        t.message = format!(
+                            "offline for releases.target_timeout_ms ({} ms) since its wave began",
+                            self.cfg.target_timeout_ms
+                        );
+                    }
                     _ => {}
                 },
-                "sent" => {
-                    match report.map(|u| u.state) {
-                        Some(UpdateState::Failed) | Some(UpdateState::RolledBack) => {
-                            t.state = "failed".into();
-                            t.message = report.map(|u| u.message.clone()).unwrap_or_default();
-                        }
-                        Some(UpdateState::Trial) if running => {
-                            self.confirm(id, &t.device);
-                            t.state = "succeeded".into();
-                        }
-                        Some(UpdateState::Confirmed) if running => {
-                            t.state = "succeeded".into();
-                        }
-                        _ if now.saturating_sub(t.sent_ms) > self.cfg.target_timeout_ms => {
-                            t.state = "failed".into();
-                            t.message = format!(
-                                "no outcome within releases.target_timeout_ms ({} ms) of the offer",
-                                self.cfg.target_timeout_ms
-                            );
-                        }
-                        state => {
-                            let working = matches!(
-                                state,
-                                Some(UpdateState::Installing)
-                                    | Some(UpdateState::Switching)
-                                    | Some(UpdateState::Trial)
-                            );
-                            let last = self
-                                .offered
-                                .get(&(id.to_string(), t.device.clone()))
-                                .copied()
-                                .unwrap_or(0);
-                            if !working
-                                && dev.is_some_and(|d| d.online)
-                                && now.saturating_sub(last) >= self.cfg.resend_ms
-                            {
-                                self.offer(&r, &t.device);
-                            }
+                // A refusal counts only for the manifest this server sent.
+                "sent" => match report
+                    .filter(|u| u.state != UpdateState::Failed || u.offer_sha256 == offer_sha)
+                    .map(|u| u.state)
+                {
+                    Some(UpdateState::Failed) | Some(UpdateState::RolledBack) => {
+                        t.state = "failed".into();
+                        t.message = report.map(|u| u.message.clone()).unwrap_or_default();
+                    }
+                    Some(UpdateState::Trial) if running => {
+                        self.confirm(id, &t.device);
+                        t.state = "succeeded".into();
+                    }
+                    Some(UpdateState::Confirmed) if running => {
+                        t.state = "succeeded".into();
+                    }
+                    _ if now.saturating_sub(t.sent_ms) > self.cfg.target_timeout_ms => {
+                        t.state = "failed".into();
+                        t.message = format!(
+                            "no outcome within releases.target_timeout_ms ({} ms) of the offer",
+                            self.cfg.target_timeout_ms
+                        );
+                    }
+                    state => {
+                        let working = matches!(
+                            state,
+                            Some(UpdateState::Installing)
+                                | Some(UpdateState::Switching)
+                                | Some(UpdateState::Trial)
+                        );
+                        let last = self
+                            .offered
+                            .get(&(id.to_string(), t.device.clone()))
+                            .copied()
+                            .unwrap_or(0);
+                        if !working
+                            && dev.is_some_and(|d| d.online)
+                            && now.saturating_sub(last) >= self.cfg.resend_ms
+                        {
+                            self.offer(&r, &t.device);
                         }
                     }
-                }
+                },
                 _ => {}
             }
             if (t.state.clone(), t.message.clone()) != before {
@@ -781,7 +829,16 @@ impl Releases {
             log::warn!("release {id}: rollout paused: {why}");
             self.store.set_state(id, "paused", Some(&why), r.wave)?;
         } else if r.wave < last {
-            log::info!("release {id}: wave {} done, starting wave {}", r.wave, r.wave + 1);
+            log::info!(
+                "release {id}: wave {} done, starting wave {}",
+                r.wave,
+                r.wave + 1
+            );
+            // Its devices' time starts now.
+            for t in targets.iter_mut().filter(|t| t.wave == r.wave + 1) {
+                t.updated_ms = now;
+                self.store.set_target(id, t)?;
+            }
             self.store.set_state(id, "rolling", None, r.wave + 1)?;
         } else {
             log::info!("release {id}: rollout done ({failed} of {settled} failed)");
@@ -865,7 +922,9 @@ async fn receive(h: &ReleasesHandle, body: axum::body::Body, max: u64) -> Result
         let _ = std::fs::remove_file(path);
         ApiError::Unavailable(format!("storing the upload: {e}"))
     };
-    let mut f = tokio::fs::File::create(&path).await.map_err(|e| fail(&path, e))?;
+    let mut f = tokio::fs::File::create(&path)
+        .await
+        .map_err(|e| fail(&path, e))?;
     let mut hash = <sha2::Sha256 as sha2::Digest>::new();
     let mut size: u64 = 0;
     let mut body = body;
@@ -881,7 +940,9 @@ async fn receive(h: &ReleasesHandle, body: axum::body::Body, max: u64) -> Result
                 )));
             }
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         size += data.len() as u64;
         if size > max {
             let _ = std::fs::remove_file(&path);
@@ -951,7 +1012,10 @@ async fn binary(
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(f));
     Ok((
         [
-            (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
             (axum::http::header::CONTENT_LENGTH, len.to_string()),
         ],
         body,
