@@ -351,6 +351,9 @@ impl Rig {
     }
 }
 
+/// What a case does to the stored binary after the upload.
+type Spoil = Box<dyn Fn(&Path)>;
+
 #[test]
 fn an_update_is_installed_confirmed_and_bad_ones_are_refused() {
     let r = rig();
@@ -397,7 +400,7 @@ fn an_update_is_installed_confirmed_and_bad_ones_are_refused() {
         &r.server,
         &["release", "keygen", "--out", other.to_str().unwrap()],
     );
-    let cases: Vec<(&str, u64, Box<dyn Fn(&Path)>, &str, PathBuf)> = vec![
+    let cases: Vec<(&str, u64, Spoil, &str, PathBuf)> = vec![
         (
             "downgrade",
             1,
