@@ -567,6 +567,24 @@ fn a_release_that_cannot_start_is_rolled_back_and_the_canary_pauses_the_rest() {
         assert_eq!(d.seen.lock().unwrap().starts, vec!["a"]);
         assert!(!d.prefix.join("releases/broken").exists());
     }
+
+    // Resumed with every failure allowed: can-1 is offered it again and
+    // refuses a release rolled back there; then the rest get it, and roll
+    // it back too.
+    admin_ok(&r.server, &["release", "deploy", "broken", "--max-failure", "100%"]);
+    let v = settled(&r.server, "broken", Duration::from_secs(90));
+    assert_eq!(v.state, "done", "{v:?}");
+    let (state, message) = target_state(&v, "can-1");
+    assert_eq!(state, "failed");
+    assert!(message.contains("was rolled back here"), "{message}");
+    assert_eq!(devs[0].seen.lock().unwrap().starts, vec!["a", "broken", "broken", "a"]);
+    for (d, id) in devs[1..].iter().zip(["can-2", "can-3"]) {
+        let (state, message) = target_state(&v, id);
+        assert_eq!(state, "failed", "{id}");
+        assert!(message.contains("started 2 times"), "{id}: {message}");
+        wait_running(&r.server, id, "a");
+        assert_eq!(d.link("current"), "a", "{id}");
+    }
 }
 
 #[test]

@@ -10,11 +10,14 @@
 //! status names the release as running: the server confirms it with
 //! [`ToAgent::UpdateConfirmed`]) or `failed` (its status reports the
 //! update failed or was rolled back, or nothing came within
-//! `releases.target_timeout_ms`). An offer nobody acted on is sent again
-//! every `releases.resend_ms` (a device killed mid-install forgets it). A
-//! wave done, the rollout pauses if more than `max_failure_percent` of the
-//! devices settled so far failed, else goes on to the next wave or is
-//! done. The server does not check signatures: agents do, against their
+//! `releases.target_timeout_ms`; a device offline that long since its wave
+//! began fails too). An offer nobody acted on is sent again every
+//! `releases.resend_ms` (a device killed mid-install forgets it). As soon
+//! as more than `max_failure_percent` of the wave's devices failed, the
+//! rollout pauses: nobody new is offered it, the devices already offered
+//! it are still followed and confirmed. A wave done within the threshold,
+//! the next begins, or the rollout is done. Deploying a paused release
+//! again offers it to the failed devices and goes on. The server does not check signatures: agents do, against their
 //! own `[ota] keys`; it checks only that the binary is the manifest's.
 
 use super::auth::tokens::{ct_eq, random_hex};
@@ -451,9 +454,11 @@ impl Releases {
                 up.size, up.sha256, m.size, m.sha256
             )));
         }
-        if self.store.get(&m.id).map_err(unavailable)?.is_some() || self.store.bin(&m.id).exists() {
+        if self.store.get(&m.id).map_err(unavailable)?.is_some() {
             return Err(ApiError::Conflict(format!("release `{}` exists", m.id)));
         }
+        // A binary without its row: a crash between the two; replaced.
+        let _ = std::fs::remove_file(self.store.bin(&m.id));
         let grant = random_hex(32).map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let bin = self.store.bin(&m.id);
         std::fs::rename(&up.path, &bin)
@@ -503,18 +508,45 @@ impl Releases {
         match r.state.as_str() {
             "new" => {}
             "paused" => {
-                // Resume: the operator has seen the failures.
-                let targets = self.store.targets(id).map_err(unavailable)?;
-                let last = targets.iter().map(|t| t.wave).max().unwrap_or(1);
-                let (state, wave) = if r.wave < last {
-                    ("rolling", r.wave + 1)
-                } else {
-                    ("done", r.wave)
-                };
+                // Resume: the failed devices of the waves so far are
+                // offered it again, under the threshold given now (if any).
+                if req.devices.is_some() || req.canary_percent.is_some() {
+                    return Err(ApiError::BadRequest(format!(
+                        "release `{id}` is paused: deploying it again resumes its rollout, \
+                         whose devices and canary were set at the first deploy \
+                         (only max_failure_percent may change)"
+                    )));
+                }
+                let max_failure = req.max_failure_percent.unwrap_or(r.max_failure_percent);
+                if max_failure > 100 {
+                    return Err(ApiError::BadRequest(format!(
+                        "`max_failure_percent` is {max_failure}: it must be 0 to 100"
+                    )));
+                }
+                let now = crate::now_ms();
+                let mut retried = 0;
+                for mut t in self.store.targets(id).map_err(unavailable)? {
+                    if t.wave <= r.wave && t.state == "failed" {
+                        t.state = "waiting".into();
+                        t.message = String::new();
+                        t.updated_ms = now;
+                        self.store.set_target(id, &t).map_err(unavailable)?;
+                        self.offered.remove(&(id.to_string(), t.device.clone()));
+                        retried += 1;
+                    }
+                }
                 self.store
-                    .set_state(id, state, None, wave)
+                    .conn
+                    .execute(
+                        "UPDATE releases SET state = 'rolling', reason = NULL,
+                           max_failure_percent = ?2 WHERE id = ?1",
+                        params![id, max_failure],
+                    )
                     .map_err(unavailable)?;
-                log::info!("release {id}: rollout resumed ({state}, wave {wave})");
+                log::info!(
+                    "release {id}: rollout resumed at wave {}, {retried} failed device(s) offered it again",
+                    r.wave
+                );
                 return self
                     .store
                     .view(id)
@@ -682,8 +714,12 @@ impl Releases {
         let devices = Self::devices(self.sched.clone())
             .await
             .map_err(|e| e.to_string())?;
-        for id in rolling {
-            self.advance(&id, &devices).map_err(|e| e.to_string())?;
+        // A paused rollout still follows the devices it offered it to (a
+        // device on trial must be confirmed, or it rolls back), but offers
+        // it to nobody new.
+        let paused = self.store.ids(Some("paused")).map_err(|e| e.to_string())?;
+        for id in rolling.iter().chain(&paused) {
+            self.advance(id, &devices).map_err(|e| e.to_string())?;
         }
         // A device that restarted on trial after its target succeeded
         // (the confirmation lost) is confirmed again, whatever the state
@@ -722,6 +758,7 @@ impl Releases {
                 .filter(|u| u.release == id);
             let running = dev.is_some_and(|d| d.release.as_deref() == Some(id));
             match t.state.as_str() {
+                "waiting" if r.state == "paused" => {}
                 "waiting" => match dev {
                     Some(d) if d.online && d.release.is_none() => {
                         t.state = "failed".into();
@@ -810,20 +847,23 @@ impl Releases {
         let open = targets
             .iter()
             .any(|t| t.wave <= r.wave && (t.state == "waiting" || t.state == "sent"));
-        if open {
-            return Ok(());
-        }
-        let settled = targets.iter().filter(|t| t.wave <= r.wave).count();
+        let all = targets.iter().filter(|t| t.wave <= r.wave).count();
         let failed = targets
             .iter()
             .filter(|t| t.wave <= r.wave && t.state == "failed")
             .count();
         let last = targets.iter().map(|t| t.wave).max().unwrap_or(1);
-        if failed > 0 && failed * 100 > settled * r.max_failure_percent as usize {
+        // Checked as failures come in, not only when the wave is over:
+        // past the threshold of the whole wave, nobody else is offered it.
+        let over = failed > 0 && failed * 100 > all * r.max_failure_percent as usize;
+        if (open && !over) || r.state == "paused" {
+            return Ok(());
+        }
+        if over {
             let why = format!(
-                "{failed} of {settled} device(s) failed ({}%), above max_failure_percent ({}%); \
-                 `release deploy {id}` again resumes",
-                failed * 100 / settled.max(1),
+                "{failed} of {all} device(s) failed ({}%), above max_failure_percent ({}%); \
+                 `release deploy {id}` again offers it to the failed ones and goes on",
+                failed * 100 / all.max(1),
                 r.max_failure_percent
             );
             log::warn!("release {id}: rollout paused: {why}");
@@ -841,7 +881,7 @@ impl Releases {
             }
             self.store.set_state(id, "rolling", None, r.wave + 1)?;
         } else {
-            log::info!("release {id}: rollout done ({failed} of {settled} failed)");
+            log::info!("release {id}: rollout done ({failed} of {all} failed)");
             self.store.set_state(id, "done", None, r.wave)?;
         }
         Ok(())
