@@ -466,7 +466,8 @@ pub struct UpdateOffer {
     /// nothing here that its signature does not cover.
     pub manifest: String,
     /// Sent as `Authorization: Bearer` with the download: the binary is
-    /// served only to the devices of a rollout.
+    /// served only with the release's grant, which the server sends only
+    /// in its offers (one grant per release, not per device).
     pub grant: String,
 }
 
