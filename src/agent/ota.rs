@@ -41,6 +41,9 @@ use std::time::{Duration, Instant};
 /// The target triple this agent was built for.
 pub const TARGET: &str = env!("OPENCLAW_TARGET");
 
+/// Downloads tried before an update fails for the network's sake.
+const DOWNLOAD_ATTEMPTS: u32 = 5;
+
 /// Test hook: the agent kills itself with SIGKILL when it reaches the
 /// install step this names (`tests/ota.rs`). Never set in production.
 const KILL_AT_ENV: &str = "OPENCLAW_TEST_KILL_AT";
@@ -539,7 +542,22 @@ pub fn prepare(
     let (m, current) = check_offer(l, cfg, board, manifest, crate::now_ms())?;
     let releases = l.releases();
     let download = releases.join(format!(".download-{}", m.id));
-    fetch(&m, grant, &download)?;
+    // A server restarting, a link dropping: tried again, 1 + 2 + 4 + 8 s
+    // apart, before the update fails (a wrong binary fails at once).
+    let mut wait = Duration::from_secs(1);
+    for attempt in 1.. {
+        match fetch(&m, grant, &download) {
+            Err(e @ OtaError::Download { .. }) if attempt < DOWNLOAD_ATTEMPTS => {
+                log::warn!("OTA: {e}; trying again in {} s", wait.as_secs());
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            r => {
+                r?;
+                break;
+            }
+        }
+    }
     fault("downloaded");
 
     let staging = releases.join(format!(".staging-{}", m.id));
@@ -889,8 +907,12 @@ impl Updater {
                 "updates are not set up on this agent ([ota] prefix and keys)".into(),
             );
         };
-        if self.busy.is_some() || self.restart.is_some() {
-            // The server offers it again; one install at a time.
+        if self.busy.is_some() || self.restart.is_some() || self.trial.is_some() {
+            // One install at a time, and none on trial: the server offers
+            // it again. Nor is the report of the running one replaced (a
+            // forged offer must not turn a trial's report into a failure,
+            // which the server would never confirm).
+            log::info!("OTA: update {id} not taken now: an update is under way");
             return false;
         }
         if let Err(e) = check_offer(

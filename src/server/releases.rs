@@ -116,6 +116,14 @@ impl Store {
         let bins = data_dir.join("releases");
         std::fs::create_dir_all(&bins)
             .map_err(|err| ReleasesError::Io(format!("{}: {err}", bins.display())))?;
+        // Uploads a crash (or a client gone) left half-written.
+        if let Ok(entries) = std::fs::read_dir(&bins) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".upload-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Store { conn, bins })
     }
 
@@ -800,6 +808,12 @@ impl Releases {
                     Some(UpdateState::Confirmed) if running => {
                         t.state = "succeeded".into();
                     }
+                    // Running it, whatever else the report says (not a
+                    // failure of this offer): it restarted into it.
+                    _ if running => {
+                        self.confirm(id, &t.device);
+                        t.state = "succeeded".into();
+                    }
                     _ if now.saturating_sub(t.sent_ms) > self.cfg.target_timeout_ms => {
                         t.state = "failed".into();
                         t.message = format!(
@@ -965,6 +979,16 @@ async fn receive(h: &ReleasesHandle, body: axum::body::Body, max: u64) -> Result
     let mut f = tokio::fs::File::create(&path)
         .await
         .map_err(|e| fail(&path, e))?;
+    // A client gone mid-upload drops this future: the file goes with it.
+    struct Partial(Option<PathBuf>);
+    impl Drop for Partial {
+        fn drop(&mut self) {
+            if let Some(p) = self.0.take() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    let mut partial = Partial(Some(path.clone()));
     let mut hash = <sha2::Sha256 as sha2::Digest>::new();
     let mut size: u64 = 0;
     let mut body = body;
@@ -994,6 +1018,7 @@ async fn receive(h: &ReleasesHandle, body: axum::body::Body, max: u64) -> Result
         f.write_all(&data).await.map_err(|e| fail(&path, e))?;
     }
     f.sync_all().await.map_err(|e| fail(&path, e))?;
+    partial.0 = None;
     Ok(Upload {
         path,
         size,
@@ -1021,7 +1046,16 @@ async fn deploy(
     let req: DeployRequest = if body.is_empty() {
         DeployRequest::default()
     } else {
-        serde_json::from_slice(&body)
+        // An object only: serde would also take a JSON array as the struct.
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+        if !v.is_object() {
+            return Err(ApiError::BadRequest(
+                "the body must be a JSON object (devices, canary_percent, max_failure_percent)"
+                    .into(),
+            ));
+        }
+        serde_json::from_value(v)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
     };
     let slot = auth.reserve_audit(&caller).map_err(ApiError::Unavailable)?;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod golden;
+pub mod ota;
 
 use openclaw::admin::Client;
 use openclaw::protocol::api::{DeviceView, SubmitRequest, TaskState, TaskView};
