@@ -134,51 +134,30 @@ fn an_update_is_installed_confirmed_and_bad_ones_are_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("deployed already"));
     let mismatched = r.root.join("mismatched");
     std::fs::write(&mismatched, b"x").unwrap();
-    let o = admin(
-        &r.server,
-        &[
+    // The signed URL may not be loopback; with one given, the id is taken.
+    let create_b = |url: Option<&str>| {
+        let (bin, key) = (mismatched.to_str().unwrap(), r.key.to_str().unwrap());
+        let mut args = vec![
             "release",
             "create",
             "--board",
             "sim",
             "--binary",
-            mismatched.to_str().unwrap(),
+            bin,
             "--key",
-            r.key.to_str().unwrap(),
+            key,
             "--id",
             "b",
             "--counter",
             "9",
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("is loopback"),
-        "the signed URL would be loopback: {err}"
-    );
-    let o = admin(
-        &r.server,
-        &[
-            "release",
-            "create",
-            "--board",
-            "sim",
-            "--binary",
-            mismatched.to_str().unwrap(),
-            "--key",
-            r.key.to_str().unwrap(),
-            "--id",
-            "b",
-            "--counter",
-            "9",
-            "--url",
-            "http://10.0.0.1:8080/v1/releases/b/binary",
-        ],
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("release `b` exists"),
-        "{o:?}"
-    );
+        ];
+        args.extend(url.map(|u| ["--url", u]).into_iter().flatten());
+        String::from_utf8_lossy(&admin(&r.server, &args).stderr).into_owned()
+    };
+    let err = create_b(None);
+    assert!(err.contains("is loopback"), "{err}");
+    let err = create_b(Some("http://10.0.0.1:8080/v1/releases/b/binary"));
+    assert!(err.contains("release `b` exists"), "{err}");
     // The download needs the rollout's grant.
     let resp = ureq::get(&format!("{}/v1/releases/b/binary", r.server.http))
         .header("Authorization", "Bearer nope")
