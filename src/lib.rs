@@ -11,7 +11,8 @@
 //!   embedded in the binary.
 //! - [`mqtt`]: the task that owns an MQTT event loop (back-off, resubscribe).
 //! - [`plugins`] (feature `agent`): the plugin interface and the built-ins.
-//! - [`agent`] (feature `agent`): the edge agent.
+//! - [`agent`] (feature `agent`): the edge agent, and its over-the-air
+//!   updates into the release layout `flash` makes (`agent::ota`).
 //! - [`server`] (feature `server`): the central node: embedded broker with
 //!   TLS on its listener (`server::broker`, `server::broker::tls`), SQLite
 //!   store (with each task's dispatch history, route and placement),
@@ -20,7 +21,8 @@
 //!   of running tasks (`server::streams`), API tokens with roles, rate
 //!   limits and the audit log, the device identities and topic rules of
 //!   the embedded broker and their mosquitto form (`server::auth`,
-//!   `server::auth::mosquitto`), and the data-dir lock that keeps a second
+//!   `server::auth::mosquitto`), signed releases and their rollouts
+//!   (`server::releases`), and the data-dir lock that keeps a second
 //!   server off the same store.
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
