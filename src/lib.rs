@@ -7,6 +7,9 @@
 //!   boundary.
 //! - [`config`]: layered TOML loading (embedded defaults, file, overrides)
 //!   with errors that name the key and file.
+//! - [`schema`]: plugin input declarations (a JSON Schema subset) and
+//!   their effects, checked by the agent before a task runs and by the
+//!   server before an agent run's tool call becomes a task.
 //! - [`boards`]: board profiles (target, CPU, buses, pins, sensors, limits),
 //!   embedded in the binary.
 //! - [`mqtt`]: the task that owns an MQTT event loop (back-off, resubscribe).
@@ -22,15 +25,19 @@
 //!   limits and the audit log, the device identities and topic rules of
 //!   the embedded broker and their mosquitto form (`server::auth`,
 //!   `server::auth::mosquitto`), signed releases and their rollouts
-//!   (`server::releases`), and the data-dir lock that keeps a second
-//!   server off the same store.
+//!   (`server::releases`), the fleet's plugins as tools from each
+//!   device's catalog (`server::tools`), agent runs: a language model
+//!   planning through those tools, with approvals, stored step by step
+//!   (`server::runs`), and the data-dir lock that keeps a second server
+//!   off the same store.
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
 //!   embedded (feature `llm`) and OpenAI-compatible upstream pools (agent).
 //! - [`release`]: signed release manifests (ed25519) for over-the-air
 //!   agent updates: what the admin signs, the server serves and the agent
 //!   verifies before it installs (`agent::ota`).
-//! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`,
+//! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`
+//!   (agent runs followed as they happen: `admin::agent`),
 //!   cross builds and flashing, model downloads, and `init` (a new
 //!   installation's CA, certificates, token and configs).
 //!
@@ -39,6 +46,7 @@
 pub mod boards;
 pub mod config;
 pub mod protocol;
+pub mod schema;
 
 #[cfg(any(feature = "agent", feature = "server"))]
 pub mod mqtt;

@@ -457,6 +457,37 @@ pub enum ToAgent {
     /// The server has seen this release running here: the agent keeps it
     /// (its trial ends) rather than switching back at the deadline.
     UpdateConfirmed { release: String },
+    /// Send your catalog ([`FromAgent::Catalog`]): the server asks when it
+    /// sees a device come online whose plugins it does not know yet.
+    Describe,
+}
+
+/// Most plugins one catalog may list.
+pub const MAX_CATALOG_PLUGINS: usize = 256;
+/// Longest input schema of one plugin in a catalog, in bytes of JSON.
+pub const MAX_TOOL_SCHEMA_BYTES: usize = 64 * 1024;
+
+/// One plugin as a device offers it: what the server turns into a tool
+/// for a language model (`GET /v1/tools`, agent runs, MCP).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolDecl {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// Its input as JSON Schema (2020-12), the text of
+    /// [`crate::schema::Schema::to_json`]: JSON, so that the server's
+    /// parser (depth-limited) reads it, not a recursive postcard decode.
+    pub input_schema: String,
+    /// Which of its tasks change the world.
+    pub effects: crate::schema::Effects,
+}
+
+/// A device's plugins with their schemas, sent on its results topic when
+/// the server asks ([`ToAgent::Describe`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Catalog {
+    #[serde(deserialize_with = "capped_vec")]
+    pub plugins: Vec<ToolDecl>,
 }
 
 /// An update the server asks an agent to install.
@@ -569,6 +600,8 @@ pub enum FromAgent {
         seq: u32,
         text: String,
     },
+    /// Its plugins with their schemas, in answer to [`ToAgent::Describe`].
+    Catalog(Catalog),
 }
 
 /// A device's heartbeat, retained on [`topics::status`]. The last will is
@@ -957,6 +990,23 @@ pub mod api {
         /// Its last over-the-air update.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub update: Option<super::UpdateReport>,
+        /// Its plugins with their schemas, once it has sent its catalog
+        /// (`server::tools`). Shared, not copied, with every view.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub tools: Option<std::sync::Arc<[ToolView]>>,
+    }
+
+    /// A plugin of one device as the API shows it (`GET /v1/devices`).
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    pub struct ToolView {
+        pub name: String,
+        pub version: String,
+        pub description: String,
+        /// Its input, as JSON Schema (2020-12).
+        pub input_schema: serde_json::Value,
+        /// Which of its calls change the world: `"none"`, `"always"`, or
+        /// `{"when": [{"field", "values"}]}` (no values: the field given).
+        pub effects: crate::schema::Effects,
     }
 
     /// Every error body of the API.

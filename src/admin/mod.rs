@@ -4,6 +4,7 @@
 //! the OpenAI gateway ([`chat`]) and a new installation's CA, certificates,
 //! token and configs ([`init`]).
 
+pub mod agent;
 pub mod bench;
 pub mod build;
 pub mod chat;

@@ -720,6 +720,10 @@ impl Manager {
                     self.publish_status();
                 }
             }
+            ToAgent::Describe => {
+                // Not journaled: the server asks again if it is lost.
+                self.publish_event(&FromAgent::Catalog(self.registry.catalog()));
+            }
             ToAgent::ResultAck { task_id } => {
                 if self.outbox.remove(&task_id).is_some() {
                     // Unsynced: if it is lost, the result is sent once more

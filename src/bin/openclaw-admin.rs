@@ -156,6 +156,11 @@ enum Cmd {
     /// Signed over-the-air agent releases: keygen, create, deploy, list, show.
     #[command(subcommand)]
     Release(Release),
+    /// Agent runs: a language model planning through the fleet's plugins.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// The fleet's plugins as tools, with their schemas (`GET /v1/tools`).
+    Tools,
     /// Device identities on the embedded broker (`mqtt.auth = "required"`),
     /// written straight into the server's data dir.
     #[command(subcommand)]
@@ -234,6 +239,48 @@ enum Device {
         #[arg(long)]
         data_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Start a run and print its steps as they happen; exits non-zero
+    /// unless it succeeds.
+    Run {
+        /// A model a heavy node serves.
+        #[arg(long)]
+        model: String,
+        /// Plugins the model may call, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tools: Vec<String>,
+        /// Only this device's plugins.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only plugins of devices with this capability.
+        #[arg(long)]
+        capability: Option<String>,
+        /// Plugins whose world-changing calls need no approval.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+        #[arg(long)]
+        max_steps: Option<u32>,
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// `auto` or `required` (the first reply must be a call).
+        #[arg(long)]
+        tool_choice: Option<String>,
+        /// What the run is to find out or do.
+        goal: String,
+    },
+    /// A run with its steps.
+    Show { id: String },
+    /// Approve the call a run waits on.
+    Approve { id: String },
+    /// Deny the call a run waits on (the model hears it).
+    Deny { id: String },
+    /// Cancel a run in progress.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand)]
@@ -600,6 +647,92 @@ fn device_cmd(d: Device, server: &str, json: bool) -> anyhow::Result<()> {
 }
 
 /// `release keygen|create|deploy|list|show`.
+fn agent_cmd(client: &Client, a: AgentCmd, json: bool) -> anyhow::Result<()> {
+    let print = |v: &serde_json::Value| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        } else {
+            println!(
+                "run {}: {}",
+                v["id"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("?")
+            );
+            for s in v["steps"].as_array().into_iter().flatten() {
+                if let Some(l) = admin::agent::step_line(s) {
+                    println!("{l}");
+                }
+            }
+            if let Some(a) = v["answer"].as_str() {
+                println!("answer: {a}");
+            }
+            if let Some(e) = v["error"].as_str() {
+                println!("error: {e}");
+            }
+        }
+        Ok(())
+    };
+    let (id, action) = match a {
+        AgentCmd::Run {
+            model,
+            tools,
+            target,
+            capability,
+            allow,
+            max_steps,
+            max_tokens,
+            timeout_ms,
+            tool_choice,
+            goal,
+        } => {
+            let o = admin::agent::RunOptions {
+                goal,
+                model,
+                tools,
+                target,
+                capability,
+                allow,
+                max_steps,
+                max_tokens,
+                timeout_ms,
+                tool_choice,
+            };
+            let id = client.agent_start(&o).context("the run was not started")?;
+            let mut sink: Box<dyn std::io::Write> = if json {
+                Box::new(std::io::sink())
+            } else {
+                println!("run {id}");
+                Box::new(std::io::stdout())
+            };
+            let end = client
+                .agent_follow(&id, &mut sink)
+                .with_context(|| format!("lost the run {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&end)?);
+            } else if let Some(a) = end["answer"].as_str() {
+                println!("answer: {a}");
+            }
+            if end["state"] != "succeeded" {
+                anyhow::bail!(
+                    "run {id} {}: {}",
+                    end["state"].as_str().unwrap_or("?"),
+                    end["error"].as_str().unwrap_or("")
+                );
+            }
+            return Ok(());
+        }
+        AgentCmd::Show { id } => (id, None),
+        AgentCmd::Approve { id } => (id, Some("approve")),
+        AgentCmd::Deny { id } => (id, Some("deny")),
+        AgentCmd::Cancel { id } => (id, Some("cancel")),
+    };
+    let v = match action {
+        None => client.agent_get(&id, None),
+        Some(act) => client.agent_act(&id, act),
+    }
+    .with_context(|| format!("agent run {id}"))?;
+    print(&v)
+}
+
 fn release_cmd(client: &Client, r: Release, json: bool) -> anyhow::Result<()> {
     use openclaw::admin::release as rel;
     let print = |v: &openclaw::release::api::ReleaseView| -> anyhow::Result<()> {
@@ -852,6 +985,23 @@ fn real_main() -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Token(t) => token_cmd(&client, t, args.json)?,
         Cmd::Release(r) => release_cmd(&client, r, args.json)?,
+        Cmd::Agent(a) => agent_cmd(&client, a, args.json)?,
+        Cmd::Tools => {
+            let t = client.tools().context("cannot list the tools")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                for t in t["tools"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:<12} {:<16} {}",
+                        t["name"].as_str().unwrap_or(""),
+                        t["plugin"].as_str().unwrap_or(""),
+                        t["device"].as_str().unwrap_or(""),
+                        t["description"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         Cmd::Device(d) => device_cmd(d, &args.server, args.json)?,
         Cmd::BrokerConfig {
             out,

@@ -380,6 +380,10 @@ impl Plugin for Anomaly {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Rolling statistics over a sensor series: z-scores, thresholds with hysteresis, alarm intervals.".into()
+    }
+
     fn input_schema(&self) -> Schema {
         Schema::object()
             .field(

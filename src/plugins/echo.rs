@@ -48,6 +48,10 @@ impl Plugin for Echo {
         "echo"
     }
 
+    fn description(&self) -> String {
+        "Returns its input unchanged (a diagnostic).".into()
+    }
+
     fn input_schema(&self) -> Schema {
         // Any value comes back; in an object these fields are diagnostic aids.
         Schema::any()

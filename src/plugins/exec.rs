@@ -238,6 +238,15 @@ impl Plugin for Exec {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Runs a command from the device's allow-list (never a shell) and returns its exit code and output.".into()
+    }
+
+    fn effects(&self) -> super::Effects {
+        // runs a command
+        super::Effects::Always
+    }
+
     fn input_schema(&self) -> Schema {
         let names: Vec<&str> = self.commands.keys().map(String::as_str).collect();
         // Other fields feed the commands' `{input.FIELD}` templates.

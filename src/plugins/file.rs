@@ -994,6 +994,18 @@ impl Plugin for FilePlugin {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Reads, writes, lists, hashes, moves and deletes files inside the device's configured folder.".into()
+    }
+
+    fn effects(&self) -> super::Effects {
+        // writes, moves and deletes change files
+        super::Effects::When(vec![super::EffectRule::one_of(
+            "op",
+            &["write", "move", "delete"],
+        )])
+    }
+
     fn input_schema(&self) -> Schema {
         let path = || Schema::string().len(1, 4096);
         Schema::object()

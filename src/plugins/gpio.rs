@@ -228,6 +228,15 @@ impl Plugin for Gpio {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Reads, writes and pulses the board's pins by name.".into()
+    }
+
+    fn effects(&self) -> super::Effects {
+        // drives pins
+        super::Effects::When(vec![super::EffectRule::one_of("op", &["write", "pulse"])])
+    }
+
     fn input_schema(&self) -> Schema {
         let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
         let names: Vec<&str> = pins.keys().map(String::as_str).collect();

@@ -521,6 +521,19 @@ impl Plugin for Http {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Calls an HTTP API on a host of the device's allow-list.".into()
+    }
+
+    fn effects(&self) -> super::Effects {
+        // a request with a body or a method that is not a read
+        super::Effects::When(vec![
+            super::EffectRule::one_of("method", &["POST", "PUT", "PATCH", "DELETE"]),
+            super::EffectRule::given("body"),
+            super::EffectRule::given("json"),
+        ])
+    }
+
     fn input_schema(&self) -> Schema {
         Schema::object()
             .req(

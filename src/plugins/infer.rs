@@ -208,6 +208,10 @@ impl Plugin for Infer {
         "infer"
     }
 
+    fn description(&self) -> String {
+        "Runs an ONNX model on this device (classification, OCR, embeddings) on the input tensor or image.".into()
+    }
+
     fn input_schema(&self) -> Schema {
         let tensor = Schema::object()
             .req("name", Schema::string().desc("the model's input name"))
@@ -376,6 +380,10 @@ impl Vad {
 impl Plugin for Vad {
     fn name(&self) -> &'static str {
         "vad"
+    }
+
+    fn description(&self) -> String {
+        "Voice activity detection on audio samples (Silero VAD).".into()
     }
 
     fn input_schema(&self) -> Schema {

@@ -310,6 +310,10 @@ impl Plugin for Llm {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Chat completions and embeddings with a language model on this node.".into()
+    }
+
     fn capabilities(&self) -> Vec<String> {
         self.models
             .keys()

@@ -36,7 +36,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use echo::Echo;
-pub use schema::Schema;
+pub use schema::{EffectRule, Effects, Schema};
 pub use sysinfo::SysInfo;
 pub use util::result_budget;
 
@@ -179,6 +179,11 @@ impl WorkEnded {
 pub trait Plugin: Send + Sync {
     /// Name tasks use to address it.
     fn name(&self) -> &'static str;
+    /// What it does, in a sentence: the tool description a language model
+    /// reads in an agent run (`GET /v1/tools`).
+    fn description(&self) -> String {
+        String::new()
+    }
     /// Plugin version, reported in heartbeats.
     fn version(&self) -> &'static str {
         env!("CARGO_PKG_VERSION")
@@ -195,6 +200,11 @@ pub trait Plugin: Send + Sync {
     /// `execute` (and before queueing it); checks beyond the shape stay in
     /// `execute`.
     fn input_schema(&self) -> Schema;
+    /// Which of its tasks change the world: an agent run asks a person
+    /// before it makes such a call (unless the run allows the plugin).
+    fn effects(&self) -> Effects {
+        Effects::None
+    }
     /// How many of its tasks may run at once on this agent (at least 1).
     /// A `concurrency` key in the plugin's config table overrides it.
     fn concurrency(&self) -> usize;
@@ -317,6 +327,23 @@ impl Registry {
             reg.add_with(plugin, concurrency)?;
         }
         Ok(reg)
+    }
+
+    /// Every plugin with its schema and effects, for the server's tools.
+    pub fn catalog(&self) -> crate::protocol::Catalog {
+        crate::protocol::Catalog {
+            plugins: self
+                .plugins
+                .iter()
+                .map(|(name, e)| crate::protocol::ToolDecl {
+                    name: name.clone(),
+                    version: e.plugin.version().into(),
+                    description: e.plugin.description(),
+                    input_schema: e.schema.to_json().to_string(),
+                    effects: e.plugin.effects(),
+                })
+                .collect(),
+        }
     }
 
     /// Adds a plugin after validating it, with its declared concurrency.

@@ -528,6 +528,23 @@ impl Plugin for Modbus {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Reads and writes registers and coils of the Modbus devices (PLCs, drives, meters) the device reaches.".into()
+    }
+
+    fn effects(&self) -> super::Effects {
+        // writes registers and coils
+        super::Effects::When(vec![super::EffectRule::one_of(
+            "op",
+            &[
+                "write_register",
+                "write_registers",
+                "write_coil",
+                "write_coils",
+            ],
+        )])
+    }
+
     fn input_schema(&self) -> Schema {
         let names: Vec<&str> = self.devices.keys().map(String::as_str).collect();
         Schema::object()

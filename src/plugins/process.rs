@@ -777,6 +777,11 @@ impl Plugin for ProcessPlugin {
         self.m.capabilities.clone()
     }
 
+    fn effects(&self) -> super::Effects {
+        // runs a program
+        super::Effects::Always
+    }
+
     fn input_schema(&self) -> super::Schema {
         self.m.input.declaration()
     }

@@ -171,6 +171,15 @@ impl Plugin for Publish {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Puts a message on an MQTT topic outside OpenClaw's own tree.".into()
+    }
+
+    fn effects(&self) -> super::Effects {
+        // sends messages to other systems
+        super::Effects::Always
+    }
+
     fn input_schema(&self) -> Schema {
         Schema::object()
             .req(

@@ -459,6 +459,10 @@ impl Plugin for Sensor {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Reads the board's I2C sensors by name.".into()
+    }
+
     fn input_schema(&self) -> Schema {
         let names: Vec<&str> = self.sensors.keys().map(String::as_str).collect();
         Schema::object().req(

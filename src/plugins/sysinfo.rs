@@ -130,6 +130,10 @@ impl Plugin for SysInfo {
         "sysinfo"
     }
 
+    fn description(&self) -> String {
+        "The device's CPU count and usage, memory, load, temperature and disk, read from /proc and /sys.".into()
+    }
+
     fn input_schema(&self) -> Schema {
         Schema {
             additional: false,

@@ -827,6 +827,10 @@ impl Plugin for Transform {
         NAME
     }
 
+    fn description(&self) -> String {
+        "Shapes tabular data (select, filter, aggregate) between pipeline steps.".into()
+    }
+
     fn input_schema(&self) -> Schema {
         Schema::object()
             .field(

@@ -106,6 +106,7 @@ pub fn router(
         .route("/v1/tasks", get(list).post(submit))
         .route("/v1/tasks/{id}", get(task).delete(cancel))
         .route("/v1/devices", get(devices))
+        .route("/v1/tools", get(tools))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             (
@@ -716,6 +717,18 @@ pub(crate) async fn detached<T: Send + 'static>(
 async fn devices(State(api): AppState) -> Result<Response, ApiError> {
     let d = api.sched.ask(|resp| Command::Devices { resp }).await?;
     Ok(Json(d).into_response())
+}
+
+/// `GET /v1/tools`: the plugins of the online devices that have sent
+/// their catalog, as tools (`server::tools::fleet`).
+async fn tools(State(api): AppState) -> Result<Response, ApiError> {
+    let d = api.sched.ask(|resp| Command::Devices { resp }).await?;
+    let tools = super::tools::fleet(
+        d.iter()
+            .filter(|d| d.online)
+            .filter_map(|d| Some((d.id.as_str(), d.tools.as_deref()?))),
+    );
+    Ok(Json(serde_json::json!({ "tools": tools })).into_response())
 }
 
 fn query_error(e: QueryRejection) -> ApiError {

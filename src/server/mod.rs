@@ -9,9 +9,11 @@ pub mod lock;
 pub mod openai;
 pub mod queue;
 pub mod releases;
+pub mod runs;
 pub mod scheduler;
 pub mod store;
 pub mod streams;
+pub mod tools;
 
 pub use config::ServerConfig;
 
@@ -49,6 +51,8 @@ pub enum ServerError {
     BrokerTls(#[from] broker::tls::BrokerTlsError),
     #[error(transparent)]
     Releases(#[from] releases::ReleasesError),
+    #[error(transparent)]
+    Runs(#[from] runs::RunsError),
     /// The scheduler ended on its own (an error, or a panic): the process
     /// must end too, rather than leave HTTP answering 503 forever.
     #[error("scheduler stopped: {0}")]
@@ -212,15 +216,23 @@ pub async fn run(
         handle.clone(),
     )?;
     let mut rel_task = tokio::spawn(rel.run(rel_rx, shutdown.clone()));
-    let app = http::router(
-        handle,
-        &cfg.http,
-        cfg.storage.data_dir.clone(),
-        auth.clone(),
-    )
-    .merge(releases::router(rel_handle, auth.clone()).layer(
-        axum::middleware::from_fn_with_state(auth.clone(), auth::check),
-    ));
+    let agent_runs = runs::Runs::open(&cfg.storage.data_dir, handle.clone(), shutdown.clone())?;
+    let app =
+        http::router(
+            handle,
+            &cfg.http,
+            cfg.storage.data_dir.clone(),
+            auth.clone(),
+        )
+        .merge(releases::router(rel_handle, auth.clone()).layer(
+            axum::middleware::from_fn_with_state(auth.clone(), auth::check),
+        ))
+        .merge(
+            runs::router(agent_runs, auth.clone()).layer(axum::middleware::from_fn_with_state(
+                auth.clone(),
+                auth::check,
+            )),
+        );
     let serve = http::serve(listener, app, &cfg.http, shutdown.clone());
     let mut sched_task = sched_task;
     // A scheduler that ends on its own ends the process (issue 15): HTTP

@@ -726,7 +726,7 @@ fn error_event(e: &OaiError) -> Bytes {
 /// A response body fed from a channel; dropped (the client went away) it
 /// closes the channel, which the writer notices.
 /// An `Err` ends the response with an error, which closes the connection.
-struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+pub(crate) struct ChannelBody(pub(crate) mpsc::Receiver<Result<Bytes, std::io::Error>>);
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;

@@ -25,15 +25,17 @@ use super::queue::{self, Needs, Queue};
 use super::store::{Store, StoreError, TaskRow};
 use crate::mqtt::MqttEvent;
 use crate::protocol::api::{
-    DeviceView, Reply, Route, SubmitRequest, SubmitResponse, TaskState, TaskView,
+    DeviceView, Reply, Route, SubmitRequest, SubmitResponse, TaskState, TaskView, ToolView,
 };
 use crate::protocol::{
-    self, topics, DeviceStatus, ErrorKind, FromAgent, RejectReason, TaskSpec, ToAgent, Value,
+    self, topics, Catalog, DeviceStatus, ErrorKind, FromAgent, RejectReason, TaskSpec, ToAgent,
+    Value,
 };
 use rumqttc::{AsyncClient, Publish, QoS};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -261,6 +263,10 @@ struct Device {
     last_seen_ms: u64,
     assigned: HashSet<String>,
     busy_until: Option<Instant>,
+    /// Its plugins with their schemas (`server::tools`), once it sent them.
+    tools: Option<Arc<[ToolView]>>,
+    /// When the catalog was last asked for and not received yet.
+    describe_asked: Option<Instant>,
 }
 
 impl Device {
@@ -294,9 +300,30 @@ impl Device {
             storage: s.storage,
             release: s.release.clone(),
             update: s.update.clone(),
+            tools: self.tools.clone(),
         }
     }
+
+    /// Whether its catalog should be asked for: none yet, or it lists
+    /// other plugins than the heartbeat; not again within
+    /// [`DESCRIBE_RETRY`] of an unanswered ask.
+    fn wants_catalog(&self, now: Instant) -> bool {
+        let stale = match &self.tools {
+            None => true,
+            Some(t) => {
+                t.len() != self.status.plugins.len()
+                    || t.iter().any(|t| !self.status.plugins.contains(&t.name))
+            }
+        };
+        stale
+            && self
+                .describe_asked
+                .is_none_or(|at| now.duration_since(at) >= DESCRIBE_RETRY)
+    }
 }
+
+/// How long an unanswered `Describe` waits before it is sent again.
+const DESCRIBE_RETRY: Duration = Duration::from_secs(30);
 
 /// Scheduler state; lives in one task.
 pub struct Scheduler {
@@ -427,6 +454,8 @@ impl Scheduler {
                             last_seen_ms,
                             assigned: HashSet::new(),
                             busy_until: None,
+                            tools: None,
+                            describe_asked: None,
                         },
                     );
                 }
@@ -1450,6 +1479,7 @@ impl Scheduler {
             },
             topics::Kind::Results => {
                 match protocol::decode::<FromAgent>(&p.payload, self.max_payload) {
+                    Ok(FromAgent::Catalog(c)) => self.on_catalog(&device, c),
                     Ok(msg) => self.on_agent(&device, msg)?,
                     Err(e) => log::warn!("malformed result on {}: {e}", p.topic),
                 }
@@ -1534,6 +1564,8 @@ impl Scheduler {
             last_seen_ms: now_ms,
             assigned: HashSet::new(),
             busy_until: None,
+            tools: None,
+            describe_asked: None,
         });
         let was_online = dev.online;
         dev.online = online;
@@ -1545,6 +1577,17 @@ impl Scheduler {
         dev.last_seen = now;
         dev.last_seen_ms = now_ms;
         if online && !was_online {
+            // Back from away: maybe restarted with other plugins or pins.
+            dev.describe_asked = None;
+            if dev.tools.is_some() {
+                dev.tools = None;
+            }
+        }
+        if online && dev.wants_catalog(now) {
+            dev.describe_asked = Some(now);
+            self.publish(topics::tasks(&id), protocol::encode(&ToAgent::Describe));
+        }
+        if online && !was_online {
             log::info!("device {id} is online");
             // Tasks recovered after a restart that wait for it.
             self.queue.device_back(&id);
@@ -1553,6 +1596,22 @@ impl Scheduler {
             self.device_lost(&id, "device went offline")?;
         }
         Ok(())
+    }
+
+    /// A device's plugins with their schemas, on its own results topic
+    /// (whoever may publish there speaks for it, as for its results).
+    fn on_catalog(&mut self, device: &str, c: Catalog) {
+        let Some(dev) = self.devices.get_mut(device) else {
+            log::debug!("catalog from unknown device `{device}` ignored");
+            return;
+        };
+        let (tools, refused) = super::tools::accept(c);
+        for why in &refused {
+            log::warn!("device {device}: catalog: {why}; left out");
+        }
+        log::info!("device {device}: {} tool(s) in its catalog", tools.len());
+        dev.tools = Some(tools.into());
+        dev.describe_asked = None;
     }
 
     fn device_lost(&mut self, id: &str, why: &str) -> Result<(), StoreError> {
@@ -1649,6 +1708,8 @@ impl Scheduler {
             FromAgent::Rejected { task_id, .. } => ("Rejected", task_id),
             FromAgent::Finished(o) => ("Finished", &o.task_id),
             FromAgent::Chunk { task_id, .. } => ("Chunk", task_id),
+            // Not about a task (the event loop hands it over before).
+            FromAgent::Catalog(_) => ("Catalog", &String::new()),
         };
         if self.tasks.contains_key(about.1) && !self.sent_to(about.1, device) {
             let (what, id) = (about.0, about.1.clone());
@@ -1788,6 +1849,7 @@ impl Scheduler {
                     }
                 }
             }
+            FromAgent::Catalog(c) => self.on_catalog(device, c),
         }
         Ok(())
     }

@@ -1,0 +1,218 @@
+//! `DATA/runs.db`: each agent run (its request, the tools it was given,
+//! its state and end) and its steps, written before the loop goes on
+//! (`synchronous = FULL`), so a restart resumes where it stopped.
+
+use super::{RunRequest, RunState, RunView, Step};
+use crate::server::tools::FleetTool;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+
+/// Errors of the run store.
+#[derive(Debug, thiserror::Error)]
+pub enum RunsError {
+    #[error("agent run store {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("agent run store {path}: run `{id}`: {message}")]
+    Corrupt {
+        path: PathBuf,
+        id: String,
+        message: String,
+    },
+}
+
+pub struct RunStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl RunStore {
+    pub fn open(data_dir: &Path) -> Result<RunStore, RunsError> {
+        let path = data_dir.join("runs.db");
+        let conn = Connection::open(&path).map_err(|source| RunsError::Sql {
+            path: path.clone(),
+            source,
+        })?;
+        let s = RunStore { conn, path };
+        s.conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+                 CREATE TABLE IF NOT EXISTS runs (
+                    id TEXT PRIMARY KEY, request TEXT NOT NULL, tools TEXT NOT NULL,
+                    state TEXT NOT NULL, answer TEXT, error TEXT,
+                    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS steps (
+                    run_id TEXT NOT NULL, n INTEGER NOT NULL, body TEXT NOT NULL,
+                    PRIMARY KEY (run_id, n));",
+            )
+            .map_err(|e| s.sql(e))?;
+        Ok(s)
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> RunsError {
+        RunsError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, id: &str, message: String) -> RunsError {
+        RunsError::Corrupt {
+            path: self.path.clone(),
+            id: id.into(),
+            message,
+        }
+    }
+
+    pub fn create(
+        &self,
+        v: &RunView,
+        req: &RunRequest,
+        tools: &[FleetTool],
+    ) -> Result<(), RunsError> {
+        let req = serde_json::to_string(req).unwrap_or_default();
+        let tools = serde_json::to_string(tools).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO runs (id, request, tools, state, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                params![v.id, req, tools, v.state.as_str(), v.created_ms as i64],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Writes a step (a new one, or a later form of one) and the state.
+    pub fn put_step(&self, id: &str, step: &Step, state: RunState) -> Result<(), RunsError> {
+        let body = serde_json::to_string(step).unwrap_or_default();
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO steps (run_id, n, body) VALUES (?1, ?2, ?3)",
+            params![id, step.n(), body],
+        )
+        .map_err(|e| self.sql(e))?;
+        tx.execute(
+            "UPDATE runs SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![id, state.as_str(), crate::now_ms() as i64],
+        )
+        .map_err(|e| self.sql(e))?;
+        tx.commit().map_err(|e| self.sql(e))
+    }
+
+    pub fn finish(
+        &self,
+        id: &str,
+        state: RunState,
+        answer: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), RunsError> {
+        self.conn
+            .execute(
+                "UPDATE runs SET state = ?2, answer = ?3, error = ?4, updated_ms = ?5 WHERE id = ?1",
+                params![id, state.as_str(), answer, error, crate::now_ms() as i64],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<RunView>, RunsError> {
+        Ok(self.get_full(id)?.map(|(v, _, _)| v))
+    }
+
+    fn get_full(
+        &self,
+        id: &str,
+    ) -> Result<Option<(RunView, RunRequest, Vec<FleetTool>)>, RunsError> {
+        type Row = (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            i64,
+        );
+        let row: Option<Row> = self
+            .conn
+            .query_row(
+                "SELECT request, tools, state, answer, error, created_ms, updated_ms
+                 FROM runs WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        let Some((req, tools, state, answer, error, created, updated)) = row else {
+            return Ok(None);
+        };
+        let req: RunRequest =
+            serde_json::from_str(&req).map_err(|e| self.corrupt(id, format!("request: {e}")))?;
+        let tools: Vec<FleetTool> =
+            serde_json::from_str(&tools).map_err(|e| self.corrupt(id, format!("tools: {e}")))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT body FROM steps WHERE run_id = ?1 ORDER BY n")
+            .map_err(|e| self.sql(e))?;
+        let bodies: Vec<String> = stmt
+            .query_map(params![id], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.sql(e))?;
+        let mut steps = Vec::with_capacity(bodies.len());
+        for b in bodies {
+            steps.push(
+                serde_json::from_str(&b).map_err(|e| self.corrupt(id, format!("step: {e}")))?,
+            );
+        }
+        let view = RunView {
+            id: id.into(),
+            state: RunState::parse(&state),
+            goal: req.goal.clone(),
+            model: req.model.clone(),
+            tools: tools.iter().map(|t| t.name.clone()).collect(),
+            answer,
+            error,
+            steps,
+            created_ms: created as u64,
+            updated_ms: updated as u64,
+        };
+        Ok(Some((view, req, tools)))
+    }
+
+    /// The runs still in progress, to resume. A row that cannot be read is
+    /// marked failed with the reason, not left to stop the server.
+    pub fn open_runs(&self) -> Result<Vec<(RunView, RunRequest, Vec<FleetTool>)>, RunsError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM runs WHERE state IN ('running', 'awaiting_approval')")
+            .map_err(|e| self.sql(e))?;
+        let ids: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for id in ids {
+            match self.get_full(&id) {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {}
+                Err(e @ RunsError::Corrupt { .. }) => {
+                    log::error!("{e}; marked failed");
+                    self.finish(&id, RunState::Failed, None, Some(&e.to_string()))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
