@@ -559,7 +559,7 @@ impl Runs {
                     answer_only,
                 } => {
                     let t = match self.wait_task(&task, left, cancel).await {
-                        Waited::Done(t) => t,
+                        Waited::Done(t) => *t,
                         Waited::Stopped => continue,
                         Waited::Gone(e) => return failed(e),
                     };
@@ -640,7 +640,7 @@ impl Runs {
                 }
                 Next::AwaitTool { call, task } => {
                     let (result, error) = match self.wait_task(&task, left, cancel).await {
-                        Waited::Done(t) if t.state == TaskState::Succeeded => (t.result, None),
+                        Waited::Done(t) if t.state == TaskState::Succeeded => (t.result.clone(), None),
                         Waited::Done(t) => (
                             None,
                             Some(format!(
@@ -764,7 +764,7 @@ impl Runs {
                 }
             };
             match got {
-                Ok(Some(t)) if t.state.is_terminal() => return Waited::Done(t),
+                Ok(Some(t)) if t.state.is_terminal() => return Waited::Done(Box::new(t)),
                 Ok(Some(_)) => {}
                 Ok(None) => return Waited::Gone(format!("task {id} is gone")),
                 // The scheduler busy or restarting: try again shortly.
@@ -860,7 +860,7 @@ enum Stop {
 }
 
 enum Waited {
-    Done(TaskView),
+    Done(Box<TaskView>),
     /// Cancelled (or the server stopping).
     Stopped,
     Gone(String),
