@@ -640,7 +640,9 @@ impl Runs {
                 }
                 Next::AwaitTool { call, task } => {
                     let (result, error) = match self.wait_task(&task, left, cancel).await {
-                        Waited::Done(t) if t.state == TaskState::Succeeded => (t.result.clone(), None),
+                        Waited::Done(t) if t.state == TaskState::Succeeded => {
+                            (t.result.clone(), None)
+                        }
                         Waited::Done(t) => (
                             None,
                             Some(format!(
