@@ -26,7 +26,8 @@
 //!   the embedded broker and their mosquitto form (`server::auth`,
 //!   `server::auth::mosquitto`), signed releases and their rollouts
 //!   (`server::releases`), the fleet's plugins as tools from each
-//!   device's catalog (`server::tools`), agent runs: a language model
+//!   device's catalog (`server::tools`), the MCP server over them
+//!   (`server::mcp`), agent runs: a language model
 //!   planning through those tools, with approvals, stored step by step
 //!   (`server::runs`), and the data-dir lock that keeps a second server
 //!   off the same store.
@@ -72,6 +73,16 @@ pub mod llm;
 
 #[cfg(any(feature = "agent", feature = "server"))]
 pub mod release;
+
+/// Lowercase hex of `bytes` (digests, keys, random ids).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
 
 /// A token cancelled on SIGINT or SIGTERM: the one shutdown signal every
 /// task of a program listens to.

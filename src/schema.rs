@@ -110,7 +110,54 @@ impl EffectRule {
     }
 }
 
+/// The effects of a built-in plugin: what the plugin declares, and what
+/// the server holds a device's catalog to (a device cannot declare its
+/// `exec` harmless). None for other names (process plugins, say).
+pub fn builtin_effects(plugin: &str) -> Option<Effects> {
+    Some(match plugin {
+        // run a command or a program; send messages to other systems
+        "exec" | "publish" => Effects::Always,
+        // writes, moves and deletes change files
+        "file" => Effects::When(vec![EffectRule::one_of("op", &["write", "move", "delete"])]),
+        // drives pins
+        "gpio" => Effects::When(vec![EffectRule::one_of("op", &["write", "pulse"])]),
+        // a request with a body or a method that is not a read
+        "http" => Effects::When(vec![
+            EffectRule::one_of("method", &["POST", "PUT", "PATCH", "DELETE"]),
+            EffectRule::given("body"),
+            EffectRule::given("json"),
+        ]),
+        // writes registers and coils
+        "modbus" => Effects::When(vec![EffectRule::one_of(
+            "op",
+            &[
+                "write_register",
+                "write_registers",
+                "write_coil",
+                "write_coils",
+            ],
+        )]),
+        _ => return None,
+    })
+}
+
 impl Effects {
+    /// These effects and `other`'s: a call has effects if either says so.
+    pub fn at_least(self, other: Effects) -> Effects {
+        match (self, other) {
+            (Effects::Always, _) | (_, Effects::Always) => Effects::Always,
+            (Effects::None, e) | (e, Effects::None) => e,
+            (Effects::When(mut a), Effects::When(b)) => {
+                for r in b {
+                    if !a.contains(&r) {
+                        a.push(r);
+                    }
+                }
+                Effects::When(a)
+            }
+        }
+    }
+
     /// Whether a task with this input changes the world. A rule's field
     /// that is given but not a string matches a rule with values: a value
     /// the plugin would refuse is not evidence of a harmless call.

@@ -7,32 +7,11 @@
 
 mod common;
 
-use common::{Agent, Server};
-use serde_json::Value;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use common::{wait_tools, Agent, Server};
 
 fn exec_config() -> &'static str {
     "[plugins.exec]\nmax_output_bytes = 256\n\
      [plugins.exec.commands.hostname]\nprogram = \"/bin/echo\"\nargs = [\"host-of-dev-a\"]\n"
-}
-
-/// Waits until `GET /v1/tools` satisfies `pred`; the list then.
-fn wait_tools(server: &Server, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let start = Instant::now();
-    loop {
-        if let Ok(v) = server.client.tools() {
-            let list = v["tools"].as_array().cloned().unwrap_or_default();
-            if pred(&list) {
-                return list;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for the tools"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -42,13 +21,12 @@ fn each_devices_plugins_and_schemas_reach_the_server_as_tools() {
     let _a = Agent::start(dir.path(), "dev-a", &server.broker(), exec_config());
     let _b = Agent::start(dir.path(), "dev-b", &server.broker(), "");
     let tools = wait_tools(&server, |t| {
-        ["exec", "sysinfo_dev-a", "sysinfo_dev-b"]
+        ["exec__dev-a", "sysinfo__dev-a", "sysinfo__dev-b"]
             .iter()
             .all(|n| t.iter().any(|x| x["name"] == *n))
     });
-    // A plugin one device offers keeps its name; one that two offer is
-    // one tool per device.
-    let exec = tools.iter().find(|t| t["name"] == "exec").unwrap();
+    // One tool per plugin and device, named after both.
+    let exec = tools.iter().find(|t| t["name"] == "exec__dev-a").unwrap();
     assert_eq!(exec["device"], "dev-a");
     assert_eq!(exec["effects"], "always", "{exec}");
     assert_eq!(exec["input_schema"]["type"], "object", "{exec}");
@@ -58,7 +36,10 @@ fn each_devices_plugins_and_schemas_reach_the_server_as_tools() {
             .is_some_and(|e| e.iter().any(|c| c == "hostname")),
         "the configured commands are in the schema: {exec}"
     );
-    let sys = tools.iter().find(|t| t["name"] == "sysinfo_dev-b").unwrap();
+    let sys = tools
+        .iter()
+        .find(|t| t["name"] == "sysinfo__dev-b")
+        .unwrap();
     assert_eq!(sys["plugin"], "sysinfo");
     assert_eq!(sys["effects"], "none");
     assert!(!sys["description"].as_str().unwrap_or("").is_empty());
@@ -75,7 +56,7 @@ fn each_devices_plugins_and_schemas_reach_the_server_as_tools() {
     let mut server = server;
     server.restart();
     server.wait_online("dev-a");
-    wait_tools(&server, |t| t.iter().any(|x| x["name"] == "exec"));
+    wait_tools(&server, |t| t.iter().any(|x| x["name"] == "exec__dev-a"));
 }
 
 #[test]
@@ -85,7 +66,7 @@ fn a_forged_catalog_is_checked_and_bad_entries_are_left_out() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("srv"), &[]);
     let _a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
-    wait_tools(&server, |t| t.iter().any(|x| x["name"] == "sysinfo"));
+    wait_tools(&server, |t| t.iter().any(|x| x["name"] == "sysinfo__dev-a"));
     let peer = common::MqttPeer::connect(server.mqtt_port, "intruder", &[]);
     let decl = |name: &str, schema: String| ToolDecl {
         name: name.into(),
@@ -119,10 +100,11 @@ fn a_forged_catalog_is_checked_and_bad_entries_are_left_out() {
             .any(|d| d.id == "dev-a" && d.last_heartbeat_ms > sent + 700)
     });
     let tools = wait_tools(&server, |t| {
-        t.iter().any(|x| x["name"] == "sysinfo") && t.iter().any(|x| x["name"] == "echo")
+        t.iter().any(|x| x["name"] == "sysinfo__dev-a")
+            && t.iter().any(|x| x["name"] == "echo__dev-a")
     });
     for t in &tools {
-        let n = t["name"].as_str().unwrap();
+        let n = t["plugin"].as_str().unwrap();
         assert!(!["../evil", "deep", "bad"].contains(&n), "{tools:?}");
     }
     assert!(server.client.health().is_ok());
@@ -131,8 +113,11 @@ fn a_forged_catalog_is_checked_and_bad_entries_are_left_out() {
 #[cfg(feature = "llm")]
 mod with_a_model {
     use super::*;
+    use serde_json::Value;
+    use std::path::Path;
     use std::path::PathBuf;
     use std::process::Command;
+    use std::time::{Duration, Instant};
 
     const MODEL: &str = "qwen2.5-coder-0.5b-instruct";
 
@@ -185,7 +170,7 @@ mod with_a_model {
             })
         });
         wait_tools(&server, |t| {
-            ["exec", "sysinfo_dev-a", "sysinfo_dev-b"]
+            ["exec__dev-a", "sysinfo__dev-a", "sysinfo__dev-b"]
                 .iter()
                 .all(|n| t.iter().any(|x| x["name"] == *n))
         });

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Agent, Server};
+use common::{offline_token, Agent, Server};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -79,17 +79,6 @@ fn admin(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).trim().to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
-}
-
-/// A token made offline, straight into `dir` (the first admin token).
-fn offline_token(dir: &Path, role: &str, extra: &[&str]) -> String {
-    let d = dir.display().to_string();
-    let mut args = vec!["token", "create", "--role", role, "--data-dir", &d];
-    args.extend_from_slice(extra);
-    let (ok, out, err) = admin(&args);
-    assert!(ok, "{err}");
-    assert!(out.starts_with("oc_"), "{out}");
-    out
 }
 
 fn id_of(token: &str) -> &str {

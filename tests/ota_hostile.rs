@@ -91,7 +91,7 @@ fn manifest_for(
         counter,
         target: openclaw::agent::ota::TARGET.into(),
         board: "sim".into(),
-        sha256: openclaw::release::hex(&sha2::Sha256::digest(bin)),
+        sha256: openclaw::hex(&sha2::Sha256::digest(bin)),
         size: bin.len() as u64,
         url: format!("{}/v1/releases/{id}/binary", server.http),
         created_ms: now,

@@ -190,7 +190,8 @@ pub fn step_line(s: &Value) -> Option<String> {
             let task = s["task_id"].as_str()?;
             Some(format!(
                 "[{n}] call {} on {}: {} (task {task})",
-                s["tool"].as_str().unwrap_or("?"),
+                // The plugin: the tool's name repeats the device.
+                s["plugin"].as_str().or(s["tool"].as_str()).unwrap_or("?"),
                 s["device"].as_str().unwrap_or("?"),
                 short(&s["arguments"], 300)
             ))
@@ -205,7 +206,10 @@ pub fn step_line(s: &Value) -> Option<String> {
         }),
         "approval" => Some(format!(
             "[{n}] approval for {} on {} {}: {}",
-            s["call"]["tool"].as_str().unwrap_or("?"),
+            s["call"]["plugin"]
+                .as_str()
+                .or(s["call"]["tool"].as_str())
+                .unwrap_or("?"),
             s["call"]["device"].as_str().unwrap_or("?"),
             short(&s["call"]["arguments"], 200),
             s["decision"].as_str().unwrap_or("?")

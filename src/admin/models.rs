@@ -33,7 +33,6 @@ use crate::plugins::http::{platform_tls_config, tls_failure, Roots};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -324,13 +323,7 @@ fn load_manifests(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, FetchError> {
     Ok(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+use crate::hex;
 
 /// sha256 and size of a file.
 fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {

@@ -180,7 +180,7 @@ fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
         size += n as u64;
         h.update(&buf[..n]);
     }
-    Ok((size, release::hex(&h.finalize())))
+    Ok((size, crate::hex(&h.finalize())))
 }
 
 /// `GET /v1/releases`.

@@ -748,7 +748,7 @@ fn save(
         return Err(OtaError::Size { got, want: m.size });
     }
     f.sync_all().map_err(io("sync", path))?;
-    let sha = release::hex(&hash.finalize());
+    let sha = crate::hex(&hash.finalize());
     if sha != m.sha256 {
         return Err(OtaError::Sha256 {
             got: sha,
@@ -898,7 +898,7 @@ impl Updater {
         let id = release::parse(offer.manifest.as_bytes())
             .map(|(m, _)| m.id)
             .unwrap_or_else(|_| "?".into());
-        let sha = release::hex(&Sha256::digest(offer.manifest.as_bytes()));
+        let sha = crate::hex(&Sha256::digest(offer.manifest.as_bytes()));
         let Some(l) = self.layout.clone() else {
             log::warn!("OTA: update {id} offered, but updates are not set up here ([ota])");
             return self.set(

@@ -246,9 +246,7 @@ fn computes_f16(model: &TypedModel) -> bool {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::hex;
 
 /// Cache counters, for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

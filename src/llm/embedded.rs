@@ -185,14 +185,7 @@ fn backend() -> Result<&'static LlamaBackend, LlmError> {
         })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+use crate::hex;
 
 /// Checks a model file's size, then its sha256, against the manifest.
 fn check_file(m: &LlmManifest, path: &std::path::Path) -> Result<(), LlmError> {

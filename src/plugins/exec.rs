@@ -243,8 +243,8 @@ impl Plugin for Exec {
     }
 
     fn effects(&self) -> super::Effects {
-        // runs a command
-        super::Effects::Always
+        // One table, which the server also holds catalogs to.
+        crate::schema::builtin_effects("exec").unwrap_or(super::Effects::Always)
     }
 
     fn input_schema(&self) -> Schema {

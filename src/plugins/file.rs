@@ -999,11 +999,8 @@ impl Plugin for FilePlugin {
     }
 
     fn effects(&self) -> super::Effects {
-        // writes, moves and deletes change files
-        super::Effects::When(vec![super::EffectRule::one_of(
-            "op",
-            &["write", "move", "delete"],
-        )])
+        // One table, which the server also holds catalogs to.
+        crate::schema::builtin_effects("file").unwrap_or(super::Effects::Always)
     }
 
     fn input_schema(&self) -> Schema {

@@ -233,8 +233,8 @@ impl Plugin for Gpio {
     }
 
     fn effects(&self) -> super::Effects {
-        // drives pins
-        super::Effects::When(vec![super::EffectRule::one_of("op", &["write", "pulse"])])
+        // One table, which the server also holds catalogs to.
+        crate::schema::builtin_effects("gpio").unwrap_or(super::Effects::Always)
     }
 
     fn input_schema(&self) -> Schema {

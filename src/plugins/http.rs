@@ -526,12 +526,8 @@ impl Plugin for Http {
     }
 
     fn effects(&self) -> super::Effects {
-        // a request with a body or a method that is not a read
-        super::Effects::When(vec![
-            super::EffectRule::one_of("method", &["POST", "PUT", "PATCH", "DELETE"]),
-            super::EffectRule::given("body"),
-            super::EffectRule::given("json"),
-        ])
+        // One table, which the server also holds catalogs to.
+        crate::schema::builtin_effects("http").unwrap_or(super::Effects::Always)
     }
 
     fn input_schema(&self) -> Schema {

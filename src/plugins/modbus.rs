@@ -533,16 +533,8 @@ impl Plugin for Modbus {
     }
 
     fn effects(&self) -> super::Effects {
-        // writes registers and coils
-        super::Effects::When(vec![super::EffectRule::one_of(
-            "op",
-            &[
-                "write_register",
-                "write_registers",
-                "write_coil",
-                "write_coils",
-            ],
-        )])
+        // One table, which the server also holds catalogs to.
+        crate::schema::builtin_effects("modbus").unwrap_or(super::Effects::Always)
     }
 
     fn input_schema(&self) -> Schema {

@@ -90,6 +90,7 @@ pub fn router(
 ) -> Router {
     let max_body = http.max_body_bytes;
     let gateway = super::openai::router(handle.clone(), auth.clone());
+    let api_sched = handle.clone();
     let api = Api {
         sched: handle,
         auth: auth.clone(),
@@ -119,6 +120,10 @@ pub fn router(
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(Arc::new(api))
         .merge(gateway.layer(DefaultBodyLimit::max(max_body)))
+        .merge(
+            super::mcp::router(api_sched, auth.clone())
+                .layer(DefaultBodyLimit::max(super::mcp::MAX_BODY)),
+        )
         .merge(super::auth::router(auth.clone()).layer(DefaultBodyLimit::max(64 << 10)))
         .layer(axum::middleware::from_fn_with_state(
             auth,
@@ -216,7 +221,11 @@ async fn handle(
         .min(MAX_WAIT_MS);
     // A language model's answer takes as long as it takes: the gateway
     // bounds it by its task's timeout (`timeout_ms`), not this.
-    let llm = matches!(req.uri().path(), "/v1/chat/completions" | "/v1/embeddings");
+    // Nor does an MCP tool call: its task's timeout bounds it.
+    let llm = matches!(
+        req.uri().path(),
+        "/v1/chat/completions" | "/v1/embeddings" | "/mcp"
+    );
     let limit = if llm {
         // A queued request waits as long as the queue: no limit here.
         Duration::from_secs(365 * 24 * 3600)
@@ -360,7 +369,7 @@ async fn submit(
     // submit the scheduler accepts.
     let sched = h.clone();
     let resp = detached(async move {
-        let r = sched.ask(|resp| Command::Submit { req, resp }).await??;
+        let r = sched.submit(req).await?;
         slot.record("task.submit", &r.id);
         Ok(r)
     })

@@ -6,6 +6,7 @@ pub mod broker;
 pub mod config;
 pub mod http;
 pub mod lock;
+pub mod mcp;
 pub mod openai;
 pub mod queue;
 pub mod releases;

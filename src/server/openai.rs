@@ -321,7 +321,7 @@ async fn submit(
     req.max_attempts = Some(MAX_ATTEMPTS);
     let (sched, model) = (sched.clone(), model.to_string());
     let id = super::http::detached(async move {
-        let r = sched.ask(|resp| Command::Submit { req, resp }).await??;
+        let r = sched.submit(req).await?;
         slot.record(action, &format!("{model} (task {})", r.id));
         Ok(r.id)
     })
@@ -386,7 +386,7 @@ fn usage(c: &Completion) -> Value {
 }
 
 /// Cancels a task whose client went away (best effort: it may have ended).
-fn cancel_later(sched: SchedulerHandle, id: String) {
+pub(crate) fn cancel_later(sched: SchedulerHandle, id: String) {
     tokio::spawn(async move {
         if let Ok(Err(e)) = sched
             .ask(|resp| Command::Cancel {
@@ -560,20 +560,7 @@ impl SseStream {
     /// anything for [`SLOW_CLIENT`] (then the connection is closed: a
     /// client that never reads must not hold it and its task forever).
     async fn send(&self, b: Bytes) -> bool {
-        match tokio::time::timeout(SLOW_CLIENT, self.tx.send(Ok(b))).await {
-            Ok(r) => r.is_ok(),
-            Err(_) => {
-                log::warn!(
-                    "task {}: the client took nothing for {} s; closing its stream",
-                    self.id,
-                    SLOW_CLIENT.as_secs()
-                );
-                let _ = self
-                    .tx
-                    .try_send(Err(std::io::Error::other("client too slow")));
-                false
-            }
-        }
+        send_event(&self.tx, b, &format!("task {}", self.id)).await
     }
 
     async fn run(self, first: Option<StreamEvent>, rx: Option<mpsc::Receiver<StreamEvent>>) {
@@ -726,6 +713,28 @@ fn error_event(e: &OaiError) -> Bytes {
 /// A response body fed from a channel; dropped (the client went away) it
 /// closes the channel, which the writer notices.
 /// An `Err` ends the response with an error, which closes the connection.
+/// Sends one event of a stream to its client; false when the client has
+/// gone, or has not taken anything for [`SLOW_CLIENT`] (the connection is
+/// then closed: a client that never reads must not hold it, and what it
+/// waits for, forever). `what` names the stream in the log.
+pub(crate) async fn send_event(
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    b: Bytes,
+    what: &str,
+) -> bool {
+    match tokio::time::timeout(SLOW_CLIENT, tx.send(Ok(b))).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            log::warn!(
+                "{what}: the client took nothing for {} s; closing its stream",
+                SLOW_CLIENT.as_secs()
+            );
+            let _ = tx.try_send(Err(std::io::Error::other("client too slow")));
+            false
+        }
+    }
+}
+
 pub(crate) struct ChannelBody(pub(crate) mpsc::Receiver<Result<Bytes, std::io::Error>>);
 
 impl http_body::Body for ChannelBody {

@@ -756,7 +756,7 @@ impl Releases {
             return Ok(());
         };
         let now = crate::now_ms();
-        let offer_sha = release::hex(&<sha2::Sha256 as sha2::Digest>::digest(r.text.as_bytes()));
+        let offer_sha = crate::hex(&<sha2::Sha256 as sha2::Digest>::digest(r.text.as_bytes()));
         let mut targets = self.store.targets(id)?;
         for t in targets.iter_mut().filter(|t| t.wave <= r.wave) {
             let before = (t.state.clone(), t.message.clone());
@@ -1022,7 +1022,7 @@ async fn receive(h: &ReleasesHandle, body: axum::body::Body, max: u64) -> Result
     Ok(Upload {
         path,
         size,
-        sha256: release::hex(&sha2::Digest::finalize(hash)),
+        sha256: crate::hex(&sha2::Digest::finalize(hash)),
     })
 }
 

@@ -177,6 +177,31 @@ impl SchedulerHandle {
             })
     }
 
+    /// Submits a task. Only the hand-over is bounded by the deadline: once
+    /// the scheduler has the request its answer is awaited, however late,
+    /// so a task it accepts always reaches its caller (and the caller's
+    /// audit row) instead of running unrecorded behind a 503.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<SubmitResponse, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        match tokio::time::timeout(
+            self.deadline,
+            self.tx.send(Command::Submit { req, resp: tx }),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(ApiError::Unavailable("scheduler is shutting down".into())),
+            Err(_) => {
+                return Err(ApiError::Unavailable(format!(
+                    "the scheduler did not take the request within {} ms",
+                    self.deadline.as_millis()
+                )))
+            }
+        }
+        rx.await
+            .map_err(|_| ApiError::Unavailable("scheduler dropped the request".into()))?
+    }
+
     /// The raw sender (the MQTT bridge uses it).
     pub fn sender(&self) -> mpsc::Sender<Command> {
         self.tx.clone()

@@ -11,7 +11,7 @@
 
 use crate::protocol::api::ToolView;
 use crate::protocol::{Catalog, ToolDecl, MAX_CATALOG_PLUGINS, MAX_TOOL_SCHEMA_BYTES};
-use crate::schema::{Effects, Schema};
+use crate::schema::{builtin_effects, Effects, Schema};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -44,7 +44,9 @@ pub fn accept(catalog: Catalog) -> (Vec<ToolView>, Vec<String>) {
 
 fn check(d: ToolDecl) -> Result<ToolView, String> {
     if !valid_plugin_name(&d.name) {
-        return Err("not a plugin name (1 to 64 of a-z, 0-9, `_` and `-`)".into());
+        return Err(format!(
+            "not a plugin name (1 to {MAX_PLUGIN_NAME} of a-z, 0-9, `_` and `-`, without `__`)"
+        ));
     }
     if d.input_schema.len() > MAX_TOOL_SCHEMA_BYTES {
         return Err(format!(
@@ -57,30 +59,63 @@ fn check(d: ToolDecl) -> Result<ToolView, String> {
     }
     let json: serde_json::Value =
         serde_json::from_str(&d.input_schema).map_err(|e| format!("schema is not JSON: {e}"))?;
-    Schema::from_json(&json).map_err(|e| format!("schema: {e}"))?;
+    let mut schema = Schema::from_json(&json).map_err(|e| format!("schema: {e}"))?;
+    // What reaches a model or an MCP client is the schema as we read it
+    // (keywords we do not know dropped), its texts without control
+    // characters: a device is not trusted to write for them.
+    clean_schema(&mut schema);
+    // A built-in plugin's effects are known here: a device cannot declare
+    // `exec` harmless and skip the approval.
+    let effects = match builtin_effects(&d.name) {
+        Some(pinned) => d.effects.at_least(pinned),
+        None => d.effects,
+    };
     Ok(ToolView {
         name: d.name,
-        version: d.version,
-        description: d.description,
-        input_schema: json,
-        effects: d.effects,
+        version: clean_text(&d.version),
+        description: clean_text(&d.description),
+        input_schema: schema.to_json(),
+        effects,
     })
 }
 
-/// Plugin names as the agents use them (built-ins and process plugins).
+/// `s` without control characters other than newline and tab.
+fn clean_text(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
+}
+
+fn clean_schema(s: &mut Schema) {
+    s.description = clean_text(&s.description);
+    if let Some(i) = s.items.as_mut() {
+        clean_schema(i);
+    }
+    for (_, p) in s.properties.iter_mut() {
+        clean_schema(p);
+    }
+}
+
+/// Longest plugin name a catalog may declare: its tool name also holds
+/// the device (`plugin__device`, at most [`MAX_TOOL_NAME`]).
+pub const MAX_PLUGIN_NAME: usize = 40;
+
+/// Plugin names as the agents use them (built-ins and process plugins);
+/// `__` separates plugin and device in a tool name, so not in one.
 fn valid_plugin_name(n: &str) -> bool {
     !n.is_empty()
-        && n.len() <= MAX_TOOL_NAME
+        && n.len() <= MAX_PLUGIN_NAME
+        && !n.contains("__")
         && n.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// One tool of the fleet: a plugin on one device, under the name a model
-/// calls it by.
+/// or an MCP client calls it by.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FleetTool {
-    /// The plugin's name where one device offers it, else qualified by the
-    /// device (`sysinfo_pi-1`): at most [`MAX_TOOL_NAME`] of `[A-Za-z0-9_-]`.
+    /// `plugin__device` ([`tool_name`]): at most [`MAX_TOOL_NAME`] of
+    /// `[A-Za-z0-9_-]`, the same whichever other devices are online.
     pub name: String,
     pub plugin: String,
     pub device: String,
@@ -90,68 +125,68 @@ pub struct FleetTool {
     pub version: String,
 }
 
-/// The tools of `devices` (id and catalog, online ones only), sorted by
-/// name: a plugin that one device offers keeps its name, one that several
-/// offer gets one tool per device, named after both.
+/// The name of `plugin` on `device`: `plugin__device`, or, where the
+/// device's id holds characters a tool name may not or would make it too
+/// long, `plugin__` and the id made fit, then `_` and 8 hex digits of its
+/// sha256. A function of the two alone, so a name never changes with
+/// which other devices are online, and one device cannot take another's.
+pub fn tool_name(plugin: &str, device: &str) -> String {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let plain = format!("{plugin}__{device}");
+    if plain.len() <= MAX_TOOL_NAME && device.chars().all(ok) && !device.is_empty() {
+        return plain;
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(device.as_bytes());
+    let tag = crate::hex(&h[..4]);
+    let room = MAX_TOOL_NAME.saturating_sub(plugin.len() + 2 + 1 + tag.len());
+    let dev: String = device
+        .chars()
+        .map(|c| if ok(c) { c } else { '_' })
+        .take(room)
+        .collect();
+    format!("{plugin}__{dev}_{tag}")
+}
+
+/// The tools of `devices` (id and catalog), sorted by name, each named by
+/// [`tool_name`]. Two that would share a name (a device named to collide
+/// with another's hashed name) are not both offered: the first device in
+/// id order keeps it, the other is left out with a log line.
 pub fn fleet<'a, I>(devices: I) -> Vec<FleetTool>
 where
     I: IntoIterator<Item = (&'a str, &'a [ToolView])>,
 {
-    let mut by_plugin: BTreeMap<&str, Vec<(&str, &ToolView)>> = BTreeMap::new();
+    let mut devices: Vec<(&str, &[ToolView])> = devices.into_iter().collect();
+    devices.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out: BTreeMap<String, FleetTool> = BTreeMap::new();
     for (dev, tools) in devices {
         for t in tools {
-            by_plugin.entry(&t.name).or_default().push((dev, t));
+            let name = tool_name(&t.name, dev);
+            if let Some(had) = out.get(&name) {
+                log::warn!(
+                    "tool `{name}`: plugin `{}` of device `{}` would take the name of `{}` on `{}`; left out",
+                    t.name,
+                    dev.escape_debug(),
+                    had.plugin,
+                    had.device.escape_debug()
+                );
+                continue;
+            }
+            out.insert(
+                name.clone(),
+                FleetTool {
+                    name,
+                    plugin: t.name.clone(),
+                    device: dev.to_string(),
+                    description: t.description.clone(),
+                    input_schema: t.input_schema.clone(),
+                    effects: t.effects.clone(),
+                    version: t.version.clone(),
+                },
+            );
         }
     }
-    let mut out: Vec<FleetTool> = Vec::new();
-    for (plugin, offers) in by_plugin {
-        let single = offers.len() == 1;
-        for (dev, t) in offers {
-            let mut name = if single {
-                plugin.to_string()
-            } else {
-                qualified(plugin, dev)
-            };
-            // Sanitising can make two names one (`a.b` and `a_b`): keep them apart.
-            let mut n = 2;
-            while out.iter().any(|o| o.name == name) {
-                let suffix = format!("_{n}");
-                name = format!("{}{suffix}", cut(&qualified(plugin, dev), suffix.len()));
-                n += 1;
-            }
-            out.push(FleetTool {
-                name,
-                plugin: plugin.to_string(),
-                device: dev.to_string(),
-                description: t.description.clone(),
-                input_schema: t.input_schema.clone(),
-                effects: t.effects.clone(),
-                version: t.version.clone(),
-            });
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
-
-/// `plugin_device`, with what a tool name may not hold made `_`, cut to
-/// [`MAX_TOOL_NAME`].
-fn qualified(plugin: &str, device: &str) -> String {
-    let s: String = format!("{plugin}_{device}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    cut(&s, 0).to_string()
-}
-
-fn cut(s: &str, room: usize) -> &str {
-    &s[..s.len().min(MAX_TOOL_NAME - room)]
+    out.into_values().collect()
 }
 
 #[cfg(test)]
@@ -206,7 +241,7 @@ mod tests {
     }
 
     #[test]
-    fn a_plugin_on_several_devices_is_one_tool_per_device() {
+    fn tool_names_are_stable_and_cannot_be_taken() {
         let view = |n: &str| ToolView {
             name: n.into(),
             version: "1".into(),
@@ -216,20 +251,55 @@ mod tests {
         };
         let a = [view("sysinfo"), view("gpio")];
         let b = [view("sysinfo")];
-        let c = [view("sysinfo")];
-        let tools = fleet([("pi-1", &a[..]), ("pi.2", &b[..]), ("pi_2", &c[..])]);
-        let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+        let hostile_id = tool_name("sysinfo", "pi.2")["sysinfo__".len()..].to_string();
+        let names = |t: &[FleetTool]| t.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        let all = fleet([
+            ("pi-1", &a[..]),
+            ("pi.2", &b[..]),
+            ("pi_2", &b[..]),
+            (hostile_id.as_str(), &b[..]),
+        ]);
+        let h = tool_name("sysinfo", "pi.2");
+        assert!(h.starts_with("sysinfo__pi_2_") && h.len() == "sysinfo__pi_2_".len() + 8);
         assert_eq!(
-            names,
-            ["gpio", "sysinfo_pi-1", "sysinfo_pi_2", "sysinfo_pi_2_2"]
+            names(&all),
+            ["gpio__pi-1", "sysinfo__pi-1", "sysinfo__pi_2", h.as_str()]
         );
-        assert_eq!(tools[0].device, "pi-1");
+        // The colliding device (ids sort `pi.2` first) is left out, not renamed.
+        assert!(all.iter().all(|t| t.device != hostile_id));
         assert_eq!(
-            serde_json::to_value(&tools[0].effects).unwrap(),
+            serde_json::to_value(&all[0].effects).unwrap(),
             json!({"when": [{"field": "body", "values": []}]})
         );
+        // Which other devices are there does not change a name.
+        assert_eq!(names(&fleet([("pi_2", &b[..])])), ["sysinfo__pi_2"]);
         let long = "d".repeat(64);
-        let t = fleet([(long.as_str(), &b[..]), ("x", &c[..])]);
+        let t = fleet([(long.as_str(), &b[..]), ("x", &b[..])]);
         assert!(t.iter().all(|t| t.name.len() <= MAX_TOOL_NAME), "{t:?}");
+        assert_eq!(t.len(), 2);
+        let forty = "p".repeat(MAX_PLUGIN_NAME);
+        assert!(tool_name(&forty, &long).len() <= MAX_TOOL_NAME);
+    }
+
+    #[test]
+    fn a_device_cannot_make_a_builtin_harmless_or_write_control_characters() {
+        let mut d = decl(
+            "exec",
+            r#"{"type":"object","title":{"x":1},"$schema":7,"description":"run\u001b[2J it","properties":{"command":{"type":"string","description":"a\u0007b"}}}"#,
+        );
+        d.description = "clears\u{1b}[2J the screen\nsecond line".into();
+        let (ok, bad) = accept(Catalog {
+            plugins: vec![d, decl("a__b", "{}")],
+        });
+        assert_eq!(ok.len(), 1, "{bad:?}");
+        assert!(bad[0].contains("a__b"), "{bad:?}");
+        let t = &ok[0];
+        assert_eq!(t.effects, Effects::Always);
+        assert_eq!(t.description, "clears[2J the screen\nsecond line");
+        assert_eq!(
+            t.input_schema,
+            json!({"type": "object", "description": "run[2J it",
+                   "properties": {"command": {"type": "string", "description": "ab"}}})
+        );
     }
 }

@@ -518,3 +518,44 @@ impl MqttPeer {
             .expect("a message within 20 s")
     }
 }
+
+/// Waits until `GET /v1/tools` satisfies `pred`; the list then.
+pub fn wait_tools(
+    server: &Server,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        if let Ok(v) = server.client.tools() {
+            let list = v["tools"].as_array().cloned().unwrap_or_default();
+            if pred(&list) {
+                return list;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for the tools"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A token made offline with `openclaw-admin token create`, straight into
+/// the data dir `dir` (how the first admin token is made).
+pub fn offline_token(dir: &Path, role: &str, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_openclaw-admin"))
+        .args(["token", "create", "--role", role, "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .env_remove("OPENCLAW_TOKEN")
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(token.starts_with("oc_"), "{token}");
+    token
+}

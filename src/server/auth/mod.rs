@@ -638,6 +638,10 @@ pub fn needed(method: &Method, path: &str) -> Option<Role> {
     {
         return Some(Role::Admin);
     }
+    if path == "/mcp" {
+        // Listing is a read; `tools/call` checks for an operator itself.
+        return Some(Role::Viewer);
+    }
     if method == Method::GET || method == Method::HEAD {
         Some(Role::Viewer)
     } else {

@@ -364,9 +364,7 @@ pub fn write(
 mod tests {
     use super::*;
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use crate::hex;
 
     #[test]
     fn pbkdf2_sha512_matches_the_published_vectors() {

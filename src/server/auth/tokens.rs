@@ -286,7 +286,7 @@ fn iso(ms: i64) -> String {
 pub fn random_hex(bytes: usize) -> Result<String, AuthError> {
     let mut buf = vec![0u8; bytes];
     getrandom::getrandom(&mut buf).map_err(|e| AuthError::Random(e.to_string()))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::hex(&buf))
 }
 
 /// The token store of one data dir.

@@ -737,7 +737,7 @@ impl Runs {
     async fn submit(&self, req: SubmitRequest) -> Result<String, ApiError> {
         let sched = self.0.sched.clone();
         // Not dropped midway: a submitted task's id must reach the store.
-        tokio::spawn(async move { sched.ask(|resp| Command::Submit { req, resp }).await? })
+        tokio::spawn(async move { sched.submit(req).await })
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?
             .map(|r| r.id)
