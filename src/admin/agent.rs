@@ -6,18 +6,35 @@ use super::{AdminError, Client};
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 
-/// What `agent run` asks for (the body of `POST /v1/agent/runs`).
-#[derive(Debug, Clone, Default)]
+/// What `agent run` asks for (the body of `POST /v1/agent/runs`); also
+/// the command's arguments.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunOptions {
+    /// What the run is to find out or do.
     pub goal: String,
+    /// A model a heavy node serves.
+    #[arg(long)]
     pub model: String,
+    /// Plugins the model may call, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
     pub tools: Vec<String>,
+    /// Only this device's plugins.
+    #[arg(long)]
     pub target: Option<String>,
+    /// Only plugins of devices with this capability.
+    #[arg(long)]
     pub capability: Option<String>,
+    /// Plugins whose world-changing calls need no approval.
+    #[arg(long, value_delimiter = ',')]
     pub allow: Vec<String>,
+    #[arg(long)]
     pub max_steps: Option<u32>,
+    #[arg(long)]
     pub max_tokens: Option<u32>,
+    #[arg(long)]
     pub timeout_ms: Option<u64>,
+    /// `auto` or `required` (the first reply must be a call).
+    #[arg(long)]
     pub tool_choice: Option<String>,
 }
 

@@ -245,34 +245,7 @@ enum Device {
 enum AgentCmd {
     /// Start a run and print its steps as they happen; exits non-zero
     /// unless it succeeds.
-    Run {
-        /// A model a heavy node serves.
-        #[arg(long)]
-        model: String,
-        /// Plugins the model may call, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        tools: Vec<String>,
-        /// Only this device's plugins.
-        #[arg(long)]
-        target: Option<String>,
-        /// Only plugins of devices with this capability.
-        #[arg(long)]
-        capability: Option<String>,
-        /// Plugins whose world-changing calls need no approval.
-        #[arg(long, value_delimiter = ',')]
-        allow: Vec<String>,
-        #[arg(long)]
-        max_steps: Option<u32>,
-        #[arg(long)]
-        max_tokens: Option<u32>,
-        #[arg(long)]
-        timeout_ms: Option<u64>,
-        /// `auto` or `required` (the first reply must be a call).
-        #[arg(long)]
-        tool_choice: Option<String>,
-        /// What the run is to find out or do.
-        goal: String,
-    },
+    Run(admin::agent::RunOptions),
     /// A run with its steps.
     Show { id: String },
     /// Approve the call a run waits on.
@@ -672,30 +645,7 @@ fn agent_cmd(client: &Client, a: AgentCmd, json: bool) -> anyhow::Result<()> {
         Ok(())
     };
     let (id, action) = match a {
-        AgentCmd::Run {
-            model,
-            tools,
-            target,
-            capability,
-            allow,
-            max_steps,
-            max_tokens,
-            timeout_ms,
-            tool_choice,
-            goal,
-        } => {
-            let o = admin::agent::RunOptions {
-                goal,
-                model,
-                tools,
-                target,
-                capability,
-                allow,
-                max_steps,
-                max_tokens,
-                timeout_ms,
-                tool_choice,
-            };
+        AgentCmd::Run(o) => {
             let id = client.agent_start(&o).context("the run was not started")?;
             let mut sink: Box<dyn std::io::Write> = if json {
                 Box::new(std::io::sink())

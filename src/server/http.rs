@@ -713,6 +713,37 @@ async fn cancel(
     Ok(Json(v).into_response())
 }
 
+/// Submits `req` on a task of its own and writes its audit row (`action`
+/// on `what(id)`), then hands the id over. A caller gone by then (its
+/// request dropped: the client disconnected) has the task cancelled: it
+/// asked to follow the task, and nobody would.
+pub(crate) async fn submit_followed(
+    sched: &SchedulerHandle,
+    req: SubmitRequest,
+    slot: super::auth::AuditSlot,
+    action: &'static str,
+    what: impl FnOnce(&str) -> String + Send + 'static,
+) -> Result<String, ApiError> {
+    let sched = sched.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        match sched.submit(req).await {
+            Ok(r) => {
+                slot.record(action, &what(&r.id));
+                if tx.send(Ok(r.id.clone())).is_err() {
+                    log::info!("task {}: its client went away; cancelling it", r.id);
+                    super::openai::cancel_later(sched, r.id);
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    });
+    rx.await
+        .unwrap_or_else(|_| Err(ApiError::Unavailable("the submit's task ended".into())))
+}
+
 /// Runs `f` to its end even if the request is dropped (the client went
 /// away): what it changes and its audit row go together.
 pub(crate) async fn detached<T: Send + 'static>(

@@ -32,6 +32,7 @@ use axum::routing::post;
 use axum::{Extension, Router};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -56,8 +57,11 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// content): clients cap an event (the Python SDK at 1 MiB), and a larger
 /// one is fetched whole from the task (`GET /v1/tasks/ID`).
 pub const MAX_RESULT_TEXT: usize = 200_000;
-/// Calls in progress whose cancellation is listened for.
+/// Calls in progress, in all and per caller (token).
 const MAX_LIVE_CALLS: usize = 4096;
+const MAX_CALLS_PER_CALLER: usize = 256;
+/// Longest string id taken: it is kept while its call runs.
+const MAX_ID_BYTES: usize = 256;
 
 /// A request that cannot be answered, as a JSON-RPC error.
 #[derive(Debug, thiserror::Error)]
@@ -108,14 +112,17 @@ struct Mcp {
     sched: SchedulerHandle,
     auth: Arc<Auth>,
     /// (caller, JSON-RPC id) of each call in progress: where
-    /// `notifications/cancelled` finds it.
-    calls: Mutex<HashMap<(String, String), CancellationToken>>,
+    /// `notifications/cancelled` finds it; with the call's serial number.
+    calls: Mutex<Calls>,
+    serial: AtomicU64,
 }
 
+/// Per (caller, id), the live calls under it (more than one only when a
+/// caller reuses an id: then a notification cannot say which it means).
+type Calls = HashMap<(String, String), Vec<(u64, CancellationToken)>>;
+
 impl Mcp {
-    fn lock_calls(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), CancellationToken>> {
+    fn lock_calls(&self) -> std::sync::MutexGuard<'_, Calls> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -129,6 +136,7 @@ pub fn router(sched: SchedulerHandle, auth: Arc<Auth>) -> Router {
         sched,
         auth,
         calls: Mutex::new(HashMap::new()),
+        serial: AtomicU64::new(0),
     });
     Router::new()
         .route(
@@ -232,6 +240,12 @@ async fn handle(
             &McpError::Invalid("`jsonrpc` must be \"2.0\"".into()),
         );
     }
+    if obj.get("id").is_some() && obj.get("method").is_some_and(|m| !m.is_string()) {
+        return error_reply(
+            &null,
+            &McpError::Invalid("`method` must be a string".into()),
+        );
+    }
     let method = obj.get("method").and_then(Value::as_str);
     let Some(id) = obj.get("id").filter(|_| method.is_some()) else {
         // A notification or a response: accepted, nothing to answer.
@@ -244,6 +258,12 @@ async fn handle(
         return error_reply(
             &null,
             &McpError::Invalid("`id` must be a string or an integer".into()),
+        );
+    }
+    if id.as_str().is_some_and(|s| s.len() > MAX_ID_BYTES) {
+        return error_reply(
+            &null,
+            &McpError::Invalid(format!("`id` is longer than {MAX_ID_BYTES} bytes")),
         );
     }
     let method = method.unwrap_or_default();
@@ -301,9 +321,19 @@ fn cancelled(m: &Mcp, caller: &Caller, params: Option<&Value>) {
         return;
     };
     let key = (caller.name(), rid.to_string());
-    if let Some(t) = m.lock_calls().get(&key) {
-        log::info!("MCP: call {rid} cancelled by its client");
-        t.cancel();
+    let rid: String = rid.to_string().chars().take(MAX_ID_BYTES).collect();
+    match m.lock_calls().get(&key).map(Vec::as_slice) {
+        Some([(_, t)]) => {
+            log::info!("MCP: call {rid} cancelled by its client");
+            t.cancel();
+        }
+        Some([_, _, ..]) => {
+            log::warn!(
+                "MCP: {} has several calls with id {rid}; none cancelled",
+                caller.name()
+            )
+        }
+        _ => {}
     }
 }
 
@@ -390,12 +420,22 @@ fn describe(t: &FleetTool) -> Value {
 struct Pending {
     m: Arc<Mcp>,
     key: (String, String),
+    serial: u64,
     task: Option<String>,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.m.lock_calls().remove(&self.key);
+        {
+            // Unless a newer call under the same id took the entry.
+            let mut calls = self.m.lock_calls();
+            if let Some(v) = calls.get_mut(&self.key) {
+                v.retain(|(n, _)| *n != self.serial);
+                if v.is_empty() {
+                    calls.remove(&self.key);
+                }
+            }
+        }
         if let Some(id) = self.task.take() {
             log::info!("task {id}: its MCP client went away; cancelling it");
             cancel_later(self.m.sched.clone(), id);
@@ -438,11 +478,22 @@ async fn call(
             )
         }
     };
-    let (all, online) = match fleet(&m, false).await {
+    // The name as tools/list gives it (online devices), else as it was
+    // (a device gone since) for a clear error.
+    let (listed, _) = match fleet(&m, true).await {
         Ok(f) => f,
         Err(e) => return error_reply(&id, &e),
     };
-    let Some(tool) = all.into_iter().find(|t| t.name == name) else {
+    let found = listed.into_iter().find(|t| t.name == name);
+    let (all, online) = match found {
+        Some(_) => (Vec::new(), Vec::new()),
+        None => match fleet(&m, false).await {
+            Ok(f) => f,
+            Err(e) => return error_reply(&id, &e),
+        },
+    };
+    let offline = found.is_none();
+    let Some(tool) = found.or_else(|| all.into_iter().find(|t| t.name == name)) else {
         let e = McpError::Params(format!(
             "unknown tool `{}`: tools/list names the ones there are",
             name.escape_debug()
@@ -453,7 +504,7 @@ async fn call(
         ));
         return error_reply(&id, &e);
     };
-    if !online.contains(&tool.device) {
+    if offline && !online.contains(&tool.device) {
         let text = format!(
             "device `{}` is offline: tool `{}` cannot run until it is back",
             tool.device, tool.name
@@ -465,21 +516,35 @@ async fn call(
     }
     let key = (caller.name(), id.to_string());
     let token = CancellationToken::new();
+    let serial = m.serial.fetch_add(1, Ordering::Relaxed);
     {
         let mut calls = m.lock_calls();
-        if calls.len() >= MAX_LIVE_CALLS {
+        let live: usize = calls.values().map(Vec::len).sum();
+        let mine: usize = calls
+            .iter()
+            .filter(|((c, _), _)| *c == key.0)
+            .map(|(_, v)| v.len())
+            .sum();
+        // One caller cannot take every slot from the others.
+        if live >= MAX_LIVE_CALLS || mine >= MAX_CALLS_PER_CALLER {
             drop(calls);
             let e = McpError::Unavailable(format!(
-                "{MAX_LIVE_CALLS} MCP calls are in progress; retry later"
+                "{} MCP calls are in progress ({mine} of them {}'s, at most \
+                 {MAX_CALLS_PER_CALLER} each, {MAX_LIVE_CALLS} in all); retry later",
+                live,
+                caller.name()
             ));
             return error_reply(&id, &e);
         }
-        // A second call under the same id: its cancellation names the newer one.
-        calls.insert(key.clone(), token.clone());
+        calls
+            .entry(key.clone())
+            .or_default()
+            .push((serial, token.clone()));
     }
     let mut pending = Pending {
         m: m.clone(),
         key,
+        serial,
         task: None,
     };
     let slot = match m.auth.reserve_audit(&caller) {
@@ -538,11 +603,14 @@ async fn submit(
     let mut req = SubmitRequest::new(tool.plugin.clone(), args);
     req.target = Some(tool.device.clone());
     req.timeout_ms = Some(CALL_TIMEOUT_MS);
-    let (sched, name) = (sched.clone(), tool.name.clone());
-    super::http::detached(async move {
-        let r = sched.submit(req).await?;
-        slot.record("mcp.call", &format!("{name} (task {})", r.id));
-        Ok(r.id)
+    if tool.effects != Effects::None {
+        // Not run twice behind the client's back when its device is lost
+        // midway: the client hears it failed and decides.
+        req.max_attempts = Some(1);
+    }
+    let name = tool.name.clone();
+    super::http::submit_followed(sched, req, slot, "mcp.call", move |id| {
+        format!("{name} (task {id})")
     })
     .await
 }

@@ -319,11 +319,9 @@ async fn submit(
     req.priority = x.priority;
     req.timeout_ms = Some(x.timeout_ms);
     req.max_attempts = Some(MAX_ATTEMPTS);
-    let (sched, model) = (sched.clone(), model.to_string());
-    let id = super::http::detached(async move {
-        let r = sched.submit(req).await?;
-        slot.record(action, &format!("{model} (task {})", r.id));
-        Ok(r.id)
+    let model = model.to_string();
+    let id = super::http::submit_followed(sched, req, slot, action, move |id| {
+        format!("{model} (task {id})")
     })
     .await?;
     Ok(id)

@@ -1630,6 +1630,11 @@ impl Scheduler {
             log::debug!("catalog from unknown device `{device}` ignored");
             return;
         };
+        if dev.describe_asked.is_none() {
+            // Agents send one only when asked: another is someone else's.
+            log::warn!("device {device}: a catalog it was not asked for; ignored");
+            return;
+        }
         let (tools, refused) = super::tools::accept(c);
         for why in &refused {
             log::warn!("device {device}: catalog: {why}; left out");

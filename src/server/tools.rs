@@ -60,6 +60,11 @@ fn check(d: ToolDecl) -> Result<ToolView, String> {
     let json: serde_json::Value =
         serde_json::from_str(&d.input_schema).map_err(|e| format!("schema is not JSON: {e}"))?;
     let mut schema = Schema::from_json(&json).map_err(|e| format!("schema: {e}"))?;
+    if let Some(n) = hidden_name(&schema) {
+        return Err(format!(
+            "schema: `{n}` holds control or invisible characters"
+        ));
+    }
     // What reaches a model or an MCP client is the schema as we read it
     // (keywords we do not know dropped), its texts without control
     // characters: a device is not trusted to write for them.
@@ -79,11 +84,48 @@ fn check(d: ToolDecl) -> Result<ToolView, String> {
     })
 }
 
-/// `s` without control characters other than newline and tab.
+/// Whether a model or a terminal would not show `c` as it is: control
+/// characters (but newline and tab), bidi overrides and isolates,
+/// zero-width and other format characters, line and paragraph
+/// separators, Unicode tags (a known way to hide text from people).
+fn hidden(c: char) -> bool {
+    (c.is_control() && c != '\n' && c != '\t')
+        || matches!(c as u32,
+            0xAD | 0x61C | 0x180E | 0x200B..=0x200F | 0x2028..=0x202E
+            | 0x2060..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB | 0xE0000..=0xE007F)
+}
+
+/// `s` without [`hidden`] characters.
 fn clean_text(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
-        .collect()
+    s.chars().filter(|c| !hidden(*c)).collect()
+}
+
+/// The first name or value in `s` (property names, required fields, enum
+/// values, case fields) that holds a [`hidden`] character: those are
+/// matched against input, so they are refused rather than rewritten.
+fn hidden_name(s: &Schema) -> Option<String> {
+    let bad = |x: &str| x.chars().any(hidden);
+    let names = s
+        .properties
+        .iter()
+        .map(|(n, _)| n)
+        .chain(&s.required)
+        .chain(&s.one_of)
+        .chain(s.cases.iter().flat_map(|c| {
+            std::iter::once(&c.field)
+                .chain(std::iter::once(&c.equals))
+                .chain(&c.required)
+        }));
+    for n in names {
+        if bad(n) {
+            return Some(n.escape_debug().to_string());
+        }
+    }
+    s.items
+        .as_deref()
+        .into_iter()
+        .chain(s.properties.iter().map(|(_, p)| p))
+        .find_map(hidden_name)
 }
 
 fn clean_schema(s: &mut Schema) {
@@ -149,9 +191,9 @@ pub fn tool_name(plugin: &str, device: &str) -> String {
 }
 
 /// The tools of `devices` (id and catalog), sorted by name, each named by
-/// [`tool_name`]. Two that would share a name (a device named to collide
-/// with another's hashed name) are not both offered: the first device in
-/// id order keeps it, the other is left out with a log line.
+/// [`tool_name`]. Tools that would share a name (a device named to collide
+/// with another's hashed name) are all left out, with a log line: neither
+/// may answer to a name a client saw for the other.
 pub fn fleet<'a, I>(devices: I) -> Vec<FleetTool>
 where
     I: IntoIterator<Item = (&'a str, &'a [ToolView])>,
@@ -159,17 +201,23 @@ where
     let mut devices: Vec<(&str, &[ToolView])> = devices.into_iter().collect();
     devices.sort_by(|a, b| a.0.cmp(b.0));
     let mut out: BTreeMap<String, FleetTool> = BTreeMap::new();
+    let mut taken = std::collections::BTreeSet::new();
     for (dev, tools) in devices {
         for t in tools {
             let name = tool_name(&t.name, dev);
-            if let Some(had) = out.get(&name) {
+            if taken.contains(&name) {
+                continue;
+            }
+            if let Some(had) = out.remove(&name) {
                 log::warn!(
-                    "tool `{name}`: plugin `{}` of device `{}` would take the name of `{}` on `{}`; left out",
+                    "tool `{name}`: plugin `{}` of device `{}` and `{}` on `{}` have the same \
+                     name; both left out",
                     t.name,
                     dev.escape_debug(),
                     had.plugin,
                     had.device.escape_debug()
                 );
+                taken.insert(name);
                 continue;
             }
             out.insert(
@@ -263,10 +311,19 @@ mod tests {
         assert!(h.starts_with("sysinfo__pi_2_") && h.len() == "sysinfo__pi_2_".len() + 8);
         assert_eq!(
             names(&all),
-            ["gpio__pi-1", "sysinfo__pi-1", "sysinfo__pi_2", h.as_str()]
+            ["gpio__pi-1", "sysinfo__pi-1", "sysinfo__pi_2"]
         );
-        // The colliding device (ids sort `pi.2` first) is left out, not renamed.
-        assert!(all.iter().all(|t| t.device != hostile_id));
+        // The colliding devices are both left out, not renamed, whichever
+        // sorts first.
+        assert!(all
+            .iter()
+            .all(|t| t.device != hostile_id && t.device != "pi.2"));
+        let z = format!("{}z", "a".repeat(60));
+        let zname = tool_name("sysinfo", &z);
+        let taker = zname["sysinfo__".len()..].to_string();
+        assert!(taker < z);
+        let t = fleet([(z.as_str(), &b[..]), (taker.as_str(), &b[..])]);
+        assert!(t.is_empty(), "{t:?}");
         assert_eq!(
             serde_json::to_value(&all[0].effects).unwrap(),
             json!({"when": [{"field": "body", "values": []}]})
@@ -287,12 +344,21 @@ mod tests {
             "exec",
             r#"{"type":"object","title":{"x":1},"$schema":7,"description":"run\u001b[2J it","properties":{"command":{"type":"string","description":"a\u0007b"}}}"#,
         );
-        d.description = "clears\u{1b}[2J the screen\nsecond line".into();
+        d.description = "clears\u{1b}[2J the\u{202e} screen\u{200b}\nsecond line\u{e0041}".into();
+        let hidden_prop = decl(
+            "gpio",
+            r#"{"type":"object","properties":{"pin\u202e":{"type":"string"}}}"#,
+        );
+        let hidden_enum = decl("file", r#"{"type":"string","enum":["read","\u001b[31m"]}"#);
         let (ok, bad) = accept(Catalog {
-            plugins: vec![d, decl("a__b", "{}")],
+            plugins: vec![d, decl("a__b", "{}"), hidden_prop, hidden_enum],
         });
         assert_eq!(ok.len(), 1, "{bad:?}");
         assert!(bad[0].contains("a__b"), "{bad:?}");
+        assert!(
+            bad[1].contains("invisible") && bad[2].contains("invisible"),
+            "{bad:?}"
+        );
         let t = &ok[0];
         assert_eq!(t.effects, Effects::Always);
         assert_eq!(t.description, "clears[2J the screen\nsecond line");

@@ -224,6 +224,8 @@ def hostile():
                      "params": {"name": "sysinfo__dev-a", "arguments": [1]}}).encode(), 200, -32602),
         (json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list",
                      "params": {"cursor": 3}}).encode(), 200, -32602),
+        (json.dumps({"jsonrpc": "2.0", "id": "i" * 300, "method": "ping"}).encode(), 400, -32600),
+        (json.dumps({"jsonrpc": "2.0", "id": 1, "method": 7}).encode(), 400, -32600),
         (b"{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"ping\", \"params\": {\"p\": \""
          + b"x" * (2 << 20) + b"\"}}", 413, -32600),
     ]
