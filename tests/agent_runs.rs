@@ -114,33 +114,13 @@ fn a_forged_catalog_is_checked_and_bad_entries_are_left_out() {
 mod with_a_model {
     use super::*;
     use serde_json::Value;
-    use std::path::Path;
-    use std::path::PathBuf;
     use std::process::Command;
     use std::time::{Duration, Instant};
 
-    const MODEL: &str = "qwen2.5-coder-0.5b-instruct";
-
-    fn gguf() -> PathBuf {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/llm/cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-        assert!(
-            p.exists(),
-            "{} is missing: run `cargo run --bin openclaw-admin -- models fetch {MODEL}` \
-             (scripts/test.sh does)",
-            p.display()
-        );
-        p
-    }
+    const MODEL: &str = common::QWEN;
 
     fn node_config() -> String {
-        gguf();
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llm");
-        format!(
-            "[plugins.llm]\nmodels_dir = {:?}\nthreads = 1\n\
-             [plugins.llm.models.\"{MODEL}\"]\ncontext = 4096\nslots = 1\n",
-            dir.display().to_string()
-        )
+        common::qwen_node_config(4096, 1)
     }
 
     struct Rig {

@@ -12,34 +12,15 @@ mod llama_server;
 
 use common::{Agent, Server};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+const MODEL: &str = common::QWEN;
 const NODE: &str = "heavy-1";
 
-fn gguf() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/llm/cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo run --bin openclaw-admin -- models fetch {MODEL}` \
-         (scripts/test.sh does)",
-        p.display()
-    );
-    p
-}
-
-/// One llama.cpp thread: two on two busy cores fall from ~30 to ~1 token/s.
 fn node_config() -> String {
-    gguf();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llm");
-    format!(
-        "[plugins.llm]\nmodels_dir = {:?}\nthreads = 1\n\
-         [plugins.llm.models.\"{MODEL}\"]\ncontext = 2048\nslots = 2\n",
-        dir.display().to_string()
-    )
+    common::qwen_node_config(2048, 2)
 }
 
 struct Rig {

@@ -559,3 +559,26 @@ pub fn offline_token(dir: &Path, role: &str, extra: &[&str]) -> String {
     assert!(token.starts_with("oc_"), "{token}");
     token
 }
+
+/// The chat model the `llm` tests run (the real Qwen2.5-Coder-0.5B-Instruct
+/// GGUF, fetched by `openclaw-admin models fetch`).
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
+
+/// The heavy node's config for [`QWEN`] with `context` tokens and `slots`
+/// sequences; fails, saying how to fetch it, when the GGUF is missing.
+/// One llama.cpp thread: two on two busy cores fall from ~30 to ~1 token/s.
+pub fn qwen_node_config(context: u32, slots: u32) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llm");
+    let gguf = dir.join("cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    assert!(
+        gguf.exists(),
+        "{} is missing: run `cargo run --bin openclaw-admin -- models fetch {QWEN}` \
+         (scripts/test.sh does)",
+        gguf.display()
+    );
+    format!(
+        "[plugins.llm]\nmodels_dir = {:?}\nthreads = 1\n\
+         [plugins.llm.models.\"{QWEN}\"]\ncontext = {context}\nslots = {slots}\n",
+        dir.display().to_string()
+    )
+}
