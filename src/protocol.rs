@@ -460,7 +460,18 @@ pub enum ToAgent {
     /// Send your catalog ([`FromAgent::Catalog`]): the server asks when it
     /// sees a device come online whose plugins it does not know yet.
     Describe,
+    /// Say which tasks you hold ([`FromAgent::Holding`]): the server asks
+    /// when a device's status counts more tasks than it has open there.
+    /// A cancel the broker dropped (its log for a lagging subscriber rolls
+    /// over), or one never sent because the task had gone back to the
+    /// queue when the device was away, left the agent working on tasks
+    /// nobody wanted, in slots new work waited for.
+    ListTasks,
 }
+
+/// Most task ids one [`FromAgent::Holding`] lists: an agent holds at most
+/// `max_concurrency` (64) plus `queue_capacity` (256) tasks.
+pub const MAX_HELD_TASKS: usize = 512;
 
 /// Most plugins one catalog may list.
 pub const MAX_CATALOG_PLUGINS: usize = 256;
@@ -602,6 +613,13 @@ pub enum FromAgent {
     },
     /// Its plugins with their schemas, in answer to [`ToAgent::Describe`].
     Catalog(Catalog),
+    /// The tasks it holds (running or waiting), in answer to
+    /// [`ToAgent::ListTasks`]; the server cancels those it has closed.
+    /// At most [`MAX_HELD_TASKS`] (the agent sends no more).
+    Holding {
+        #[serde(deserialize_with = "capped_vec")]
+        tasks: Vec<String>,
+    },
 }
 
 /// A device's heartbeat, retained on [`topics::status`]. The last will is

@@ -91,7 +91,7 @@ fn task_id(m: &FromAgent) -> &str {
         | FromAgent::Rejected { task_id, .. }
         | FromAgent::Chunk { task_id, .. } => task_id,
         FromAgent::Finished(o) => &o.task_id,
-        FromAgent::Catalog(_) => "",
+        FromAgent::Catalog(_) | FromAgent::Holding { .. } => "",
     }
 }
 

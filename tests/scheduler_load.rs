@@ -220,3 +220,49 @@ fn a_scheduler_that_cannot_go_on_ends_the_process() {
         .expect("the server kept running without its scheduler");
     assert!(!status.success(), "{status:?}");
 }
+
+/// Session 14's MCP flood: an agent kept working on tasks the server had
+/// cancelled, and took no new work for minutes. Here the cancels never
+/// reach it: the agent is stopped (SIGSTOP) until the server gives it up,
+/// which puts its tasks back in the queue, and they are cancelled there,
+/// where nothing is sent to a device. (The other way there: the broker's
+/// log for a device's topic rolls over while the agent lags, dropping
+/// what it had not delivered yet.) Back, its heartbeat counts 20 tasks
+/// where the server has none open: the server asks which, and cancels
+/// them there. Without that, it ran 20 sleeps of 10 minutes.
+#[test]
+fn an_agent_holding_tasks_whose_cancel_it_missed_lets_them_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let cfg = "max_concurrency = 4\nqueue_capacity = 16\n\
+               [plugins.exec.commands.nap]\nprogram = \"/bin/sleep\"\nargs = [\"600\"]\n";
+    let agent = Agent::start(dir.path(), "napper", &server.broker(), cfg);
+    server.wait_online("napper");
+    let nap = || {
+        let mut r = task("exec", json!({"command": "nap"}));
+        r.timeout_ms = Some(700_000);
+        r
+    };
+    let ids: Vec<String> = (0..20).map(|_| server.submit(nap())).collect();
+    let holds = |n: u32, m: u32| {
+        move |d: &[openclaw::protocol::api::DeviceView]| {
+            d.iter()
+                .any(|d| d.id == "napper" && d.online && d.running == n && d.queued == m)
+        }
+    };
+    server.wait_devices("napper running 4 and holding 16 more", holds(4, 16));
+    agent.signal(libc::SIGSTOP);
+    server.wait_offline("napper");
+    for id in &ids {
+        let t = server.client.cancel(id).expect("cancel");
+        assert_eq!(t.state, TaskState::Cancelled);
+    }
+    agent.signal(libc::SIGCONT);
+    server.wait_online("napper");
+    server.wait_devices("napper holding nothing", holds(0, 0));
+    // And it takes new work at once.
+    let id = server.submit(task("echo", json!("after")));
+    let t = server.wait(&id);
+    assert!(common::succeeded(&t), "{t:?}");
+    assert_eq!(t.device.as_deref(), Some("napper"));
+}

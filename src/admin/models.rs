@@ -29,6 +29,7 @@
 //! later fetch (a fresh clone in CI) hard-links or copies from there, after
 //! checking the cached file's sha256, instead of downloading again.
 
+use crate::hex;
 use crate::plugins::http::{platform_tls_config, tls_failure, Roots};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -322,8 +323,6 @@ fn load_manifests(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, FetchError> {
     }
     Ok(out)
 }
-
-use crate::hex;
 
 /// sha256 and size of a file.
 fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {

@@ -361,14 +361,7 @@ impl Agent {
         // at the next start. A `Released` the disk refuses makes this stop a
         // crash for that task: the server re-queues it, and the next start
         // runs it again (docs/plugins.md).
-        let handed_back: Vec<String> = m
-            .running
-            .keys()
-            .cloned()
-            .chain(m.inbox.iter().map(|t| t.id.clone()))
-            .chain(m.suspects.iter().map(|t| t.id.clone()))
-            .chain(m.parked.iter().map(|(t, _)| t.id.clone()))
-            .collect();
+        let handed_back: Vec<String> = m.held().collect();
         for (token, _) in m.running.values() {
             token.cancel();
         }
@@ -724,6 +717,11 @@ impl Manager {
                 // Not journaled: the server asks again if it is lost.
                 self.publish_event(&FromAgent::Catalog(self.registry.catalog()));
             }
+            ToAgent::ListTasks => {
+                // Not journaled either: asked again while the counts differ.
+                let tasks = self.held().take(protocol::MAX_HELD_TASKS).collect();
+                self.publish_event(&FromAgent::Holding { tasks });
+            }
             ToAgent::ResultAck { task_id } => {
                 if self.outbox.remove(&task_id).is_some() {
                     // Unsynced: if it is lost, the result is sent once more
@@ -1035,6 +1033,17 @@ impl Manager {
                 .collect(),
         };
         self.journal.compact(&journal::snapshot_records(&state))
+    }
+
+    /// The ids of the tasks this agent holds: running (not those finished
+    /// and still stopping), waiting, interrupted by a crash, or parked.
+    fn held(&self) -> impl Iterator<Item = String> + '_ {
+        self.running
+            .keys()
+            .cloned()
+            .chain(self.inbox.iter().map(|t| t.id.clone()))
+            .chain(self.suspects.iter().map(|t| t.id.clone()))
+            .chain(self.parked.iter().map(|(t, _)| t.id.clone()))
     }
 
     /// Tasks holding a slot: running, or finished but still stopping.

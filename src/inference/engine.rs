@@ -1,5 +1,6 @@
 //! Loading, caching and running models.
 
+use crate::hex;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -245,8 +246,6 @@ fn computes_f16(model: &TypedModel) -> bool {
             .any(|o| o.fact.datum_type == DatumType::F16)
     })
 }
-
-use crate::hex;
 
 /// Cache counters, for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -17,6 +17,7 @@
 //! `context * slots` tokens, not unified), so a sequence never runs out of
 //! KV cells because of the others.
 
+use crate::hex;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -184,8 +185,6 @@ fn backend() -> Result<&'static LlamaBackend, LlmError> {
             message: format!("llama.cpp backend: {e}"),
         })
 }
-
-use crate::hex;
 
 /// Checks a model file's size, then its sha256, against the manifest.
 fn check_file(m: &LlmManifest, path: &std::path::Path) -> Result<(), LlmError> {

@@ -493,7 +493,7 @@ async fn call(
         },
     };
     let offline = found.is_none();
-    let Some(tool) = found.or_else(|| all.into_iter().find(|t| t.name == name)) else {
+    let unknown = || {
         let e = McpError::Params(format!(
             "unknown tool `{}`: tools/list names the ones there are",
             name.escape_debug()
@@ -502,9 +502,17 @@ async fn call(
                 .take(100)
                 .collect::<String>()
         ));
-        return error_reply(&id, &e);
+        error_reply(&id, &e)
     };
-    if offline && !online.contains(&tool.device) {
+    let Some(tool) = found.or_else(|| all.into_iter().find(|t| t.name == name)) else {
+        return unknown();
+    };
+    if offline {
+        if online.contains(&tool.device) {
+            // Named only among all devices' tools though its device is
+            // online: tools/list left it out (a name two tools share there).
+            return unknown();
+        }
         let text = format!(
             "device `{}` is offline: tool `{}` cannot run until it is back",
             tool.device, tool.name
@@ -580,16 +588,7 @@ async fn call(
         token,
     };
     tokio::spawn(stream.run(pending, task));
-    let mut r = Response::new(Body::new(ChannelBody(rx)));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // nginx and its kin would hold the keep-alive comments back.
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    r
+    ChannelBody::event_stream(rx)
 }
 
 /// Submits the tool's task and writes its audit row; the two go together

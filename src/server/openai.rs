@@ -496,15 +496,9 @@ async fn chat(
     };
     guard.disarm();
     tokio::spawn(sse.run(first, rx));
-    let mut resp = Response::new(Body::new(ChannelBody(body_rx)));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let mut resp = ChannelBody::event_stream(body_rx);
     if let Ok(v) = HeaderValue::from_str(&id) {
-        h.insert("openclaw-task", v);
+        resp.headers_mut().insert("openclaw-task", v);
     }
     Ok(resp)
 }
@@ -734,6 +728,23 @@ pub(crate) async fn send_event(
 }
 
 pub(crate) struct ChannelBody(pub(crate) mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl ChannelBody {
+    /// A `text/event-stream` response of what `rx` receives, uncached and
+    /// not buffered by a proxy (nginx and its kin would hold keep-alive
+    /// comments and chunks back).
+    pub(crate) fn event_stream(rx: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Response {
+        let mut r = Response::new(Body::new(ChannelBody(rx)));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        r
+    }
+}
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;

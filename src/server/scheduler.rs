@@ -292,6 +292,10 @@ struct Device {
     tools: Option<Arc<[ToolView]>>,
     /// When the catalog was last asked for and not received yet.
     describe_asked: Option<Instant>,
+    /// When it was last asked which tasks it holds ([`ToAgent::ListTasks`]),
+    /// and whether that answer is still awaited (only an asked-for
+    /// `Holding` is read: each can make hundreds of cancels).
+    tasks_asked: Option<(Instant, bool)>,
 }
 
 impl Device {
@@ -349,6 +353,12 @@ impl Device {
 
 /// How long an unanswered `Describe` waits before it is sent again.
 const DESCRIBE_RETRY: Duration = Duration::from_secs(30);
+
+/// Least time between two [`ToAgent::ListTasks`] to one device. Its counts
+/// exceed ours for a moment in normal work too (a task still stopping
+/// after its result keeps its slot), so the ask is rate-limited rather
+/// than waited for.
+const LIST_TASKS_EVERY: Duration = Duration::from_secs(5);
 
 /// Scheduler state; lives in one task.
 pub struct Scheduler {
@@ -481,6 +491,7 @@ impl Scheduler {
                             busy_until: None,
                             tools: None,
                             describe_asked: None,
+                            tasks_asked: None,
                         },
                     );
                 }
@@ -1505,6 +1516,7 @@ impl Scheduler {
             topics::Kind::Results => {
                 match protocol::decode::<FromAgent>(&p.payload, self.max_payload) {
                     Ok(FromAgent::Catalog(c)) => self.on_catalog(&device, c),
+                    Ok(FromAgent::Holding { tasks }) => self.on_holding(&device, tasks),
                     Ok(msg) => self.on_agent(&device, msg)?,
                     Err(e) => log::warn!("malformed result on {}: {e}", p.topic),
                 }
@@ -1591,6 +1603,7 @@ impl Scheduler {
             busy_until: None,
             tools: None,
             describe_asked: None,
+            tasks_asked: None,
         });
         let was_online = dev.online;
         dev.online = online;
@@ -1608,6 +1621,19 @@ impl Scheduler {
                 dev.tools = None;
             }
         }
+        // It holds more than we have open there: a cancel did not reach it
+        // (see `ToAgent::ListTasks`). Its answer names them.
+        let held = (dev.status.running as usize).saturating_add(dev.status.queued as usize);
+        if online
+            && held > dev.assigned.len()
+            && dev
+                .tasks_asked
+                .is_none_or(|(at, _)| now.duration_since(at) >= LIST_TASKS_EVERY)
+        {
+            dev.tasks_asked = Some((now, true));
+            self.publish(topics::tasks(&id), protocol::encode(&ToAgent::ListTasks));
+        }
+        let dev = self.devices.get_mut(&id).expect("inserted above");
         if online && dev.wants_catalog(now) {
             dev.describe_asked = Some(now);
             self.publish(topics::tasks(&id), protocol::encode(&ToAgent::Describe));
@@ -1621,6 +1647,45 @@ impl Scheduler {
             self.device_lost(&id, "device went offline")?;
         }
         Ok(())
+    }
+
+    /// The tasks a device says it holds: those closed here (finished,
+    /// cancelled, timed out, or unknown) are cancelled there. Tasks still
+    /// open but taken from it (re-queued while it was away, or running
+    /// elsewhere) are left: their first result still wins.
+    fn on_holding(&mut self, device: &str, tasks: Vec<String>) {
+        let Some(dev) = self.devices.get_mut(device) else {
+            return;
+        };
+        match &mut dev.tasks_asked {
+            Some((_, awaited @ true)) => *awaited = false,
+            _ => {
+                log::debug!("device {device}: a task list it was not asked for; ignored");
+                return;
+            }
+        }
+        let mut closed = Vec::new();
+        for id in tasks.into_iter().take(protocol::MAX_HELD_TASKS) {
+            if id.len() <= protocol::MAX_TASK_ID_BYTES
+                && !self.tasks.contains_key(&id)
+                && !closed.contains(&id)
+            {
+                closed.push(id);
+            }
+        }
+        if closed.is_empty() {
+            return;
+        }
+        log::info!(
+            "device {device} holds {} task(s) closed here (their cancel was lost or never sent); cancelling them there",
+            closed.len()
+        );
+        for task_id in closed {
+            self.publish(
+                topics::tasks(device),
+                protocol::encode(&ToAgent::Cancel { task_id }),
+            );
+        }
     }
 
     /// A device's plugins with their schemas, on its own results topic
@@ -1740,6 +1805,7 @@ impl Scheduler {
             FromAgent::Chunk { task_id, .. } => ("Chunk", task_id),
             // Not about a task (the event loop hands it over before).
             FromAgent::Catalog(_) => ("Catalog", &String::new()),
+            FromAgent::Holding { .. } => ("Holding", &String::new()),
         };
         if self.tasks.contains_key(about.1) && !self.sent_to(about.1, device) {
             let (what, id) = (about.0, about.1.clone());
@@ -1880,6 +1946,7 @@ impl Scheduler {
                 }
             }
             FromAgent::Catalog(c) => self.on_catalog(device, c),
+            FromAgent::Holding { tasks } => self.on_holding(device, tasks),
         }
         Ok(())
     }
@@ -2747,6 +2814,82 @@ mod tests {
         tokio::time::advance(Duration::from_millis(200)).await;
         s.on_tick().unwrap();
         assert_eq!(sent(s), 2);
+    }
+
+    /// Session 14's MCP flood: an agent kept working on tasks whose cancel
+    /// never reached it, and took no new work for minutes. A status that
+    /// counts more tasks than are open there gets a `ListTasks` (at most
+    /// every 5 s); the answer's closed tasks are cancelled there, open ones
+    /// left, and an answer nobody asked for is ignored.
+    #[tokio::test(start_paused = true)]
+    async fn a_device_holding_closed_tasks_is_told_to_cancel_them() {
+        let mut r = rig();
+        let s = &mut r.s;
+        let to_a = |s: &Scheduler| -> Vec<ToAgent> {
+            s.effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Publish { topic, payload, .. } if topic == &topics::tasks("a") => {
+                        protocol::decode::<ToAgent>(payload, usize::MAX).ok()
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let asks = |s: &Scheduler| {
+            to_a(s)
+                .iter()
+                .filter(|m| matches!(m, ToAgent::ListTasks))
+                .count()
+        };
+        heartbeat(s, &status("a", &[], 2));
+        let open = submit(s, long_req());
+        s.dispatch().unwrap();
+        // Counts that match what is open there: nothing asked.
+        let mut st = status("a", &[], 2);
+        st.running = 1;
+        heartbeat(s, &st);
+        assert_eq!(asks(s), 0);
+        // Three more than open: asked once, not again within 5 s.
+        st.queued = 3;
+        heartbeat(s, &st);
+        tokio::time::advance(Duration::from_millis(4900)).await;
+        heartbeat(s, &st);
+        assert_eq!(asks(s), 1);
+        let holding = |tasks: &[&str]| {
+            protocol::encode(&FromAgent::Holding {
+                tasks: tasks.iter().map(|t| t.to_string()).collect(),
+            })
+        };
+        let finished = submit(s, long_req());
+        s.cancel(&finished).unwrap().unwrap();
+        let cancels = |s: &Scheduler| -> Vec<String> {
+            to_a(s)
+                .into_iter()
+                .filter_map(|m| match m {
+                    ToAgent::Cancel { task_id } => Some(task_id),
+                    _ => None,
+                })
+                .collect()
+        };
+        let from_a = |s: &mut Scheduler, payload: Vec<u8>| {
+            let p = Publish::new(topics::results("a"), QoS::AtLeastOnce, payload);
+            s.handle(Command::Mqtt(MqttEvent::Message(p))).unwrap();
+        };
+        let before = cancels(s).len();
+        let answer = holding(&[&open, &finished, "gone-1", "gone-1"]);
+        from_a(s, answer.clone());
+        assert_eq!(
+            cancels(s)[before..],
+            [finished.clone(), "gone-1".to_string()],
+            "closed ones only, once each"
+        );
+        // Answered: a second copy (or a forger's) changes nothing.
+        from_a(s, answer.clone());
+        assert_eq!(cancels(s).len(), before + 2);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        heartbeat(s, &st);
+        assert_eq!(asks(s), 2, "asked again after 5 s while the counts differ");
     }
 
     #[tokio::test(start_paused = true)]

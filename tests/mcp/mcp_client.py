@@ -160,6 +160,22 @@ async def main_phase():
     ok("no_token_401")
 
 
+def wait_running(plugin):
+    """Until a task of `plugin` runs (GET /v1/tasks?state=running)."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        req = urllib.request.Request(f"{base}/v1/tasks?state=running")
+        req.add_header("Authorization", f"Bearer {viewer_token}")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            tasks = json.loads(r.read().decode())
+        if isinstance(tasks, dict):
+            tasks = tasks.get("tasks", [])
+        if any(t.get("plugin") == plugin for t in tasks):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no `{plugin}` task running within 30 s")
+
+
 def notification_cancels():
     """A call in JSON mode (no event stream) cancelled by
     `notifications/cancelled`, the way 2025 clients cancel."""
@@ -171,7 +187,7 @@ def notification_cancels():
 
     th = threading.Thread(target=call)
     th.start()
-    time.sleep(1.5)  # the call reaches its task (the Rust side checks the task's end)
+    wait_running("exec")  # the call has its task (the Rust side checks the task's end)
     status, _, text = raw({"jsonrpc": "2.0", "method": "notifications/cancelled",
                            "params": {"requestId": "nap-by-notification", "reason": "test"}},
                           accept="application/json")
