@@ -719,13 +719,32 @@ impl Releases {
         if rolling.is_empty() && self.store.ids(None).map_err(|e| e.to_string())?.is_empty() {
             return Ok(());
         }
-        let devices = Self::devices(self.sched.clone())
-            .await
-            .map_err(|e| e.to_string())?;
         // A paused rollout still follows the devices it offered it to (a
         // device on trial must be confirmed, or it rolls back), but offers
         // it to nobody new.
         let paused = self.store.ids(Some("paused")).map_err(|e| e.to_string())?;
+        // Only the devices a pass looks at (those of live rollouts, and any
+        // on trial), not a copy of the whole fleet every second.
+        let mut followed = std::collections::HashSet::new();
+        for id in rolling.iter().chain(&paused) {
+            for t in self.store.targets(id).map_err(|e| e.to_string())? {
+                followed.insert(t.device);
+            }
+        }
+        let wanted: super::scheduler::DevicePick = Box::new(move |id, s| {
+            followed.contains(id)
+                || s.update
+                    .as_ref()
+                    .is_some_and(|u| u.state == UpdateState::Trial)
+        });
+        let devices: HashMap<String, DeviceView> = self
+            .sched
+            .ask(|resp| SchedCommand::DevicesWhere { wanted, resp })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect();
         for id in rolling.iter().chain(&paused) {
             self.advance(id, &devices).map_err(|e| e.to_string())?;
         }

@@ -87,6 +87,9 @@ pub struct Health {
     pub forged_statuses: u64,
 }
 
+/// Which devices a [`Command::DevicesWhere`] wants.
+pub type DevicePick = Box<dyn Fn(&str, &DeviceStatus) -> bool + Send>;
+
 /// What the scheduler can be asked.
 pub enum Command {
     Submit {
@@ -113,6 +116,12 @@ pub enum Command {
         resp: oneshot::Sender<Result<TaskView, ApiError>>,
     },
     Devices {
+        resp: oneshot::Sender<Vec<DeviceView>>,
+    },
+    /// The views of the devices `wanted` picks (by id and status): a
+    /// caller that follows a few devices often does not copy them all.
+    DevicesWhere {
+        wanted: DevicePick,
         resp: oneshot::Sender<Vec<DeviceView>>,
     },
     Health {
@@ -929,6 +938,15 @@ impl Scheduler {
             },
             Command::Devices { resp } => {
                 let _ = resp.send(self.devices.values().map(Device::view).collect());
+            }
+            Command::DevicesWhere { wanted, resp } => {
+                let _ = resp.send(
+                    self.devices
+                        .iter()
+                        .filter(|(id, d)| wanted(id, &d.status))
+                        .map(|(_, d)| d.view())
+                        .collect(),
+                );
             }
             Command::Health { resp } => {
                 let in_flight = self.tasks.len() - self.queue.len();
