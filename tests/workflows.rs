@@ -162,7 +162,12 @@ fn a_dag_of_plugin_steps_runs_with_templated_inputs_to_its_checked_output() {
 fn independent_steps_run_at_the_same_time() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("srv"), &[]);
-    let _a = Agent::start(dir.path(), "dev-a", &server.broker(), &gated_exec(dir.path()));
+    let _a = Agent::start(
+        dir.path(),
+        "dev-a",
+        &server.broker(),
+        &gated_exec(dir.path()),
+    );
     server.wait_online("dev-a");
     let wf = r#"
 name = "fan-out"
@@ -283,7 +288,12 @@ fn bad_workflows_are_refused_at_submission_naming_the_step_and_nothing_is_stored
 fn a_failing_step_fails_the_run_skips_its_dependents_and_cancels_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("srv"), &[]);
-    let _a = Agent::start(dir.path(), "dev-a", &server.broker(), &gated_exec(dir.path()));
+    let _a = Agent::start(
+        dir.path(),
+        "dev-a",
+        &server.broker(),
+        &gated_exec(dir.path()),
+    );
     server.wait_online("dev-a");
     let wf = r#"
 name = "breaks"
@@ -327,10 +337,33 @@ input = "{{ steps.bad.output }}"
 }
 
 #[test]
+fn retries_are_further_attempts_of_the_steps_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let _a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
+    server.wait_online("dev-a");
+    let wf = "name = \"flaky\"\n[[steps]]\nid = \"f\"\nplugin = \"echo\"\nretries = 2\n\
+              input = { fail = \"flaky\", retryable = true }\n";
+    let id = start(&server, wf, json!({})).unwrap();
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "failed", "{v:#}");
+    let f = step(&v, "f");
+    assert_eq!(f["attempts"], 3, "{v:#}");
+    let t = server.client.task(&task_id(&v, "f"), None).unwrap();
+    assert_eq!((t.attempts, t.max_attempts), (3, 3));
+    assert!(f["error"].as_str().unwrap().contains("flaky"), "{v:#}");
+}
+
+#[test]
 fn a_run_survives_a_server_sigkill_without_resubmitting_its_steps() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("srv"), &[]);
-    let _a = Agent::start(dir.path(), "dev-a", &server.broker(), &gated_exec(dir.path()));
+    let _a = Agent::start(
+        dir.path(),
+        "dev-a",
+        &server.broker(),
+        &gated_exec(dir.path()),
+    );
     server.wait_online("dev-a");
     let wf = r#"
 name = "durable"
@@ -365,7 +398,11 @@ input = { n = "{{ steps.first.output.n }}", out = "{{ steps.held.output.stdout }
     open_gate(dir.path(), "a");
     let v = wait_end(&server, &id);
     assert_eq!(v["state"], "succeeded", "{v:#}");
-    assert_eq!(task_id(&v, "first"), first, "the finished step kept its task");
+    assert_eq!(
+        task_id(&v, "first"),
+        first,
+        "the finished step kept its task"
+    );
     assert_eq!(task_id(&v, "held"), held, "the running step was waited for");
     assert_eq!(v["output"], json!({"last": {"n": 7, "out": "opened-a\n"}}));
     let tasks = server.client.list(None, 100).unwrap();

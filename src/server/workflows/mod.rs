@@ -567,6 +567,13 @@ schema = { type = "object" }
     }
 
     #[test]
+    fn the_example_file_passes_the_check() {
+        let c = check(include_str!("../../../examples/workflows/inventory.toml")).unwrap();
+        assert_eq!(c.deps.len(), 4);
+        assert_eq!(sinks(&c.deps), vec![3]);
+    }
+
+    #[test]
     fn a_longer_cycle_is_named_whole() {
         let deps = vec![vec![1], vec![2], vec![3], vec![1]];
         assert_eq!(find_cycle(&deps), Some(vec![1, 2, 3, 1]));
