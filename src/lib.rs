@@ -29,7 +29,9 @@
 //!   device's catalog (`server::tools`), the MCP server over them
 //!   (`server::mcp`), agent runs: a language model
 //!   planning through those tools, with approvals, stored step by step
-//!   (`server::runs`), and the data-dir lock that keeps a second server
+//!   (`server::runs`), workflows: TOML DAGs of plugin and model steps,
+//!   each a stored task, resumed after a restart (`server::workflows`),
+//!   and the data-dir lock that keeps a second server
 //!   off the same store.
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
@@ -38,7 +40,8 @@
 //!   agent updates: what the admin signs, the server serves and the agent
 //!   verifies before it installs (`agent::ota`).
 //! - [`admin`] (feature `admin`): the HTTP client behind `openclaw-admin`
-//!   (agent runs followed as they happen: `admin::agent`),
+//!   (agent runs and workflow runs followed as they happen: `admin::agent`,
+//!   `admin::workflow`),
 //!   cross builds and flashing, model downloads, and `init` (a new
 //!   installation's CA, certificates, token and configs).
 //!

@@ -122,12 +122,42 @@ impl Client {
         printed: &mut std::collections::HashSet<String>,
     ) -> Result<Option<Value>, AdminError> {
         let url = format!("{}/v1/agent/runs/{id}/events", self.base);
-        let mut resp = self.get(&url).call().map_err(|e| AdminError::Unreachable {
-            url: url.clone(),
+        self.read_events(&url, &mut |event, v| {
+            match event {
+                "step" => {
+                    if let Some(l) = step_line(&v) {
+                        if printed.insert(l.clone()) {
+                            let _ = writeln!(out, "{l}");
+                        }
+                    }
+                }
+                "state" if v["state"] == "awaiting_approval" => {
+                    let _ = writeln!(
+                        out,
+                        "    waiting for approval: `openclaw-admin agent approve {id}` or `deny {id}`"
+                    );
+                }
+                "end" => return Some(v),
+                _ => {}
+            }
+            let _ = out.flush();
+            None
+        })
+    }
+
+    /// Reads the server-sent events at `url`, handing each (name, data) to
+    /// `on` until it returns a value; `None` when the stream ended first.
+    pub(crate) fn read_events(
+        &self,
+        url: &str,
+        on: &mut dyn FnMut(&str, Value) -> Option<Value>,
+    ) -> Result<Option<Value>, AdminError> {
+        let mut resp = self.get(url).call().map_err(|e| AdminError::Unreachable {
+            url: url.to_string(),
             message: e.to_string(),
         })?;
         let bad = |m: String| AdminError::BadAnswer {
-            url: url.clone(),
+            url: url.to_string(),
             message: m,
         };
         let status = resp.status().as_u16();
@@ -154,31 +184,16 @@ impl Client {
                 continue;
             };
             let v: Value = serde_json::from_str(data).map_err(|e| bad(e.to_string()))?;
-            match event.as_str() {
-                "step" => {
-                    if let Some(l) = step_line(&v) {
-                        if printed.insert(l.clone()) {
-                            let _ = writeln!(out, "{l}");
-                        }
-                    }
-                }
-                "state" if v["state"] == "awaiting_approval" => {
-                    let _ = writeln!(
-                        out,
-                        "    waiting for approval: `openclaw-admin agent approve {id}` or `deny {id}`"
-                    );
-                }
-                "end" => return Ok(Some(v)),
-                _ => {}
+            if let Some(end) = on(&event, v) {
+                return Ok(Some(end));
             }
-            let _ = out.flush();
         }
         // The stream ended without `end` (the server stopping).
         Ok(None)
     }
 }
 
-fn short(v: &Value, max: usize) -> String {
+pub(crate) fn short(v: &Value, max: usize) -> String {
     let s = match v {
         Value::String(s) => s.clone(),
         v => v.to_string(),

@@ -2,7 +2,8 @@
 //! cross build ([`build`]) and device install ([`flash`]) of the agent, and
 //! the model files' download from PyPI ([`models`]), the chat client of
 //! the OpenAI gateway ([`chat`]) and a new installation's CA, certificates,
-//! token and configs ([`init`]).
+//! token and configs ([`init`]); agent runs ([`agent`]) and workflow runs
+//! ([`workflow`]) followed as they happen.
 
 pub mod agent;
 pub mod bench;
@@ -13,6 +14,7 @@ pub mod flash;
 pub mod init;
 pub mod models;
 pub mod release;
+pub mod workflow;
 
 use crate::protocol::api::{DeviceView, ErrorBody, SubmitRequest, SubmitResponse, TaskView};
 use serde::de::DeserializeOwned;

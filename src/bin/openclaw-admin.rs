@@ -159,6 +159,9 @@ enum Cmd {
     /// Agent runs: a language model planning through the fleet's plugins.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Workflows: steps with dependencies, each a task (docs/workflows.md).
+    #[command(subcommand)]
+    Workflow(WorkflowCmd),
     /// The fleet's plugins as tools, with their schemas (`GET /v1/tools`).
     Tools,
     /// Device identities on the embedded broker (`mqtt.auth = "required"`),
@@ -239,6 +242,34 @@ enum Device {
         #[arg(long)]
         data_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum WorkflowCmd {
+    /// Submit a workflow file and print each step's progress, then the
+    /// output; exits non-zero unless the run succeeds.
+    Run {
+        /// The workflow file (TOML).
+        file: PathBuf,
+        /// An input's value, KEY=VALUE (JSON if it parses, else text); repeatable.
+        #[arg(long = "input", value_name = "KEY=VALUE")]
+        inputs: Vec<String>,
+        /// Follow the run to its end (the default).
+        #[arg(long, overrides_with = "no_wait")]
+        wait: bool,
+        /// Print the run's id and return at once.
+        #[arg(long, overrides_with = "wait")]
+        no_wait: bool,
+    },
+    /// A run with its steps.
+    Show { id: String },
+    /// The newest runs.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Cancel a run and its running tasks.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand)]
@@ -620,6 +651,111 @@ fn device_cmd(d: Device, server: &str, json: bool) -> anyhow::Result<()> {
 }
 
 /// `release keygen|create|deploy|list|show`.
+fn workflow_cmd(client: &Client, w: WorkflowCmd, json: bool) -> anyhow::Result<()> {
+    use admin::workflow::{parse_input, step_line};
+    let print = |v: &serde_json::Value| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+            return Ok(());
+        }
+        println!(
+            "workflow run {} ({}): {}",
+            v["id"].as_str().unwrap_or("?"),
+            v["name"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?")
+        );
+        for s in v["steps"].as_array().into_iter().flatten() {
+            match step_line(s) {
+                Some(l) => println!("{l}"),
+                None => println!("[{}] waiting", s["id"].as_str().unwrap_or("?")),
+            }
+        }
+        if !v["output"].is_null() {
+            println!("output: {}", serde_json::to_string_pretty(&v["output"])?);
+        }
+        if let Some(e) = v["error"].as_str() {
+            println!("error: {e}");
+        }
+        Ok(())
+    };
+    match w {
+        WorkflowCmd::Run {
+            file,
+            inputs,
+            wait: _,
+            no_wait,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let mut given = serde_json::Map::new();
+            for kv in &inputs {
+                let (k, v) = parse_input(kv)?;
+                given.insert(k, v);
+            }
+            let id = client
+                .workflow_start(&text, &given)
+                .with_context(|| format!("{}: the run was not started", file.display()))?;
+            if no_wait {
+                if json {
+                    println!("{}", serde_json::json!({"id": id, "state": "running"}));
+                } else {
+                    println!("{id}");
+                }
+                return Ok(());
+            }
+            let mut sink: Box<dyn std::io::Write> = if json {
+                Box::new(std::io::sink())
+            } else {
+                println!("workflow run {id}");
+                Box::new(std::io::stdout())
+            };
+            let end = client
+                .workflow_follow(&id, &mut sink)
+                .with_context(|| format!("lost the workflow run {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&end)?);
+            } else if end["state"] == "succeeded" {
+                println!("output: {}", serde_json::to_string_pretty(&end["output"])?);
+            }
+            if end["state"] != "succeeded" {
+                bail!(
+                    "workflow run {id} {}: {}",
+                    end["state"].as_str().unwrap_or("?"),
+                    end["error"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        WorkflowCmd::Show { id } => print(
+            &client
+                .workflow_get(&id, None)
+                .with_context(|| format!("workflow run {id}"))?,
+        ),
+        WorkflowCmd::Cancel { id } => print(
+            &client
+                .workflow_cancel(&id)
+                .with_context(|| format!("workflow run {id}"))?,
+        ),
+        WorkflowCmd::List { limit } => {
+            let v = client.workflow_list(limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<22} {:<10} NAME", "ID", "STATE");
+                for r in v["runs"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<22} {:<10} {}",
+                        r["id"].as_str().unwrap_or("?"),
+                        r["state"].as_str().unwrap_or("?"),
+                        r["name"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 fn agent_cmd(client: &Client, a: AgentCmd, json: bool) -> anyhow::Result<()> {
     let print = |v: &serde_json::Value| -> anyhow::Result<()> {
         if json {
@@ -936,6 +1072,7 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Token(t) => token_cmd(&client, t, args.json)?,
         Cmd::Release(r) => release_cmd(&client, r, args.json)?,
         Cmd::Agent(a) => agent_cmd(&client, a, args.json)?,
+        Cmd::Workflow(w) => workflow_cmd(&client, w, args.json)?,
         Cmd::Tools => {
             let t = client.tools().context("cannot list the tools")?;
             if args.json {

@@ -15,6 +15,7 @@ pub mod scheduler;
 pub mod store;
 pub mod streams;
 pub mod tools;
+pub mod workflows;
 
 pub use config::ServerConfig;
 
@@ -54,6 +55,8 @@ pub enum ServerError {
     Releases(#[from] releases::ReleasesError),
     #[error(transparent)]
     Runs(#[from] runs::RunsError),
+    #[error(transparent)]
+    Workflows(#[from] workflows::WorkflowsError),
     /// The scheduler ended on its own (an error, or a panic): the process
     /// must end too, rather than leave HTTP answering 503 forever.
     #[error("scheduler stopped: {0}")]
@@ -218,6 +221,8 @@ pub async fn run(
     )?;
     let mut rel_task = tokio::spawn(rel.run(rel_rx, shutdown.clone()));
     let agent_runs = runs::Runs::open(&cfg.storage.data_dir, handle.clone(), shutdown.clone())?;
+    let workflow_runs =
+        workflows::Workflows::open(&cfg.storage.data_dir, handle.clone(), shutdown.clone())?;
     let app =
         http::router(
             handle,
@@ -233,7 +238,10 @@ pub async fn run(
                 auth.clone(),
                 auth::check,
             )),
-        );
+        )
+        .merge(workflows::router(workflow_runs, auth.clone()).layer(
+            axum::middleware::from_fn_with_state(auth.clone(), auth::check),
+        ));
     let serve = http::serve(listener, app, &cfg.http, shutdown.clone());
     let mut sched_task = sched_task;
     // A scheduler that ends on its own ends the process (issue 15): HTTP

@@ -319,7 +319,7 @@ impl Runs {
                 retry_after_s: 5,
             });
         }
-        let id = new_id();
+        let id = new_id("run");
         let now = crate::now_ms();
         let view = RunView {
             id: id.clone(),
@@ -735,44 +735,11 @@ impl Runs {
     }
 
     async fn submit(&self, req: SubmitRequest) -> Result<String, ApiError> {
-        let sched = self.0.sched.clone();
-        // Not dropped midway: a submitted task's id must reach the store.
-        tokio::spawn(async move { sched.submit(req).await })
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?
-            .map(|r| r.id)
+        submit_whole(&self.0.sched, req).await
     }
 
     async fn wait_task(&self, id: &str, left: Duration, cancel: &CancellationToken) -> Waited {
-        let until = tokio::time::Instant::now() + left;
-        loop {
-            let slice = until
-                .saturating_duration_since(tokio::time::Instant::now())
-                .min(Duration::from_secs(30));
-            if slice.is_zero() {
-                return Waited::Gone(format!("task {id} did not end within the run's timeout"));
-            }
-            let got = tokio::select! {
-                r = super::http::wait_for(&self.0.sched, id, slice) => r,
-                () = cancel.cancelled() => {
-                    if !self.0.shutdown.is_cancelled() {
-                        let sched = self.0.sched.clone();
-                        let id = id.to_string();
-                        tokio::spawn(async move {
-                            let _ = sched.ask(|resp| Command::Cancel { id, resp }).await;
-                        });
-                    }
-                    return Waited::Stopped;
-                }
-            };
-            match got {
-                Ok(Some(t)) if t.state.is_terminal() => return Waited::Done(Box::new(t)),
-                Ok(Some(_)) => {}
-                Ok(None) => return Waited::Gone(format!("task {id} is gone")),
-                // The scheduler busy or restarting: try again shortly.
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        wait_task(&self.0.sched, &self.0.shutdown, id, left, cancel).await
     }
 
     /// A run's view: live, else from the store.
@@ -855,13 +822,64 @@ impl Runs {
     }
 }
 
+/// Submits `req` on a task of its own, so that the caller being dropped
+/// midway cannot lose the id of a task that was made: the id must reach
+/// the caller's store. (Shared by agent runs and workflows.)
+pub(crate) async fn submit_whole(
+    sched: &SchedulerHandle,
+    req: SubmitRequest,
+) -> Result<String, ApiError> {
+    let sched = sched.clone();
+    tokio::spawn(async move { sched.submit(req).await })
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map(|r| r.id)
+}
+
+/// Waits up to `left` for task `id` to end. `cancel` cancels the task too
+/// unless `shutdown` is what fired (then it is left to run, for the next
+/// start to wait on). A scheduler busy or restarting is asked again.
+pub(crate) async fn wait_task(
+    sched: &SchedulerHandle,
+    shutdown: &CancellationToken,
+    id: &str,
+    left: Duration,
+    cancel: &CancellationToken,
+) -> Waited {
+    let until = tokio::time::Instant::now() + left;
+    loop {
+        let slice = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(Duration::from_secs(30));
+        if slice.is_zero() {
+            return Waited::Gone(format!("task {id} did not end within the run's timeout"));
+        }
+        let got = tokio::select! {
+            r = super::http::wait_for(sched, id, slice) => r,
+            () = cancel.cancelled() => {
+                if !shutdown.is_cancelled() {
+                    super::openai::cancel_later(sched.clone(), id.to_string());
+                }
+                return Waited::Stopped;
+            }
+        };
+        match got {
+            Ok(Some(t)) if t.state.is_terminal() => return Waited::Done(Box::new(t)),
+            Ok(Some(_)) => {}
+            Ok(None) => return Waited::Gone(format!("task {id} is gone")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// Why a driver stopped without an end to store.
 enum Stop {
     Shutdown,
     Store(String),
 }
 
-enum Waited {
+/// How waiting for a task ended.
+pub(crate) enum Waited {
     Done(Box<TaskView>),
     /// Cancelled (or the server stopping).
     Stopped,
@@ -1004,9 +1022,10 @@ fn check_request(r: &RunRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn new_id() -> String {
+/// A new random id, `PREFIX-` and 16 hex digits.
+pub(crate) fn new_id(prefix: &str) -> String {
     let r = super::auth::tokens::random_hex(8).unwrap_or_else(|_| format!("{:x}", crate::now_ms()));
-    format!("run-{r}")
+    format!("{prefix}-{r}")
 }
 
 // ---- HTTP ----

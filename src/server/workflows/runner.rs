@@ -1,0 +1,952 @@
+//! Running workflows: one driver task per run submits every step whose
+//! dependencies have succeeded (so independent steps run in parallel),
+//! each as a task through the scheduler like any other, and waits for
+//! them. A step's task id is stored as soon as it exists; after a restart
+//! the driver waits for tasks already submitted and never submits a
+//! finished step again. (A crash between a submission and the write of
+//! its id, a few milliseconds, submits that one step again, as agent runs
+//! do.) A failed step fails the run: the steps that were running are
+//! cancelled (one that still succeeds keeps its output), the rest are
+//! `skipped`. The routes are at the end of this file.
+
+use super::store::{RunSummary, WorkflowStore};
+use super::template::Context;
+use super::{Checked, DefinitionError, StepDef, Workflow, WorkflowsError, MAX_FILE_BYTES};
+use crate::llm::{ChatMessage, ChatRequest, Completion, JsonSchemaSpec, ResponseFormat};
+use crate::protocol::api::{SubmitRequest, TaskState};
+use crate::schema::Schema;
+use crate::server::auth::{Auth, Caller};
+use crate::server::openai::LLM_CAPABILITY;
+use crate::server::runs::{submit_whole, wait_task, Waited};
+use crate::server::scheduler::{ApiError, Command, SchedulerHandle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value as J};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Runs in progress at once.
+pub const MAX_LIVE_RUNS: usize = 1024;
+/// How long a step's task is waited for (its own timeout ends it first).
+const STEP_WAIT: Duration = Duration::from_secs(400 * 24 * 3600);
+/// After a cancel, how long a running task's end is waited for.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkflowState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl WorkflowState {
+    pub fn is_terminal(self) -> bool {
+        self != WorkflowState::Running
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkflowState::Running => "running",
+            WorkflowState::Succeeded => "succeeded",
+            WorkflowState::Failed => "failed",
+            WorkflowState::Cancelled => "cancelled",
+        }
+    }
+    pub(crate) fn parse(s: &str) -> WorkflowState {
+        match s {
+            "running" => WorkflowState::Running,
+            "succeeded" => WorkflowState::Succeeded,
+            "cancelled" => WorkflowState::Cancelled,
+            _ => WorkflowState::Failed,
+        }
+    }
+}
+
+/// Where a step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Its dependencies have not all succeeded yet.
+    Waiting,
+    /// Submitted (its task exists once `task_id` is set).
+    Running,
+    Succeeded,
+    Failed,
+    /// Never ran: the run failed or was cancelled first.
+    Skipped,
+    Cancelled,
+}
+
+impl StepState {
+    fn is_terminal(self) -> bool {
+        !matches!(self, StepState::Waiting | StepState::Running)
+    }
+}
+
+/// A step as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepView {
+    pub id: String,
+    pub state: StepState,
+    pub task_id: Option<String>,
+    pub device: Option<String>,
+    pub attempts: u32,
+    pub output: Option<J>,
+    pub error: Option<String>,
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunView {
+    pub id: String,
+    pub name: String,
+    pub state: WorkflowState,
+    pub inputs: J,
+    pub steps: Vec<StepView>,
+    pub output: Option<J>,
+    pub error: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+struct Live {
+    view: watch::Sender<RunView>,
+    cancel: CancellationToken,
+}
+
+struct Inner {
+    store: Mutex<WorkflowStore>,
+    sched: SchedulerHandle,
+    live: Mutex<HashMap<String, Live>>,
+    shutdown: CancellationToken,
+}
+
+/// The workflow runs of a server.
+#[derive(Clone)]
+pub struct Workflows(Arc<Inner>);
+
+/// Why a driver stopped without an end to store.
+enum Stop {
+    Shutdown,
+    Store(String),
+}
+
+type End = (WorkflowState, Option<J>, Option<String>);
+
+impl Workflows {
+    /// Opens `DATA/workflows.db` and resumes every run in progress.
+    pub fn open(
+        data_dir: &Path,
+        sched: SchedulerHandle,
+        shutdown: CancellationToken,
+    ) -> Result<Workflows, WorkflowsError> {
+        let store = WorkflowStore::open(data_dir)?;
+        let open = store.open_runs()?;
+        let w = Workflows(Arc::new(Inner {
+            store: Mutex::new(store),
+            sched,
+            live: Mutex::new(HashMap::new()),
+            shutdown,
+        }));
+        for (view, wf) in open {
+            match wf.check() {
+                Ok(c) => {
+                    log::info!("workflow run {}: resuming", view.id);
+                    w.spawn(view, c);
+                }
+                Err(e) => {
+                    // Checked at submission: only a changed checker gets here.
+                    let s = w.0.store.lock().unwrap_or_else(|p| p.into_inner());
+                    let msg = format!("its definition no longer passes the check: {e}");
+                    log::error!("workflow run {}: {msg}", view.id);
+                    s.finish(&view.id, WorkflowState::Failed, None, Some(&msg))?;
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.0.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&WorkflowStore) -> Result<T, WorkflowsError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let inner = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let s = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&s)
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("workflow store: {e}")))?
+        .map_err(|e| ApiError::Unavailable(e.to_string()))
+    }
+
+    /// Checks a definition and its inputs, stores the run, starts it.
+    pub async fn start(&self, wf: Workflow, given: Map<String, J>) -> Result<RunView, ApiError> {
+        let bad = |e: DefinitionError| ApiError::BadRequest(e.to_string());
+        let checked = wf.check().map_err(bad)?;
+        let inputs = checked.wf.inputs_with(&given).map_err(bad)?;
+        self.check_fleet(&checked.wf).await?;
+        if self.lock_live().len() >= MAX_LIVE_RUNS {
+            return Err(ApiError::Busy {
+                message: format!("{MAX_LIVE_RUNS} workflow runs are in progress; retry later"),
+                retry_after_s: 5,
+            });
+        }
+        let now = crate::now_ms();
+        let view = RunView {
+            id: crate::server::runs::new_id("wf"),
+            name: checked.wf.name.clone(),
+            state: WorkflowState::Running,
+            inputs: J::Object(inputs),
+            steps: checked
+                .wf
+                .steps
+                .iter()
+                .map(|s| StepView {
+                    id: s.id.clone(),
+                    state: StepState::Waiting,
+                    task_id: None,
+                    device: None,
+                    attempts: 0,
+                    output: None,
+                    error: None,
+                })
+                .collect(),
+            output: None,
+            error: None,
+            created_ms: now,
+            updated_ms: now,
+        };
+        {
+            let (v, w) = (view.clone(), checked.wf.clone());
+            self.blocking(move |s| s.create(&v, &w)).await?;
+        }
+        log::info!(
+            "workflow run {}: `{}` started ({} steps)",
+            view.id,
+            view.name,
+            view.steps.len()
+        );
+        self.spawn(view.clone(), checked);
+        Ok(view)
+    }
+
+    /// Refuses a plugin or model no known device (online or not) offers,
+    /// as the scheduler refuses such a task, but before anything runs.
+    /// A templated target or capability is checked when its task is
+    /// submitted.
+    async fn check_fleet(&self, wf: &Workflow) -> Result<(), ApiError> {
+        let devices = self.0.sched.ask(|resp| Command::Devices { resp }).await?;
+        let literal = |s: &Option<String>| s.clone().filter(|s| !s.contains("{{"));
+        for s in &wf.steps {
+            let target = literal(&s.target);
+            let on =
+                |d: &&crate::protocol::api::DeviceView| target.as_ref().is_none_or(|t| *t == d.id);
+            let (ok, what) = match (&s.plugin, &s.model) {
+                (Some(p), _) => {
+                    let cap = literal(&s.capability);
+                    let ok = devices.iter().filter(on).any(|d| {
+                        d.plugins.contains(p)
+                            && cap.as_ref().is_none_or(|c| d.capabilities.contains(c))
+                    });
+                    (ok, format!("plugin `{p}`"))
+                }
+                (None, Some(m)) => {
+                    let cap = format!("{LLM_CAPABILITY}{m}");
+                    let ok = devices
+                        .iter()
+                        .filter(on)
+                        .any(|d| d.capabilities.contains(&cap));
+                    (ok, format!("model `{m}`"))
+                }
+                (None, None) => (true, String::new()),
+            };
+            if !ok {
+                let r#where = match &target {
+                    Some(t) => format!("device `{t}` (known) does not offer it"),
+                    None => "no known device offers it".into(),
+                };
+                return Err(ApiError::BadRequest(format!(
+                    "step `{}`: {what}: {where}",
+                    s.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, view: RunView, checked: Checked) {
+        let (view_tx, _) = watch::channel(view.clone());
+        let cancel = self.0.shutdown.child_token();
+        self.lock_live().insert(
+            view.id.clone(),
+            Live {
+                view: view_tx.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let w = self.clone();
+        tokio::spawn(async move {
+            let id = view.id.clone();
+            let end = w.drive(&checked, &view_tx, &cancel).await;
+            match end {
+                Err(Stop::Shutdown) => {}
+                Err(Stop::Store(e)) => {
+                    log::error!("workflow run {id}: stopped: {e}; it resumes at the next start")
+                }
+                Ok((state, output, error)) => {
+                    let (i, o, e) = (id.clone(), output.clone(), error.clone());
+                    match w
+                        .blocking(move |s| s.finish(&i, state, o.as_ref(), e.as_deref()))
+                        .await
+                    {
+                        Ok(()) => {
+                            log::info!("workflow run {id}: {}", state.as_str());
+                            view_tx.send_modify(|v| {
+                                v.state = state;
+                                v.output = output;
+                                v.error = error;
+                                v.updated_ms = crate::now_ms();
+                            });
+                        }
+                        Err(err) => log::error!("workflow run {id}: its end not stored: {err}"),
+                    }
+                }
+            }
+            w.lock_live().remove(&id);
+        });
+    }
+
+    /// Stores step `n` and shows it.
+    async fn put(
+        &self,
+        view: &watch::Sender<RunView>,
+        steps: &mut [StepView],
+        n: usize,
+        s: StepView,
+    ) -> Result<(), Stop> {
+        let id = view.borrow().id.clone();
+        let st = s.clone();
+        self.blocking(move |store| store.put_step(&id, n, &st))
+            .await
+            .map_err(|e| Stop::Store(e.to_string()))?;
+        steps[n] = s.clone();
+        view.send_modify(|v| {
+            v.steps[n] = s;
+            v.updated_ms = crate::now_ms();
+        });
+        Ok(())
+    }
+
+    /// The run, to its end.
+    async fn drive(
+        &self,
+        c: &Checked,
+        view: &watch::Sender<RunView>,
+        cancel: &CancellationToken,
+    ) -> Result<End, Stop> {
+        let (mut steps, inputs) = {
+            let v = view.borrow();
+            (
+                v.steps.clone(),
+                v.inputs.as_object().cloned().unwrap_or_default(),
+            )
+        };
+        let n = steps.len();
+        // Waiters report here; `tasks` cancels them (and their tasks).
+        let (tx, mut rx) = mpsc::channel::<(usize, Waited)>(n.max(1));
+        let tasks = cancel.child_token();
+        let mut live: HashSet<usize> = HashSet::new();
+        for (i, s) in steps.clone().into_iter().enumerate() {
+            match (s.state, &s.task_id) {
+                (StepState::Running, Some(t)) => {
+                    self.wait_in_background(i, t.clone(), &tx, &tasks);
+                    live.insert(i);
+                }
+                // Stored as submitted but its id never was: submitted again.
+                (StepState::Running, None) => {
+                    let mut s = s;
+                    s.state = StepState::Waiting;
+                    self.put(view, &mut steps, i, s).await?;
+                }
+                _ => {}
+            }
+        }
+        let mut failure: Option<String> = steps.iter().find_map(|s| {
+            (s.state == StepState::Failed)
+                .then(|| format!("step `{}`: {}", s.id, s.error.clone().unwrap_or_default()))
+        });
+        if failure.is_some() {
+            tasks.cancel();
+        }
+        let mut cancelled = false;
+        loop {
+            if failure.is_none() && !cancelled && !cancel.is_cancelled() {
+                let ready: Vec<usize> = (0..n)
+                    .filter(|&i| {
+                        steps[i].state == StepState::Waiting
+                            && c.deps[i]
+                                .iter()
+                                .all(|&d| steps[d].state == StepState::Succeeded)
+                    })
+                    .collect();
+                let outputs = outputs(&steps);
+                for i in ready {
+                    let ctx = Context {
+                        inputs: &inputs,
+                        outputs: &outputs,
+                    };
+                    let def = &c.wf.steps[i];
+                    let mut s = steps[i].clone();
+                    let req = match submission(def, &ctx) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            s.state = StepState::Failed;
+                            s.error = Some(e.clone());
+                            self.put(view, &mut steps, i, s).await?;
+                            failure = Some(format!("step `{}`: {e}", def.id));
+                            break;
+                        }
+                    };
+                    s.state = StepState::Running;
+                    self.put(view, &mut steps, i, s.clone()).await?;
+                    match submit_whole(&self.0.sched, req).await {
+                        Ok(task) => {
+                            log::info!(
+                                "workflow run {}: step {} is task {task}",
+                                view.borrow().id,
+                                def.id
+                            );
+                            s.task_id = Some(task.clone());
+                            self.put(view, &mut steps, i, s).await?;
+                            self.wait_in_background(i, task, &tx, &tasks);
+                            live.insert(i);
+                        }
+                        Err(e) => {
+                            let e = format!("not submitted: {e}");
+                            s.state = StepState::Failed;
+                            s.error = Some(e.clone());
+                            self.put(view, &mut steps, i, s).await?;
+                            failure = Some(format!("step `{}`: {e}", def.id));
+                            break;
+                        }
+                    }
+                }
+                if failure.is_some() {
+                    tasks.cancel();
+                }
+            }
+            if live.is_empty() {
+                break;
+            }
+            tokio::select! {
+                got = rx.recv() => {
+                    let Some((i, waited)) = got else { break };
+                    live.remove(&i);
+                    if self.0.shutdown.is_cancelled() {
+                        return Err(Stop::Shutdown);
+                    }
+                    let stopping = failure.is_some() || cancelled;
+                    let s = finished(&c.wf.steps[i], steps[i].clone(), waited, stopping);
+                    if s.state == StepState::Failed && failure.is_none() {
+                        failure = Some(format!(
+                            "step `{}`: {}",
+                            s.id,
+                            s.error.clone().unwrap_or_default()
+                        ));
+                        tasks.cancel();
+                    }
+                    self.put(view, &mut steps, i, s).await?;
+                }
+                () = cancel.cancelled(), if !cancelled => {
+                    if self.0.shutdown.is_cancelled() {
+                        return Err(Stop::Shutdown);
+                    }
+                    cancelled = true;
+                }
+            }
+        }
+        if self.0.shutdown.is_cancelled() {
+            return Err(Stop::Shutdown);
+        }
+        if cancel.is_cancelled() {
+            cancelled = true;
+        }
+        for i in 0..n {
+            if !steps[i].state.is_terminal() {
+                let mut s = steps[i].clone();
+                s.state = StepState::Skipped;
+                self.put(view, &mut steps, i, s).await?;
+            }
+        }
+        if cancelled {
+            return Ok((WorkflowState::Cancelled, None, Some("cancelled".into())));
+        }
+        if let Some(f) = failure {
+            return Ok((WorkflowState::Failed, None, Some(f)));
+        }
+        match final_output(c, &inputs, &outputs(&steps)) {
+            Ok(o) => Ok((WorkflowState::Succeeded, Some(o), None)),
+            Err(e) => Ok((WorkflowState::Failed, None, Some(e))),
+        }
+    }
+
+    /// Waits for step `i`'s task on a task of its own; reports on `tx`.
+    /// Stopped by `tasks` (not by the shutdown), it cancels the task and
+    /// reports how it ended.
+    fn wait_in_background(
+        &self,
+        i: usize,
+        task: String,
+        tx: &mpsc::Sender<(usize, Waited)>,
+        tasks: &CancellationToken,
+    ) {
+        let (w, tx, tasks) = (self.clone(), tx.clone(), tasks.clone());
+        tokio::spawn(async move {
+            let sched = &w.0.sched;
+            let shutdown = &w.0.shutdown;
+            let mut got = wait_task(sched, shutdown, &task, STEP_WAIT, &tasks).await;
+            if matches!(got, Waited::Stopped) && !shutdown.is_cancelled() {
+                let never = CancellationToken::new();
+                got = wait_task(sched, shutdown, &task, CANCEL_WAIT, &never).await;
+                if let Waited::Gone(_) = got {
+                    got = Waited::Stopped;
+                }
+            }
+            let _ = tx.send((i, got)).await;
+        });
+    }
+
+    /// A run's view: live, else from the store.
+    pub async fn get(&self, id: &str) -> Result<Option<RunView>, ApiError> {
+        if let Some(l) = self.lock_live().get(id) {
+            return Ok(Some(l.view.borrow().clone()));
+        }
+        let id = id.to_string();
+        self.blocking(move |s| s.get(&id)).await
+    }
+
+    /// Waits until the run has ended or `wait` has passed.
+    pub async fn wait(&self, id: &str, wait: Duration) -> Result<Option<RunView>, ApiError> {
+        let rx = self.lock_live().get(id).map(|l| l.view.subscribe());
+        let Some(mut rx) = rx else {
+            return self.get(id).await;
+        };
+        let stopped = matches!(
+            tokio::time::timeout(wait, rx.wait_for(|v| v.state.is_terminal())).await,
+            Ok(Err(_))
+        );
+        if stopped {
+            // The driver stopped (the server is stopping): the store has it.
+            return self.get(id).await;
+        }
+        let v = rx.borrow().clone();
+        Ok(Some(v))
+    }
+
+    fn watch(&self, id: &str) -> Option<watch::Receiver<RunView>> {
+        self.lock_live().get(id).map(|l| l.view.subscribe())
+    }
+
+    /// Cancels a run in progress and its running tasks.
+    pub async fn cancel(&self, id: &str) -> Result<RunView, ApiError> {
+        let c = self.lock_live().get(id).map(|l| l.cancel.clone());
+        match c {
+            Some(c) => {
+                c.cancel();
+                self.wait(id, CANCEL_WAIT + Duration::from_secs(5))
+                    .await?
+                    .ok_or_else(|| ApiError::NotFound(format!("no workflow run `{id}`")))
+            }
+            None => match self.get(id).await? {
+                None => Err(ApiError::NotFound(format!("no workflow run `{id}`"))),
+                Some(v) => Err(ApiError::Conflict(format!(
+                    "workflow run `{id}` has ended ({})",
+                    v.state.as_str()
+                ))),
+            },
+        }
+    }
+
+    /// The newest runs.
+    pub async fn list(&self, limit: u32) -> Result<Vec<RunSummary>, ApiError> {
+        self.blocking(move |s| s.list(limit)).await
+    }
+}
+
+fn outputs(steps: &[StepView]) -> HashMap<String, J> {
+    steps
+        .iter()
+        .filter(|s| s.state == StepState::Succeeded)
+        .map(|s| (s.id.clone(), s.output.clone().unwrap_or(J::Null)))
+        .collect()
+}
+
+/// The task a step becomes, its templates rendered.
+fn submission(def: &StepDef, ctx: &Context) -> Result<SubmitRequest, String> {
+    let text = |v: &Option<String>, at: &str| -> Result<Option<String>, String> {
+        match v {
+            None => Ok(None),
+            Some(s) => match ctx.render(&J::String(s.clone()), at)? {
+                J::String(s) => Ok(Some(s)),
+                other => Err(format!("`{at}`: expected text, the template gave {other}")),
+            },
+        }
+    };
+    let mut req = match (&def.plugin, &def.model) {
+        (Some(p), _) => {
+            let input = match &def.input {
+                Some(i) => ctx.render(i, "input")?,
+                None => J::Null,
+            };
+            let mut r = SubmitRequest::new(p.clone(), input);
+            r.capability = text(&def.capability, "capability")?;
+            r
+        }
+        (None, Some(m)) => {
+            let mut messages = Vec::new();
+            if let Some(s) = text(&def.system, "system")? {
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: s,
+                    name: None,
+                });
+            }
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: text(&def.prompt, "prompt")?.unwrap_or_default(),
+                name: None,
+            });
+            let chat = ChatRequest {
+                model: m.clone(),
+                messages,
+                max_tokens: Some(def.max_tokens.unwrap_or(256)),
+                temperature: Some(0.0),
+                top_p: None,
+                top_k: None,
+                seed: Some(0),
+                stop: Vec::new(),
+                response_format: def.schema.as_ref().map(|s| ResponseFormat::JsonSchema {
+                    json_schema: JsonSchemaSpec {
+                        name: Some(format!("step_{}", def.id.replace('-', "_"))),
+                        schema: s.clone(),
+                        strict: Some(true),
+                    },
+                }),
+            };
+            let mut r = SubmitRequest::new("llm", json!({"chat": chat, "stream": false}));
+            r.capability = Some(format!("{LLM_CAPABILITY}{m}"));
+            r
+        }
+        (None, None) => return Err("neither plugin nor model".into()),
+    };
+    req.target = text(&def.target, "target")?;
+    req.route = def.route;
+    req.priority = def.priority;
+    req.timeout_ms = def.timeout_ms;
+    req.max_attempts = def.retries.map(|r| r + 1);
+    Ok(req)
+}
+
+/// A step once its wait ended. `stopping`: the run is failing or being
+/// cancelled, so a task that did not succeed was (most likely) cancelled.
+fn finished(def: &StepDef, mut s: StepView, waited: Waited, stopping: bool) -> StepView {
+    match waited {
+        Waited::Done(t) => {
+            s.device = t.device.clone();
+            s.attempts = t.attempts;
+            let task = t.id.clone();
+            match t.state {
+                TaskState::Succeeded => match step_output(def, t.result) {
+                    Ok(o) => {
+                        s.state = StepState::Succeeded;
+                        s.output = Some(o);
+                    }
+                    Err(e) => {
+                        s.state = StepState::Failed;
+                        s.error = Some(format!("task {task}: {e}"));
+                    }
+                },
+                TaskState::Cancelled => {
+                    s.state = StepState::Cancelled;
+                    s.error = Some(format!("task {task} was cancelled"));
+                }
+                st => {
+                    s.state = if stopping && st == TaskState::Failed {
+                        // Cancelled while queued ends `failed` too: either
+                        // way the run is already ending.
+                        StepState::Cancelled
+                    } else {
+                        StepState::Failed
+                    };
+                    s.error = Some(format!(
+                        "task {task} ended {}: {}",
+                        st.as_str(),
+                        t.error.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        Waited::Stopped => {
+            s.state = StepState::Cancelled;
+            s.error = Some("cancelled".into());
+        }
+        Waited::Gone(e) => {
+            s.state = StepState::Failed;
+            s.error = Some(e);
+        }
+    }
+    s
+}
+
+/// What a step's task gave, as the step's output: a plugin's result as it
+/// is; a model's text, or with a `schema` the JSON it holds, checked.
+fn step_output(def: &StepDef, result: Option<J>) -> Result<J, String> {
+    if def.model.is_none() {
+        return Ok(result.unwrap_or(J::Null));
+    }
+    let c: Completion = serde_json::from_value(result.unwrap_or(J::Null))
+        .map_err(|e| format!("not a completion: {e}"))?;
+    let Some(schema) = &def.schema else {
+        return Ok(J::String(c.text));
+    };
+    let v: J = serde_json::from_str(c.text.trim())
+        .map_err(|e| format!("the model's reply is not JSON ({e}): {:?}", c.text))?;
+    check_schema(schema, &v).map_err(|e| format!("the model's reply: {e}"))?;
+    Ok(v)
+}
+
+fn check_schema(schema: &J, v: &J) -> Result<(), String> {
+    let s = Schema::from_json(schema).map_err(|e| format!("schema: {e}"))?;
+    let val = crate::protocol::Value::try_from_json(v)?;
+    s.validate(&val).map_err(|e| e.to_string())
+}
+
+fn final_output(
+    c: &Checked,
+    inputs: &Map<String, J>,
+    outputs: &HashMap<String, J>,
+) -> Result<J, String> {
+    let ctx = Context { inputs, outputs };
+    let out = c.wf.output.as_ref();
+    let value = match out.and_then(|o| o.value.as_ref()) {
+        Some(v) => ctx.render(v, "output.value")?,
+        None => J::Object(
+            super::sinks(&c.deps)
+                .into_iter()
+                .map(|i| {
+                    let id = &c.wf.steps[i].id;
+                    (id.clone(), outputs.get(id).cloned().unwrap_or(J::Null))
+                })
+                .collect(),
+        ),
+    };
+    if let Some(schema) = out.and_then(|o| o.schema.as_ref()) {
+        check_schema(schema, &value).map_err(|e| format!("output: {e}"))?;
+    }
+    Ok(value)
+}
+
+// ---- HTTP ----
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path as UrlPath, Query, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+type WState = State<(Workflows, Arc<Auth>)>;
+
+/// `POST /v1/workflows/runs` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRequest {
+    /// The file's TOML text, or its data as a JSON object.
+    workflow: J,
+    #[serde(default)]
+    inputs: Map<String, J>,
+}
+
+/// The routes: `POST /v1/workflows/runs`, `GET /v1/workflows/runs[?limit=N]`,
+/// `GET /v1/workflows/runs/{id}[?wait_ms=N]`, `GET
+/// /v1/workflows/runs/{id}/events` (server-sent events) and `POST
+/// /v1/workflows/runs/{id}/cancel`.
+pub fn router(w: Workflows, auth: Arc<Auth>) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/workflows/runs", post(create).get(list))
+        .route("/v1/workflows/runs/{id}", get(one))
+        .route("/v1/workflows/runs/{id}/events", get(events))
+        .route("/v1/workflows/runs/{id}/cancel", post(cancel))
+        .with_state((w, auth))
+}
+
+async fn create(
+    State((w, auth)): WState,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
+    // The file plus its inputs and the JSON around them.
+    if body.len() > 2 * MAX_FILE_BYTES {
+        return Err(ApiError::TooLarge(format!(
+            "the request is {} bytes; at most {}",
+            body.len(),
+            2 * MAX_FILE_BYTES
+        )));
+    }
+    let req: StartRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid workflow run request: {e}")))?;
+    let bad = |e: DefinitionError| ApiError::BadRequest(e.to_string());
+    let wf = match req.workflow {
+        J::String(text) => Workflow::parse_toml(&text).map_err(bad)?,
+        v @ J::Object(_) => {
+            if v.to_string().len() > MAX_FILE_BYTES {
+                return Err(bad(DefinitionError::TooLarge {
+                    bytes: v.to_string().len(),
+                    max: MAX_FILE_BYTES,
+                }));
+            }
+            Workflow::from_json(v).map_err(bad)?
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "`workflow`: the file's TOML text, or its data as a JSON object".into(),
+            ))
+        }
+    };
+    let slot = auth.reserve_audit(&caller).map_err(ApiError::Unavailable)?;
+    let view = crate::server::http::detached(async move {
+        let v = w.start(wf, req.inputs).await?;
+        slot.record("workflow.run", &format!("{} ({})", v.id, v.name));
+        Ok(v)
+    })
+    .await?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({"id": view.id, "state": view.state})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+async fn list(
+    State((w, _)): WState,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    let runs = w.list(q.limit.unwrap_or(100).clamp(1, 1000)).await?;
+    Ok(Json(json!({ "runs": runs })).into_response())
+}
+
+async fn one(
+    State((w, _)): WState,
+    UrlPath(id): UrlPath<String>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    let v = match q.wait_ms {
+        Some(ms) => w.wait(&id, Duration::from_millis(ms.min(60_000))).await?,
+        None => w.get(&id).await?,
+    };
+    match v {
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(ApiError::NotFound(format!("no workflow run `{id}`"))),
+    }
+}
+
+async fn cancel(
+    State((w, auth)): WState,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let slot = auth.reserve_audit(&caller).map_err(ApiError::Unavailable)?;
+    let v = crate::server::http::detached(async move {
+        let v = w.cancel(&id).await?;
+        slot.record("workflow.cancel", &id);
+        Ok(v)
+    })
+    .await?;
+    Ok(Json(v).into_response())
+}
+
+/// Server-sent events: `step` (a step's view) each time a step changes,
+/// then `end` with the whole run.
+async fn events(State((w, _)): WState, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let live = w.watch(&id);
+    let first = match &live {
+        Some(l) => l.borrow().clone(),
+        None => w
+            .get(&id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no workflow run `{id}`")))?,
+    };
+    tokio::spawn(async move {
+        let ev = |name: &str, data: &J| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
+        let mut sent: Vec<Option<StepView>> = vec![None; first.steps.len()];
+        let mut view = first;
+        let mut live = live;
+        loop {
+            for (i, s) in view.steps.iter().enumerate() {
+                if sent.get(i).is_some_and(|x| x.as_ref() != Some(s)) {
+                    let j = serde_json::to_value(s).unwrap_or(J::Null);
+                    if tx.send(Ok(ev("step", &j))).await.is_err() {
+                        return;
+                    }
+                    sent[i] = Some(s.clone());
+                }
+            }
+            if view.state.is_terminal() {
+                let j = serde_json::to_value(&view).unwrap_or(J::Null);
+                let _ = tx.send(Ok(ev("end", &j))).await;
+                return;
+            }
+            let Some(l) = live.as_mut() else { return };
+            if l.changed().await.is_err() {
+                match w.get(&view.id).await {
+                    Ok(Some(v)) if v.state.is_terminal() => {
+                        view = v;
+                        live = None;
+                        continue;
+                    }
+                    _ => return, // the server is stopping
+                }
+            }
+            view = l.borrow_and_update().clone();
+        }
+    });
+    let mut resp = Response::new(axum::body::Body::new(crate::server::openai::ChannelBody(
+        rx,
+    )));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(resp)
+}
