@@ -152,6 +152,44 @@ pub struct Checked {
     pub deps: Vec<Vec<usize>>,
 }
 
+/// Most dotted parts of the keys on one line of a workflow file.
+pub const MAX_KEY_DOTS: usize = 64;
+
+/// Refuses lines with more than [`MAX_KEY_DOTS`] dots outside strings and
+/// not between two digits (a float's): the toml crate bounds the nesting
+/// of inline arrays and tables but not of dotted keys and headers, and
+/// `a.a.a...` 100,000 levels deep overflowed the stack when read (and
+/// dropped) recursively. A conservative scan: a string the scan takes for
+/// a key only makes a clear refusal, never a crash.
+fn check_key_depth(text: &str) -> Result<(), DefinitionError> {
+    for (n, line) in text.lines().enumerate() {
+        let b = line.as_bytes();
+        let (mut dots, mut quote) = (0usize, None::<u8>);
+        for (i, &c) in b.iter().enumerate() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None if c == b'"' || c == b'\'' => quote = Some(c),
+                None if c == b'#' => break,
+                None if c == b'.' => {
+                    let digit = |j: Option<&u8>| j.is_some_and(|c| c.is_ascii_digit());
+                    if !(i > 0 && digit(b.get(i - 1)) && digit(b.get(i + 1))) {
+                        dots += 1;
+                    }
+                }
+                None => {}
+            }
+        }
+        if dots > MAX_KEY_DOTS {
+            return Err(DefinitionError::Toml(format!(
+                "line {}: {dots} dotted key parts; at most {MAX_KEY_DOTS}",
+                n + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 const TOP_KEYS: &[&str] = &["name", "description", "inputs", "steps", "output"];
 
 impl Workflow {
@@ -163,6 +201,7 @@ impl Workflow {
                 max: MAX_FILE_BYTES,
             });
         }
+        check_key_depth(text)?;
         let v: J = toml::from_str(text).map_err(|e| DefinitionError::Toml(e.to_string()))?;
         Self::from_json(v)
     }
@@ -478,6 +517,35 @@ mod tests {
 
     fn check(toml: &str) -> Result<Checked, DefinitionError> {
         Workflow::parse_toml(toml)?.check()
+    }
+
+    /// From a review: 100,000 dotted key parts overflowed the stack. On a
+    /// 2 MiB thread, as tokio's are.
+    #[test]
+    fn deep_dotted_keys_are_refused_before_they_are_read() {
+        let deep = format!("name = \"w\"\n{}a = 1\n", "a.".repeat(100_000));
+        let header = format!("[{}a]\n", "a.".repeat(100_000));
+        let r = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                (
+                    Workflow::parse_toml(&deep).unwrap_err().to_string(),
+                    Workflow::parse_toml(&header).unwrap_err().to_string(),
+                )
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(r.0.contains("line 2: 100000 dotted key parts"), "{}", r.0);
+        assert!(r.1.contains("line 1: 100000 dotted key parts"), "{}", r.1);
+        // Floats and dots in strings are not key parts.
+        let floats: Vec<String> = (0..100).map(|i| format!("{i}.5")).collect();
+        let ok = format!(
+            "x = [{}]\ny = \"{}\"\n",
+            floats.join(", "),
+            "a.".repeat(100)
+        );
+        check_key_depth(&ok).unwrap();
     }
 
     #[test]

@@ -457,7 +457,13 @@ impl Workflows {
                     }
                     let stopping = failure.is_some() || cancelled;
                     let s = finished(&c.wf.steps[i], steps[i].clone(), waited, stopping);
-                    if s.state == StepState::Failed && failure.is_none() {
+                    // A step's task cancelled by someone else (the tasks
+                    // API) fails the run too: its dependents cannot run,
+                    // and the run must not end `succeeded` without them.
+                    if matches!(s.state, StepState::Failed | StepState::Cancelled)
+                        && failure.is_none()
+                        && !cancelled
+                    {
                         failure = Some(format!(
                             "step `{}`: {}",
                             s.id,

@@ -123,13 +123,44 @@ pub struct Context<'a> {
     pub outputs: &'a HashMap<String, J>,
 }
 
-impl Context<'_> {
-    fn lookup(&self, r: &Ref) -> Result<J, String> {
+/// Most bytes one rendering may make (a step's input, the final output):
+/// each reference copies what it names, so without a bound a request of
+/// 512 KiB naming a big input 20,000 times made gigabytes.
+pub const MAX_RENDERED_BYTES: usize = 4 << 20;
+
+/// About the bytes of `v` as JSON, stopping once past `limit`.
+fn json_size(v: &J, limit: usize) -> usize {
+    let mut n = 0usize;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        n = n.saturating_add(match v {
+            J::String(s) => s.len() + 2,
+            J::Array(a) => {
+                stack.extend(a.iter());
+                a.len() + 2
+            }
+            J::Object(o) => {
+                for (k, x) in o {
+                    n = n.saturating_add(k.len() + 4);
+                    stack.push(x);
+                }
+                2
+            }
+            _ => 8,
+        });
+        if n > limit {
+            return n;
+        }
+    }
+    n
+}
+
+impl<'a> Context<'a> {
+    fn lookup(&self, r: &Ref) -> Result<&'a J, String> {
         match r {
             Ref::Input(n) => self
                 .inputs
                 .get(n)
-                .cloned()
                 .ok_or_else(|| format!("`{r}`: no input `{n}`")),
             Ref::Step { id, path } => {
                 let mut v = self
@@ -155,26 +186,48 @@ impl Context<'_> {
                     })?;
                     at = format!("{at}.{p}");
                 }
-                Ok(v.clone())
+                Ok(v)
             }
         }
     }
 
-    /// `v` with its templates replaced; an error names the place.
+    /// `v` with its templates replaced; an error names the place. What it
+    /// makes is bounded by [`MAX_RENDERED_BYTES`].
     pub fn render(&self, v: &J, at: &str) -> Result<J, String> {
+        let mut left = MAX_RENDERED_BYTES;
+        self.render_in(v, at, &mut left)
+    }
+
+    fn charge(left: &mut usize, bytes: usize, at: &str) -> Result<(), String> {
+        *left = left.checked_sub(bytes).ok_or_else(|| {
+            format!("`{at}`: the rendered value is over {MAX_RENDERED_BYTES} bytes")
+        })?;
+        Ok(())
+    }
+
+    fn render_in(&self, v: &J, at: &str, left: &mut usize) -> Result<J, String> {
         match v {
             J::String(s) => {
                 let parts = parse(s).map_err(|e| format!("`{at}`: {e}"))?;
                 match parts.as_slice() {
-                    [Part::Ref(r)] => self.lookup(r).map_err(|e| format!("`{at}`: {e}")),
+                    [Part::Ref(r)] => {
+                        let v = self.lookup(r).map_err(|e| format!("`{at}`: {e}"))?;
+                        Self::charge(left, json_size(v, *left), at)?;
+                        Ok(v.clone())
+                    }
                     _ => {
                         let mut out = String::new();
                         for p in parts {
                             match p {
-                                Part::Text(t) => out.push_str(&t),
+                                Part::Text(t) => {
+                                    Self::charge(left, t.len(), at)?;
+                                    out.push_str(&t)
+                                }
                                 Part::Ref(r) => {
-                                    match self.lookup(&r).map_err(|e| format!("`{at}`: {e}"))? {
-                                        J::String(s) => out.push_str(&s),
+                                    let v = self.lookup(&r).map_err(|e| format!("`{at}`: {e}"))?;
+                                    Self::charge(left, json_size(v, *left), at)?;
+                                    match v {
+                                        J::String(s) => out.push_str(s),
                                         other => out.push_str(&other.to_string()),
                                     }
                                 }
@@ -187,13 +240,13 @@ impl Context<'_> {
             J::Array(a) => a
                 .iter()
                 .enumerate()
-                .map(|(i, x)| self.render(x, &format!("{at}[{i}]")))
+                .map(|(i, x)| self.render_in(x, &format!("{at}[{i}]"), left))
                 .collect::<Result<Vec<_>, _>>()
                 .map(J::Array),
             J::Object(o) => {
                 let mut m = Map::new();
                 for (k, x) in o {
-                    m.insert(k.clone(), self.render(x, &format!("{at}.{k}"))?);
+                    m.insert(k.clone(), self.render_in(x, &format!("{at}.{k}"), left)?);
                 }
                 Ok(J::Object(m))
             }
@@ -229,6 +282,33 @@ mod tests {
         assert!(
             e.contains("`input.x`") && e.contains("no field `nope`"),
             "{e}"
+        );
+    }
+
+    /// From a review: 20,000 references to a 200 KB input made 4 GB.
+    #[test]
+    fn what_a_rendering_makes_is_bounded() {
+        let inputs = json!({"x": "A".repeat(200_000)})
+            .as_object()
+            .unwrap()
+            .clone();
+        let outputs = HashMap::new();
+        let c = Context {
+            inputs: &inputs,
+            outputs: &outputs,
+        };
+        let many = J::Array(vec![json!("{{ inputs.x }}"); 20_000]);
+        let e = c.render(&many, "input").unwrap_err();
+        assert!(
+            e.contains("over 4194304 bytes") && e.contains("`input["),
+            "{e}"
+        );
+        let text = json!("{{ inputs.x }}".repeat(30));
+        assert!(c.render(&text, "input").unwrap_err().contains("over"));
+        // Under the bound, rendered.
+        assert_eq!(
+            c.render(&many[0], "input").unwrap().as_str().unwrap().len(),
+            200_000
         );
     }
 
