@@ -368,6 +368,8 @@ const DESCRIBE_RETRY: Duration = Duration::from_secs(30);
 /// after its result keeps its slot), so the ask is rate-limited rather
 /// than waited for.
 const LIST_TASKS_EVERY: Duration = Duration::from_secs(5);
+/// Added to [`LIST_TASKS_EVERY`] after an answer that named no closed task.
+const QUIET_LIST_TASKS: Duration = Duration::from_secs(55);
 
 /// Scheduler state; lives in one task.
 pub struct Scheduler {
@@ -1692,6 +1694,12 @@ impl Scheduler {
             }
         }
         if closed.is_empty() {
+            // Its counts exceed ours without a lost cancel (tasks still
+            // stopping after their result): ask a busy device once a
+            // minute, not every 5 s.
+            if let Some(dev) = self.devices.get_mut(device) {
+                dev.tasks_asked = Some((Instant::now() + QUIET_LIST_TASKS, false));
+            }
             return;
         }
         log::info!(
@@ -2908,6 +2916,14 @@ mod tests {
         tokio::time::advance(Duration::from_millis(200)).await;
         heartbeat(s, &st);
         assert_eq!(asks(s), 2, "asked again after 5 s while the counts differ");
+        // An answer naming nothing closed: asked again after a minute.
+        from_a(s, holding(&[&open]));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        heartbeat(s, &st);
+        assert_eq!(asks(s), 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        heartbeat(s, &st);
+        assert_eq!(asks(s), 3);
     }
 
     #[tokio::test(start_paused = true)]
