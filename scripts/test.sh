@@ -37,6 +37,8 @@ command -v mount >/dev/null 2>&1 || missing+=(mount)
 # libFuzzer (scripts/fuzz.sh) is C++.
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v socat >/dev/null 2>&1 || missing+=(socat)  # pty pair for the Modbus RTU test
+# The BOM fixtures (scripts/examples/make_bom_docs.py) render with DejaVu Sans.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 # llama.cpp (the `llm` feature, llama-cpp-sys-2): built with cmake, bound with bindgen.
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 # bindgen loads libclang.so or libclang-N.so*; libclang-cpp (which other
