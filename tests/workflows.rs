@@ -40,31 +40,12 @@ fn start(server: &Server, toml: &str, inputs: Value) -> Result<String, AdminErro
 
 /// Waits for the run to end; its view.
 fn wait_end(server: &Server, id: &str) -> Value {
-    let t = Instant::now();
-    loop {
-        let v = server.client.workflow_get(id, Some(5000)).unwrap();
-        if v["state"] != "running" {
-            return v;
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "{v:#}");
-    }
+    server.workflow_end(id, Duration::from_secs(120))
 }
 
 /// Waits until `pred` holds for the run's view.
 fn wait_view(server: &Server, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        if let Ok(v) = server.client.workflow_get(id, None) {
-            if pred(&v) {
-                return v;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "timed out waiting for {what}: {v:#}"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.workflow_until(id, what, Duration::from_secs(60), pred)
 }
 
 fn step<'a>(v: &'a Value, id: &str) -> &'a Value {
@@ -465,6 +446,158 @@ fn the_cli_runs_a_file_and_prints_each_step_and_the_output() {
     let out = admin(&["--json", "workflow", "show", &id]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["state"], "succeeded", "{v:#}");
+}
+
+const APPROVED: &str = r#"
+name = "approved"
+[[steps]]
+id = "look"
+plugin = "sysinfo"
+target = "dev-a"
+[[steps]]
+id = "act"
+plugin = "echo"
+target = "dev-a"
+approve = true
+input = { cpus = "{{ steps.look.output.cpus }}" }
+[[steps]]
+id = "after"
+plugin = "echo"
+input = { done = "{{ steps.act.output.cpus }}" }
+"#;
+
+fn awaiting(v: &Value, id: &str) -> bool {
+    step(v, id)["state"] == "awaiting_approval"
+}
+
+/// A step with `approve = true`: its call is rendered and shown, no task
+/// exists until an operator approves it (the CLI here), the wait survives
+/// a server SIGKILL, and approving what does not wait is refused.
+#[test]
+fn a_step_that_needs_approval_shows_its_call_and_runs_once_approved() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("srv"), &[]);
+    let _a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
+    server.wait_online("dev-a");
+    let id = start(&server, APPROVED, json!({})).unwrap();
+    let v = wait_view(&server, &id, "act awaiting approval", |v| {
+        awaiting(v, "act")
+    });
+    assert_eq!(v["state"], "running");
+    let act = step(&v, "act");
+    assert!(
+        act["task_id"].is_null(),
+        "no task before the approval: {v:#}"
+    );
+    let cpus = step(&v, "look")["output"]["cpus"].clone();
+    assert!(cpus.is_u64(), "{v:#}");
+    assert_eq!(
+        act["proposed"],
+        json!({"plugin": "echo", "input": {"cpus": cpus}, "target": "dev-a", "capability": null})
+    );
+    assert!(act["approval_deadline_ms"].as_u64().unwrap() > v["created_ms"].as_u64().unwrap());
+    assert_eq!(step(&v, "after")["state"], "waiting");
+
+    server.restart();
+    let v = wait_view(&server, &id, "still awaiting after a restart", |v| {
+        awaiting(v, "act")
+    });
+    assert!(step(&v, "act")["task_id"].is_null(), "{v:#}");
+    let e = server
+        .client
+        .workflow_decide(&id, Some("look"), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not await approval"), "{e}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_openclaw-admin"))
+        .arg("--server")
+        .arg(server.client.base())
+        .args(["workflow", "approve", &id, "--step", "act"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    assert_eq!(step(&v, "act")["approved_by"], "(auth off)");
+    assert_eq!(step(&v, "after")["output"], json!({"done": cpus}));
+    let e = server
+        .client
+        .workflow_decide(&id, None, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no step awaiting approval"), "{e}");
+}
+
+/// A denial and an approval that never comes fail the run without the
+/// step's task; with two steps waiting the decision must name one.
+#[test]
+fn a_denied_or_unanswered_approval_fails_the_run_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("srv"), &[]);
+    let _a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
+    server.wait_online("dev-a");
+
+    let id = start(&server, APPROVED, json!({})).unwrap();
+    wait_view(&server, &id, "act awaiting approval", |v| {
+        awaiting(v, "act")
+    });
+    server.client.workflow_decide(&id, None, false).unwrap();
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "failed", "{v:#}");
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains("step `act`: denied by (auth off)"), "{e}");
+    assert!(step(&v, "act")["task_id"].is_null());
+    assert_eq!(step(&v, "after")["state"], "skipped");
+
+    let quick = APPROVED.replace(
+        "approve = true",
+        "approve = true\napproval_timeout_ms = 300",
+    );
+    let id = start(&server, &quick, json!({})).unwrap();
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "failed", "{v:#}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("no approval within 300 ms"),
+        "{v:#}"
+    );
+    assert!(step(&v, "act")["task_id"].is_null());
+
+    let two = r#"
+name = "two"
+[[steps]]
+id = "x"
+plugin = "echo"
+approve = true
+input = "x"
+[[steps]]
+id = "y"
+plugin = "echo"
+approve = true
+input = "y"
+"#;
+    let id = start(&server, two, json!({})).unwrap();
+    wait_view(&server, &id, "both awaiting", |v| {
+        awaiting(v, "x") && awaiting(v, "y")
+    });
+    let e = server
+        .client
+        .workflow_decide(&id, None, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("steps x, y await approval: name one"), "{e}");
+    server.client.workflow_decide(&id, Some("y"), true).unwrap();
+    server.client.workflow_decide(&id, Some("x"), true).unwrap();
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    assert_eq!(v["output"], json!({"x": "x", "y": "y"}));
 }
 
 #[cfg(feature = "llm")]

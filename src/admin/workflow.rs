@@ -1,4 +1,4 @@
-//! `openclaw-admin workflow run|show|list|cancel`: workflow runs from the
+//! `openclaw-admin workflow run|show|list|cancel|approve|deny`: workflow runs from the
 //! terminal, each step's progress printed as the server stores it (the
 //! run's `events` stream), then the output.
 
@@ -61,6 +61,22 @@ impl Client {
         self.answer(&url, self.post(&url).send_empty())
     }
 
+    /// `POST /v1/workflows/runs/{id}/approve` (or `/deny`), naming the
+    /// step when more than one awaits approval.
+    pub fn workflow_decide(
+        &self,
+        id: &str,
+        step: Option<&str>,
+        approve: bool,
+    ) -> Result<Value, AdminError> {
+        let verb = if approve { "approve" } else { "deny" };
+        let mut url = format!("{}/v1/workflows/runs/{id}/{verb}", self.base);
+        if let Some(s) = step {
+            url.push_str(&format!("?step={s}"));
+        }
+        self.answer(&url, self.post(&url).send_empty())
+    }
+
     /// Follows a run to its end, printing each step's changes to `out`;
     /// the run as it ended. A cut stream is opened again (the first
     /// events repeat what is already printed, which is not printed twice).
@@ -120,6 +136,10 @@ pub fn step_line(s: &Value) -> Option<String> {
             super::agent::short(&s["output"], 400)
         ),
         "failed" | "cancelled" => format!("[{id}] {state}: {}", s["error"].as_str().unwrap_or("")),
+        "awaiting_approval" => format!(
+            "[{id}] awaiting approval (openclaw-admin workflow approve RUN --step {id}): {}",
+            super::agent::short(&s["proposed"], 600)
+        ),
         other => format!("[{id}] {other}"),
     })
 }

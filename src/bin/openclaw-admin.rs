@@ -270,6 +270,19 @@ enum WorkflowCmd {
     },
     /// Cancel a run and its running tasks.
     Cancel { id: String },
+    /// Approve the call a step waits on (its task is submitted).
+    Approve {
+        id: String,
+        /// The step, when more than one awaits approval.
+        #[arg(long)]
+        step: Option<String>,
+    },
+    /// Deny the call a step waits on (the step and the run fail).
+    Deny {
+        id: String,
+        #[arg(long)]
+        step: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -734,6 +747,16 @@ fn workflow_cmd(client: &Client, w: WorkflowCmd, json: bool) -> anyhow::Result<(
         WorkflowCmd::Cancel { id } => print(
             &client
                 .workflow_cancel(&id)
+                .with_context(|| format!("workflow run {id}"))?,
+        ),
+        WorkflowCmd::Approve { id, step } => print(
+            &client
+                .workflow_decide(&id, step.as_deref(), true)
+                .with_context(|| format!("workflow run {id}"))?,
+        ),
+        WorkflowCmd::Deny { id, step } => print(
+            &client
+                .workflow_decide(&id, step.as_deref(), false)
                 .with_context(|| format!("workflow run {id}"))?,
         ),
         WorkflowCmd::List { limit } => {

@@ -16,6 +16,7 @@
 mod engine;
 mod error;
 mod manifest;
+pub mod ocr;
 pub mod post;
 mod tensor;
 pub mod vad;

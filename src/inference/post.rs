@@ -53,10 +53,43 @@ pub fn top_labels(t: &NamedTensor, labels: &[String]) -> Vec<(String, f32)> {
 /// per step, repeats merged, blanks (class 0) dropped. Returns the text and the
 /// mean probability of the kept steps.
 pub fn ctc_greedy(t: &NamedTensor, dictionary: &[String]) -> (String, f32) {
+    ctc_greedy_in(t, dictionary, None)
+}
+
+/// [`ctc_greedy`] choosing, at each step, only among the classes `allowed`
+/// marks (the blank always): a document known to be in Latin script is
+/// read without the Chinese dictionary's look-alikes (`×` for `x`).
+pub fn ctc_greedy_in(
+    t: &NamedTensor,
+    dictionary: &[String],
+    allowed: Option<&[bool]>,
+) -> (String, f32) {
+    let rows = match allowed {
+        None => argmax_rows(t),
+        Some(mask) => {
+            let values = t.to_f32_vec();
+            let width = t.shape.last().copied().unwrap_or(0).max(1);
+            values
+                .chunks(width)
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i == 0 || mask.get(*i).copied().unwrap_or(false))
+                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                            if v > best.1 {
+                                (i, v)
+                            } else {
+                                best
+                            }
+                        })
+                })
+                .collect()
+        }
+    };
     let mut text = String::new();
     let (mut sum, mut kept) = (0f32, 0usize);
     let mut prev = usize::MAX;
-    for (i, p) in argmax_rows(t) {
+    for (i, p) in rows {
         if i != prev && i != 0 {
             text.push_str(dictionary.get(i).map(String::as_str).unwrap_or("\u{fffd}"));
             sum += p;

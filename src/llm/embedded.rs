@@ -983,12 +983,17 @@ pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// exponentially many rules.
 pub const MAX_SCHEMA_PARTS: usize = 256;
 
+/// Longest `maxLength` a grammar spells out (each character a rule in
+/// llama.cpp's expansion of `{0,N}`).
+const MAX_GRAMMAR_STRING: u64 = 4096;
+
 /// JSON in GBNF (llama.cpp's `json.gbnf`), with bounded whitespace so a
 /// small model cannot loop on blanks.
 const JSON_RULES: &str = r#"value ::= object | array | string | number | ("true" | "false" | "null")
 object ::= "{" ws ( string ws ":" ws value ( ws "," ws string ws ":" ws value )* )? ws "}"
 array ::= "[" ws ( value ( ws "," ws value )* )? ws "]"
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] ) )* "\""
+string ::= "\"" char* "\""
+char ::= [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] )
 number ::= "-"? ( [0-9] | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
 integer ::= "-"? ( [0-9] | [1-9] [0-9]* )
 boolean ::= "true" | "false"
@@ -999,7 +1004,9 @@ ws ::= [ \t\n]? [ \t\n]?
 /// A JSON Schema subset turned into GBNF rules: `type` (object, array,
 /// string, number, integer, boolean, null, or a list of them), `properties`
 /// with `required` (properties are written in key order, serde_json's; optional ones
-/// may be left out), `items`, `enum`, `const`, `anyOf`/`oneOf`. Other
+/// may be left out), `items`, `enum`, `const`, `anyOf`/`oneOf`, and
+/// `maxLength` of strings (up to [`MAX_GRAMMAR_STRING`] characters, so a
+/// small model cannot ramble past its token budget inside a string). Other
 /// keywords that constrain values (`pattern`, `minimum`, ...) are refused
 /// rather than ignored, so an answer never claims a schema it did not follow.
 #[derive(Default)]
@@ -1068,6 +1075,7 @@ impl Gbnf {
                     | "additionalProperties"
                     | "title"
                     | "description"
+                    | "maxLength"
                     | "$schema"
                     | "default"
                     | "examples"
@@ -1123,7 +1131,20 @@ impl Gbnf {
         let mut alts = Vec::new();
         for t in types {
             alts.push(match t {
-                "string" => "string".to_string(),
+                "string" => match obj.get("maxLength") {
+                    None => "string".to_string(),
+                    Some(n) => match n.as_u64() {
+                        Some(n) if n <= MAX_GRAMMAR_STRING => self.add(
+                            &format!("{hint}-string"),
+                            format!("\"\\\"\" char{{0,{n}}} \"\\\"\""),
+                        ),
+                        _ => {
+                            return Err(format!(
+                                "`{hint}`: `maxLength` {n}: 0 to {MAX_GRAMMAR_STRING}"
+                            ))
+                        }
+                    },
+                },
                 "number" => "number".to_string(),
                 "integer" => "integer".to_string(),
                 "boolean" => "boolean".to_string(),
@@ -1438,5 +1459,24 @@ mod tests {
             e.contains("pattern") && e.contains("response_format"),
             "{e}"
         );
+        let short = |schema| ResponseFormat::JsonSchema {
+            json_schema: super::super::JsonSchemaSpec {
+                name: None,
+                schema,
+                strict: None,
+            },
+        };
+        let g = grammar_for(&short(
+            serde_json::json!({"type": "string", "maxLength": 12}),
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(g.contains("char{0,12}"), "{g}");
+        let e = grammar_for(&short(
+            serde_json::json!({"type": "string", "maxLength": 99999}),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("maxLength"), "{e}");
     }
 }

@@ -340,40 +340,69 @@ impl Vad {
         let audio_root = cfg_str("vad", config, "audio_root")?.map(PathBuf::from);
         Ok(Vad { engine, audio_root })
     }
+}
 
-    /// Resolves `rel` inside the audio root, refusing anything that escapes it.
-    fn resolve(&self, rel: &str) -> Result<PathBuf, PluginError> {
-        let root = self.audio_root.as_ref().ok_or_else(|| {
-            invalid(
-                "vad",
-                "wav",
-                "no audio_root is configured; send wav_base64 or pcm",
-            )
-        })?;
-        let p = Path::new(rel);
-        if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(invalid(
-                "vad",
-                "wav",
-                format!("`{rel}` must be a plain relative path inside the audio root"),
-            ));
-        }
-        let root = root
-            .canonicalize()
-            .map_err(|e| failed("vad", format!("audio_root {}: {e}", root.display())))?;
-        let full = root
-            .join(p)
-            .canonicalize()
-            .map_err(|e| invalid("vad", "wav", format!("`{rel}`: {e}")))?;
-        if !full.starts_with(&root) {
-            return Err(invalid(
-                "vad",
-                "wav",
-                format!("`{rel}` leads outside the audio root"),
-            ));
-        }
-        Ok(full)
+/// Resolves `rel` inside `root` (the config key `root_key`), refusing
+/// anything that escapes it; errors name the input `field`.
+pub(crate) fn resolve_in_root(
+    plugin: &str,
+    field: &str,
+    root_key: &str,
+    root: Option<&Path>,
+    rel: &str,
+) -> Result<PathBuf, PluginError> {
+    let root = root.ok_or_else(|| {
+        invalid(
+            plugin,
+            field,
+            format!("no {root_key} is configured; send the data inline"),
+        )
+    })?;
+    let p = Path::new(rel);
+    if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(invalid(
+            plugin,
+            field,
+            format!("`{rel}` must be a plain relative path inside the {root_key}"),
+        ));
     }
+    let root = root
+        .canonicalize()
+        .map_err(|e| failed(plugin, format!("{root_key} {}: {e}", root.display())))?;
+    let full = root
+        .join(p)
+        .canonicalize()
+        .map_err(|e| invalid(plugin, field, format!("`{rel}`: {e}")))?;
+    if !full.starts_with(&root) {
+        return Err(invalid(
+            plugin,
+            field,
+            format!("`{rel}` leads outside the {root_key}"),
+        ));
+    }
+    Ok(full)
+}
+
+/// Reads `rel` beneath `root` (checked by name, then read through a handle
+/// on the root: no symlinks, no special files, at most `max` bytes; see file.rs).
+pub(crate) fn read_in_root(
+    plugin: &str,
+    field: &str,
+    root_key: &str,
+    root: Option<&Path>,
+    rel: &str,
+    max: u64,
+) -> Result<Vec<u8>, PluginError> {
+    resolve_in_root(plugin, field, root_key, root, rel)?;
+    let root = root.unwrap_or(Path::new("."));
+    super::file::read_beneath(root, Path::new(rel), max).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => invalid(
+            plugin,
+            field,
+            format!("`{rel}` is a symlink or goes through one; not followed"),
+        ),
+        _ => invalid(plugin, field, format!("`{rel}`: {e}")),
+    })
 }
 
 #[async_trait]
@@ -432,19 +461,14 @@ impl Plugin for Vad {
             task.input.get("pcm"),
         ) {
             (Some(Value::Str(rel)), None, None) => {
-                // Checked by name, then read through a handle on the root
-                // (no symlinks, no special files, capped): see file.rs.
-                self.resolve(rel)?;
-                let root = self.audio_root.as_deref().unwrap_or(Path::new("."));
-                let bytes = super::file::read_beneath(root, Path::new(rel), MAX_WAV_BYTES)
-                    .map_err(|e| match e.raw_os_error() {
-                        Some(libc::ELOOP) => invalid(
-                            "vad",
-                            "wav",
-                            format!("`{rel}` is a symlink or goes through one; not followed"),
-                        ),
-                        _ => invalid("vad", "wav", format!("`{rel}`: {e}")),
-                    })?;
+                let bytes = read_in_root(
+                    "vad",
+                    "wav",
+                    "audio_root",
+                    self.audio_root.as_deref(),
+                    rel,
+                    MAX_WAV_BYTES,
+                )?;
                 wav::parse_wav(&bytes).map_err(|e| invalid("vad", "wav", e.to_string()))?
             }
             (None, Some(Value::Str(b64)), None) => {
@@ -498,6 +522,23 @@ impl Plugin for Vad {
     }
 }
 
+/// The engine of `ec`'s model directory: the one already opened for it, or
+/// a new one kept in `engines` for the next plugin.
+pub(crate) fn shared_engine(
+    plugin: &str,
+    ec: &EngineConfig,
+    engines: &mut Vec<(PathBuf, Arc<Engine>)>,
+) -> Result<Arc<Engine>, PluginError> {
+    Ok(match engines.iter().find(|(d, _)| *d == ec.models_dir) {
+        Some((_, e)) => e.clone(),
+        None => {
+            let e = ec.open(plugin)?;
+            engines.push((ec.models_dir.clone(), e.clone()));
+            e
+        }
+    })
+}
+
 /// Builds `infer`/`vad` from their config tables, sharing one engine per
 /// model directory.
 pub(crate) fn build(
@@ -513,14 +554,7 @@ pub(crate) fn build(
     };
     check_keys(name, config, keys)?;
     let ec = EngineConfig::from_config(name, config, board)?;
-    let engine = match engines.iter().find(|(d, _)| *d == ec.models_dir) {
-        Some((_, e)) => e.clone(),
-        None => {
-            let e = ec.open(name)?;
-            engines.push((ec.models_dir.clone(), e.clone()));
-            e
-        }
-    };
+    let engine = shared_engine(name, &ec, engines)?;
     Ok(if name == "vad" {
         Arc::new(Vad::new(engine, config)?)
     } else {
@@ -563,21 +597,15 @@ mod tests {
             dir.path().join("link.wav"),
         )
         .unwrap();
-        let repo_dir = tempfile::tempdir().unwrap();
-        let engine = Arc::new(Engine::new(
-            ModelRepo::open(repo_dir.path()).unwrap(),
-            1 << 20,
-        ));
-        let mut cfg = toml::Table::new();
-        cfg.insert(
-            "audio_root".into(),
-            toml::Value::String(dir.path().display().to_string()),
-        );
-        let vad = Vad::new(engine, &cfg).unwrap();
-        assert!(vad.resolve("a.wav").is_ok());
+        let resolve = |rel| resolve_in_root("vad", "wav", "audio_root", Some(dir.path()), rel);
+        assert!(resolve("a.wav").is_ok());
         for bad in ["../x.wav", "/etc/passwd", "link.wav", "sub/../../x"] {
-            let e = vad.resolve(bad).unwrap_err().to_string();
+            let e = resolve(bad).unwrap_err().to_string();
             assert!(e.contains("`wav`"), "{bad}: {e}");
         }
+        let e = resolve_in_root("ocr", "image", "image_root", None, "a.png")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no image_root"), "{e}");
     }
 }

@@ -18,6 +18,8 @@ pub mod infer;
 #[cfg(feature = "llm")]
 pub mod llm;
 pub mod modbus;
+#[cfg(feature = "inference")]
+pub mod ocr;
 pub mod process;
 pub mod publish;
 pub mod schema;
@@ -26,6 +28,7 @@ pub mod serial;
 pub mod sysinfo;
 pub mod transform;
 mod util;
+pub mod validate;
 
 use crate::boards::Board;
 use crate::protocol::Value;
@@ -88,6 +91,21 @@ pub struct TaskContext {
     pub attempt: u32,
     /// Where a streaming plugin (`llm`) sends its output as it is made.
     pub output: OutputStream,
+}
+
+#[cfg(test)]
+impl TaskContext {
+    /// A task with this input, 10 s to run, never cancelled.
+    pub(crate) fn for_test(input: Value) -> TaskContext {
+        TaskContext {
+            id: "t".into(),
+            input,
+            deadline: Instant::now() + std::time::Duration::from_secs(10),
+            cancel: CancellationToken::new(),
+            attempt: 1,
+            output: Default::default(),
+        }
+    }
 }
 
 /// Pieces of a task's output on their way to the server while the task
@@ -318,8 +336,13 @@ impl Registry {
                 "gpio" => Arc::new(gpio::Gpio::from_config(table, board)?),
                 "sensor" => Arc::new(sensor::Sensor::from_config(table, board)?),
                 "modbus" => Arc::new(modbus::Modbus::from_config(table)?),
+                "validate" => Arc::new(validate::Validate::from_config(table)?),
                 #[cfg(feature = "inference")]
                 "infer" | "vad" => infer::build(name, table, board, &mut engines)?,
+                #[cfg(feature = "inference")]
+                "ocr" => ocr::build(table, board, |ec| {
+                    infer::shared_engine("ocr", ec, &mut engines)
+                })?,
                 #[cfg(feature = "llm")]
                 "llm" => Arc::new(llm::Llm::from_config(table, board)?),
                 other => return Err(PluginError::Unknown(other.to_string())),

@@ -195,6 +195,38 @@ impl Server {
             d.iter().any(|d| d.id == id && !d.online)
         });
     }
+
+    /// Waits for a workflow run to end (long polls); its view.
+    pub fn workflow_end(&self, id: &str, within: Duration) -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            let v = self.client.workflow_get(id, Some(5000)).unwrap();
+            if v["state"] != "running" {
+                return v;
+            }
+            assert!(t.elapsed() < within, "run {id} still running: {v:#}");
+        }
+    }
+
+    /// Waits until `pred` holds for a workflow run's view.
+    pub fn workflow_until(
+        &self,
+        id: &str,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            if let Ok(v) = self.client.workflow_get(id, None) {
+                if pred(&v) {
+                    return v;
+                }
+                assert!(t.elapsed() < within, "timed out waiting for {what}: {v:#}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Server {

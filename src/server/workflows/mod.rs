@@ -14,6 +14,7 @@
 //! (`DATA/workflows.db`) and resumes after a restart by waiting for the
 //! tasks already submitted.
 
+mod routes;
 pub mod runner;
 mod store;
 pub mod template;
@@ -24,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as J};
 use std::collections::{HashMap, HashSet};
 
-pub use runner::{router, RunView, StepState, StepView, WorkflowState, Workflows};
+pub use routes::router;
+pub use runner::{RunView, StepState, StepView, WorkflowState, Workflows};
 pub use store::WorkflowsError;
 
 /// Most steps in one workflow.
@@ -112,7 +114,21 @@ pub struct StepDef {
     pub retries: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// A plugin step whose task exists only once an operator approves the
+    /// call it would make (`POST /v1/workflows/runs/{id}/approve`): a fix
+    /// script a model proposed, a write to a machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approve: bool,
+    /// How long an approval is waited for (default [`DEFAULT_APPROVAL_MS`]);
+    /// without one by then the step fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_timeout_ms: Option<u64>,
 }
+
+/// How long a step's approval is waited for unless it says otherwise.
+pub const DEFAULT_APPROVAL_MS: u64 = 24 * 3600 * 1000;
+/// The longest approval wait a step may ask for.
+pub const MAX_APPROVAL_MS: u64 = 7 * 24 * 3600 * 1000;
 
 impl StepDef {
     /// The step's templated fields, with their names.
@@ -439,6 +455,22 @@ fn check_step(s: &StepDef) -> Result<(), String> {
             if let Some(sc) = &s.schema {
                 Schema::from_json(sc).map_err(|e| format!("`schema`: {e}"))?;
             }
+            if s.approve || s.approval_timeout_ms.is_some() {
+                return Err(
+                    "`approve` is for plugin steps (a model step only answers; the step that acts on its answer needs the approval)"
+                        .into(),
+                );
+            }
+        }
+    }
+    if let Some(t) = s.approval_timeout_ms {
+        if !s.approve {
+            return Err("`approval_timeout_ms` without `approve = true`".into());
+        }
+        if t == 0 || t > MAX_APPROVAL_MS {
+            return Err(format!(
+                "`approval_timeout_ms`: 1 to {MAX_APPROVAL_MS}, not {t}"
+            ));
         }
     }
     if let Some(r) = s.retries {
@@ -620,6 +652,18 @@ schema = { type = "object" }
             (
                 "[[steps]]\nid = \"a\"\nplugin = \"echo\"\ntarget = \"{{ inputs.dev }}\"\n",
                 "step `a`: `target`: no input `dev`",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nmodel = \"m\"\nprompt = \"p\"\napprove = true\n",
+                "step `a`: `approve` is for plugin steps",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nplugin = \"echo\"\napproval_timeout_ms = 5\n",
+                "step `a`: `approval_timeout_ms` without `approve = true`",
+            ),
+            (
+                "[[steps]]\nid = \"a\"\nplugin = \"echo\"\napprove = true\napproval_timeout_ms = 0\n",
+                "step `a`: `approval_timeout_ms`: 1 to",
             ),
             ("steps = []\n", "`steps`: at least one"),
             ("wat = 1\n[[steps]]\nid = \"a\"\nplugin = \"echo\"\n", "`wat`: unknown field"),

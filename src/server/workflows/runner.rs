@@ -7,15 +7,15 @@
 //! its id, a few milliseconds, submits that one step again, as agent runs
 //! do.) A failed step fails the run: the steps that were running are
 //! cancelled (one that still succeeds keeps its output), the rest are
-//! `skipped`. The routes are at the end of this file.
+//! `skipped`. A step with `approve` waits, its call rendered, for an
+//! operator's approval before its task exists. The routes are in routes.rs.
 
 use super::store::{RunSummary, WorkflowStore};
 use super::template::Context;
-use super::{Checked, DefinitionError, StepDef, Workflow, WorkflowsError, MAX_FILE_BYTES};
+use super::{Checked, DefinitionError, StepDef, Workflow, WorkflowsError, DEFAULT_APPROVAL_MS};
 use crate::llm::{ChatMessage, ChatRequest, Completion, JsonSchemaSpec, ResponseFormat};
 use crate::protocol::api::{SubmitRequest, TaskState};
 use crate::schema::Schema;
-use crate::server::auth::{Auth, Caller};
 use crate::server::openai::LLM_CAPABILITY;
 use crate::server::runs::{submit_whole, wait_task, Waited};
 use crate::server::scheduler::{ApiError, Command, SchedulerHandle};
@@ -73,6 +73,9 @@ impl WorkflowState {
 pub enum StepState {
     /// Its dependencies have not all succeeded yet.
     Waiting,
+    /// Its call is rendered (`proposed`) and waits for an operator's
+    /// approval before its task exists.
+    AwaitingApproval,
     /// Submitted (its task exists once `task_id` is set).
     Running,
     Succeeded,
@@ -84,7 +87,10 @@ pub enum StepState {
 
 impl StepState {
     fn is_terminal(self) -> bool {
-        !matches!(self, StepState::Waiting | StepState::Running)
+        !matches!(
+            self,
+            StepState::Waiting | StepState::AwaitingApproval | StepState::Running
+        )
     }
 }
 
@@ -98,6 +104,26 @@ pub struct StepView {
     pub attempts: u32,
     pub output: Option<J>,
     pub error: Option<String>,
+    /// A step with `approve`: the call it makes once approved (`plugin`,
+    /// `input`, `target`, `capability`), and until when the approval is
+    /// waited for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposed: Option<J>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_deadline_ms: Option<u64>,
+    /// Who approved it (a token id, or `(auth off)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+}
+
+/// An operator's word on a step awaiting approval.
+#[derive(Debug)]
+pub(crate) struct Decision {
+    /// The step, when more than one awaits.
+    pub step: Option<String>,
+    pub approve: bool,
+    pub by: String,
+    pub done: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
 }
 
 /// A run as the API shows it.
@@ -117,6 +143,7 @@ pub struct RunView {
 struct Live {
     view: watch::Sender<RunView>,
     cancel: CancellationToken,
+    decide: mpsc::Sender<Decision>,
 }
 
 struct Inner {
@@ -219,6 +246,9 @@ impl Workflows {
                     attempts: 0,
                     output: None,
                     error: None,
+                    proposed: None,
+                    approval_deadline_ms: None,
+                    approved_by: None,
                 })
                 .collect(),
             output: None,
@@ -287,17 +317,19 @@ impl Workflows {
     fn spawn(&self, view: RunView, checked: Checked) {
         let (view_tx, _) = watch::channel(view.clone());
         let cancel = self.0.shutdown.child_token();
+        let (decide, mut decisions) = mpsc::channel(4);
         self.lock_live().insert(
             view.id.clone(),
             Live {
                 view: view_tx.clone(),
                 cancel: cancel.clone(),
+                decide,
             },
         );
         let w = self.clone();
         tokio::spawn(async move {
             let id = view.id.clone();
-            let end = w.drive(&checked, &view_tx, &cancel).await;
+            let end = w.drive(&checked, &view_tx, &cancel, &mut decisions).await;
             match end {
                 Err(Stop::Shutdown) => {}
                 Err(Stop::Store(e)) => {
@@ -353,6 +385,7 @@ impl Workflows {
         c: &Checked,
         view: &watch::Sender<RunView>,
         cancel: &CancellationToken,
+        decisions: &mut mpsc::Receiver<Decision>,
     ) -> Result<End, Stop> {
         let (mut steps, inputs) = {
             let v = view.borrow();
@@ -417,38 +450,130 @@ impl Workflows {
                             break;
                         }
                     };
-                    s.state = StepState::Running;
-                    self.put(view, &mut steps, i, s.clone()).await?;
-                    match submit_whole(&self.0.sched, req).await {
-                        Ok(task) => {
-                            log::info!(
-                                "workflow run {}: step {} is task {task}",
-                                view.borrow().id,
-                                def.id
-                            );
-                            s.task_id = Some(task.clone());
-                            self.put(view, &mut steps, i, s).await?;
-                            self.wait_in_background(i, task, &tx, &tasks);
-                            live.insert(i);
-                        }
-                        Err(e) => {
-                            let e = format!("not submitted: {e}");
-                            s.state = StepState::Failed;
-                            s.error = Some(e.clone());
-                            self.put(view, &mut steps, i, s).await?;
-                            failure = Some(format!("step `{}`: {e}", def.id));
-                            break;
-                        }
+                    if def.approve && s.approved_by.is_none() {
+                        // Shown as it will be submitted; nothing exists yet.
+                        let wait = def.approval_timeout_ms.unwrap_or(DEFAULT_APPROVAL_MS);
+                        s.state = StepState::AwaitingApproval;
+                        s.proposed = Some(json!({
+                            "plugin": req.plugin,
+                            "input": req.input,
+                            "target": req.target,
+                            "capability": req.capability,
+                        }));
+                        s.approval_deadline_ms = Some(crate::now_ms().saturating_add(wait));
+                        log::info!(
+                            "workflow run {}: step {} awaits approval",
+                            view.borrow().id,
+                            def.id
+                        );
+                        self.put(view, &mut steps, i, s).await?;
+                        continue;
                     }
+                    if let Err(e) = self
+                        .submit_step(view, &mut steps, i, req, &tx, &tasks)
+                        .await?
+                    {
+                        failure = Some(format!("step `{}`: {e}", def.id));
+                        break;
+                    }
+                    live.insert(i);
                 }
                 if failure.is_some() {
                     tasks.cancel();
                 }
             }
-            if live.is_empty() {
+            let awaiting: Vec<usize> = (0..n)
+                .filter(|&i| steps[i].state == StepState::AwaitingApproval)
+                .collect();
+            let deciding = failure.is_none() && !cancelled && !awaiting.is_empty();
+            if live.is_empty() && !deciding {
                 break;
             }
+            // The first approval deadline, as an instant.
+            let next_deadline = awaiting
+                .iter()
+                .filter_map(|&i| steps[i].approval_deadline_ms)
+                .min()
+                .map(|ms| {
+                    tokio::time::Instant::now()
+                        + Duration::from_millis(ms.saturating_sub(crate::now_ms()))
+                });
             tokio::select! {
+                Some(d) = decisions.recv(), if deciding => {
+                    let pick = match &d.step {
+                        Some(id) => awaiting.iter().copied().find(|&i| steps[i].id == *id).ok_or_else(|| {
+                            ApiError::Conflict(format!("step `{id}` does not await approval"))
+                        }),
+                        None if awaiting.len() == 1 => Ok(awaiting[0]),
+                        None => Err(ApiError::BadRequest(format!(
+                            "steps {} await approval: name one (?step=ID)",
+                            awaiting.iter().map(|&i| steps[i].id.as_str()).collect::<Vec<_>>().join(", ")
+                        ))),
+                    };
+                    let i = match pick {
+                        Ok(i) => i,
+                        Err(e) => {
+                            let _ = d.done.send(Err(e));
+                            continue;
+                        }
+                    };
+                    let def = &c.wf.steps[i];
+                    let mut s = steps[i].clone();
+                    if !d.approve {
+                        let e = format!("denied by {}", d.by);
+                        s.state = StepState::Failed;
+                        s.error = Some(e.clone());
+                        self.put(view, &mut steps, i, s).await?;
+                        let _ = d.done.send(Ok(()));
+                        failure = Some(format!("step `{}`: {e}", def.id));
+                        tasks.cancel();
+                        continue;
+                    }
+                    s.approved_by = Some(d.by.clone());
+                    steps[i] = s;
+                    let outputs = outputs(&steps);
+                    let ctx = Context { inputs: &inputs, outputs: &outputs };
+                    let res = match submission(def, &ctx) {
+                        Ok(req) => self.submit_step(view, &mut steps, i, req, &tx, &tasks).await?,
+                        Err(e) => Err(e),
+                    };
+                    let _ = d.done.send(Ok(()));
+                    match res {
+                        Ok(()) => {
+                            live.insert(i);
+                        }
+                        Err(e) => {
+                            if steps[i].state != StepState::Failed {
+                                let mut s = steps[i].clone();
+                                s.state = StepState::Failed;
+                                s.error = Some(e.clone());
+                                self.put(view, &mut steps, i, s).await?;
+                            }
+                            failure = Some(format!("step `{}`: {e}", def.id));
+                            tasks.cancel();
+                        }
+                    }
+                }
+                () = async {
+                    match next_deadline {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                }, if deciding => {
+                    let now = crate::now_ms();
+                    for &i in &awaiting {
+                        if steps[i].approval_deadline_ms.is_some_and(|d| d <= now) && failure.is_none() {
+                            let waited = c.wf.steps[i].approval_timeout_ms.unwrap_or(DEFAULT_APPROVAL_MS);
+                            let e = format!("no approval within {waited} ms");
+                            let mut s = steps[i].clone();
+                            s.state = StepState::Failed;
+                            s.error = Some(e.clone());
+                            self.put(view, &mut steps, i, s).await?;
+                            failure = Some(format!("step `{}`: {e}", steps[i].id));
+                            tasks.cancel();
+                        }
+                    }
+                }
                 got = rx.recv() => {
                     let Some((i, waited)) = got else { break };
                     live.remove(&i);
@@ -506,6 +631,93 @@ impl Workflows {
         }
     }
 
+    /// Submits step `i` (stored `running` first, then with its task id) and
+    /// waits for its task in the background. `Err`: it could not be
+    /// submitted, and is stored `failed` with that error.
+    async fn submit_step(
+        &self,
+        view: &watch::Sender<RunView>,
+        steps: &mut [StepView],
+        i: usize,
+        req: SubmitRequest,
+        tx: &mpsc::Sender<(usize, Waited)>,
+        tasks: &CancellationToken,
+    ) -> Result<Result<(), String>, Stop> {
+        let mut s = steps[i].clone();
+        s.state = StepState::Running;
+        self.put(view, steps, i, s.clone()).await?;
+        match submit_whole(&self.0.sched, req).await {
+            Ok(task) => {
+                log::info!(
+                    "workflow run {}: step {} is task {task}",
+                    view.borrow().id,
+                    s.id
+                );
+                s.task_id = Some(task.clone());
+                self.put(view, steps, i, s).await?;
+                self.wait_in_background(i, task, tx, tasks);
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                let e = format!("not submitted: {e}");
+                s.state = StepState::Failed;
+                s.error = Some(e.clone());
+                self.put(view, steps, i, s).await?;
+                Ok(Err(e))
+            }
+        }
+    }
+
+    /// Passes an operator's decision to the run's driver and waits for it
+    /// to be stored: 404 for no such run, 409 when nothing awaits approval.
+    pub(crate) async fn decide(
+        &self,
+        id: &str,
+        step: Option<String>,
+        approve: bool,
+        by: String,
+    ) -> Result<RunView, ApiError> {
+        let tx = self.lock_live().get(id).and_then(|l| {
+            let waits = l
+                .view
+                .borrow()
+                .steps
+                .iter()
+                .any(|s| s.state == StepState::AwaitingApproval);
+            waits.then(|| l.decide.clone())
+        });
+        let Some(tx) = tx else {
+            return match self.get(id).await? {
+                None => Err(ApiError::NotFound(format!("no workflow run `{id}`"))),
+                Some(v) => Err(ApiError::Conflict(format!(
+                    "workflow run `{id}` ({}) has no step awaiting approval",
+                    v.state.as_str()
+                ))),
+            };
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        tx.try_send(Decision {
+            step,
+            approve,
+            by,
+            done,
+        })
+        .map_err(|_| ApiError::Conflict(format!("workflow run `{id}` is being decided")))?;
+        match answer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            // The driver ended first (a cancel, the server stopping).
+            Err(_) => {
+                return Err(ApiError::Conflict(format!(
+                    "workflow run `{id}` ended before the decision"
+                )))
+            }
+        }
+        self.get(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no workflow run `{id}`")))
+    }
+
     /// Waits for step `i`'s task on a task of its own; reports on `tx`.
     /// Stopped by `tasks` (not by the shutdown), it cancels the task and
     /// reports how it ended.
@@ -559,7 +771,7 @@ impl Workflows {
         Ok(Some(v))
     }
 
-    fn watch(&self, id: &str) -> Option<watch::Receiver<RunView>> {
+    pub(super) fn watch(&self, id: &str) -> Option<watch::Receiver<RunView>> {
         self.lock_live().get(id).map(|l| l.view.subscribe())
     }
 
@@ -760,199 +972,4 @@ fn final_output(
         check_schema(schema, &value).map_err(|e| format!("output: {e}"))?;
     }
     Ok(value)
-}
-
-// ---- HTTP ----
-
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path as UrlPath, Query, State};
-use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-
-type WState = State<(Workflows, Arc<Auth>)>;
-
-/// `POST /v1/workflows/runs` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StartRequest {
-    /// The file's TOML text, or its data as a JSON object.
-    workflow: J,
-    #[serde(default)]
-    inputs: Map<String, J>,
-}
-
-/// The routes: `POST /v1/workflows/runs`, `GET /v1/workflows/runs[?limit=N]`,
-/// `GET /v1/workflows/runs/{id}[?wait_ms=N]`, `GET
-/// /v1/workflows/runs/{id}/events` (server-sent events) and `POST
-/// /v1/workflows/runs/{id}/cancel`.
-pub fn router(w: Workflows, auth: Arc<Auth>) -> axum::Router {
-    use axum::routing::{get, post};
-    axum::Router::new()
-        .route("/v1/workflows/runs", post(create).get(list))
-        .route("/v1/workflows/runs/{id}", get(one))
-        .route("/v1/workflows/runs/{id}/events", get(events))
-        .route("/v1/workflows/runs/{id}/cancel", post(cancel))
-        .with_state((w, auth))
-}
-
-async fn create(
-    State((w, auth)): WState,
-    Extension(caller): Extension<Caller>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
-    // The file plus its inputs and the JSON around them.
-    if body.len() > 2 * MAX_FILE_BYTES {
-        return Err(ApiError::TooLarge(format!(
-            "the request is {} bytes; at most {}",
-            body.len(),
-            2 * MAX_FILE_BYTES
-        )));
-    }
-    let req: StartRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid workflow run request: {e}")))?;
-    let bad = |e: DefinitionError| ApiError::BadRequest(e.to_string());
-    let wf = match req.workflow {
-        J::String(text) => Workflow::parse_toml(&text).map_err(bad)?,
-        v @ J::Object(_) => {
-            if v.to_string().len() > MAX_FILE_BYTES {
-                return Err(bad(DefinitionError::TooLarge {
-                    bytes: v.to_string().len(),
-                    max: MAX_FILE_BYTES,
-                }));
-            }
-            Workflow::from_json(v).map_err(bad)?
-        }
-        _ => {
-            return Err(ApiError::BadRequest(
-                "`workflow`: the file's TOML text, or its data as a JSON object".into(),
-            ))
-        }
-    };
-    let slot = auth.reserve_audit(&caller).map_err(ApiError::Unavailable)?;
-    let view = crate::server::http::detached(async move {
-        let v = w.start(wf, req.inputs).await?;
-        slot.record("workflow.run", &format!("{} ({})", v.id, v.name));
-        Ok(v)
-    })
-    .await?;
-    Ok((
-        axum::http::StatusCode::CREATED,
-        Json(json!({"id": view.id, "state": view.state})),
-    )
-        .into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WaitQuery {
-    wait_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    limit: Option<u32>,
-}
-
-async fn list(
-    State((w, _)): WState,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(q) =
-        q.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
-    let runs = w.list(q.limit.unwrap_or(100).clamp(1, 1000)).await?;
-    Ok(Json(json!({ "runs": runs })).into_response())
-}
-
-async fn one(
-    State((w, _)): WState,
-    UrlPath(id): UrlPath<String>,
-    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(q) =
-        q.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
-    let v = match q.wait_ms {
-        Some(ms) => w.wait(&id, Duration::from_millis(ms.min(60_000))).await?,
-        None => w.get(&id).await?,
-    };
-    match v {
-        Some(v) => Ok(Json(v).into_response()),
-        None => Err(ApiError::NotFound(format!("no workflow run `{id}`"))),
-    }
-}
-
-async fn cancel(
-    State((w, auth)): WState,
-    Extension(caller): Extension<Caller>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<Response, ApiError> {
-    let slot = auth.reserve_audit(&caller).map_err(ApiError::Unavailable)?;
-    let v = crate::server::http::detached(async move {
-        let v = w.cancel(&id).await?;
-        slot.record("workflow.cancel", &id);
-        Ok(v)
-    })
-    .await?;
-    Ok(Json(v).into_response())
-}
-
-/// Server-sent events: `step` (a step's view) each time a step changes,
-/// then `end` with the whole run.
-async fn events(State((w, _)): WState, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    let live = w.watch(&id);
-    let first = match &live {
-        Some(l) => l.borrow().clone(),
-        None => w
-            .get(&id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no workflow run `{id}`")))?,
-    };
-    tokio::spawn(async move {
-        let ev = |name: &str, data: &J| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
-        let mut sent: Vec<Option<StepView>> = vec![None; first.steps.len()];
-        let mut view = first;
-        let mut live = live;
-        loop {
-            for (i, s) in view.steps.iter().enumerate() {
-                if sent.get(i).is_some_and(|x| x.as_ref() != Some(s)) {
-                    let j = serde_json::to_value(s).unwrap_or(J::Null);
-                    if tx.send(Ok(ev("step", &j))).await.is_err() {
-                        return;
-                    }
-                    sent[i] = Some(s.clone());
-                }
-            }
-            if view.state.is_terminal() {
-                let j = serde_json::to_value(&view).unwrap_or(J::Null);
-                let _ = tx.send(Ok(ev("end", &j))).await;
-                return;
-            }
-            let Some(l) = live.as_mut() else { return };
-            if l.changed().await.is_err() {
-                match w.get(&view.id).await {
-                    Ok(Some(v)) if v.state.is_terminal() => {
-                        view = v;
-                        live = None;
-                        continue;
-                    }
-                    _ => return, // the server is stopping
-                }
-            }
-            view = l.borrow_and_update().clone();
-        }
-    });
-    let mut resp = Response::new(axum::body::Body::new(crate::server::openai::ChannelBody(
-        rx,
-    )));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(resp)
 }
