@@ -13,7 +13,9 @@
 //! - [`boards`]: board profiles (target, CPU, buses, pins, sensors, limits),
 //!   embedded in the binary.
 //! - [`mqtt`]: the task that owns an MQTT event loop (back-off, resubscribe).
-//! - [`plugins`] (feature `agent`): the plugin interface and the built-ins.
+//! - [`plugins`] (feature `agent`): the plugin interface and the built-ins
+//!   (among them `plugins::ocr`, page OCR on the device, and
+//!   `plugins::validate`, rule checks with proposed corrections).
 //! - [`agent`] (feature `agent`): the edge agent, and its over-the-air
 //!   updates into the release layout `flash` makes (`agent::ota`).
 //! - [`server`] (feature `server`): the central node: embedded broker with
@@ -30,9 +32,14 @@
 //!   (`server::mcp`), agent runs: a language model
 //!   planning through those tools, with approvals, stored step by step
 //!   (`server::runs`), workflows: TOML DAGs of plugin and model steps,
-//!   each a stored task, resumed after a restart (`server::workflows`),
+//!   each a stored task, with approvals, resumed after a restart
+//!   (`server::workflows`, its routes in `server::workflows::routes`),
 //!   and the data-dir lock that keeps a second server
 //!   off the same store.
+//! - `inference` (feature `inference`): the tract ONNX engine with model
+//!   manifests and a byte-bounded plan cache, post-processing, voice
+//!   activity (`inference::vad`) and page OCR (`inference::ocr`: DB text
+//!   boxes, CTC lines, rows and tables).
 //! - [`llm`]: language models for heavy nodes: the request types the
 //!   server's OpenAI gateway and the agent's `llm` plugin share, llama.cpp
 //!   embedded (feature `llm`) and OpenAI-compatible upstream pools (agent).

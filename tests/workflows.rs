@@ -491,9 +491,13 @@ fn a_step_that_needs_approval_shows_its_call_and_runs_once_approved() {
     );
     let cpus = step(&v, "look")["output"]["cpus"].clone();
     assert!(cpus.is_u64(), "{v:#}");
-    assert_eq!(
-        act["proposed"],
-        json!({"plugin": "echo", "input": {"cpus": cpus}, "target": "dev-a", "capability": null})
+    let p = &act["proposed"];
+    assert_eq!(p["plugin"], "echo", "{p}");
+    assert_eq!(p["input"], json!({"cpus": cpus}));
+    assert_eq!(p["target"], "dev-a");
+    assert!(
+        p["capability"].is_null() && p["max_attempts"].is_null(),
+        "{p}"
     );
     assert!(act["approval_deadline_ms"].as_u64().unwrap() > v["created_ms"].as_u64().unwrap());
     assert_eq!(step(&v, "after")["state"], "waiting");

@@ -70,11 +70,64 @@ impl Client {
         approve: bool,
     ) -> Result<Value, AdminError> {
         let verb = if approve { "approve" } else { "deny" };
-        let mut url = format!("{}/v1/workflows/runs/{id}/{verb}", self.base);
+        let mut url = format!("{}/v1/workflows/runs/{}/{verb}", self.base, escape(id));
         if let Some(s) = step {
-            url.push_str(&format!("?step={s}"));
+            url.push_str(&format!("?step={}", escape(s)));
         }
         self.answer(&url, self.post(&url).send_empty())
+    }
+
+    /// Approves or denies the step awaiting approval that the operator
+    /// names, or the only one; the step's id and the call it makes (printed
+    /// in full before the decision, so what is approved is what was seen).
+    pub fn workflow_decide_seen(
+        &self,
+        id: &str,
+        step: Option<&str>,
+        approve: bool,
+        out: &mut dyn Write,
+    ) -> Result<Value, AdminError> {
+        let v = self.workflow_get(id, None)?;
+        let waiting: Vec<&Value> = v["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["state"] == "awaiting_approval")
+            .collect();
+        let chosen = match step {
+            Some(want) => waiting
+                .iter()
+                .find(|s| s["id"] == want)
+                .copied()
+                .ok_or_else(|| {
+                    AdminError::Invalid(format!(
+                        "workflow run {id}: step `{want}` does not await approval"
+                    ))
+                })?,
+            None => match waiting.as_slice() {
+                [one] => *one,
+                [] => {
+                    return Err(AdminError::Invalid(format!(
+                        "workflow run {id}: no step awaits approval"
+                    )))
+                }
+                many => {
+                    let ids: Vec<&str> = many.iter().filter_map(|s| s["id"].as_str()).collect();
+                    return Err(AdminError::Invalid(format!(
+                        "workflow run {id}: steps {} await approval; name one with --step",
+                        ids.join(", ")
+                    )));
+                }
+            },
+        };
+        let sid = chosen["id"].as_str().unwrap_or_default().to_string();
+        let _ = writeln!(
+            out,
+            "{} step `{sid}` of run {id}: {}",
+            if approve { "approving" } else { "denying" },
+            serde_json::to_string_pretty(&chosen["proposed"]).unwrap_or_default()
+        );
+        self.workflow_decide(id, Some(&sid), approve)
     }
 
     /// Follows a run to its end, printing each step's changes to `out`;
@@ -87,7 +140,7 @@ impl Client {
         loop {
             let got = self.read_events(&url, &mut |event, v| match event {
                 "step" => {
-                    if let Some(l) = step_line(&v) {
+                    if let Some(l) = step_line(&v, id) {
                         if printed.insert(l.clone()) {
                             let _ = writeln!(out, "{l}");
                             let _ = out.flush();
@@ -117,8 +170,10 @@ impl Client {
 }
 
 /// One line for a step's state: `[cpu] running (task t-1)`,
-/// `[cpu] succeeded on pi-1: {...}`, `[sum] failed: ...`, `[x] skipped`.
-pub fn step_line(s: &Value) -> Option<String> {
+/// `[cpu] succeeded on pi-1: {...}`, `[sum] failed: ...`, `[x] skipped`;
+/// a step awaiting approval shows its whole call (never shortened: it is
+/// what the operator approves) and the command that approves it.
+pub fn step_line(s: &Value, run: &str) -> Option<String> {
     let id = s["id"].as_str()?;
     let state = s["state"].as_str()?;
     Some(match state {
@@ -137,16 +192,43 @@ pub fn step_line(s: &Value) -> Option<String> {
         ),
         "failed" | "cancelled" => format!("[{id}] {state}: {}", s["error"].as_str().unwrap_or("")),
         "awaiting_approval" => format!(
-            "[{id}] awaiting approval (openclaw-admin workflow approve RUN --step {id}): {}",
-            super::agent::short(&s["proposed"], 600)
+            "[{id}] awaiting approval (openclaw-admin workflow approve {run} --step {id}): {}",
+            s["proposed"]
         ),
         other => format!("[{id}] {other}"),
     })
 }
 
+/// A path segment or query value, percent-encoded (ids are plain, but a
+/// typo must not change the URL's meaning).
+fn escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_escaped_in_urls_and_calls_shown_whole() {
+        assert_eq!(escape("wf-1_a.b"), "wf-1_a.b");
+        assert_eq!(escape("a/../b?c=d"), "a%2F..%2Fb%3Fc%3Dd");
+        let script = "x".repeat(5000);
+        let s = json!({"id": "fix", "state": "awaiting_approval",
+                       "proposed": {"plugin": "exec", "input": {"stdin": script}}});
+        let l = step_line(&s, "wf-9").unwrap();
+        assert!(
+            l.contains(&script) && l.contains("approve wf-9 --step fix"),
+            "{l}"
+        );
+    }
 
     #[test]
     fn inputs_are_json_when_they_parse() {

@@ -678,7 +678,7 @@ fn workflow_cmd(client: &Client, w: WorkflowCmd, json: bool) -> anyhow::Result<(
             v["state"].as_str().unwrap_or("?")
         );
         for s in v["steps"].as_array().into_iter().flatten() {
-            match step_line(s) {
+            match step_line(s, v["id"].as_str().unwrap_or("RUN")) {
                 Some(l) => println!("{l}"),
                 None => println!("[{}] waiting", s["id"].as_str().unwrap_or("?")),
             }
@@ -751,12 +751,12 @@ fn workflow_cmd(client: &Client, w: WorkflowCmd, json: bool) -> anyhow::Result<(
         ),
         WorkflowCmd::Approve { id, step } => print(
             &client
-                .workflow_decide(&id, step.as_deref(), true)
+                .workflow_decide_seen(&id, step.as_deref(), true, &mut std::io::stderr())
                 .with_context(|| format!("workflow run {id}"))?,
         ),
         WorkflowCmd::Deny { id, step } => print(
             &client
-                .workflow_decide(&id, step.as_deref(), false)
+                .workflow_decide_seen(&id, step.as_deref(), false, &mut std::io::stderr())
                 .with_context(|| format!("workflow run {id}"))?,
         ),
         WorkflowCmd::List { limit } => {

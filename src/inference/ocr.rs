@@ -98,24 +98,43 @@ impl GrayImage {
     /// Bilinear resampling to `w x h` (pixel centres aligned, as OpenCV's
     /// `INTER_LINEAR`).
     pub fn resize(&self, w: usize, h: usize) -> GrayImage {
+        self.resize_part(0, 0, self.width, self.height, w, h)
+    }
+
+    /// [`GrayImage::resize`] of the part `[x0, x1) x [y0, y1)` (clamped),
+    /// read in place: no copy of the part is made, so many large boxes on
+    /// a large page cost their output size, not the page's.
+    pub fn resize_part(
+        &self,
+        x0: usize,
+        y0: usize,
+        x1: usize,
+        y1: usize,
+        w: usize,
+        h: usize,
+    ) -> GrayImage {
         let (w, h) = (w.max(1), h.max(1));
-        if self.width == 0 || self.height == 0 {
+        let (x1, y1) = (x1.min(self.width), y1.min(self.height));
+        let (x0, y0) = (x0.min(x1), y0.min(y1));
+        let (pw, ph) = (x1 - x0, y1 - y0);
+        if pw == 0 || ph == 0 {
             return GrayImage::filled(w, h, 255);
         }
-        let sx = self.width as f32 / w as f32;
-        let sy = self.height as f32 / h as f32;
+        let sx = pw as f32 / w as f32;
+        let sy = ph as f32 / h as f32;
         let coord = |d: usize, s: f32, n: usize| {
             let f = ((d as f32 + 0.5) * s - 0.5).max(0.0);
             let i = (f as usize).min(n - 1);
             (i, (i + 1).min(n - 1), f - i as f32)
         };
-        let xs: Vec<_> = (0..w).map(|x| coord(x, sx, self.width)).collect();
+        let xs: Vec<_> = (0..w).map(|x| coord(x, sx, pw)).collect();
         let mut pixels = Vec::with_capacity(w * h);
         for y in 0..h {
-            let (y0, y1, fy) = coord(y, sy, self.height);
-            for &(x0, x1, fx) in &xs {
-                let top = self.at(x0, y0) * (1.0 - fx) + self.at(x1, y0) * fx;
-                let bottom = self.at(x0, y1) * (1.0 - fx) + self.at(x1, y1) * fx;
+            let (ya, yb, fy) = coord(y, sy, ph);
+            for &(xa, xb, fx) in &xs {
+                let at = |x: usize, y: usize| self.at(x0 + x, y0 + y);
+                let top = at(xa, ya) * (1.0 - fx) + at(xb, ya) * fx;
+                let bottom = at(xa, yb) * (1.0 - fx) + at(xb, yb) * fx;
                 pixels.push((top * (1.0 - fy) + bottom * fy).round().clamp(0.0, 255.0) as u8);
             }
         }
@@ -806,5 +825,18 @@ mod tests {
         assert!(r.pixels.iter().all(|&v| v == 77));
         let c = img.crop(25, 15, 99, 99);
         assert_eq!((c.width, c.height), (5, 5));
+        // A part resized in place equals the part cut out, then resized.
+        let mut grad = GrayImage::filled(40, 30, 0);
+        for (i, p) in grad.pixels.iter_mut().enumerate() {
+            *p = ((i % 40) * 6 + (i / 40) * 2) as u8;
+        }
+        assert_eq!(
+            grad.resize_part(5, 7, 33, 21, 17, 9),
+            grad.crop(5, 7, 33, 21).resize(17, 9)
+        );
+        assert_eq!(
+            grad.resize_part(9, 9, 9, 20, 4, 4),
+            GrayImage::filled(4, 4, 255)
+        );
     }
 }

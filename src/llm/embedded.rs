@@ -983,6 +983,14 @@ pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// exponentially many rules.
 pub const MAX_SCHEMA_PARTS: usize = 256;
 
+/// Most characters and items all of a schema's `maxLength`s and `minItems`
+/// spell out together, so one request cannot make a grammar of a million
+/// rules.
+const MAX_GRAMMAR_SPELLED: u64 = 16_384;
+
+/// Largest `minItems` a grammar spells out.
+const MAX_GRAMMAR_MIN_ITEMS: u64 = 64;
+
 /// Longest `maxLength` a grammar spells out (each character a rule in
 /// llama.cpp's expansion of `{0,N}`).
 const MAX_GRAMMAR_STRING: u64 = 4096;
@@ -1006,7 +1014,8 @@ ws ::= [ \t\n]? [ \t\n]?
 /// with `required` (properties are written in key order, serde_json's; optional ones
 /// may be left out), `items`, `enum`, `const`, `anyOf`/`oneOf`, and
 /// `maxLength` of strings (up to [`MAX_GRAMMAR_STRING`] characters, so a
-/// small model cannot ramble past its token budget inside a string). Other
+/// small model cannot ramble past its token budget inside a string) and
+/// `minItems` of arrays (so it cannot answer a list with `[]`). Other
 /// keywords that constrain values (`pattern`, `minimum`, ...) are refused
 /// rather than ignored, so an answer never claims a schema it did not follow.
 #[derive(Default)]
@@ -1014,6 +1023,9 @@ struct Gbnf {
     rules: Vec<(String, String)>,
     /// `rule_for` calls so far, bounded by [`MAX_SCHEMA_PARTS`].
     parts: usize,
+    /// Characters and items spelled out by `maxLength` and `minItems` so far
+    /// (llama.cpp expands each into rules), bounded by [`MAX_GRAMMAR_SPELLED`].
+    spelled: u64,
 }
 
 impl Gbnf {
@@ -1030,6 +1042,16 @@ impl Gbnf {
         }
         self.rules.push((name.clone(), body));
         name
+    }
+
+    fn spell(&mut self, n: u64, hint: &str) -> Result<(), String> {
+        self.spelled += n;
+        if self.spelled > MAX_GRAMMAR_SPELLED {
+            return Err(format!(
+                "`{hint}`: the schema's `maxLength`s and `minItems` add up to more than {MAX_GRAMMAR_SPELLED}"
+            ));
+        }
+        Ok(())
     }
 
     fn literal(v: &serde_json::Value) -> String {
@@ -1076,6 +1098,7 @@ impl Gbnf {
                     | "title"
                     | "description"
                     | "maxLength"
+                    | "minItems"
                     | "$schema"
                     | "default"
                     | "examples"
@@ -1134,10 +1157,13 @@ impl Gbnf {
                 "string" => match obj.get("maxLength") {
                     None => "string".to_string(),
                     Some(n) => match n.as_u64() {
-                        Some(n) if n <= MAX_GRAMMAR_STRING => self.add(
-                            &format!("{hint}-string"),
-                            format!("\"\\\"\" char{{0,{n}}} \"\\\"\""),
-                        ),
+                        Some(n) if n <= MAX_GRAMMAR_STRING => {
+                            self.spell(n, hint)?;
+                            self.add(
+                                &format!("{hint}-string"),
+                                format!("\"\\\"\" char{{0,{n}}} \"\\\"\""),
+                            )
+                        }
                         _ => {
                             return Err(format!(
                                 "`{hint}`: `maxLength` {n}: 0 to {MAX_GRAMMAR_STRING}"
@@ -1154,7 +1180,25 @@ impl Gbnf {
                         Some(s) => self.rule_for(s, &format!("{hint}-item"))?,
                         None => "value".into(),
                     };
-                    let body = format!("\"[\" ws ( {item} ( ws \",\" ws {item} )* )? ws \"]\"");
+                    let body = match obj.get("minItems").map(|n| n.as_u64()) {
+                        None | Some(Some(0)) => {
+                            format!("\"[\" ws ( {item} ( ws \",\" ws {item} )* )? ws \"]\"")
+                        }
+                        // At least N: the first N spelled out, then any more.
+                        Some(Some(n)) if n <= MAX_GRAMMAR_MIN_ITEMS => {
+                            self.spell(n, hint)?;
+                            let more = format!(" ws \",\" ws {item}");
+                            format!(
+                                "\"[\" ws {item}{} ( ws \",\" ws {item} )* ws \"]\"",
+                                more.repeat(n as usize - 1)
+                            )
+                        }
+                        Some(_) => {
+                            return Err(format!(
+                                "`{hint}`: `minItems`: 0 to {MAX_GRAMMAR_MIN_ITEMS}"
+                            ))
+                        }
+                    };
                     self.add(&format!("{hint}-array"), body)
                 }
                 "object" => self.object(obj, hint)?,
@@ -1273,14 +1317,29 @@ impl Backend for Embedded {
             cancel: cancel.clone(),
             events: events_tx,
         }));
-        // Bounded queue: full means even the waiting room is taken.
-        loaded.jobs.try_send(job).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => LlmError::Busy {
-                model: req.model.clone(),
-                slots: config.slots,
-            },
-            mpsc::TrySendError::Disconnected(_) => engine("the engine thread has ended".into()),
-        })?;
+        // Bounded queue: while even the waiting room is taken, wait for it
+        // (the node's plugin concurrency is the sum over its models, so one
+        // model can be sent more than its slots and queue hold); a cancel
+        // (the task's timeout too) ends the wait.
+        let mut job = job;
+        loop {
+            match loaded.jobs.try_send(job) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(j)) => {
+                    if cancel.is_cancelled() {
+                        return Err(LlmError::Busy {
+                            model: req.model.clone(),
+                            slots: config.slots,
+                        });
+                    }
+                    job = j;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(engine("the engine thread has ended".into()))
+                }
+            }
+        }
         let mut delivered = String::new();
         loop {
             match events.recv() {
@@ -1478,5 +1537,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("maxLength"), "{e}");
+        let many: serde_json::Map<String, serde_json::Value> = (0..10)
+            .map(|i| {
+                (
+                    format!("f{i}"),
+                    serde_json::json!({"type": "string", "maxLength": 4000}),
+                )
+            })
+            .collect();
+        let e = grammar_for(&short(
+            serde_json::json!({"type": "object", "properties": many}),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("add up to more than"), "{e}");
+        let g = grammar_for(&short(
+            serde_json::json!({"type": "array", "items": {"type": "integer"}, "minItems": 2}),
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(
+            g.contains("\"[\" ws integer ws \",\" ws integer ( ws \",\" ws integer )* ws \"]\""),
+            "{g}"
+        );
     }
 }

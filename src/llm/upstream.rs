@@ -43,7 +43,10 @@
 //! after `read_timeout_ms` at the latest, so a cancel waits that long at
 //! worst.
 
-use super::{Backend, ChatRequest, Completion, EmbedRequest, FinishReason, LlmError, ModelInfo};
+use super::{
+    Backend, ChatRequest, Completion, EmbedRequest, FinishReason, LlmError, ModelInfo,
+    ResponseFormat,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
@@ -92,6 +95,22 @@ pub struct PoolConfig {
     /// Cap on a non-streamed response body (embeddings).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// How a JSON schema is asked for: OpenAI's `response_format`
+    /// `{"type": "json_schema", "json_schema": {"schema": ...}}` (OpenAI,
+    /// vLLM, llama-server), or `json_object` with the schema beside it
+    /// (`{"type": "json_object", "schema": ...}`: llama-cpp-python before
+    /// 0.2.7x, Anyscale, llama-server too).
+    #[serde(default)]
+    pub schema_format: SchemaFormat,
+}
+
+/// The upstream's spelling of a schema-constrained answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaFormat {
+    #[default]
+    JsonSchema,
+    JsonObject,
 }
 
 /// A model name of [`PoolConfig::models`].
@@ -215,6 +234,7 @@ struct Inner {
     max_line: usize,
     max_text: usize,
     max_body: usize,
+    schema_format: SchemaFormat,
 }
 
 struct Upstream {
@@ -416,6 +436,7 @@ impl UpstreamPool {
             max_line: config.max_line_bytes,
             max_text: config.max_text_bytes,
             max_body: config.max_body_bytes,
+            schema_format: config.schema_format,
         });
         let stop = if config.health_interval_ms > 0 {
             let (tx, rx) = mpsc::channel::<()>();
@@ -936,7 +957,13 @@ impl UpstreamPool {
             m.insert("stop".into(), json!(req.stop));
         }
         if let Some(f) = &req.response_format {
-            m.insert("response_format".into(), json!(f));
+            let f = match (f, self.inner.schema_format) {
+                (ResponseFormat::JsonSchema { json_schema }, SchemaFormat::JsonObject) => {
+                    json!({"type": "json_object", "schema": json_schema.schema})
+                }
+                (f, _) => json!(f),
+            };
+            m.insert("response_format".into(), f);
         }
         b
     }
@@ -1261,6 +1288,49 @@ mod tests {
         assert!(e.contains("models"), "{e}");
         let e = err("models = [\"m\"]\nupstreams = []\n");
         assert!(e.contains("upstreams"), "{e}");
+    }
+
+    #[test]
+    fn a_schema_is_asked_for_in_the_upstreams_spelling() {
+        let base = "health_interval_ms = 0\nmodels = [\"m\"]\n[[upstreams]]\nurl = \"http://127.0.0.1:9/\"\n";
+        let mut req = ChatRequest {
+            model: "m".into(),
+            messages: Vec::new(),
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            seed: None,
+            stop: Vec::new(),
+            response_format: Some(ResponseFormat::JsonSchema {
+                json_schema: super::super::JsonSchemaSpec {
+                    name: Some("x".into()),
+                    schema: json!({"type": "object"}),
+                    strict: None,
+                },
+            }),
+        };
+        let openai = UpstreamPool::from_toml(&table(base)).unwrap();
+        let b = openai.chat_body(&req, "m");
+        assert_eq!(b["response_format"]["type"], "json_schema");
+        assert_eq!(
+            b["response_format"]["json_schema"]["schema"],
+            json!({"type": "object"})
+        );
+        let older =
+            UpstreamPool::from_toml(&table(&format!("schema_format = \"json_object\"\n{base}")))
+                .unwrap();
+        let b = older.chat_body(&req, "m");
+        assert_eq!(
+            b["response_format"],
+            json!({"type": "json_object", "schema": {"type": "object"}})
+        );
+        req.response_format = Some(ResponseFormat::JsonObject);
+        assert_eq!(
+            older.chat_body(&req, "m")["response_format"],
+            json!({"type": "json_object"})
+        );
+        assert!(err(&format!("schema_format = \"yaml\"\n{base}")).contains("schema_format"));
     }
 
     #[test]

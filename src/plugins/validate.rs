@@ -8,7 +8,7 @@
 //! (examples/bom/bom.toml) and nothing on the device needs changing.
 
 use super::schema::Schema;
-use super::util::{as_f64, invalid, Stop};
+use super::util::{as_f64, blocking, invalid, Stop};
 use super::{check_keys, Plugin, PluginError, TaskContext};
 use crate::protocol::Value;
 use async_trait::async_trait;
@@ -19,6 +19,10 @@ const MAX_RECORDS: usize = 10_000;
 const MAX_RULES: usize = 256;
 /// Most values a rule's lists (`values`, `aliases`, `when`) hold.
 const MAX_LIST: usize = 1_000;
+/// Words of a field a `contains_any` condition looks at.
+const MAX_WORDS: usize = 256;
+/// Most issues one task reports (a result must fit in one message).
+const MAX_ISSUES: usize = 2_000;
 
 /// The validate plugin.
 #[derive(Debug, Default)]
@@ -40,8 +44,8 @@ enum Check {
     OneOf,
 }
 
-/// When a rule applies: the record's `field` is one of `one_of`, or
-/// contains one of `contains_any` (words, case-insensitive).
+/// When a rule applies: the record's `field` is one of `one_of` and
+/// contains one of `contains_any` (words, case-insensitive), each when given.
 #[derive(Debug)]
 struct When {
     field: String,
@@ -208,11 +212,29 @@ fn applies(w: &Option<When>, rec: &Value) -> bool {
     let names = |word: &str, x: &str| {
         word == x || word.strip_suffix('s') == Some(x) || word.strip_suffix("es") == Some(x)
     };
-    (w.one_of.is_empty() || w.one_of.contains(&v))
+    // Words as written (`o-ring`) and their hyphenated parts (`lock-nut`: `nut`).
+    let words = lower
+        .split(|c: char| !c.is_alphanumeric() && c != '-')
+        .flat_map(|w| std::iter::once(w).chain(w.split('-')));
+    (w.one_of.is_empty() || w.one_of.contains(&v.trim().to_string()))
         && (w.contains_any.is_empty()
-            || lower
-                .split(|c: char| !c.is_alphanumeric() && c != '-')
+            || words
+                .take(MAX_WORDS)
                 .any(|word| w.contains_any.iter().any(|x| names(word, x))))
+}
+
+/// The values a message lists before it says how many more there are.
+fn listed(values: &[String]) -> String {
+    let mut s = values
+        .iter()
+        .take(8)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if values.len() > 8 {
+        s.push_str(&format!(", ... ({} in all)", values.len()));
+    }
+    s
 }
 
 fn is_empty(v: Option<&Value>) -> bool {
@@ -252,9 +274,14 @@ fn check_value(rule: &Rule, rec: &Value) -> Option<(bool, String, Value)> {
             None => Some((false, "is not a number".into(), suggest())),
         },
         Check::OneOf => {
-            let s = text_of(v)?;
+            let Some(raw) = text_of(v) else {
+                return Some((false, "is not text".into(), suggest()));
+            };
+            let s = raw.trim().to_string();
             if rule.values.contains(&s) {
-                return None;
+                // Written with blanks around it: the value without them.
+                return (s != raw)
+                    .then(|| (true, format!("`{raw}` has blanks around it"), Value::Str(s)));
             }
             let alias = rule
                 .aliases
@@ -273,14 +300,15 @@ fn check_value(rule: &Rule, rec: &Value) -> Option<(bool, String, Value)> {
                         .cloned()
                 });
             match alias {
-                Some(c) => Some((
-                    true,
-                    format!("`{s}` is written `{c}`"),
-                    rule.suggest.clone().unwrap_or(Value::Str(c)),
-                )),
+                // An alias proposes what it stands for; `suggest` is for the rest.
+                Some(c) => Some((true, format!("`{s}` is written `{c}`"), Value::Str(c))),
                 None => Some((
                     false,
-                    format!("`{s}` is not one of {}", rule.values.join(", ")),
+                    format!(
+                        "`{}` is not one of {}",
+                        crate::plugins::util::log_safe(&s, 80),
+                        listed(&rule.values)
+                    ),
                     suggest(),
                 )),
             }
@@ -317,6 +345,10 @@ impl Plugin for Validate {
             .field(
                 "kind",
                 Schema::string().desc("the issue's name (default from the check)"),
+            )
+            .field(
+                "alias_kind",
+                Schema::string().desc("the issue's name when the value is an alias"),
             )
             .field("suggest", Schema::any().desc("the correction to propose"));
         Schema::object()
@@ -358,31 +390,40 @@ impl Plugin for Validate {
             }
         };
         let stop = Stop::of(&task);
-        let mut issues = Vec::new();
-        let mut corrected = Vec::with_capacity(records.len());
-        for (row, rec) in records.into_iter().enumerate() {
-            stop.check(NAME)?;
-            if !matches!(rec, Value::Map(_)) {
-                return Err(invalid(
-                    NAME,
-                    &format!("records[{row}]"),
-                    "expected an object",
-                ));
-            }
-            // Each rule sees the record as the rules before it corrected
-            // it: a unit read as an alias is checked as what it stands for.
-            let mut fixed = rec;
-            for rule in &rules {
-                if !applies(&rule.when, &fixed) {
-                    continue;
+        // CPU-bound over up to records x rules: off the agent's event loop.
+        let (issues, corrected, truncated) = blocking(NAME, &task, move || {
+            let mut issues = Vec::new();
+            let mut corrected = Vec::with_capacity(records.len());
+            let mut truncated = false;
+            for (row, rec) in records.into_iter().enumerate() {
+                if !matches!(rec, Value::Map(_)) {
+                    return Err(invalid(
+                        NAME,
+                        &format!("records[{row}]"),
+                        "expected an object",
+                    ));
                 }
-                if let Some((kind, message, suggestion)) = check(rule, &fixed) {
+                // Each rule sees the record as the rules before it corrected
+                // it: a unit read as an alias is checked as what it stands for.
+                let mut fixed = rec;
+                for rule in &rules {
+                    stop.check(NAME)?;
+                    if !applies(&rule.when, &fixed) {
+                        continue;
+                    }
+                    let Some((kind, message, suggestion)) = check(rule, &fixed) else {
+                        continue;
+                    };
                     let value = fixed.get(&rule.field).cloned().unwrap_or(Value::Null);
                     if let (Value::Map(m), false) = (&mut fixed, suggestion == Value::Null) {
                         match m.iter_mut().find(|(k, _)| *k == rule.field) {
                             Some((_, v)) => *v = suggestion.clone(),
                             None => m.push((rule.field.clone(), suggestion.clone())),
                         }
+                    }
+                    if issues.len() == MAX_ISSUES {
+                        truncated = true;
+                        continue;
                     }
                     issues.push(Value::Map(vec![
                         ("row".into(), Value::Int(row as i64 + 1)),
@@ -396,12 +437,16 @@ impl Plugin for Validate {
                         ("suggestion".into(), suggestion),
                     ]));
                 }
+                corrected.push(fixed);
             }
-            corrected.push(fixed);
-        }
+            Ok((issues, corrected, truncated))
+        })
+        .await?;
         Ok(Value::Map(vec![
             ("ok".into(), Value::Bool(issues.is_empty())),
             ("checked".into(), Value::Int(corrected.len() as i64)),
+            // More issues than one result lists: the count stops at the cap.
+            ("truncated".into(), Value::Bool(truncated)),
             ("issues".into(), Value::List(issues)),
             ("corrected".into(), Value::List(corrected)),
         ]))
@@ -440,6 +485,8 @@ mod tests {
             {"description": "Hex bolt M8", "quantity": 1.5, "unit": "kg", "material": "Steel"},
             {"description": "Ball bearings", "quantity": 2, "unit": "Stk", "material": "Steel"},
             {"description": "Spring", "quantity": 2, "unit": "box", "material": "Steel"},
+            {"description": "Lock-nut", "quantity": 2, "unit": ["kg"], "material": "Steel"},
+            {"description": "Plate", "quantity": 1, "unit": " kg ", "material": "Steel"},
         ]}))
         .await
         .unwrap();
@@ -465,6 +512,11 @@ mod tests {
                 // corrected to `pcs` first, so not also a mismatch
                 (5, "unit", "unit_alias"),
                 (6, "unit", "unit_mismatch"),
+                // a list is not text (for both unit rules; the second,
+                // as a hyphenated word still names a nut, proposes `pcs`)
+                (7, "unit", "unit_mismatch"),
+                (7, "unit", "unit_mismatch"),
+                (8, "unit", "unit_alias"),
             ],
             "{out}"
         );
@@ -472,7 +524,14 @@ mod tests {
         assert_eq!(out["corrected"][1]["unit"], "pcs");
         assert_eq!(out["corrected"][3]["unit"], "pcs");
         assert_eq!(out["ok"], false);
-        assert_eq!(out["checked"], 6);
+        assert_eq!(out["checked"], 8);
+        assert_eq!(out["corrected"][7]["unit"], "kg");
+        assert_eq!(out["truncated"], false);
+        // Every key the rules use passes the declared schema the agent checks first.
+        Validate
+            .input_schema()
+            .validate(&Value::from(json!({"rules": bom_rules(), "records": []})))
+            .unwrap();
         assert_eq!(out["issues"][5]["suggestion"], serde_json::Value::Null);
     }
 

@@ -172,11 +172,11 @@ async fn decision(
         "workflow.deny"
     };
     let v = crate::server::http::detached(async move {
-        let what = match &q.step {
+        let (v, step) = w.decide(&id, q.step, approve, by).await?;
+        let what = match step {
             Some(s) => format!("{id} step {s}"),
             None => id.clone(),
         };
-        let v = w.decide(&id, q.step, approve, by).await?;
         slot.record(action, &what);
         Ok(v)
     })

@@ -459,6 +459,9 @@ impl Workflows {
                             "input": req.input,
                             "target": req.target,
                             "capability": req.capability,
+                            "route": req.route,
+                            "timeout_ms": req.timeout_ms,
+                            "max_attempts": req.max_attempts,
                         }));
                         s.approval_deadline_ms = Some(crate::now_ms().saturating_add(wait));
                         log::info!(
@@ -485,7 +488,8 @@ impl Workflows {
             let awaiting: Vec<usize> = (0..n)
                 .filter(|&i| steps[i].state == StepState::AwaitingApproval)
                 .collect();
-            let deciding = failure.is_none() && !cancelled && !awaiting.is_empty();
+            let deciding =
+                failure.is_none() && !cancelled && !cancel.is_cancelled() && !awaiting.is_empty();
             if live.is_empty() && !deciding {
                 break;
             }
@@ -498,61 +502,15 @@ impl Workflows {
                     tokio::time::Instant::now()
                         + Duration::from_millis(ms.saturating_sub(crate::now_ms()))
                 });
+            // Biased: a cancel and an expired deadline win over a decision
+            // that arrives at the same time.
             tokio::select! {
-                Some(d) = decisions.recv(), if deciding => {
-                    let pick = match &d.step {
-                        Some(id) => awaiting.iter().copied().find(|&i| steps[i].id == *id).ok_or_else(|| {
-                            ApiError::Conflict(format!("step `{id}` does not await approval"))
-                        }),
-                        None if awaiting.len() == 1 => Ok(awaiting[0]),
-                        None => Err(ApiError::BadRequest(format!(
-                            "steps {} await approval: name one (?step=ID)",
-                            awaiting.iter().map(|&i| steps[i].id.as_str()).collect::<Vec<_>>().join(", ")
-                        ))),
-                    };
-                    let i = match pick {
-                        Ok(i) => i,
-                        Err(e) => {
-                            let _ = d.done.send(Err(e));
-                            continue;
-                        }
-                    };
-                    let def = &c.wf.steps[i];
-                    let mut s = steps[i].clone();
-                    if !d.approve {
-                        let e = format!("denied by {}", d.by);
-                        s.state = StepState::Failed;
-                        s.error = Some(e.clone());
-                        self.put(view, &mut steps, i, s).await?;
-                        let _ = d.done.send(Ok(()));
-                        failure = Some(format!("step `{}`: {e}", def.id));
-                        tasks.cancel();
-                        continue;
+                biased;
+                () = cancel.cancelled(), if !cancelled => {
+                    if self.0.shutdown.is_cancelled() {
+                        return Err(Stop::Shutdown);
                     }
-                    s.approved_by = Some(d.by.clone());
-                    steps[i] = s;
-                    let outputs = outputs(&steps);
-                    let ctx = Context { inputs: &inputs, outputs: &outputs };
-                    let res = match submission(def, &ctx) {
-                        Ok(req) => self.submit_step(view, &mut steps, i, req, &tx, &tasks).await?,
-                        Err(e) => Err(e),
-                    };
-                    let _ = d.done.send(Ok(()));
-                    match res {
-                        Ok(()) => {
-                            live.insert(i);
-                        }
-                        Err(e) => {
-                            if steps[i].state != StepState::Failed {
-                                let mut s = steps[i].clone();
-                                s.state = StepState::Failed;
-                                s.error = Some(e.clone());
-                                self.put(view, &mut steps, i, s).await?;
-                            }
-                            failure = Some(format!("step `{}`: {e}", def.id));
-                            tasks.cancel();
-                        }
-                    }
+                    cancelled = true;
                 }
                 () = async {
                     match next_deadline {
@@ -598,11 +556,68 @@ impl Workflows {
                     }
                     self.put(view, &mut steps, i, s).await?;
                 }
-                () = cancel.cancelled(), if !cancelled => {
-                    if self.0.shutdown.is_cancelled() {
-                        return Err(Stop::Shutdown);
+                Some(d) = decisions.recv(), if deciding => {
+                    let pick = match &d.step {
+                        Some(id) => awaiting.iter().copied().find(|&i| steps[i].id == *id).ok_or_else(|| {
+                            ApiError::Conflict(format!("step `{id}` does not await approval"))
+                        }),
+                        None if awaiting.len() == 1 => Ok(awaiting[0]),
+                        None => Err(ApiError::BadRequest(format!(
+                            "steps {} await approval: name one (?step=ID)",
+                            awaiting.iter().map(|&i| steps[i].id.as_str()).collect::<Vec<_>>().join(", ")
+                        ))),
+                    };
+                    let i = match pick {
+                        Ok(i) => i,
+                        Err(e) => {
+                            let _ = d.done.send(Err(e));
+                            continue;
+                        }
+                    };
+                    if steps[i].approval_deadline_ms.is_some_and(|t| t <= crate::now_ms()) {
+                        // Too late: the deadline arm fails the step next.
+                        let _ = d.done.send(Err(ApiError::Conflict(format!(
+                            "step `{}`: its approval deadline has passed",
+                            steps[i].id
+                        ))));
+                        continue;
                     }
-                    cancelled = true;
+                    let def = &c.wf.steps[i];
+                    let mut s = steps[i].clone();
+                    if !d.approve {
+                        let e = format!("denied by {}", d.by);
+                        s.state = StepState::Failed;
+                        s.error = Some(e.clone());
+                        self.put(view, &mut steps, i, s).await?;
+                        let _ = d.done.send(Ok(()));
+                        failure = Some(format!("step `{}`: {e}", def.id));
+                        tasks.cancel();
+                        continue;
+                    }
+                    s.approved_by = Some(d.by.clone());
+                    steps[i] = s;
+                    let outputs = outputs(&steps);
+                    let ctx = Context { inputs: &inputs, outputs: &outputs };
+                    let res = match submission(def, &ctx) {
+                        Ok(req) => self.submit_step(view, &mut steps, i, req, &tx, &tasks).await?,
+                        Err(e) => Err(e),
+                    };
+                    let _ = d.done.send(Ok(()));
+                    match res {
+                        Ok(()) => {
+                            live.insert(i);
+                        }
+                        Err(e) => {
+                            if steps[i].state != StepState::Failed {
+                                let mut s = steps[i].clone();
+                                s.state = StepState::Failed;
+                                s.error = Some(e.clone());
+                                self.put(view, &mut steps, i, s).await?;
+                            }
+                            failure = Some(format!("step `{}`: {e}", def.id));
+                            tasks.cancel();
+                        }
+                    }
                 }
             }
         }
@@ -676,15 +691,22 @@ impl Workflows {
         step: Option<String>,
         approve: bool,
         by: String,
-    ) -> Result<RunView, ApiError> {
+    ) -> Result<(RunView, Option<String>), ApiError> {
+        // The step is fixed when the request arrives: a retried approval
+        // that names none cannot land on a step that began waiting since.
+        let mut step = step;
         let tx = self.lock_live().get(id).and_then(|l| {
-            let waits = l
-                .view
-                .borrow()
+            let v = l.view.borrow();
+            let waiting: Vec<&str> = v
                 .steps
                 .iter()
-                .any(|s| s.state == StepState::AwaitingApproval);
-            waits.then(|| l.decide.clone())
+                .filter(|s| s.state == StepState::AwaitingApproval)
+                .map(|s| s.id.as_str())
+                .collect();
+            if step.is_none() && waiting.len() == 1 {
+                step = Some(waiting[0].to_string());
+            }
+            (!waiting.is_empty()).then(|| l.decide.clone())
         });
         let Some(tx) = tx else {
             return match self.get(id).await? {
@@ -697,7 +719,7 @@ impl Workflows {
         };
         let (done, answer) = tokio::sync::oneshot::channel();
         tx.try_send(Decision {
-            step,
+            step: step.clone(),
             approve,
             by,
             done,
@@ -713,9 +735,11 @@ impl Workflows {
                 )))
             }
         }
-        self.get(id)
+        let v = self
+            .get(id)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no workflow run `{id}`")))
+            .ok_or_else(|| ApiError::NotFound(format!("no workflow run `{id}`")))?;
+        Ok((v, step))
     }
 
     /// Waits for step `i`'s task on a task of its own; reports on `tx`.
