@@ -338,8 +338,19 @@ impl Schema {
             Value::Bytes(b) => self.check_len(b.len(), path, "items")?,
             Value::Map(entries) => {
                 for name in &self.required {
-                    if matches!(v.get(name), None | Some(Value::Null)) {
-                        return Err((join(path, name), "missing (required)".into()));
+                    // Null is "not given" (as in the plugins), unless the
+                    // property's own type admits null: `"type": ["string",
+                    // "null"]` is JSON Schema's way to say "present, maybe empty".
+                    let admits_null = self
+                        .properties
+                        .iter()
+                        .any(|(n, s)| n == name && s.kinds.contains(&Kind::Null));
+                    match v.get(name) {
+                        None => return Err((join(path, name), "missing (required)".into())),
+                        Some(Value::Null) if !admits_null => {
+                            return Err((join(path, name), "missing (required)".into()))
+                        }
+                        _ => {}
                     }
                 }
                 for c in &self.cases {
@@ -673,6 +684,19 @@ mod tests {
         s.validate(&v(json!({"op": "read", "count": null})))
             .unwrap();
         Schema::any().validate(&v(json!([1, "x"]))).unwrap();
+        // A required property whose type admits null may be null; one whose
+        // type does not is still missing.
+        let j = json!({"type": "object", "required": ["m", "n"], "properties": {
+            "m": {"type": ["string", "null"]}, "n": {"type": "string"}}});
+        let s = Schema::from_json(&j).unwrap();
+        s.validate(&v(json!({"m": null, "n": "x"}))).unwrap();
+        let e = s
+            .validate(&v(json!({"m": "a", "n": null})))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`n`") && e.contains("missing"), "{e}");
+        let e = s.validate(&v(json!({"n": "x"}))).unwrap_err().to_string();
+        assert!(e.contains("`m`") && e.contains("missing"), "{e}");
     }
 
     #[test]
