@@ -241,6 +241,7 @@ fn reopen(dir: RawFd, rel: &Path, handle: &OwnedFd, flags: i32) -> io::Result<Fi
 /// Reads the regular file `rel` beneath `root` with the same guarantees as
 /// the file plugin (never outside, no symlinks, no special files), at most
 /// `max` bytes. For other plugins reading from a configured folder.
+#[cfg_attr(not(feature = "inference"), allow(dead_code))]
 pub(crate) fn read_beneath(root: &Path, rel: &Path, max: u64) -> io::Result<Vec<u8>> {
     let dir = openat(libc::AT_FDCWD, root, libc::O_PATH | libc::O_DIRECTORY, 0)?;
     let fd = open_beneath(dir.as_raw_fd(), rel, libc::O_PATH, 0)?;
