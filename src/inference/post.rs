@@ -23,20 +23,28 @@ pub fn labels(model: &LoadedModel) -> Result<Vec<String>, InferenceError> {
 
 /// Index and value of the largest element of each row of the last axis.
 pub fn argmax_rows(t: &NamedTensor) -> Vec<(usize, f32)> {
+    argmax_rows_in(t, None)
+}
+
+/// [`argmax_rows`] among the columns `allowed` marks (and column 0, the
+/// CTC blank, always); all columns without a mask.
+fn argmax_rows_in(t: &NamedTensor, allowed: Option<&[bool]>) -> Vec<(usize, f32)> {
     let values = t.to_f32_vec();
     let width = t.shape.last().copied().unwrap_or(0).max(1);
+    let ok = |i: usize| allowed.is_none_or(|m| i == 0 || m.get(i).copied().unwrap_or(false));
     values
         .chunks(width)
         .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            row.iter().enumerate().filter(|(i, _)| ok(*i)).fold(
+                (0, f32::NEG_INFINITY),
+                |best, (i, &v)| {
                     if v > best.1 {
                         (i, v)
                     } else {
                         best
                     }
-                })
+                },
+            )
         })
         .collect()
 }
@@ -64,28 +72,7 @@ pub fn ctc_greedy_in(
     dictionary: &[String],
     allowed: Option<&[bool]>,
 ) -> (String, f32) {
-    let rows = match allowed {
-        None => argmax_rows(t),
-        Some(mask) => {
-            let values = t.to_f32_vec();
-            let width = t.shape.last().copied().unwrap_or(0).max(1);
-            values
-                .chunks(width)
-                .map(|row| {
-                    row.iter()
-                        .enumerate()
-                        .filter(|(i, _)| *i == 0 || mask.get(*i).copied().unwrap_or(false))
-                        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                            if v > best.1 {
-                                (i, v)
-                            } else {
-                                best
-                            }
-                        })
-                })
-                .collect()
-        }
-    };
+    let rows = argmax_rows_in(t, allowed);
     let mut text = String::new();
     let (mut sum, mut kept) = (0f32, 0usize);
     let mut prev = usize::MAX;
