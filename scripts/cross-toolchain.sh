@@ -154,8 +154,14 @@ trap cleanup EXIT
 WORK=$(mktemp -d /tmp/openclaw-cross.XXXXXX)
 chmod 755 "$WORK"
 
+# Each target whose std could not be had leaves its reason here, for
+# scripts/test-arm.sh and scripts/test.sh to report (and nothing else to
+# guess at); a later run that gets it removes the file.
+status_dir=${OPENCLAW_CROSS_STATUS:-$HOME/.cache/openclaw/cross-status}
+mkdir -p "$status_dir"
 for arch in $CROSS_ARCHES; do
   triple=$(deb_triple "$arch")
+  rm -f "$status_dir/unavailable-$triple"
   stamp="$RUSTLIB/$triple/.openclaw-debian-version"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$V" ]; then
     log "$triple std $V already installed"
@@ -167,20 +173,24 @@ for arch in $CROSS_ARCHES; do
     added_arches+=("$arch")
   fi
   ok=""
-  for attempt in 1 2 3; do
+  # A mirror in the middle of a sync serves an index of the wrong size
+  # ("Mirror sync in progress?"), for minutes: wait it out (about 6 min).
+  tries=${CROSS_APT_TRIES:-6}
+  for attempt in $(seq 1 "$tries"); do
     apt_update_for "$arch" || true
     if apt-cache madison "libstd-rust-web-dev:$arch" 2>/dev/null | awk -F'|' '{gsub(/ /,"",$2); print $2}' | grep -qxF "$V"; then
       ok=1
       break
     fi
-    warn "the $arch index of bookworm-security does not offer libstd-rust-web-dev:$arch $V (try $attempt of 3)"
-    sleep $((attempt * 5))
+    warn "the $arch index of bookworm-security does not offer libstd-rust-web-dev:$arch $V (try $attempt of $tries)"
+    if [ "$attempt" -lt "$tries" ]; then sleep $((attempt * 20)); fi
   done
   if [ -z "$ok" ]; then
     offered=$({ apt-cache madison "libstd-rust-web-dev:$arch" 2>/dev/null || true; } | awk -F'|' '{gsub(/ /,"",$2); print $2}' | paste -sd, -)
     msg="$triple: Debian std $V for $arch is not available from the mirror right now (offered: ${offered:-nothing}); the compiler is $V so an older std cannot be used. Re-run this script later."
     warn "$msg"
     missing+=("$msg")
+    echo "$msg" >"$status_dir/unavailable-$triple"
     [ "$arch" = arm64 ] && die "$msg"
     continue
   fi

@@ -47,7 +47,17 @@ NICE=5 scripts/build-arm.sh --board rpi4
 
 log "armv7 agent for rpi3 on a 32-bit OS (scripts/build-arm.sh --board rpi3 --arch armv7)"
 # tests/arm.rs runs it under qemu-arm-static (echo, int8 sensor inference).
-NICE=5 scripts/build-arm.sh --board rpi3 --arch armv7
+# Debian's armhf std must match its compiler exactly; when the mirror cannot
+# give it (seen: bookworm-security's armhf index stale for hours, "Mirror
+# sync in progress?"), the armv7 build and its test are SKIPPED, loudly,
+# with the reason (scripts/test.sh passes it to the test), instead of
+# failing the whole run on a mirror's state. arm64 has no such way out.
+armv7_missing="${OPENCLAW_CROSS_STATUS:-$HOME/.cache/openclaw/cross-status}/unavailable-armv7-unknown-linux-gnueabihf"
+if [ -f "$armv7_missing" ]; then
+  echo "!!!!!!!! SKIPPED the armv7 agent's build: $(cat "$armv7_missing") !!!!!!!!"
+else
+  NICE=5 scripts/build-arm.sh --board rpi3 --arch armv7
+fi
 
 log "unit tests for aarch64 under qemu"
 # Same target-cpu as the rpi4 agent, so the dependencies built above are reused.

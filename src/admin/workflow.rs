@@ -9,6 +9,16 @@ use std::io::Write;
 /// `KEY=VALUE` of `--input`: the value as JSON when it parses as JSON
 /// (`3`, `true`, `{"a":1}`), else as a string.
 pub fn parse_input(kv: &str) -> Result<(String, Value), AdminError> {
+    parse_input_for(kv, &Map::new())
+}
+
+/// [`parse_input`] for a workflow that declares `declared` (its `[inputs]`
+/// with their defaults): an input whose default is a string stays a
+/// string, so `--input device=123` names device `123`, not the number.
+pub fn parse_input_for(
+    kv: &str,
+    declared: &Map<String, Value>,
+) -> Result<(String, Value), AdminError> {
     let (k, v) = kv
         .split_once('=')
         .ok_or_else(|| AdminError::Invalid(format!("--input {kv:?}: expected KEY=VALUE")))?;
@@ -17,8 +27,25 @@ pub fn parse_input(kv: &str) -> Result<(String, Value), AdminError> {
             "--input {kv:?}: the key is empty"
         )));
     }
-    let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+    let v = match declared.get(k) {
+        Some(Value::String(_)) => Value::String(v.to_string()),
+        _ => serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string())),
+    };
     Ok((k.to_string(), v))
+}
+
+/// The `[inputs]` table of a workflow file's TOML text, as JSON (empty
+/// when the text does not parse: the server names what is wrong with it).
+pub fn declared_inputs(toml_text: &str) -> Map<String, Value> {
+    toml::from_str::<toml::Table>(toml_text)
+        .ok()
+        .and_then(|t| t.get("inputs").cloned())
+        .and_then(|i| serde_json::to_value(i).ok())
+        .and_then(|v| match v {
+            Value::Object(m) => Some(m),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 impl Client {
@@ -236,5 +263,24 @@ mod tests {
         assert_eq!(parse_input("d=pi-1").unwrap(), ("d".into(), json!("pi-1")));
         assert_eq!(parse_input("e=").unwrap(), ("e".into(), json!("")));
         assert!(parse_input("nokey").is_err());
+    }
+
+    #[test]
+    fn an_input_declared_with_a_text_default_stays_text() {
+        let declared =
+            declared_inputs("[inputs]\ndevice = \"pi-1\"\nn = 2\n[[steps]]\nid = \"a\"\n");
+        assert_eq!(
+            parse_input_for("device=123", &declared).unwrap(),
+            ("device".into(), json!("123"))
+        );
+        assert_eq!(
+            parse_input_for("n=3", &declared).unwrap(),
+            ("n".into(), json!(3))
+        );
+        assert_eq!(
+            parse_input_for("other=true", &declared).unwrap(),
+            ("other".into(), json!(true))
+        );
+        assert!(declared_inputs("not toml [").is_empty());
     }
 }

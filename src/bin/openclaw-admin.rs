@@ -665,7 +665,7 @@ fn device_cmd(d: Device, server: &str, json: bool) -> anyhow::Result<()> {
 
 /// `release keygen|create|deploy|list|show`.
 fn workflow_cmd(client: &Client, w: WorkflowCmd, json: bool) -> anyhow::Result<()> {
-    use admin::workflow::{parse_input, step_line};
+    use admin::workflow::{declared_inputs, parse_input_for, step_line};
     let print = |v: &serde_json::Value| -> anyhow::Result<()> {
         if json {
             println!("{}", serde_json::to_string_pretty(v)?);
@@ -700,9 +700,10 @@ fn workflow_cmd(client: &Client, w: WorkflowCmd, json: bool) -> anyhow::Result<(
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
+            let declared = declared_inputs(&text);
             let mut given = serde_json::Map::new();
             for kv in &inputs {
-                let (k, v) = parse_input(kv)?;
+                let (k, v) = parse_input_for(kv, &declared)?;
                 given.insert(k, v);
             }
             let id = client

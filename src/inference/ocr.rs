@@ -534,10 +534,13 @@ pub fn recognize(
     b: &TextBox,
 ) -> Result<(String, f32), OcrError> {
     let (h, w) = input_hw(engine, model)?;
-    let crop = page.crop(b.x0, b.y0, b.x1, b.y1);
-    let rw =
-        ((crop.width as f32 * h as f32 / crop.height.max(1) as f32).ceil() as usize).clamp(1, w);
-    let line = crop.resize(rw, h).on_canvas(w, h);
+    // The box as `crop` would clamp it, resized in place (no copy of it).
+    let (x1, y1) = (b.x1.min(page.width), b.y1.min(page.height));
+    let (bw, bh) = (x1 - b.x0.min(x1), y1 - b.y0.min(y1));
+    let rw = ((bw as f32 * h as f32 / bh.max(1) as f32).ceil() as usize).clamp(1, w);
+    let line = page
+        .resize_part(b.x0, b.y0, b.x1, b.y1, rw, h)
+        .on_canvas(w, h);
     let out = engine.run(
         model,
         vec![NamedTensor::f32(

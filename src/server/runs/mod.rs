@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as J};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::RunStore;
@@ -226,6 +227,8 @@ struct Inner {
     store: Mutex<RunStore>,
     sched: SchedulerHandle,
     live: Mutex<HashMap<String, Live>>,
+    /// Runs being stored, not yet in `live` (see [`Starting`]).
+    starting: Arc<AtomicUsize>,
     shutdown: CancellationToken,
 }
 
@@ -254,6 +257,7 @@ impl Runs {
             store: Mutex::new(store),
             sched,
             live: Mutex::new(HashMap::new()),
+            starting: Arc::default(),
             shutdown,
         }));
         for (view, req, tools) in open {
@@ -313,12 +317,10 @@ impl Runs {
                 )));
             }
         }
-        if self.lock_live().len() >= MAX_LIVE_RUNS {
-            return Err(ApiError::Busy {
-                message: format!("{MAX_LIVE_RUNS} agent runs are in progress; retry later"),
-                retry_after_s: 5,
-            });
-        }
+        let slot = {
+            let live = self.lock_live();
+            Starting::take(&self.0.starting, live.len(), MAX_LIVE_RUNS, "agent runs")?
+        };
         let id = new_id("run");
         let now = crate::now_ms();
         let view = RunView {
@@ -333,16 +335,27 @@ impl Runs {
             created_ms: now,
             updated_ms: now,
         };
-        {
-            let (v, r, t) = (view.clone(), req.clone(), tools.clone());
-            self.blocking(move |s| s.create(&v, &r, &t)).await?;
-        }
-        log::info!(
-            "agent run {id}: started with model {} and tools {}",
-            req.model,
-            view.tools.join(", ")
-        );
-        self.spawn(view.clone(), req, tools);
+        // Stored and started on a task of its own: a client that goes away
+        // meanwhile cannot leave a stored run that nothing drives.
+        let this = self.clone();
+        let v = view.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            {
+                let (v, r, t) = (v.clone(), req.clone(), tools.clone());
+                this.blocking(move |s| s.create(&v, &r, &t)).await?;
+            }
+            log::info!(
+                "agent run {}: started with model {} and tools {}",
+                v.id,
+                req.model,
+                v.tools.join(", ")
+            );
+            this.spawn(v, req, tools);
+            Ok::<_, ApiError>(())
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))??;
         Ok(view)
     }
 
@@ -392,11 +405,22 @@ impl Runs {
                 }
                 Ok((state, answer, error)) if !shutting_down || state.is_terminal() => {
                     let (i, a, e) = (id.clone(), answer.clone(), error.clone());
-                    if let Err(err) = runs
+                    match runs
                         .blocking(move |s| s.finish(&i, state, a.as_deref(), e.as_deref()))
                         .await
                     {
-                        log::error!("agent run {id}: its end not stored: {err}");
+                        // Ended first by a stored cancel: that end is shown.
+                        Ok(false) => {
+                            let i = id.clone();
+                            if let Ok(Some(v)) = runs.blocking(move |s| s.get(&i)).await {
+                                log::info!("agent run {id}: {}", v.state.as_str());
+                                view_tx.send_replace(v);
+                                runs.lock_live().remove(&id);
+                                return;
+                            }
+                        }
+                        Ok(true) => {}
+                        Err(err) => log::error!("agent run {id}: its end not stored: {err}"),
                     }
                     log::info!("agent run {id}: {}", state.as_str());
                     view_tx.send_modify(|v| {
@@ -806,7 +830,16 @@ impl Runs {
         let c = self.lock_live().get(id).map(|l| l.cancel.clone());
         match c {
             Some(c) => {
-                c.cancel();
+                // Stored first (a server killed from here on does not resume
+                // the run), then cancelled, both on the blocking thread: a
+                // client gone meanwhile cannot stop half of it.
+                let i = id.to_string();
+                self.blocking(move |s| {
+                    let stored = s.finish(&i, RunState::Cancelled, None, Some("cancelled"));
+                    c.cancel();
+                    stored
+                })
+                .await?;
                 self.wait(id, Duration::from_secs(5))
                     .await?
                     .ok_or_else(|| ApiError::NotFound(format!("no agent run `{id}`")))
@@ -819,6 +852,39 @@ impl Runs {
                 ))),
             },
         }
+    }
+}
+
+/// A place taken among a server's live runs (agent runs or workflow runs)
+/// while a new run is being stored: the cap is checked against the live
+/// runs and those being started, under the live map's lock, so concurrent
+/// starts cannot pass it together. Given back when dropped, once the run
+/// is in the live map.
+pub(crate) struct Starting(Arc<AtomicUsize>);
+
+impl Starting {
+    /// Takes a place, or `Busy` when `live` plus those starting reach `max`.
+    /// Call with the live map locked (`live` is its length).
+    pub(crate) fn take(
+        starting: &Arc<AtomicUsize>,
+        live: usize,
+        max: usize,
+        what: &str,
+    ) -> Result<Starting, ApiError> {
+        if live + starting.load(Ordering::Acquire) >= max {
+            return Err(ApiError::Busy {
+                message: format!("{max} {what} are in progress; retry later"),
+                retry_after_s: 5,
+            });
+        }
+        starting.fetch_add(1, Ordering::AcqRel);
+        Ok(Starting(starting.clone()))
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

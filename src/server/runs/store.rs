@@ -93,28 +93,35 @@ impl RunStore {
             params![id, step.n(), body],
         )
         .map_err(|e| self.sql(e))?;
+        // A run already ended (a cancel stored first) keeps its end.
         tx.execute(
-            "UPDATE runs SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+            "UPDATE runs SET state = ?2, updated_ms = ?3
+             WHERE id = ?1 AND state IN ('running', 'awaiting_approval')",
             params![id, state.as_str(), crate::now_ms() as i64],
         )
         .map_err(|e| self.sql(e))?;
         tx.commit().map_err(|e| self.sql(e))
     }
 
+    /// Ends run `id` with `state` unless it has ended already: true when
+    /// this call ended it. The first end stored wins (a cancel stored
+    /// while the driver finishes, or the other way round).
     pub fn finish(
         &self,
         id: &str,
         state: RunState,
         answer: Option<&str>,
         error: Option<&str>,
-    ) -> Result<(), RunsError> {
-        self.conn
+    ) -> Result<bool, RunsError> {
+        let n = self
+            .conn
             .execute(
-                "UPDATE runs SET state = ?2, answer = ?3, error = ?4, updated_ms = ?5 WHERE id = ?1",
+                "UPDATE runs SET state = ?2, answer = ?3, error = ?4, updated_ms = ?5
+                 WHERE id = ?1 AND state IN ('running', 'awaiting_approval')",
                 params![id, state.as_str(), answer, error, crate::now_ms() as i64],
             )
             .map_err(|e| self.sql(e))?;
-        Ok(())
+        Ok(n > 0)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<RunView>, RunsError> {
@@ -214,5 +221,56 @@ impl RunStore {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_end_stored_wins_and_a_cancelled_run_is_not_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RunStore::open(dir.path()).unwrap();
+        let req: RunRequest =
+            serde_json::from_value(serde_json::json!({"goal": "g", "model": "m", "tools": []}))
+                .unwrap();
+        let v = RunView {
+            id: "run-1".into(),
+            state: RunState::Running,
+            goal: "g".into(),
+            model: "m".into(),
+            tools: Vec::new(),
+            answer: None,
+            error: None,
+            steps: Vec::new(),
+            created_ms: 1,
+            updated_ms: 1,
+        };
+        s.create(&v, &req, &[]).unwrap();
+        // A cancel stored while the driver is still at work...
+        assert!(s
+            .finish("run-1", RunState::Cancelled, None, Some("cancelled"))
+            .unwrap());
+        // ...is neither revived by the driver's next step nor overwritten
+        // by the end it reaches.
+        let step = Step::Llm {
+            n: 0,
+            task_id: Some("t".into()),
+            output: None,
+            error: None,
+            answer_only: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        };
+        s.put_step("run-1", &step, RunState::Running).unwrap();
+        assert!(!s
+            .finish("run-1", RunState::Succeeded, Some("42"), None)
+            .unwrap());
+        let got = s.get("run-1").unwrap().unwrap();
+        assert_eq!(got.state, RunState::Cancelled);
+        assert_eq!(got.answer, None);
+        assert_eq!(got.steps.len(), 1, "the step itself is kept");
+        assert!(s.open_runs().unwrap().is_empty(), "not resumed at a start");
     }
 }

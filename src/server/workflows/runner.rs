@@ -17,12 +17,13 @@ use crate::llm::{ChatMessage, ChatRequest, Completion, JsonSchemaSpec, ResponseF
 use crate::protocol::api::{SubmitRequest, TaskState};
 use crate::schema::Schema;
 use crate::server::openai::LLM_CAPABILITY;
-use crate::server::runs::{submit_whole, wait_task, Waited};
+use crate::server::runs::{submit_whole, wait_task, Starting, Waited};
 use crate::server::scheduler::{ApiError, Command, SchedulerHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as J};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -150,6 +151,8 @@ struct Inner {
     store: Mutex<WorkflowStore>,
     sched: SchedulerHandle,
     live: Mutex<HashMap<String, Live>>,
+    /// Runs being stored, not yet in `live` (see [`Starting`]).
+    starting: Arc<AtomicUsize>,
     shutdown: CancellationToken,
 }
 
@@ -178,6 +181,7 @@ impl Workflows {
             store: Mutex::new(store),
             sched,
             live: Mutex::new(HashMap::new()),
+            starting: Arc::default(),
             shutdown,
         }));
         for (view, wf) in open {
@@ -222,12 +226,10 @@ impl Workflows {
         let checked = wf.check().map_err(bad)?;
         let inputs = checked.wf.inputs_with(&given).map_err(bad)?;
         self.check_fleet(&checked.wf).await?;
-        if self.lock_live().len() >= MAX_LIVE_RUNS {
-            return Err(ApiError::Busy {
-                message: format!("{MAX_LIVE_RUNS} workflow runs are in progress; retry later"),
-                retry_after_s: 5,
-            });
-        }
+        let slot = {
+            let live = self.lock_live();
+            Starting::take(&self.0.starting, live.len(), MAX_LIVE_RUNS, "workflow runs")?
+        };
         let now = crate::now_ms();
         let view = RunView {
             id: crate::server::runs::new_id("wf"),
@@ -256,17 +258,27 @@ impl Workflows {
             created_ms: now,
             updated_ms: now,
         };
-        {
-            let (v, w) = (view.clone(), checked.wf.clone());
-            self.blocking(move |s| s.create(&v, &w)).await?;
-        }
-        log::info!(
-            "workflow run {}: `{}` started ({} steps)",
-            view.id,
-            view.name,
-            view.steps.len()
-        );
-        self.spawn(view.clone(), checked);
+        // Stored and started on a task of its own: a client that goes away
+        // meanwhile cannot leave a stored run that nothing drives.
+        let this = self.clone();
+        let v = view.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            {
+                let (v, w) = (v.clone(), checked.wf.clone());
+                this.blocking(move |s| s.create(&v, &w)).await?;
+            }
+            log::info!(
+                "workflow run {}: `{}` started ({} steps)",
+                v.id,
+                v.name,
+                v.steps.len()
+            );
+            this.spawn(v, checked);
+            Ok::<_, ApiError>(())
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))??;
         Ok(view)
     }
 
@@ -341,7 +353,7 @@ impl Workflows {
                         .blocking(move |s| s.finish(&i, state, o.as_ref(), e.as_deref()))
                         .await
                     {
-                        Ok(()) => {
+                        Ok(true) => {
                             log::info!("workflow run {id}: {}", state.as_str());
                             view_tx.send_modify(|v| {
                                 v.state = state;
@@ -349,6 +361,14 @@ impl Workflows {
                                 v.error = error;
                                 v.updated_ms = crate::now_ms();
                             });
+                        }
+                        // Ended first by a stored cancel: that end is shown.
+                        Ok(false) => {
+                            let i = id.clone();
+                            if let Ok(Some(v)) = w.blocking(move |s| s.get(&i)).await {
+                                log::info!("workflow run {id}: {}", v.state.as_str());
+                                view_tx.send_replace(v);
+                            }
                         }
                         Err(err) => log::error!("workflow run {id}: its end not stored: {err}"),
                     }
@@ -804,7 +824,16 @@ impl Workflows {
         let c = self.lock_live().get(id).map(|l| l.cancel.clone());
         match c {
             Some(c) => {
-                c.cancel();
+                // Stored first (a server killed from here on does not resume
+                // the run), then cancelled, both on the blocking thread: a
+                // client gone meanwhile cannot stop half of it.
+                let i = id.to_string();
+                self.blocking(move |s| {
+                    let stored = s.finish(&i, WorkflowState::Cancelled, None, Some("cancelled"));
+                    c.cancel();
+                    stored
+                })
+                .await?;
                 self.wait(id, CANCEL_WAIT + Duration::from_secs(5))
                     .await?
                     .ok_or_else(|| ApiError::NotFound(format!("no workflow run `{id}`")))

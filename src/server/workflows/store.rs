@@ -123,16 +123,21 @@ impl WorkflowStore {
         tx.commit().map_err(|e| self.sql(e))
     }
 
+    /// Ends run `id` with `state` unless it has ended already: true when
+    /// this call ended it. The first end stored wins (a cancel stored
+    /// while the driver finishes, or the other way round).
     pub fn finish(
         &self,
         id: &str,
         state: WorkflowState,
         output: Option<&J>,
         error: Option<&str>,
-    ) -> Result<(), WorkflowsError> {
-        self.conn
+    ) -> Result<bool, WorkflowsError> {
+        let n = self
+            .conn
             .execute(
-                "UPDATE runs SET state = ?2, output = ?3, error = ?4, updated_ms = ?5 WHERE id = ?1",
+                "UPDATE runs SET state = ?2, output = ?3, error = ?4, updated_ms = ?5
+                 WHERE id = ?1 AND state = 'running'",
                 params![
                     id,
                     state.as_str(),
@@ -142,7 +147,7 @@ impl WorkflowStore {
                 ],
             )
             .map_err(|e| self.sql(e))?;
-        Ok(())
+        Ok(n > 0)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<RunView>, WorkflowsError> {
