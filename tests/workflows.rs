@@ -666,3 +666,50 @@ value = {{ reported = "{{{{ steps.cpu.output.cpus }}}}", model = "{{{{ steps.sum
         assert_eq!(v["output"]["model"], v["output"]["reported"], "{v:#}");
     }
 }
+
+/// A full queue (`scheduler.max_queued_tasks`) is waited out, not taken as
+/// the step's failure: with room for one queued task and its device
+/// offline, step `a` queues and step `b` waits for room (shown `running`
+/// without a task); once the device is back both run and the run succeeds.
+#[test]
+fn a_step_waits_for_room_in_a_full_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[scheduler]\nmax_queued_tasks = 1\n").unwrap();
+    let server = Server::start(
+        &dir.path().join("srv"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let mut a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
+    server.wait_online("dev-a");
+    a.stop();
+    server.wait_devices("dev-a offline", |d| {
+        d.iter().any(|d| d.id == "dev-a" && !d.online)
+    });
+    let wf = r#"
+name = "two"
+[[steps]]
+id = "a"
+plugin = "echo"
+target = "dev-a"
+input = { n = 1 }
+[[steps]]
+id = "b"
+plugin = "echo"
+target = "dev-a"
+input = { n = 2 }
+"#;
+    let id = start(&server, wf, json!({})).unwrap();
+    let v = wait_view(&server, &id, "a queued, b waiting for room", |v| {
+        let (sa, sb) = (step(v, "a"), step(v, "b"));
+        let queued = |s: &Value| s["state"] == "running" && s["task_id"].is_string();
+        let waiting = |s: &Value| s["state"] == "running" && s["task_id"].is_null();
+        (queued(sa) && waiting(sb)) || (queued(sb) && waiting(sa))
+    });
+    assert_eq!(v["state"], "running", "{v:#}");
+    let _a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "succeeded", "{v:#}");
+    assert_eq!(step(&v, "a")["output"], json!({"n": 1}), "{v:#}");
+    assert_eq!(step(&v, "b")["output"], json!({"n": 2}), "{v:#}");
+}

@@ -15,7 +15,8 @@ task's `created_ms` (the run submitted the next step), over every step of
 every run. The baseline, in the same session: the same number of `echo`
 tasks submitted one after another over HTTP without a run.
 
-  python3 scripts/bench/agent_loop.py BIN_DIR [--runs 20] [--calls 5] [--concurrent 100]
+  python3 scripts/bench/agent_loop.py AGENT_BIN_DIR [--server-bin DIR] [--runs 20]
+      [--calls 5] [--concurrent 100]
 """
 import argparse
 import http.client
@@ -53,13 +54,20 @@ class Stub(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
+    def setup(self):
+        super().setup()
+        # Headers and body leave in one write with Nagle off: two small
+        # writes would wait out the client's delayed ACK (~40 ms a reply).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def reply(self, code, body):
         data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        head = (
+            f"HTTP/1.1 {code} OK\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\n\r\n"
+        ).encode()
+        self.wfile.write(head + data)
+        self.wfile.flush()
 
     def do_GET(self):
         self.reply(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
@@ -187,7 +195,8 @@ def pct(xs, p):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("bin")
+    ap.add_argument("bin", help="directory of openclaw-agent (built with `llm`)")
+    ap.add_argument("--server-bin", help="directory of openclaw-server (default: BIN)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--concurrent", type=int, default=100)
@@ -224,14 +233,14 @@ def main():
         return p
 
     try:
-        server = spawn([f"{a.bin}/openclaw-server", "--config", f"{work}/server.toml"], "server.log")
+        server = spawn([f"{a.server_bin or a.bin}/openclaw-server", "--config", f"{work}/server.toml"], "server.log")
         broker = f"mqtt://127.0.0.1:{mqtt}"
         spawn([f"{a.bin}/openclaw-agent", "--config", f"{work}/dev-a.toml", "--id", "dev-a",
                "--broker", broker, "--data-dir", f"{work}/dev-a", "--board", "sim"], "dev-a.log")
         spawn([f"{a.bin}/openclaw-agent", "--config", f"{work}/node.toml", "--id", "heavy",
                "--broker", broker, "--data-dir", f"{work}/heavy", "--board", "pc"], "heavy.log")
         api = Api(http_port)
-        wait_until("the echo tool", lambda: any(t["name"] == TOOL for t in api.call("GET", "/v1/tools")))
+        wait_until("the echo tool", lambda: any(t["name"] == TOOL for t in api.call("GET", "/v1/tools")["tools"]))
         wait_until("the model", lambda: any(m["id"] == MODEL for m in api.call("GET", "/v1/models")["data"]))
 
         # Warm up both paths.

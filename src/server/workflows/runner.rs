@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_LIVE_RUNS: usize = 1024;
 /// How long a step's task is waited for (its own timeout ends it first).
 const STEP_WAIT: Duration = Duration::from_secs(400 * 24 * 3600);
+/// How long a step waits for room while the scheduler's queue is full.
+const BUSY_WAIT: Duration = Duration::from_secs(60);
 /// After a cancel, how long a running task's end is waited for.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
@@ -681,7 +683,26 @@ impl Workflows {
         let mut s = steps[i].clone();
         s.state = StepState::Running;
         self.put(view, steps, i, s.clone()).await?;
-        match submit_whole(&self.0.sched, req).await {
+        // A full queue is waited out for a while (as the scheduler asks), not
+        // taken as the step's failure; a cancel ends the wait.
+        let until = tokio::time::Instant::now() + BUSY_WAIT;
+        let submitted = loop {
+            match submit_whole(&self.0.sched, req.clone()).await {
+                Err(ApiError::Busy { retry_after_s, .. })
+                    if tokio::time::Instant::now() < until =>
+                {
+                    let pause = Duration::from_secs(retry_after_s.clamp(1, 5));
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = tasks.cancelled() => {
+                            break Err(ApiError::Conflict("cancelled while the queue was full".into()))
+                        }
+                    }
+                }
+                other => break other,
+            }
+        };
+        match submitted {
             Ok(task) => {
                 log::info!(
                     "workflow run {}: step {} is task {task}",
