@@ -159,9 +159,9 @@ chmod 755 "$WORK"
 # guess at); a later run that gets it removes the file.
 status_dir=${OPENCLAW_CROSS_STATUS:-$HOME/.cache/openclaw/cross-status}
 mkdir -p "$status_dir"
+rm -f "$status_dir"/unavailable-*
 for arch in $CROSS_ARCHES; do
   triple=$(deb_triple "$arch")
-  rm -f "$status_dir/unavailable-$triple"
   stamp="$RUSTLIB/$triple/.openclaw-debian-version"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$V" ]; then
     log "$triple std $V already installed"

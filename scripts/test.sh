@@ -118,6 +118,7 @@ join "scripts/test-arm.sh" "$arm_pid" "$jobs_dir/arm.log"
 # The armv7 std the mirror could not give (scripts/cross-toolchain.sh):
 # tests/arm.rs then says SKIPPED with this reason instead of failing.
 armv7_missing="${OPENCLAW_CROSS_STATUS:-$HOME/.cache/openclaw/cross-status}/unavailable-armv7-unknown-linux-gnueabihf"
+unset OPENCLAW_ARMV7_SKIP
 if [ -f "$armv7_missing" ]; then
   OPENCLAW_ARMV7_SKIP="$(cat "$armv7_missing")"
   export OPENCLAW_ARMV7_SKIP

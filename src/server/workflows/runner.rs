@@ -695,6 +695,11 @@ impl Workflows {
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
                         () = tasks.cancelled() => {
+                            // A shutdown leaves the step stored `running`
+                            // without a task: the next start submits it.
+                            if self.0.shutdown.is_cancelled() {
+                                return Err(Stop::Shutdown);
+                            }
                             break Err(ApiError::Conflict("cancelled while the queue was full".into()))
                         }
                     }
