@@ -303,6 +303,14 @@ mod with_a_model {
             String::from_utf8_lossy(&out.stderr)
         );
 
+        // Cancelled while it waits: the answer is the ended run, not the
+        // waiting one, and the call never runs.
+        let id = start("Run the hostname command on dev-a.");
+        wait_state(&r.server, &id, "awaiting_approval");
+        let v = c.agent_act(&id, "cancel").unwrap();
+        assert_eq!(v["state"], "cancelled", "{v:#}");
+        assert!(steps(&v, "tool_call").is_empty(), "{v:#}");
+
         // Approved, across a SIGKILL of the server while it waits: the run
         // resumes from its stored steps and the call runs once.
         let id = start("Run the hostname command on dev-a.");

@@ -713,3 +713,71 @@ input = { n = 2 }
     assert_eq!(step(&v, "a")["output"], json!({"n": 1}), "{v:#}");
     assert_eq!(step(&v, "b")["output"], json!({"n": 2}), "{v:#}");
 }
+
+/// While a step waits for room in a full queue, the rest of the run goes
+/// on: another step comes to await its approval, and a denial is heard at
+/// once (it ends the wait, and the run).
+#[test]
+fn a_run_goes_on_while_a_step_waits_for_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "[scheduler]\nmax_queued_tasks = 1\n").unwrap();
+    let server = Server::start(
+        &dir.path().join("srv"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let mut a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
+    server.wait_online("dev-a");
+    a.stop();
+    server.wait_devices("dev-a offline", |d| {
+        d.iter().any(|d| d.id == "dev-a" && !d.online)
+    });
+    let wf = r#"
+name = "three"
+[[steps]]
+id = "a"
+plugin = "echo"
+target = "dev-a"
+input = { n = 1 }
+[[steps]]
+id = "b"
+plugin = "echo"
+target = "dev-a"
+input = { n = 2 }
+[[steps]]
+id = "c"
+plugin = "echo"
+target = "dev-a"
+input = { n = 3 }
+approve = true
+"#;
+    let id = start(&server, wf, json!({})).unwrap();
+    let waiting = |s: &Value| s["state"] == "running" && s["task_id"].is_null();
+    wait_view(
+        &server,
+        &id,
+        "c awaiting approval while a or b waits",
+        |v| {
+            step(v, "c")["state"] == "awaiting_approval"
+                && (waiting(step(v, "a")) || waiting(step(v, "b")))
+        },
+    );
+    server
+        .client
+        .workflow_decide(&id, Some("c"), false)
+        .unwrap();
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "failed", "{v:#}");
+    assert!(
+        v["error"].as_str().unwrap().contains("step `c`: denied"),
+        "{v:#}"
+    );
+    let waited = if step(&v, "a")["task_id"].is_null() {
+        "a"
+    } else {
+        "b"
+    };
+    let w = step(&v, waited);
+    assert_eq!(w["state"], "cancelled", "{v:#}");
+    assert!(w["error"].as_str().unwrap().contains("cancelled"), "{v:#}");
+}

@@ -28,7 +28,11 @@ pub fn parse_input_for(
         )));
     }
     let v = match declared.get(k) {
-        Some(Value::String(_)) => Value::String(v.to_string()),
+        // A quoted value (`device="pi-1"`, as one writes a JSON string) is
+        // that string, not one with quotes in it.
+        Some(Value::String(_)) => {
+            Value::String(serde_json::from_str::<String>(v).unwrap_or_else(|_| v.to_string()))
+        }
         _ => serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string())),
     };
     Ok((k.to_string(), v))
@@ -269,6 +273,10 @@ mod tests {
     fn an_input_declared_with_a_text_default_stays_text() {
         let declared =
             declared_inputs("[inputs]\ndevice = \"pi-1\"\nn = 2\n[[steps]]\nid = \"a\"\n");
+        assert_eq!(
+            parse_input_for("device=\"pi-1\"", &declared).unwrap(),
+            ("device".into(), json!("pi-1"))
+        );
         assert_eq!(
             parse_input_for("device=123", &declared).unwrap(),
             ("device".into(), json!("123"))

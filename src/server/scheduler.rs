@@ -1176,6 +1176,16 @@ impl Scheduler {
                 retry_after_s: 1,
             }));
         }
+        // One input over the whole budget would never fit, however long the
+        // client waits: say so instead of "try again later".
+        if input.len() as u64 > self.cfg.max_queued_bytes {
+            return Err(SubmitFail::Api(ApiError::TooLarge(format!(
+                "the task's input is {} bytes, more than all unfinished tasks may hold together \
+                 ({} bytes, scheduler.max_queued_bytes)",
+                input.len(),
+                self.cfg.max_queued_bytes
+            ))));
+        }
         if (self.held_bytes + input.len()) as u64 > self.cfg.max_queued_bytes {
             return Err(SubmitFail::Api(ApiError::Busy {
                 message: format!(
@@ -3203,17 +3213,29 @@ mod tests {
             _ => panic!("admitted past max_queued_tasks"),
         }
         s.cfg.max_queued_tasks = 100;
+        // Three tasks of input `1` hold 3 bytes; 18 more pass the 20.
         s.cfg.max_queued_bytes = 20;
         let mut big = req(None, None);
-        big.input = serde_json::json!("a string of more than twenty bytes");
+        big.input = serde_json::json!("0123456789abcdef");
         match s.submit(big) {
             Err(SubmitFail::Api(ApiError::Busy { message, .. })) => {
                 assert!(message.contains("scheduler.max_queued_bytes"), "{message}")
             }
             _ => panic!("admitted past max_queued_bytes"),
         }
+        // One input over the whole budget could never fit: refused as too
+        // large, not "try again later" (a workflow step would wait in vain).
+        let mut huge = req(None, None);
+        huge.input = serde_json::json!("a string of more than twenty bytes");
+        match s.submit(huge) {
+            Err(SubmitFail::Api(ApiError::TooLarge(message))) => {
+                assert!(message.contains("36 bytes"), "{message}");
+                assert!(message.contains("scheduler.max_queued_bytes"), "{message}")
+            }
+            _ => panic!("an input over the whole budget was not refused as too large"),
+        }
         // Over MQTT the submitter hears why.
-        let sub = serde_json::json!({"plugin": "echo", "input": "a string of more than twenty bytes",
+        let sub = serde_json::json!({"plugin": "echo", "input": "0123456789abcdef",
             "reply_to": "app/replies", "correlation": "c1"});
         s.on_mqtt_submit(sub.to_string().as_bytes()).unwrap();
         let rejected = s.effects.iter().any(|e| {

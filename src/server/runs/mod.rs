@@ -778,11 +778,29 @@ impl Runs {
     /// Waits until the run is no longer `running` (ended, or waiting for
     /// an approval) or `wait` has passed.
     pub async fn wait(&self, id: &str, wait: Duration) -> Result<Option<RunView>, ApiError> {
+        self.wait_until(id, wait, |s| s != RunState::Running).await
+    }
+
+    /// The run's view once `done` holds for its state, or after `wait`.
+    async fn wait_until(
+        &self,
+        id: &str,
+        wait: Duration,
+        done: impl Fn(RunState) -> bool,
+    ) -> Result<Option<RunView>, ApiError> {
         let rx = self.lock_live().get(id).map(|l| l.view.subscribe());
         let Some(mut rx) = rx else {
             return self.get(id).await;
         };
-        let _ = tokio::time::timeout(wait, rx.wait_for(|v| v.state != RunState::Running)).await;
+        let stopped = matches!(
+            tokio::time::timeout(wait, rx.wait_for(|v| done(v.state))).await,
+            Ok(Err(_))
+        );
+        if stopped {
+            // The driver is gone (the run ended or the server is stopping):
+            // the store has the last word.
+            return self.get(id).await;
+        }
         let v = rx.borrow().clone();
         Ok(Some(v))
     }
@@ -840,7 +858,10 @@ impl Runs {
                     stored
                 })
                 .await?;
-                self.wait(id, Duration::from_secs(5))
+                // Until it has ended: a run waiting on an approval is not
+                // `running` either, and a cancel answering that view would
+                // say the run still waits.
+                self.wait_until(id, Duration::from_secs(5), RunState::is_terminal)
                     .await?
                     .ok_or_else(|| ApiError::NotFound(format!("no agent run `{id}`")))
             }

@@ -38,6 +38,14 @@ const BUSY_WAIT: Duration = Duration::from_secs(60);
 /// After a cancel, how long a running task's end is waited for.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
+/// What a step's background task tells the run's driver.
+enum Report {
+    /// A submission retried while the queue was full: its task, or why not.
+    Submitted(Result<String, ApiError>),
+    /// The step's task ended (or its wait was stopped).
+    Ended(Waited),
+}
+
 /// Where a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -418,7 +426,7 @@ impl Workflows {
         };
         let n = steps.len();
         // Waiters report here; `tasks` cancels them (and their tasks).
-        let (tx, mut rx) = mpsc::channel::<(usize, Waited)>(n.max(1));
+        let (tx, mut rx) = mpsc::channel::<(usize, Report)>(n.max(1));
         let tasks = cancel.child_token();
         let mut live: HashSet<usize> = HashSet::new();
         for (i, s) in steps.clone().into_iter().enumerate() {
@@ -555,13 +563,27 @@ impl Workflows {
                     }
                 }
                 got = rx.recv() => {
-                    let Some((i, waited)) = got else { break };
-                    live.remove(&i);
+                    let Some((i, report)) = got else { break };
                     if self.0.shutdown.is_cancelled() {
                         return Err(Stop::Shutdown);
                     }
                     let stopping = failure.is_some() || cancelled;
-                    let s = finished(&c.wf.steps[i], steps[i].clone(), waited, stopping);
+                    let s = match report {
+                        // Room was found after a wait: the step goes on
+                        // (a cancel meanwhile stops its task at once).
+                        Report::Submitted(Ok(task)) => {
+                            self.submitted(view, &mut steps, i, task, &tx, &tasks).await?;
+                            continue;
+                        }
+                        Report::Submitted(Err(e)) => {
+                            let mut s = steps[i].clone();
+                            s.state = if stopping { StepState::Cancelled } else { StepState::Failed };
+                            s.error = Some(format!("not submitted: {e}"));
+                            s
+                        }
+                        Report::Ended(waited) => finished(&c.wf.steps[i], steps[i].clone(), waited, stopping),
+                    };
+                    live.remove(&i);
                     // A step's task cancelled by someone else (the tasks
                     // API) fails the run too: its dependents cannot run,
                     // and the run must not end `succeeded` without them.
@@ -669,54 +691,35 @@ impl Workflows {
     }
 
     /// Submits step `i` (stored `running` first, then with its task id) and
-    /// waits for its task in the background. `Err`: it could not be
-    /// submitted, and is stored `failed` with that error.
+    /// waits for its task in the background. While the scheduler's queue is
+    /// full the submission is retried in the background too (for a while,
+    /// as the scheduler asks), so other steps, decisions and cancels go on
+    /// meanwhile; it reports on `tx`. `Err`: it could not be submitted, and
+    /// is stored `failed` with that error.
     async fn submit_step(
         &self,
         view: &watch::Sender<RunView>,
         steps: &mut [StepView],
         i: usize,
         req: SubmitRequest,
-        tx: &mpsc::Sender<(usize, Waited)>,
+        tx: &mpsc::Sender<(usize, Report)>,
         tasks: &CancellationToken,
     ) -> Result<Result<(), String>, Stop> {
         let mut s = steps[i].clone();
         s.state = StepState::Running;
         self.put(view, steps, i, s.clone()).await?;
-        // A full queue is waited out for a while (as the scheduler asks), not
-        // taken as the step's failure; a cancel ends the wait.
-        let until = tokio::time::Instant::now() + BUSY_WAIT;
-        let submitted = loop {
-            match submit_whole(&self.0.sched, req.clone()).await {
-                Err(ApiError::Busy { retry_after_s, .. })
-                    if tokio::time::Instant::now() < until =>
-                {
-                    let pause = Duration::from_secs(retry_after_s.clamp(1, 5));
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = tasks.cancelled() => {
-                            // A shutdown leaves the step stored `running`
-                            // without a task: the next start submits it.
-                            if self.0.shutdown.is_cancelled() {
-                                return Err(Stop::Shutdown);
-                            }
-                            break Err(ApiError::Conflict("cancelled while the queue was full".into()))
-                        }
-                    }
-                }
-                other => break other,
-            }
-        };
-        match submitted {
+        match submit_whole(&self.0.sched, req.clone()).await {
             Ok(task) => {
+                self.submitted(view, steps, i, task, tx, tasks).await?;
+                Ok(Ok(()))
+            }
+            Err(ApiError::Busy { retry_after_s, .. }) => {
                 log::info!(
-                    "workflow run {}: step {} is task {task}",
+                    "workflow run {}: step {} waits for room in the queue",
                     view.borrow().id,
                     s.id
                 );
-                s.task_id = Some(task.clone());
-                self.put(view, steps, i, s).await?;
-                self.wait_in_background(i, task, tx, tasks);
+                self.submit_in_background(i, req, retry_after_s, tx, tasks);
                 Ok(Ok(()))
             }
             Err(e) => {
@@ -727,6 +730,67 @@ impl Workflows {
                 Ok(Err(e))
             }
         }
+    }
+
+    /// Step `i` is task `task`: stored so, then waited for in the background.
+    async fn submitted(
+        &self,
+        view: &watch::Sender<RunView>,
+        steps: &mut [StepView],
+        i: usize,
+        task: String,
+        tx: &mpsc::Sender<(usize, Report)>,
+        tasks: &CancellationToken,
+    ) -> Result<(), Stop> {
+        log::info!(
+            "workflow run {}: step {} is task {task}",
+            view.borrow().id,
+            steps[i].id
+        );
+        let mut s = steps[i].clone();
+        s.task_id = Some(task.clone());
+        self.put(view, steps, i, s).await?;
+        self.wait_in_background(i, task, tx, tasks);
+        Ok(())
+    }
+
+    /// Retries a submission the scheduler answered `Busy` for up to
+    /// [`BUSY_WAIT`], then reports how it went. A cancel ends the wait; a
+    /// shutdown ends it without a report (the step stays stored `running`
+    /// without a task, and the next start submits it).
+    fn submit_in_background(
+        &self,
+        i: usize,
+        req: SubmitRequest,
+        retry_after_s: u64,
+        tx: &mpsc::Sender<(usize, Report)>,
+        tasks: &CancellationToken,
+    ) {
+        let (w, tx, tasks) = (self.clone(), tx.clone(), tasks.clone());
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + BUSY_WAIT;
+            let mut pause = Duration::from_secs(retry_after_s.clamp(1, 5));
+            let got = loop {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = tasks.cancelled() => {
+                        if w.0.shutdown.is_cancelled() {
+                            return;
+                        }
+                        break Err(ApiError::Conflict("cancelled while the queue was full".into()));
+                    }
+                }
+                match submit_whole(&w.0.sched, req.clone()).await {
+                    Err(ApiError::Busy { retry_after_s, .. })
+                        if tokio::time::Instant::now() < until =>
+                    {
+                        pause = Duration::from_secs(retry_after_s.clamp(1, 5));
+                    }
+                    other => break other,
+                }
+            };
+            let _ = tx.send((i, Report::Submitted(got))).await;
+        });
     }
 
     /// Passes an operator's decision to the run's driver and waits for it
@@ -795,7 +859,7 @@ impl Workflows {
         &self,
         i: usize,
         task: String,
-        tx: &mpsc::Sender<(usize, Waited)>,
+        tx: &mpsc::Sender<(usize, Report)>,
         tasks: &CancellationToken,
     ) {
         let (w, tx, tasks) = (self.clone(), tx.clone(), tasks.clone());
@@ -810,7 +874,7 @@ impl Workflows {
                     got = Waited::Stopped;
                 }
             }
-            let _ = tx.send((i, got)).await;
+            let _ = tx.send((i, Report::Ended(got))).await;
         });
     }
 
