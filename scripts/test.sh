@@ -39,6 +39,10 @@ command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v socat >/dev/null 2>&1 || missing+=(socat)  # pty pair for the Modbus RTU test
 # The BOM fixtures (scripts/examples/make_bom_docs.py) render with DejaVu Sans.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+# ... laid out by Pillow's Raqm, which needs libfribidi at run time (without
+# it Pillow falls back to another layout and the bytes differ: a fresh
+# machine failed the fixture test on that).
+ls /usr/lib/*/libfribidi.so.0 >/dev/null 2>&1 || missing+=(libfribidi0)
 # llama.cpp (the `llm` feature, llama-cpp-sys-2): built with cmake, bound with bindgen.
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 # bindgen loads libclang.so or libclang-N.so*; libclang-cpp (which other

@@ -7,7 +7,7 @@ OUT_DIR (default examples/bom/docs) gets bom-01.png ... (960x720, 8-bit gray);
 truth.json and rules.json go beside OUT_DIR (OUT_DIR/..) unless given.
 Deterministic: one random.Random(2026) drives everything, Pillow writes the
 PNGs without metadata, so every run gives the same bytes (Pillow 13.0.0,
-Debian's fonts-dejavu-core).
+Raqm layout through Debian's libfribidi0, Debian's fonts-dejavu-core).
 
 Layout choices are for PP-OCRv4 at a 640x480 detector input (scale 2/3):
 20 px DejaVu Sans, columns separated by >= 40 px of white (no vertical rules,
@@ -21,7 +21,7 @@ import os
 import random
 import sys
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bom_rules  # noqa: E402
@@ -252,10 +252,24 @@ def cells(it):
             it["material"] or "", it["dimensions"] or ""]
 
 
+def fonts():
+    # Pillow lays text out with Raqm when it can load libfribidi (Debian's
+    # libfribidi0) and falls back to its basic layout when it cannot; the two
+    # place glyphs differently, so the committed PNGs (made with Raqm) come
+    # out byte for byte only with it. A fresh machine without libfribidi0
+    # made different files; say so instead.
+    if not features.check("raqm"):
+        sys.exit("make_bom_docs.py: Pillow cannot use Raqm text layout "
+                 "(install Debian's libfribidi0); the committed documents "
+                 "were laid out with it")
+    raqm = ImageFont.Layout.RAQM
+    return (ImageFont.truetype(FONT, TEXT_PX, layout_engine=raqm),
+            ImageFont.truetype(FONT_BOLD, TEXT_PX, layout_engine=raqm),
+            ImageFont.truetype(FONT_BOLD, TITLE_PX, layout_engine=raqm))
+
+
 def render(doc):
-    font = ImageFont.truetype(FONT, TEXT_PX)
-    bold = ImageFont.truetype(FONT_BOLD, TEXT_PX)
-    title = ImageFont.truetype(FONT_BOLD, TITLE_PX)
+    font, bold, title = fonts()
     img = Image.new("L", (W, H), 255)
     d = ImageDraw.Draw(img)
     d.text((MARGIN, 40), "BILL OF MATERIALS", font=title, fill=0)

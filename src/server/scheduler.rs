@@ -264,6 +264,10 @@ struct Task {
     prefer: Option<(String, Instant)>,
     /// When the task was last published to its device (while dispatched).
     last_sent: Option<Instant>,
+    /// How often it was sent again in this dispatch: each repeat waits
+    /// twice as long as the one before (up to four times), as a task that
+    /// waits in a busy agent's inbox for a slot is not started either.
+    resends: u32,
     /// Which dispatch this is (unique per scheduler; while dispatched).
     serial: u64,
     /// While queued: its retry back-off, and when its queue time-to-live
@@ -757,6 +761,7 @@ impl Scheduler {
                 )),
                 prefer: None,
                 last_sent: Some(now),
+                resends: 0,
                 serial: 0,
                 not_before: now,
                 expires: None,
@@ -772,6 +777,7 @@ impl Scheduler {
                 }
                 t.deadline = p.deadline.or(t.deadline);
                 t.last_sent = p.last_sent.or(t.last_sent);
+                t.resends = p.resends;
                 t.serial = p.serial;
             }
             self.held_bytes += t.row.input.len();
@@ -1302,6 +1308,7 @@ impl Scheduler {
                 deadline: None,
                 prefer,
                 last_sent: None,
+                resends: 0,
                 serial: 0,
                 not_before,
                 expires,
@@ -2040,18 +2047,29 @@ impl Scheduler {
                     expired.push((t.row.id.clone(), t.row.device.clone(), t.row.timeout_ms));
                     continue;
                 }
+                let backoff = 1u32 << t.resends.min(2);
                 if t.row.state == TaskState::Dispatched
                     && d.online
-                    && t.last_sent.is_some_and(|s| now.duration_since(s) >= wait)
+                    && t.last_sent
+                        .is_some_and(|s| now.duration_since(s) >= wait * backoff)
                 {
                     t.last_sent = Some(now);
-                    resend.push((d.status.device_id.clone(), spec_of(&t.row)));
+                    t.resends = t.resends.saturating_add(1);
+                    resend.push((d.status.device_id.clone(), spec_of(&t.row), t.resends));
                 }
             }
         }
-        for (dev, spec) in resend {
-            log::info!(
-                "task {}: not started on {dev} yet, sending it again",
+        for (dev, spec, n) in resend {
+            // Once at info: the repeats of a task queued on a busy agent
+            // would fill the log.
+            let level = if n == 1 {
+                log::Level::Info
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
+                "task {}: not started on {dev} yet, sending it again (repeat {n})",
                 spec.id
             );
             self.publish(topics::tasks(&dev), protocol::encode(&ToAgent::Task(spec)));
@@ -2269,6 +2287,7 @@ impl Scheduler {
                 t.row.timeout_ms.saturating_add(self.cfg.timeout_grace_ms),
             ));
             t.last_sent = Some(now);
+            t.resends = 0;
             self.seq += 1;
             t.serial = self.seq;
             let dispatch_of = Some((id.clone(), dev.clone(), t.row.attempts, t.serial));
@@ -2837,6 +2856,24 @@ mod tests {
         s.on_tick().unwrap();
         assert_eq!(sent(s), 2, "sent again");
         assert_eq!(s.tasks[&id].row.attempts, 1, "the same attempt");
+        // Each repeat waits twice as long as the last, up to four times
+        // (heartbeats keep the device online meanwhile).
+        let mut at = 3100;
+        for (gap, n) in [(6000, 3), (12000, 4), (12000, 5)] {
+            let mut t = 0;
+            while t + 1000 < gap {
+                tokio::time::advance(Duration::from_millis(1000)).await;
+                t += 1000;
+                heartbeat(s, &status("a", &[], 2));
+                s.on_tick().unwrap();
+                assert_eq!(sent(s), n - 1, "too early at {} ms", at + t);
+            }
+            tokio::time::advance(Duration::from_millis((gap - t) as u64)).await;
+            heartbeat(s, &status("a", &[], 2));
+            s.on_tick().unwrap();
+            assert_eq!(sent(s), n, "repeat {} at {} ms", n - 1, at + gap);
+            at += gap;
+        }
         // Started: never again.
         s.on_agent(
             "a",
@@ -2849,7 +2886,7 @@ mod tests {
         heartbeat(s, &status("a", &[], 2));
         tokio::time::advance(Duration::from_millis(200)).await;
         s.on_tick().unwrap();
-        assert_eq!(sent(s), 2);
+        assert_eq!(sent(s), 5, "sent again after it started");
     }
 
     /// Session 14's MCP flood: an agent kept working on tasks whose cancel
