@@ -320,11 +320,27 @@ mod with_a_model {
         server.wait_online("dev-a");
         let v = wait_state(&server, &id, "awaiting_approval");
         assert_eq!(steps(&v, "approval").len(), 1, "{v:#}");
-        let out = admin(&server, &["agent", "approve", &id]);
+        // Two approvals at once: one decides, the other is a conflict (it
+        // is not kept for a later call), and the answer shows the decision.
+        let answers: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| server.client.agent_act(&id, "approve")))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let ok: Vec<_> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+        assert_eq!(ok.len(), 1, "{answers:?}");
+        assert_eq!(
+            steps(ok[0], "approval")[0]["decision"],
+            "approved",
+            "{:#}",
+            ok[0]
+        );
+        let err = answers.iter().find_map(|a| a.as_ref().err()).unwrap();
         assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            format!("{err:#}").contains("decided already")
+                || format!("{err:#}").contains("not awaiting_approval"),
+            "{err:#}"
         );
         let v = wait_state(&server, &id, "succeeded");
         let calls = steps(&v, "tool_call");

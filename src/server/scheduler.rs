@@ -1170,7 +1170,8 @@ impl Scheduler {
                 ))));
             }
         }
-        let input = req.input.to_string();
+        // Counted before the input is serialised: under load, refusals
+        // must stay cheap for the loop that makes them.
         if self.tasks.len() >= self.cfg.max_queued_tasks {
             return Err(SubmitFail::Api(ApiError::Busy {
                 message: format!(
@@ -1182,6 +1183,7 @@ impl Scheduler {
                 retry_after_s: 1,
             }));
         }
+        let input = req.input.to_string();
         // One input over the whole budget would never fit, however long the
         // client waits: say so instead of "try again later".
         if input.len() as u64 > self.cfg.max_queued_bytes {

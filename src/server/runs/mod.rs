@@ -21,7 +21,7 @@ pub mod prompt;
 mod store;
 
 use super::auth::{Auth, Caller};
-use super::openai::LLM_CAPABILITY;
+use super::openai::{send_event, LLM_CAPABILITY};
 use super::scheduler::{ApiError, Command, SchedulerHandle};
 use super::tools::{self, FleetTool};
 use crate::llm::{ChatRequest, Completion, JsonSchemaSpec, ResponseFormat};
@@ -219,9 +219,17 @@ pub struct RunView {
 /// streams), the way to its approvals, and its cancel.
 struct Live {
     view: watch::Sender<RunView>,
-    decide: mpsc::Sender<(Decision, Option<String>)>,
+    /// Decisions, each naming the approval step it answers: one meant for
+    /// an earlier approval (a duplicate that arrived late) is dropped.
+    decide: mpsc::Sender<Decided>,
+    /// The approval step a decision was sent for: a second decision on it
+    /// is a conflict, not a decision on whatever is asked next.
+    decided: Option<u32>,
     cancel: CancellationToken,
 }
+
+/// A decision sent to a run's driver: (approval step, decision, by whom).
+type Decided = (u32, Decision, Option<String>);
 
 struct Inner {
     store: Mutex<RunStore>,
@@ -382,6 +390,7 @@ impl Runs {
             Live {
                 view: view_tx.clone(),
                 decide: dtx,
+                decided: None,
                 cancel: cancel.clone(),
             },
         );
@@ -468,7 +477,7 @@ impl Runs {
         plan: &Plan,
         mut steps: Vec<Step>,
         view: &watch::Sender<RunView>,
-        mut decisions: mpsc::Receiver<(Decision, Option<String>)>,
+        mut decisions: mpsc::Receiver<Decided>,
         cancel: &CancellationToken,
     ) -> Result<(RunState, Option<String>, Option<String>), Stop> {
         let req = &plan.req;
@@ -478,11 +487,17 @@ impl Runs {
         let failed = |m: String| Ok((RunState::Failed, None, Some(m)));
         loop {
             if cancel.is_cancelled() {
-                return if self.0.shutdown.is_cancelled() {
-                    Err(Stop::Shutdown)
-                } else {
-                    Ok((RunState::Cancelled, None, Some("cancelled".into())))
-                };
+                if self.0.shutdown.is_cancelled() {
+                    return Err(Stop::Shutdown);
+                }
+                // A task submitted just before the cancel is cancelled too
+                // (the wait that would have cancelled it is not reached).
+                if let Next::AwaitTool { task, .. } | Next::AwaitLlm { task, .. } =
+                    next(&steps, &plan.tools)
+                {
+                    super::openai::cancel_later(self.0.sched.clone(), task);
+                }
+                return Ok((RunState::Cancelled, None, Some("cancelled".into())));
             }
             let now = crate::now_ms();
             if now >= deadline_ms {
@@ -560,6 +575,9 @@ impl Runs {
                     };
                     self.put(&plan.id, &mut steps, step, RunState::Running, view)
                         .await?;
+                    if cancel.is_cancelled() {
+                        continue;
+                    }
                     match self.submit(sub).await {
                         Ok(task) => {
                             let step = Step::Llm {
@@ -629,16 +647,29 @@ impl Runs {
                         self.put(&plan.id, &mut steps, step, RunState::AwaitingApproval, view)
                             .await?;
                     } else {
-                        self.call(plan, &mut steps, n, call, left, view).await?;
+                        self.call(plan, &mut steps, n, call, left, view, cancel)
+                            .await?;
                     }
                 }
                 Next::AwaitApproval { n: an, call } => {
-                    let got = tokio::select! {
-                        d = decisions.recv() => d,
-                        () = tokio::time::sleep(left) => None,
-                        () = cancel.cancelled() => continue,
+                    let sleep = tokio::time::sleep(left);
+                    tokio::pin!(sleep);
+                    let got = loop {
+                        // A cancel wins over a decision that came with it.
+                        let got = tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => break Err(()),
+                            d = decisions.recv() => d,
+                            () = &mut sleep => None,
+                        };
+                        match got {
+                            // Meant for an earlier approval: dropped.
+                            Some((dn, ..)) if dn != an => continue,
+                            got => break Ok(got),
+                        }
                     };
-                    let Some((decision, by)) = got else {
+                    let Ok(got) = got else { continue };
+                    let Some((_, decision, by)) = got else {
                         return failed(format!(
                             "no decision on the call to `{}` within the run's timeout_ms ({timeout})",
                             call.tool
@@ -653,13 +684,14 @@ impl Runs {
                     self.put(&plan.id, &mut steps, step, RunState::Running, view)
                         .await?;
                     if decision == Decision::Approved {
-                        self.call(plan, &mut steps, n, call, left, view).await?;
+                        self.call(plan, &mut steps, n, call, left, view, cancel)
+                            .await?;
                     }
                 }
                 Next::Submit { n: cn, call } => {
                     // A call stored without its task id (a restart between
                     // the two writes): submitted now.
-                    self.submit_call(plan, &mut steps, cn, call, left, view)
+                    self.submit_call(plan, &mut steps, cn, call, left, view, cancel)
                         .await?;
                 }
                 Next::AwaitTool { call, task } => {
@@ -694,6 +726,7 @@ impl Runs {
     }
 
     /// Stores the call, then submits it as a task on its device.
+    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
         plan: &Plan,
@@ -702,6 +735,7 @@ impl Runs {
         call: Call,
         left: Duration,
         view: &watch::Sender<RunView>,
+        cancel: &CancellationToken,
     ) -> Result<(), Stop> {
         let n = steps.last().map_or(n, |s| s.n() + 1);
         let step = Step::ToolCall {
@@ -714,9 +748,14 @@ impl Runs {
         };
         self.put(&plan.id, steps, step, RunState::Running, view)
             .await?;
-        self.submit_call(plan, steps, n, call, left, view).await
+        self.submit_call(plan, steps, n, call, left, view, cancel)
+            .await
     }
 
+    /// Submits a stored call, unless the run was cancelled (or the server
+    /// is stopping) meanwhile: then nothing is submitted, and a resumed
+    /// run submits it (a cancelled run is not resumed).
+    #[allow(clippy::too_many_arguments)]
     async fn submit_call(
         &self,
         plan: &Plan,
@@ -725,7 +764,11 @@ impl Runs {
         call: Call,
         left: Duration,
         view: &watch::Sender<RunView>,
+        cancel: &CancellationToken,
     ) -> Result<(), Stop> {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
         let mut sub = SubmitRequest::new(call.plugin.clone(), call.arguments.clone());
         sub.target = Some(call.device.clone());
         sub.timeout_ms = Some(left.as_millis().min(u64::MAX as u128) as u64);
@@ -788,12 +831,22 @@ impl Runs {
         wait: Duration,
         done: impl Fn(RunState) -> bool,
     ) -> Result<Option<RunView>, ApiError> {
+        self.wait_view(id, wait, |v| done(v.state)).await
+    }
+
+    /// The run's view once `done` holds for it, or after `wait`.
+    async fn wait_view(
+        &self,
+        id: &str,
+        wait: Duration,
+        done: impl Fn(&RunView) -> bool,
+    ) -> Result<Option<RunView>, ApiError> {
         let rx = self.lock_live().get(id).map(|l| l.view.subscribe());
         let Some(mut rx) = rx else {
             return self.get(id).await;
         };
         let stopped = matches!(
-            tokio::time::timeout(wait, rx.wait_for(|v| done(v.state))).await,
+            tokio::time::timeout(wait, rx.wait_for(|v| done(v))).await,
             Ok(Err(_))
         );
         if stopped {
@@ -818,16 +871,36 @@ impl Runs {
         by: Option<String>,
     ) -> Result<RunView, ApiError> {
         let tx = {
-            let live = self.lock_live();
-            match live.get(id) {
+            let mut live = self.lock_live();
+            match live.get_mut(id) {
                 Some(l) if l.view.borrow().state == RunState::AwaitingApproval => {
-                    Some(l.decide.clone())
+                    // The approval asked now (the last step, pending).
+                    let asked = l.view.borrow().steps.iter().rev().find_map(|s| match s {
+                        Step::Approval {
+                            n,
+                            decision: Decision::Pending,
+                            ..
+                        } => Some(*n),
+                        _ => None,
+                    });
+                    match asked {
+                        Some(an) if l.decided == Some(an) => {
+                            return Err(ApiError::Conflict(format!(
+                                "agent run `{id}`: the call it waits on was decided already"
+                            )));
+                        }
+                        Some(an) => {
+                            l.decided = Some(an);
+                            Some((an, l.decide.clone()))
+                        }
+                        None => None,
+                    }
                 }
                 Some(_) => None,
                 None => None,
             }
         };
-        let Some(tx) = tx else {
+        let Some((an, tx)) = tx else {
             return match self.get(id).await? {
                 None => Err(ApiError::NotFound(format!("no agent run `{id}`"))),
                 Some(v) => Err(ApiError::Conflict(format!(
@@ -836,9 +909,18 @@ impl Runs {
                 ))),
             };
         };
-        tx.try_send((d, by))
+        tx.try_send((an, d, by))
             .map_err(|_| ApiError::Conflict(format!("agent run `{id}` was decided already")))?;
-        self.wait(id, Duration::from_millis(200))
+        // The answer shows the decision stored (or the run's end), not the
+        // view that asked for it.
+        let decided = move |v: &RunView| {
+            v.state.is_terminal()
+                || v.steps.iter().any(|s| {
+                    matches!(s, Step::Approval { n, decision, .. }
+                        if *n == an && *decision != Decision::Pending)
+                })
+        };
+        self.wait_view(id, Duration::from_secs(5), decided)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no agent run `{id}`")))
     }
@@ -1268,7 +1350,7 @@ async fn events(
             for (i, s) in view.steps.iter().enumerate() {
                 if sent.get(i) != Some(s) {
                     let j = serde_json::to_value(s).unwrap_or(J::Null);
-                    if tx.send(Ok(ev("step", &j))).await.is_err() {
+                    if !send_event(&tx, ev("step", &j), "agent run events").await {
                         return;
                     }
                 }
@@ -1276,21 +1358,28 @@ async fn events(
             sent = view.steps.clone();
             if state != Some(view.state) {
                 state = Some(view.state);
-                if tx
-                    .send(Ok(ev("state", &json!({"state": view.state}))))
-                    .await
-                    .is_err()
+                if !send_event(
+                    &tx,
+                    ev("state", &json!({"state": view.state})),
+                    "agent run events",
+                )
+                .await
                 {
                     return;
                 }
             }
             if view.state.is_terminal() {
                 let j = serde_json::to_value(&view).unwrap_or(J::Null);
-                let _ = tx.send(Ok(ev("end", &j))).await;
+                send_event(&tx, ev("end", &j), "agent run events").await;
                 return;
             }
             let Some(w) = live.as_mut() else { return };
-            if w.changed().await.is_err() {
+            // A client gone while nothing changes ends this task too.
+            let changed = tokio::select! {
+                r = w.changed() => r,
+                () = tx.closed() => return,
+            };
+            if changed.is_err() {
                 // The driver ended: its last view is in the store.
                 match runs.get(&view.id).await {
                     Ok(Some(v)) => {

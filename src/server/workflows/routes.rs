@@ -8,6 +8,7 @@
 use super::runner::{StepView, Workflows};
 use super::{DefinitionError, Workflow, MAX_FILE_BYTES};
 use crate::server::auth::{Auth, Caller};
+use crate::server::openai::send_event;
 use crate::server::scheduler::ApiError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -223,7 +224,7 @@ async fn events(State((w, _)): WState, UrlPath(id): UrlPath<String>) -> Result<R
             for (i, s) in view.steps.iter().enumerate() {
                 if sent.get(i).is_some_and(|x| x.as_ref() != Some(s)) {
                     let j = serde_json::to_value(s).unwrap_or(J::Null);
-                    if tx.send(Ok(ev("step", &j))).await.is_err() {
+                    if !send_event(&tx, ev("step", &j), "workflow run events").await {
                         return;
                     }
                     sent[i] = Some(s.clone());
@@ -231,11 +232,16 @@ async fn events(State((w, _)): WState, UrlPath(id): UrlPath<String>) -> Result<R
             }
             if view.state.is_terminal() {
                 let j = serde_json::to_value(&view).unwrap_or(J::Null);
-                let _ = tx.send(Ok(ev("end", &j))).await;
+                send_event(&tx, ev("end", &j), "workflow run events").await;
                 return;
             }
             let Some(l) = live.as_mut() else { return };
-            if l.changed().await.is_err() {
+            // A client gone while nothing changes ends this task too.
+            let changed = tokio::select! {
+                r = l.changed() => r,
+                () = tx.closed() => return,
+            };
+            if changed.is_err() {
                 match w.get(&view.id).await {
                     Ok(Some(v)) if v.state.is_terminal() => {
                         view = v;

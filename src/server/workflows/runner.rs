@@ -444,8 +444,10 @@ impl Workflows {
                 _ => {}
             }
         }
+        // A step stored cancelled (its task cancelled through the tasks
+        // API) failed the run before a restart as it does now.
         let mut failure: Option<String> = steps.iter().find_map(|s| {
-            (s.state == StepState::Failed)
+            matches!(s.state, StepState::Failed | StepState::Cancelled)
                 .then(|| format!("step `{}`: {}", s.id, s.error.clone().unwrap_or_default()))
         });
         if failure.is_some() {
@@ -708,6 +710,19 @@ impl Workflows {
         let mut s = steps[i].clone();
         s.state = StepState::Running;
         self.put(view, steps, i, s.clone()).await?;
+        // A cancel (or another step's failure) since the step was picked:
+        // nothing is submitted. A shutdown leaves it stored `running`
+        // without a task, for the next start to submit.
+        if tasks.is_cancelled() {
+            if self.0.shutdown.is_cancelled() {
+                return Err(Stop::Shutdown);
+            }
+            let e = "cancelled before it was submitted".to_string();
+            s.state = StepState::Cancelled;
+            s.error = Some(e.clone());
+            self.put(view, steps, i, s).await?;
+            return Ok(Err(e));
+        }
         match submit_whole(&self.0.sched, req.clone()).await {
             Ok(task) => {
                 self.submitted(view, steps, i, task, tx, tasks).await?;
@@ -719,7 +734,8 @@ impl Workflows {
                     view.borrow().id,
                     s.id
                 );
-                self.submit_in_background(i, req, retry_after_s, tx, tasks);
+                let run = view.borrow().id.clone();
+                self.submit_in_background(run, i, s, req, retry_after_s, tx, tasks);
                 Ok(Ok(()))
             }
             Err(e) => {
@@ -757,10 +773,17 @@ impl Workflows {
     /// Retries a submission the scheduler answered `Busy` for up to
     /// [`BUSY_WAIT`], then reports how it went. A cancel ends the wait; a
     /// shutdown ends it without a report (the step stays stored `running`
-    /// without a task, and the next start submits it).
+    /// without a task, and the next start submits it). The pause between
+    /// tries grows (with jitter), so many waiting steps do not all ask at
+    /// once. A task made is stored here, before the report: a driver that
+    /// stops meanwhile (a shutdown) cannot lose its id, and the next start
+    /// waits on it instead of submitting the step twice.
+    #[allow(clippy::too_many_arguments)]
     fn submit_in_background(
         &self,
+        run: String,
         i: usize,
+        step: StepView,
         req: SubmitRequest,
         retry_after_s: u64,
         tx: &mpsc::Sender<(usize, Report)>,
@@ -768,27 +791,57 @@ impl Workflows {
     ) {
         let (w, tx, tasks) = (self.clone(), tx.clone(), tasks.clone());
         tokio::spawn(async move {
-            let until = tokio::time::Instant::now() + BUSY_WAIT;
+            let start = tokio::time::Instant::now();
+            let until = start + BUSY_WAIT;
             let mut pause = Duration::from_secs(retry_after_s.clamp(1, 5));
+            let mut tries = 1u32;
             let got = loop {
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    biased;
                     () = tasks.cancelled() => {
                         if w.0.shutdown.is_cancelled() {
                             return;
                         }
                         break Err(ApiError::Conflict("cancelled while the queue was full".into()));
                     }
+                    () = tokio::time::sleep(pause) => {}
                 }
+                if tasks.is_cancelled() {
+                    continue;
+                }
+                tries += 1;
                 match submit_whole(&w.0.sched, req.clone()).await {
                     Err(ApiError::Busy { retry_after_s, .. })
                         if tokio::time::Instant::now() < until =>
                     {
-                        pause = Duration::from_secs(retry_after_s.clamp(1, 5));
+                        let base = Duration::from_secs(retry_after_s.clamp(1, 5));
+                        let grown = (pause * 2).min(Duration::from_secs(8)).max(base);
+                        // Up to a quarter more, so waiters spread out.
+                        let r = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.subsec_nanos() % 1000);
+                        let jitter = grown.mul_f64(f64::from(r) / 4000.0);
+                        pause = (grown + jitter).min(until - tokio::time::Instant::now());
+                    }
+                    Err(ApiError::Busy { message, .. }) => {
+                        break Err(ApiError::Busy {
+                            message: format!(
+                                "{message} (waited {} s, {tries} tries, for room in the queue)",
+                                start.elapsed().as_secs()
+                            ),
+                            retry_after_s: 1,
+                        });
                     }
                     other => break other,
                 }
             };
+            if let Ok(task) = &got {
+                let mut s = step;
+                s.task_id = Some(task.clone());
+                if let Err(e) = w.blocking(move |store| store.put_step(&run, i, &s)).await {
+                    log::error!("workflow step {i}: its task {task} not stored: {e}");
+                }
+            }
             let _ = tx.send((i, Report::Submitted(got))).await;
         });
     }
