@@ -574,6 +574,27 @@ fn a_denied_or_unanswered_approval_fails_the_run_and_nothing_runs() {
     );
     assert!(step(&v, "act")["task_id"].is_null());
 
+    // A call too big to be shown whole is not put to an operator.
+    let big = r#"
+name = "big"
+[inputs]
+blob = ""
+[[steps]]
+id = "act"
+plugin = "echo"
+approve = true
+input = { blob = "{{ inputs.blob }}" }
+"#;
+    let id = start(&server, big, json!({"blob": "x".repeat(300 * 1024)})).unwrap();
+    let v = wait_end(&server, &id);
+    assert_eq!(v["state"], "failed", "{v:#}");
+    let e = step(&v, "act")["error"].as_str().unwrap().to_string();
+    assert!(
+        e.contains("more than the 262144 an approval shows; not submitted"),
+        "{e}"
+    );
+    assert!(step(&v, "act")["proposed"].is_null() && step(&v, "act")["task_id"].is_null());
+
     let two = r#"
 name = "two"
 [[steps]]

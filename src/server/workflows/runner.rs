@@ -35,6 +35,8 @@ pub const MAX_LIVE_RUNS: usize = 1024;
 const STEP_WAIT: Duration = Duration::from_secs(400 * 24 * 3600);
 /// How long a step waits for room while the scheduler's queue is full.
 const BUSY_WAIT: Duration = Duration::from_secs(60);
+/// The largest input a step that needs approval may propose (serialised).
+pub const MAX_PROPOSED_BYTES: usize = 256 * 1024;
 /// After a cancel, how long a running task's end is waited for.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
@@ -482,6 +484,20 @@ impl Workflows {
                             break;
                         }
                     };
+                    let shown = req.input.to_string().len();
+                    if def.approve && s.approved_by.is_none() && shown > MAX_PROPOSED_BYTES {
+                        // An operator approves what is shown in whole, and
+                        // each waiting call is held in memory as shown.
+                        let e = format!(
+                            "the call to approve has {shown} bytes of input, more than the \
+                             {MAX_PROPOSED_BYTES} an approval shows; not submitted"
+                        );
+                        s.state = StepState::Failed;
+                        s.error = Some(e.clone());
+                        self.put(view, &mut steps, i, s).await?;
+                        failure = Some(format!("step `{}`: {e}", def.id));
+                        break;
+                    }
                     if def.approve && s.approved_by.is_none() {
                         // Shown as it will be submitted; nothing exists yet.
                         let wait = def.approval_timeout_ms.unwrap_or(DEFAULT_APPROVAL_MS);
