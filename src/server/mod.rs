@@ -223,6 +223,9 @@ pub async fn run(
     let agent_runs = runs::Runs::open(&cfg.storage.data_dir, handle.clone(), shutdown.clone())?;
     let workflow_runs =
         workflows::Workflows::open(&cfg.storage.data_dir, handle.clone(), shutdown.clone())?;
+    // Ended runs go after the time finished tasks are kept.
+    agent_runs.keep(cfg.scheduler.retention_ms);
+    workflow_runs.keep(cfg.scheduler.retention_ms);
     let app =
         http::router(
             handle,

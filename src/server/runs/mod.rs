@@ -18,7 +18,7 @@
 //! `POST /v1/agent/runs/{id}/approve` or `/deny` decide it.
 
 pub mod prompt;
-mod store;
+pub(crate) mod store;
 
 use super::auth::{Auth, Caller};
 use super::openai::{send_event, LLM_CAPABILITY};
@@ -277,6 +277,24 @@ impl Runs {
             runs.spawn(view, req, tools);
         }
         Ok(runs)
+    }
+
+    /// Deletes runs that ended more than `retention_ms` ago (the tasks'
+    /// `scheduler.retention_ms`), every minute; 0 keeps them.
+    pub fn keep(&self, retention_ms: u64) {
+        let r = self.clone();
+        sweep_ended(
+            "agent run(s)",
+            retention_ms,
+            &self.0.shutdown,
+            move |cutoff| {
+                let r = r.clone();
+                async move {
+                    r.blocking(move |s| s.prune(cutoff, store::PRUNE_BATCH))
+                        .await
+                }
+            },
+        );
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
@@ -989,6 +1007,53 @@ impl Drop for Starting {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Every minute until the shutdown, deletes the runs that ended more than
+/// `retention_ms` ago through `prune(cutoff_ms)`, a batch at a time (shared
+/// by agent runs and workflow runs). 0: nothing is deleted.
+pub(crate) fn sweep_ended<F, Fut>(
+    what: &'static str,
+    retention_ms: u64,
+    shutdown: &CancellationToken,
+    prune: F,
+) where
+    F: Fn(u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<usize, ApiError>> + Send,
+{
+    if retention_ms == 0 {
+        return;
+    }
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let mut total = 0;
+            loop {
+                let cutoff = crate::now_ms().saturating_sub(retention_ms);
+                match prune(cutoff).await {
+                    Ok(n) => {
+                        total += n;
+                        if n < store::PRUNE_BATCH as usize || shutdown.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("retention of {what}: {e}; tried again in a minute");
+                        break;
+                    }
+                }
+            }
+            if total > 0 {
+                log::info!(
+                    "retention: deleted {total} {what} that ended more than {retention_ms} ms ago"
+                );
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        }
+    });
 }
 
 /// Submits `req` on a task of its own, so that the caller being dropped

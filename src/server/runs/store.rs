@@ -224,9 +224,106 @@ impl RunStore {
     }
 }
 
+/// Runs deleted per sweep transaction (then the next batch).
+pub(crate) const PRUNE_BATCH: u32 = 500;
+
+/// Deletes up to `limit` runs that ended before `cutoff_ms`, with their
+/// steps, from a store with this shape (`runs` and `steps`; agent runs
+/// and workflow runs share it); how many. Runs in progress are kept
+/// however old.
+pub(crate) fn prune_ended(
+    conn: &Connection,
+    cutoff_ms: u64,
+    limit: u32,
+) -> Result<usize, rusqlite::Error> {
+    let tx = conn.unchecked_transaction()?;
+    let ids: Vec<String> = {
+        let mut q = tx.prepare(
+            "SELECT id FROM runs WHERE state IN ('succeeded', 'failed', 'cancelled')
+             AND updated_ms < ?1 ORDER BY updated_ms LIMIT ?2",
+        )?;
+        let rows = q.query_map(params![cutoff_ms as i64, limit], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for id in &ids {
+        tx.execute("DELETE FROM steps WHERE run_id = ?1", params![id])?;
+        tx.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
+    }
+    tx.commit()?;
+    Ok(ids.len())
+}
+
+impl RunStore {
+    /// See [`prune_ended`].
+    pub fn prune(&self, cutoff_ms: u64, limit: u32) -> Result<usize, RunsError> {
+        prune_ended(&self.conn, cutoff_ms, limit).map_err(|e| self.sql(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_deletes_ended_runs_and_their_steps_not_running_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RunStore::open(dir.path()).unwrap();
+        let req: RunRequest =
+            serde_json::from_value(serde_json::json!({"goal": "g", "model": "m", "tools": []}))
+                .unwrap();
+        for id in ["old-ended", "old-running", "new-ended"] {
+            let v = RunView {
+                id: id.into(),
+                state: RunState::Running,
+                goal: "g".into(),
+                model: "m".into(),
+                tools: Vec::new(),
+                answer: None,
+                error: None,
+                steps: Vec::new(),
+                created_ms: 1,
+                updated_ms: 1,
+            };
+            s.create(&v, &req, &[]).unwrap();
+            let step = Step::Llm {
+                n: 0,
+                task_id: None,
+                output: None,
+                error: None,
+                answer_only: false,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            };
+            s.put_step(id, &step, RunState::Running).unwrap();
+        }
+        s.finish("old-ended", RunState::Failed, None, Some("x"))
+            .unwrap();
+        s.finish("new-ended", RunState::Succeeded, Some("a"), None)
+            .unwrap();
+        s.conn
+            .execute_batch(
+                "UPDATE runs SET updated_ms = 5 WHERE id LIKE 'old-%';
+                 UPDATE runs SET updated_ms = 50 WHERE id = 'new-ended';",
+            )
+            .unwrap();
+        assert_eq!(s.prune(10, PRUNE_BATCH).unwrap(), 1);
+        assert!(s.get("old-ended").unwrap().is_none());
+        let steps: i64 = s
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM steps WHERE run_id = 'old-ended'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(steps, 0, "its steps went with it");
+        assert!(s.get("old-running").unwrap().is_some(), "in progress: kept");
+        assert!(
+            s.get("new-ended").unwrap().is_some(),
+            "ended recently: kept"
+        );
+        assert_eq!(s.prune(10, PRUNE_BATCH).unwrap(), 0);
+    }
 
     #[test]
     fn the_first_end_stored_wins_and_a_cancelled_run_is_not_resumed() {

@@ -17,7 +17,7 @@ use crate::llm::{ChatMessage, ChatRequest, Completion, JsonSchemaSpec, ResponseF
 use crate::protocol::api::{SubmitRequest, TaskState};
 use crate::schema::Schema;
 use crate::server::openai::LLM_CAPABILITY;
-use crate::server::runs::{submit_whole, wait_task, Starting, Waited};
+use crate::server::runs::{submit_whole, sweep_ended, wait_task, Starting, Waited};
 use crate::server::scheduler::{ApiError, Command, SchedulerHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as J};
@@ -212,6 +212,22 @@ impl Workflows {
             }
         }
         Ok(w)
+    }
+
+    /// Deletes runs that ended more than `retention_ms` ago (the tasks'
+    /// `scheduler.retention_ms`), every minute; 0 keeps them.
+    pub fn keep(&self, retention_ms: u64) {
+        let w = self.clone();
+        let batch = crate::server::runs::store::PRUNE_BATCH;
+        sweep_ended(
+            "workflow run(s)",
+            retention_ms,
+            &self.0.shutdown,
+            move |cutoff| {
+                let w = w.clone();
+                async move { w.blocking(move |s| s.prune(cutoff, batch)).await }
+            },
+        );
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {

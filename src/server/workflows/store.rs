@@ -150,6 +150,13 @@ impl WorkflowStore {
         Ok(n > 0)
     }
 
+    /// Deletes up to `limit` runs that ended before `cutoff_ms`, with
+    /// their steps; how many (see `runs::store::prune_ended`).
+    pub fn prune(&self, cutoff_ms: u64, limit: u32) -> Result<usize, WorkflowsError> {
+        crate::server::runs::store::prune_ended(&self.conn, cutoff_ms, limit)
+            .map_err(|e| self.sql(e))
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<RunView>, WorkflowsError> {
         Ok(self.get_full(id)?.map(|(v, _)| v))
     }
