@@ -688,6 +688,21 @@ value = {{ reported = "{{{{ steps.cpu.output.cpus }}}}", model = "{{{{ steps.sum
     }
 }
 
+/// A server with room for one queued task, whose device dev-a has been
+/// online once and is offline now (its tasks queue).
+fn room_for_one_and_dev_a_offline(dir: &std::path::Path) -> Server {
+    let cfg = dir.join("server.toml");
+    std::fs::write(&cfg, "[scheduler]\nmax_queued_tasks = 1\n").unwrap();
+    let server = Server::start(&dir.join("srv"), &["--config", cfg.to_str().unwrap()]);
+    let mut a = Agent::start(dir, "dev-a", &server.broker(), "");
+    server.wait_online("dev-a");
+    a.stop();
+    server.wait_devices("dev-a offline", |d| {
+        d.iter().any(|d| d.id == "dev-a" && !d.online)
+    });
+    server
+}
+
 /// A full queue (`scheduler.max_queued_tasks`) is waited out, not taken as
 /// the step's failure: with room for one queued task and its device
 /// offline, step `a` queues and step `b` waits for room (shown `running`
@@ -695,18 +710,7 @@ value = {{ reported = "{{{{ steps.cpu.output.cpus }}}}", model = "{{{{ steps.sum
 #[test]
 fn a_step_waits_for_room_in_a_full_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("server.toml");
-    std::fs::write(&cfg, "[scheduler]\nmax_queued_tasks = 1\n").unwrap();
-    let server = Server::start(
-        &dir.path().join("srv"),
-        &["--config", cfg.to_str().unwrap()],
-    );
-    let mut a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
-    server.wait_online("dev-a");
-    a.stop();
-    server.wait_devices("dev-a offline", |d| {
-        d.iter().any(|d| d.id == "dev-a" && !d.online)
-    });
+    let server = room_for_one_and_dev_a_offline(dir.path());
     let wf = r#"
 name = "two"
 [[steps]]
@@ -741,18 +745,7 @@ input = { n = 2 }
 #[test]
 fn a_run_goes_on_while_a_step_waits_for_room() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("server.toml");
-    std::fs::write(&cfg, "[scheduler]\nmax_queued_tasks = 1\n").unwrap();
-    let server = Server::start(
-        &dir.path().join("srv"),
-        &["--config", cfg.to_str().unwrap()],
-    );
-    let mut a = Agent::start(dir.path(), "dev-a", &server.broker(), "");
-    server.wait_online("dev-a");
-    a.stop();
-    server.wait_devices("dev-a offline", |d| {
-        d.iter().any(|d| d.id == "dev-a" && !d.online)
-    });
+    let server = room_for_one_and_dev_a_offline(dir.path());
     let wf = r#"
 name = "three"
 [[steps]]

@@ -264,6 +264,33 @@ impl RunStore {
 mod tests {
     use super::*;
 
+    fn run(id: &str) -> RunView {
+        RunView {
+            id: id.into(),
+            state: RunState::Running,
+            goal: "g".into(),
+            model: "m".into(),
+            tools: Vec::new(),
+            answer: None,
+            error: None,
+            steps: Vec::new(),
+            created_ms: 1,
+            updated_ms: 1,
+        }
+    }
+
+    fn llm_step(task: Option<&str>) -> Step {
+        Step::Llm {
+            n: 0,
+            task_id: task.map(Into::into),
+            output: None,
+            error: None,
+            answer_only: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        }
+    }
+
     #[test]
     fn retention_deletes_ended_runs_and_their_steps_not_running_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -272,29 +299,8 @@ mod tests {
             serde_json::from_value(serde_json::json!({"goal": "g", "model": "m", "tools": []}))
                 .unwrap();
         for id in ["old-ended", "old-running", "new-ended"] {
-            let v = RunView {
-                id: id.into(),
-                state: RunState::Running,
-                goal: "g".into(),
-                model: "m".into(),
-                tools: Vec::new(),
-                answer: None,
-                error: None,
-                steps: Vec::new(),
-                created_ms: 1,
-                updated_ms: 1,
-            };
-            s.create(&v, &req, &[]).unwrap();
-            let step = Step::Llm {
-                n: 0,
-                task_id: None,
-                output: None,
-                error: None,
-                answer_only: false,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            };
-            s.put_step(id, &step, RunState::Running).unwrap();
+            s.create(&run(id), &req, &[]).unwrap();
+            s.put_step(id, &llm_step(None), RunState::Running).unwrap();
         }
         s.finish("old-ended", RunState::Failed, None, Some("x"))
             .unwrap();
@@ -332,35 +338,15 @@ mod tests {
         let req: RunRequest =
             serde_json::from_value(serde_json::json!({"goal": "g", "model": "m", "tools": []}))
                 .unwrap();
-        let v = RunView {
-            id: "run-1".into(),
-            state: RunState::Running,
-            goal: "g".into(),
-            model: "m".into(),
-            tools: Vec::new(),
-            answer: None,
-            error: None,
-            steps: Vec::new(),
-            created_ms: 1,
-            updated_ms: 1,
-        };
-        s.create(&v, &req, &[]).unwrap();
+        s.create(&run("run-1"), &req, &[]).unwrap();
         // A cancel stored while the driver is still at work...
         assert!(s
             .finish("run-1", RunState::Cancelled, None, Some("cancelled"))
             .unwrap());
         // ...is neither revived by the driver's next step nor overwritten
         // by the end it reaches.
-        let step = Step::Llm {
-            n: 0,
-            task_id: Some("t".into()),
-            output: None,
-            error: None,
-            answer_only: false,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-        };
-        s.put_step("run-1", &step, RunState::Running).unwrap();
+        s.put_step("run-1", &llm_step(Some("t")), RunState::Running)
+            .unwrap();
         assert!(!s
             .finish("run-1", RunState::Succeeded, Some("42"), None)
             .unwrap());
