@@ -320,6 +320,17 @@ mod with_a_model {
         server.wait_online("dev-a");
         let v = wait_state(&server, &id, "awaiting_approval");
         assert_eq!(steps(&v, "approval").len(), 1, "{v:#}");
+        // A decision for an approval other than the pending one (a late
+        // or repeated request) is refused, naming the pending one.
+        let n = steps(&v, "approval")[0]["n"].as_u64().unwrap();
+        let e = server
+            .client
+            .agent_act(&id, &format!("approve?approval={}", n + 7))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains(&format!("(step {n} is)")),
+            "{e:#}"
+        );
         // Two approvals at once: one decides, the other is a conflict (it
         // is not kept for a later call), and the answer shows the decision.
         let answers: Vec<_> = std::thread::scope(|s| {

@@ -86,6 +86,41 @@ impl Client {
         self.answer(&url, self.get(&url).call())
     }
 
+    /// Approves or denies the call run `id` waits on, naming the approval
+    /// step seen (`?approval=N`), after writing that call to `out`: what is
+    /// decided is what was shown, never a call that came to wait since.
+    pub fn agent_decide_seen(
+        &self,
+        id: &str,
+        approve: bool,
+        out: &mut dyn Write,
+    ) -> Result<Value, AdminError> {
+        let v = self.agent_get(id, None)?;
+        let pending = v["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .rev()
+            .find(|s| s["kind"] == "approval" && s["decision"] == "pending")
+            .filter(|_| v["state"] == "awaiting_approval")
+            .ok_or_else(|| {
+                AdminError::Invalid(format!(
+                    "agent run {id} is {}, not awaiting_approval",
+                    v["state"].as_str().unwrap_or("?")
+                ))
+            })?;
+        let n = pending["n"].as_u64().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{} the call of run {id} (approval step {n}): {}",
+            if approve { "approving" } else { "denying" },
+            serde_json::to_string_pretty(&pending["call"]).unwrap_or_default()
+        );
+        let action = if approve { "approve" } else { "deny" };
+        let url = format!("{}/v1/agent/runs/{id}/{action}?approval={n}", self.base);
+        self.answer(&url, self.post(&url).send_empty())
+    }
+
     /// `POST /v1/agent/runs/{id}/{approve|deny|cancel}`.
     pub fn agent_act(&self, id: &str, action: &str) -> Result<Value, AdminError> {
         let url = format!("{}/v1/agent/runs/{id}/{action}", self.base);

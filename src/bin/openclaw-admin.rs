@@ -831,8 +831,18 @@ fn agent_cmd(client: &Client, a: AgentCmd, json: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         AgentCmd::Show { id } => (id, None),
-        AgentCmd::Approve { id } => (id, Some("approve")),
-        AgentCmd::Deny { id } => (id, Some("deny")),
+        AgentCmd::Approve { id } => {
+            let v = client
+                .agent_decide_seen(&id, true, &mut std::io::stderr())
+                .with_context(|| format!("agent run {id}"))?;
+            return print(&v);
+        }
+        AgentCmd::Deny { id } => {
+            let v = client
+                .agent_decide_seen(&id, false, &mut std::io::stderr())
+                .with_context(|| format!("agent run {id}"))?;
+            return print(&v);
+        }
         AgentCmd::Cancel { id } => (id, Some("cancel")),
     };
     let v = match action {

@@ -15,7 +15,7 @@
 //!
 //! A call whose plugin changes the world ([`crate::schema::Effects`]) waits
 //! in `awaiting_approval` unless the run lists the plugin in `allow`;
-//! `POST /v1/agent/runs/{id}/approve` or `/deny` decide it.
+//! `POST /v1/agent/runs/{id}/approve[?approval=N]` or `/deny` decide it.
 
 pub mod prompt;
 pub(crate) mod store;
@@ -881,12 +881,17 @@ impl Runs {
         self.lock_live().get(id).map(|l| l.view.subscribe())
     }
 
-    /// Approves or denies the call a run waits on.
+    /// Approves or denies the call a run waits on: approval step `approval`
+    /// when given (409 when that is not the one pending: a late or repeated
+    /// request must not decide a call its sender never saw), else the one
+    /// pending now. Answers once the decision is stored; 409 when the run
+    /// ended first (a cancel), 503 when the server stopped first.
     pub async fn decide(
         &self,
         id: &str,
         d: Decision,
         by: Option<String>,
+        approval: Option<u32>,
     ) -> Result<RunView, ApiError> {
         let tx = {
             let mut live = self.lock_live();
@@ -902,6 +907,13 @@ impl Runs {
                         _ => None,
                     });
                     match asked {
+                        Some(an) if approval.is_some_and(|w| w != an) => {
+                            return Err(ApiError::Conflict(format!(
+                                "agent run `{id}`: approval step {} is not the one pending \
+                                 (step {an} is)",
+                                approval.unwrap_or_default()
+                            )));
+                        }
                         Some(an) if l.decided == Some(an) => {
                             return Err(ApiError::Conflict(format!(
                                 "agent run `{id}`: the call it waits on was decided already"
@@ -938,9 +950,25 @@ impl Runs {
                         if *n == an && *decision != Decision::Pending)
                 })
         };
-        self.wait_view(id, Duration::from_secs(5), decided)
+        let v = self
+            .wait_view(id, Duration::from_secs(5), decided)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no agent run `{id}`")))
+            .ok_or_else(|| ApiError::NotFound(format!("no agent run `{id}`")))?;
+        let stored = v.steps.iter().any(|s| {
+            matches!(s, Step::Approval { n, decision, .. }
+                if *n == an && *decision != Decision::Pending)
+        });
+        match (stored, v.state.is_terminal()) {
+            (true, _) => Ok(v),
+            (false, true) => Err(ApiError::Conflict(format!(
+                "agent run `{id}` ended ({}) before the decision was stored",
+                v.state.as_str()
+            ))),
+            (false, false) => Err(ApiError::Unavailable(format!(
+                "agent run `{id}`: the decision was not stored (the server is stopping); \
+                 send it again"
+            ))),
+        }
     }
 
     /// Cancels a run in progress (and its running task).
@@ -1336,13 +1364,24 @@ async fn one(
     }
 }
 
+/// `?approval=N`: the approval step the decision is for (its `n`, as the
+/// client saw it); without it, the approval pending when it arrives.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideQuery {
+    approval: Option<u32>,
+}
+
 async fn decision(
     runs: Runs,
     auth: Arc<Auth>,
     caller: Caller,
     id: String,
+    q: Result<Query<DecideQuery>, axum::extract::rejection::QueryRejection>,
     d: Decision,
 ) -> Result<Response, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
     let slot = auth.reserve_audit(&caller).map_err(ApiError::Unavailable)?;
     let by = caller.token.clone().or(Some("(auth off)".into()));
     let action = if d == Decision::Approved {
@@ -1351,7 +1390,7 @@ async fn decision(
         "agent.deny"
     };
     let v = super::http::detached(async move {
-        let v = runs.decide(&id, d, by).await?;
+        let v = runs.decide(&id, d, by, q.approval).await?;
         slot.record(action, &id);
         Ok(v)
     })
@@ -1363,16 +1402,18 @@ async fn approve(
     State((runs, auth)): RState,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
+    q: Result<Query<DecideQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    decision(runs, auth, caller, id, Decision::Approved).await
+    decision(runs, auth, caller, id, q, Decision::Approved).await
 }
 
 async fn deny(
     State((runs, auth)): RState,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
+    q: Result<Query<DecideQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    decision(runs, auth, caller, id, Decision::Denied).await
+    decision(runs, auth, caller, id, q, Decision::Denied).await
 }
 
 async fn cancel(

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// Runs in progress at once.
@@ -39,6 +39,14 @@ const BUSY_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_PROPOSED_BYTES: usize = 256 * 1024;
 /// After a cancel, how long a running task's end is waited for.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// What a step's background tasks are given: the channel they report on,
+/// the token that stops them, and the run's turn to ask for room.
+type Waiters<'a> = (
+    &'a mpsc::Sender<(usize, Report)>,
+    &'a CancellationToken,
+    &'a Arc<Semaphore>,
+);
 
 /// What a step's background task tells the run's driver.
 enum Report {
@@ -446,6 +454,9 @@ impl Workflows {
         // Waiters report here; `tasks` cancels them (and their tasks).
         let (tx, mut rx) = mpsc::channel::<(usize, Report)>(n.max(1));
         let tasks = cancel.child_token();
+        // One step of a run at a time asks a full queue for room; the others
+        // wait their turn without asking.
+        let room = Arc::new(Semaphore::new(1));
         let mut live: HashSet<usize> = HashSet::new();
         for (i, s) in steps.clone().into_iter().enumerate() {
             match (s.state, &s.task_id) {
@@ -464,10 +475,15 @@ impl Workflows {
         }
         // A step stored cancelled (its task cancelled through the tasks
         // API) failed the run before a restart as it does now.
-        let mut failure: Option<String> = steps.iter().find_map(|s| {
-            matches!(s.state, StepState::Failed | StepState::Cancelled)
-                .then(|| format!("step `{}`: {}", s.id, s.error.clone().unwrap_or_default()))
-        });
+        let failed = |want: StepState| {
+            steps.iter().find_map(|s| {
+                (s.state == want)
+                    .then(|| format!("step `{}`: {}", s.id, s.error.clone().unwrap_or_default()))
+            })
+        };
+        // The step that failed is named before those cancelled because of it.
+        let mut failure: Option<String> =
+            failed(StepState::Failed).or_else(|| failed(StepState::Cancelled));
         if failure.is_some() {
             tasks.cancel();
         }
@@ -537,7 +553,7 @@ impl Workflows {
                         continue;
                     }
                     if let Err(e) = self
-                        .submit_step(view, &mut steps, i, req, &tx, &tasks)
+                        .submit_step(view, &mut steps, i, req, (&tx, &tasks, &room))
                         .await?
                     {
                         failure = Some(format!("step `{}`: {e}", def.id));
@@ -576,6 +592,9 @@ impl Workflows {
                     }
                     cancelled = true;
                 }
+                // Once cancelled, a shutdown still ends the wait (a waiter
+                // stopped by it does not report).
+                () = self.0.shutdown.cancelled(), if cancelled => return Err(Stop::Shutdown),
                 () = async {
                     match next_deadline {
                         Some(t) => tokio::time::sleep_until(t).await,
@@ -677,7 +696,10 @@ impl Workflows {
                     let outputs = outputs(&steps);
                     let ctx = Context { inputs: &inputs, outputs: &outputs };
                     let res = match submission(def, &ctx) {
-                        Ok(req) => self.submit_step(view, &mut steps, i, req, &tx, &tasks).await?,
+                        Ok(req) => {
+                            self.submit_step(view, &mut steps, i, req, (&tx, &tasks, &room))
+                                .await?
+                        }
                         Err(e) => Err(e),
                     };
                     let _ = d.done.send(Ok(()));
@@ -686,7 +708,7 @@ impl Workflows {
                             live.insert(i);
                         }
                         Err(e) => {
-                            if steps[i].state != StepState::Failed {
+                            if !matches!(steps[i].state, StepState::Failed | StepState::Cancelled) {
                                 let mut s = steps[i].clone();
                                 s.state = StepState::Failed;
                                 s.error = Some(e.clone());
@@ -736,8 +758,7 @@ impl Workflows {
         steps: &mut [StepView],
         i: usize,
         req: SubmitRequest,
-        tx: &mpsc::Sender<(usize, Report)>,
-        tasks: &CancellationToken,
+        (tx, tasks, room): Waiters<'_>,
     ) -> Result<Result<(), String>, Stop> {
         let mut s = steps[i].clone();
         s.state = StepState::Running;
@@ -767,7 +788,7 @@ impl Workflows {
                     s.id
                 );
                 let run = view.borrow().id.clone();
-                self.submit_in_background(run, i, s, req, retry_after_s, tx, tasks);
+                self.submit_in_background(run, i, s, req, retry_after_s, (tx, tasks, room));
                 Ok(Ok(()))
             }
             Err(e) => {
@@ -810,7 +831,6 @@ impl Workflows {
     /// once. A task made is stored here, before the report: a driver that
     /// stops meanwhile (a shutdown) cannot lose its id, and the next start
     /// waits on it instead of submitting the step twice.
-    #[allow(clippy::too_many_arguments)]
     fn submit_in_background(
         &self,
         run: String,
@@ -818,54 +838,73 @@ impl Workflows {
         step: StepView,
         req: SubmitRequest,
         retry_after_s: u64,
-        tx: &mpsc::Sender<(usize, Report)>,
-        tasks: &CancellationToken,
+        (tx, tasks, room): Waiters<'_>,
     ) {
-        let (w, tx, tasks) = (self.clone(), tx.clone(), tasks.clone());
+        let (w, tx, tasks, room) = (self.clone(), tx.clone(), tasks.clone(), room.clone());
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             let until = start + BUSY_WAIT;
             let mut pause = Duration::from_secs(retry_after_s.clamp(1, 5));
             let mut tries = 1u32;
-            let got = loop {
-                tokio::select! {
-                    biased;
-                    () = tasks.cancelled() => {
-                        if w.0.shutdown.is_cancelled() {
-                            return;
+            // The run's turn to ask (held until this step is through).
+            let turn = tokio::select! {
+                biased;
+                () = tasks.cancelled() => None,
+                t = tokio::time::timeout_at(until, room.acquire_owned()) => Some(t),
+            };
+            let got = match turn {
+                None if w.0.shutdown.is_cancelled() => return,
+                None => Err(ApiError::Conflict(
+                    "cancelled while the queue was full".into(),
+                )),
+                Some(Err(_)) | Some(Ok(Err(_))) => Err(ApiError::Busy {
+                    message: format!(
+                        "the queue stayed full: this step waited {} s for its run's other \
+                         steps to find room",
+                        BUSY_WAIT.as_secs()
+                    ),
+                    retry_after_s: 1,
+                }),
+                Some(Ok(Ok(_turn))) => loop {
+                    tokio::select! {
+                        biased;
+                        () = tasks.cancelled() => {
+                            if w.0.shutdown.is_cancelled() {
+                                return;
+                            }
+                            break Err(ApiError::Conflict("cancelled while the queue was full".into()));
                         }
-                        break Err(ApiError::Conflict("cancelled while the queue was full".into()));
+                        () = tokio::time::sleep(pause) => {}
                     }
-                    () = tokio::time::sleep(pause) => {}
-                }
-                if tasks.is_cancelled() {
-                    continue;
-                }
-                tries += 1;
-                match submit_whole(&w.0.sched, req.clone()).await {
-                    Err(ApiError::Busy { retry_after_s, .. })
-                        if tokio::time::Instant::now() < until =>
-                    {
-                        let base = Duration::from_secs(retry_after_s.clamp(1, 5));
-                        let grown = (pause * 2).min(Duration::from_secs(8)).max(base);
-                        // Up to a quarter more, so waiters spread out.
-                        let r = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.subsec_nanos() % 1000);
-                        let jitter = grown.mul_f64(f64::from(r) / 4000.0);
-                        pause = (grown + jitter).min(until - tokio::time::Instant::now());
+                    if tasks.is_cancelled() {
+                        continue;
                     }
-                    Err(ApiError::Busy { message, .. }) => {
-                        break Err(ApiError::Busy {
-                            message: format!(
-                                "{message} (waited {} s, {tries} tries, for room in the queue)",
-                                start.elapsed().as_secs()
-                            ),
-                            retry_after_s: 1,
-                        });
+                    tries += 1;
+                    match submit_whole(&w.0.sched, req.clone()).await {
+                        Err(ApiError::Busy { retry_after_s, .. })
+                            if tokio::time::Instant::now() < until =>
+                        {
+                            let base = Duration::from_secs(retry_after_s.clamp(1, 5));
+                            let grown = (pause * 2).min(Duration::from_secs(8)).max(base);
+                            // Up to a quarter more, so waiters spread out.
+                            let r = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.subsec_micros() % 1000);
+                            let jitter = grown.mul_f64(f64::from(r) / 4000.0);
+                            pause = (grown + jitter).min(until - tokio::time::Instant::now());
+                        }
+                        Err(ApiError::Busy { message, .. }) => {
+                            break Err(ApiError::Busy {
+                                message: format!(
+                                    "{message} (waited {} s, {tries} tries, for room in the queue)",
+                                    start.elapsed().as_secs()
+                                ),
+                                retry_after_s: 1,
+                            });
+                        }
+                        other => break other,
                     }
-                    other => break other,
-                }
+                },
             };
             if let Ok(task) = &got {
                 let mut s = step;
