@@ -178,7 +178,9 @@ inside test bash scripts/test.sh || test_rc=$?
 test_s=$(( $(date +%s) - t0 ))
 
 # --- 3. what ran -------------------------------------------------------------------
-sum() { { grep -Eo "[0-9]+ $1" "$work/test.log" || true; } | awk '{s += $1} END {print s + 0}'; }
+# From cargo's "test result:" lines only: the tests' logs say "N failed"
+# of other things (an OTA rollout's devices), which were counted as tests.
+sum() { { grep -E '^test result:' "$work/test.log" | grep -Eo "[0-9]+ $1" || true; } | awk '{s += $1} END {print s + 0}'; }
 say "result for $commit"
 echo "scripts/demo.sh: exit $demo_rc after $demo_s s"
 echo "scripts/test.sh: exit $test_rc after $test_s s: $(sum passed) passed, $(sum failed) failed, $(sum ignored) ignored"
