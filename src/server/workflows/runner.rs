@@ -516,8 +516,11 @@ impl Workflows {
                             break;
                         }
                     };
-                    let shown = req.input.to_string().len();
-                    if def.approve && s.approved_by.is_none() && shown > MAX_PROPOSED_BYTES {
+                    // Measured only for a call to approve (not on every step).
+                    let shown = (def.approve && s.approved_by.is_none())
+                        .then(|| req.input.to_string().len())
+                        .unwrap_or(0);
+                    if shown > MAX_PROPOSED_BYTES {
                         // An operator approves what is shown in whole, and
                         // each waiting call is held in memory as shown.
                         let e = format!(
