@@ -517,9 +517,11 @@ impl Workflows {
                         }
                     };
                     // Measured only for a call to approve (not on every step).
-                    let shown = (def.approve && s.approved_by.is_none())
-                        .then(|| req.input.to_string().len())
-                        .unwrap_or(0);
+                    let shown = if def.approve && s.approved_by.is_none() {
+                        req.input.to_string().len()
+                    } else {
+                        0
+                    };
                     if shown > MAX_PROPOSED_BYTES {
                         // An operator approves what is shown in whole, and
                         // each waiting call is held in memory as shown.
