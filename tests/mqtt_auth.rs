@@ -372,27 +372,75 @@ fn devices_log_in_again_after_a_server_crash_and_bad_logins_are_cheap() {
     assert_eq!(s.wait(&id).state, TaskState::Succeeded);
 }
 
-/// Revoking an identity cuts off the session it has open: within a few
-/// seconds its results and statuses are no longer taken (before, a revoked
-/// agent that stayed connected ran and reported tasks indefinitely).
+/// Revoking an identity ends the session it has open: the broker closes
+/// the connection within a few seconds (`REVOCATION_CHECK`), the client's
+/// logins are refused from then on, and the server takes no more results
+/// from it (before, a revoked agent that stayed connected ran and
+/// reported tasks indefinitely; later it only lost its rights but stayed
+/// connected, subscribed to its tasks).
 #[test]
-fn a_revoked_device_live_session_loses_its_rights() {
+fn a_revoked_device_session_is_closed_and_its_results_are_not_taken() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("srv");
     let pi1 = device_add(&data, "pi-1", &[]);
+    let pi2 = device_add(&data, "pi-2", &[]);
     let cfg = dir.path().join("server.toml");
     std::fs::write(&cfg, "[mqtt]\nauth = \"required\"\n").unwrap();
     let s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
     let _agent = Agent::start_with_login(dir.path(), "pi-1", &s.broker(), &pi1);
     s.wait_online("pi-1");
+    // A bare client as pi-2, to watch its connection from the outside.
+    let mut opts = rumqttc::MqttOptions::new("pi-2", "127.0.0.1", s.mqtt_port);
+    opts.set_credentials("pi-2", pi2.as_str());
+    opts.set_clean_session(false);
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    client
+        .subscribe(topics::tasks("pi-2"), rumqttc::QoS::AtLeastOnce)
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            let done = match &ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    tx.send("subscribed".to_string()).is_err()
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    tx.send(format!("connack {:?}", a.code)).is_err()
+                }
+                Ok(_) => false,
+                Err(e) => tx.send(format!("error: {e}")).is_err(),
+            };
+            if done {
+                break;
+            }
+            if ev.is_err() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(20)).expect("an event");
+    assert_eq!(next(), "connack Success");
+    assert_eq!(next(), "subscribed");
     let d = data.display().to_string();
-    let (ok, text) = admin(&["device", "revoke", "pi-1", "--data-dir", &d]);
-    assert!(ok, "{text}");
-    std::thread::sleep(Duration::from_secs(4));
+    for id in ["pi-1", "pi-2"] {
+        let (ok, text) = admin(&["device", "revoke", id, "--data-dir", &d]);
+        assert!(ok, "{text}");
+    }
+    // The open session is closed by the broker...
+    let closed = next();
+    assert!(closed.starts_with("error:"), "{closed}");
+    // ...and each try to come back is refused at CONNECT (rumqttd closes
+    // the connection without a CONNACK).
+    for _ in 0..3 {
+        let again = next();
+        assert!(again.starts_with("error:"), "{again}");
+    }
+    drop(client);
+    // The agent's session was closed as well: the server sees it go.
+    s.wait_offline("pi-1");
     let mut req = task("echo", json!({"n": 1}));
     req.target = Some("pi-1".into());
     let id = s.submit(req);
-    // The agent may still get and run it; its result is not taken.
     let t = s.client.wait(&id, Duration::from_secs(5)).unwrap();
     assert_ne!(t.state, TaskState::Succeeded, "{t:?}");
 }

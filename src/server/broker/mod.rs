@@ -8,7 +8,7 @@ pub mod tls;
 use super::auth::identities::{may_publish, may_subscribe, Grant};
 use super::auth::tokens::ct_eq;
 use super::auth::TokenStore;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +97,8 @@ struct Gate {
     grants: Mutex<HashMap<String, Grant>>,
     refused_logins: AtomicU64,
     denied: AtomicU64,
+    /// Revoked identities whose sessions the broker's links close.
+    evictions: tokio::sync::watch::Sender<HashSet<String>>,
 }
 
 impl Gate {
@@ -123,6 +125,12 @@ impl Gate {
         let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         match grant {
             Some(g) => {
+                // Logged in anew (added again after a revocation): its new
+                // session stays. No link needs waking for that.
+                self.evictions.send_if_modified(|s| {
+                    s.remove(&user);
+                    false
+                });
                 grants.insert(user, g);
                 true
             }
@@ -150,9 +158,9 @@ impl Gate {
     }
 
     /// Drops the grant of every logged-in device whose identity was revoked
-    /// since: its open session then may publish and subscribe nothing more
-    /// (its publishes go to the sink; the connection itself stays until it
-    /// ends, and its next login is refused).
+    /// since and closes its sessions: until the connection is gone it may
+    /// publish and subscribe nothing more (its publishes go to the sink),
+    /// and its next login is refused.
     fn drop_revoked(&self) {
         let users: Vec<String> = self
             .grants
@@ -174,7 +182,10 @@ impl Gate {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&u);
-                    log::warn!("MQTT: identity {u} was revoked: its session loses its rights");
+                    log::warn!("MQTT: identity {u} was revoked: its session is closed");
+                    self.evictions.send_modify(|s| {
+                        s.insert(u);
+                    });
                 }
                 Ok(false) => {}
                 Err(e) => log::error!("MQTT: cannot check whether {u} was revoked: {e}"),
@@ -363,6 +374,7 @@ max_segment_count = {SUBMIT_SEGMENTS}
             grants: Mutex::new(HashMap::new()),
             refused_logins: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            evictions: tokio::sync::watch::channel(HashSet::new()).0,
         });
         let g = gate.clone();
         std::thread::Builder::new()
@@ -377,6 +389,7 @@ max_segment_count = {SUBMIT_SEGMENTS}
             settings.set_auth_handler(move |client_id, user, pass| {
                 g.clone().login(client_id, user, pass)
             });
+            settings.set_evictions(gate.evictions.subscribe());
             settings.set_acl_handler(move |user, access, topic, payload| {
                 gate.allows(user, access, topic, payload)
             });

@@ -70,6 +70,11 @@ pub enum Access {
 /// [`DENIED_SUBSCRIBE`], on which nothing is ever published; a denied last
 /// will is dropped.
 pub type AclHandler = Arc<dyn Fn(&str, Access, &str, &[u8]) -> bool + Send + Sync>;
+/// Usernames whose open sessions must end (their identity was revoked):
+/// each link of a listener with [`ServerSettings::set_evictions`] watches
+/// the set and closes its connection when its username joins it. The
+/// owner takes a name out again when that user may log in anew.
+pub type Evictions = tokio::sync::watch::Receiver<std::collections::HashSet<String>>;
 /// Where denied publishes go. Not a `$` topic: rumqttd disconnects a
 /// client subscribing to one. With rules for every client, nobody may
 /// subscribe here (it would be denied and changed to [`DENIED_SUBSCRIBE`]).
@@ -218,6 +223,11 @@ impl ServerSettings {
     {
         self.connections.acl = Some(Arc::new(acl));
     }
+
+    /// See [`Evictions`].
+    pub fn set_evictions(&mut self, evictions: Evictions) {
+        self.connections.evictions = Some(evictions);
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone)]
@@ -246,6 +256,9 @@ pub struct ConnectionSettings {
     /// Topic rules by username; None: everyone may do anything.
     #[serde(skip)]
     pub acl: Option<AclHandler>,
+    /// Sessions to end; None: none ever is.
+    #[serde(skip)]
+    pub evictions: Option<Evictions>,
 }
 
 impl ConnectionSettings {

@@ -4,7 +4,7 @@ use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification};
-use crate::{Access, AclHandler, ConnectionId, ConnectionSettings};
+use crate::{Access, AclHandler, ConnectionId, ConnectionSettings, Evictions};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -47,6 +47,8 @@ pub enum Error {
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
     Link(#[from] LinkError),
+    #[error("Session ended: the identity {0:?} was revoked")]
+    Evicted(String),
 }
 
 /// Orchestrates between Router and Network.
@@ -61,6 +63,23 @@ pub struct RemoteLink<P> {
     /// The CONNECT's username, for `acl`.
     user: String,
     acl: Option<AclHandler>,
+    evictions: Option<Evictions>,
+}
+
+/// Waits until `user` is among the evictions; forever without any (or once
+/// their owner is gone).
+async fn evicted(evictions: &mut Option<Evictions>, user: &str) {
+    let Some(rx) = evictions else {
+        return std::future::pending().await;
+    };
+    loop {
+        if rx.borrow_and_update().contains(user) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Applies the topic rules to a packet read from the client.
@@ -95,6 +114,7 @@ impl<P: Protocol> RemoteLink<P> {
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
         acl: Option<AclHandler>,
+        evictions: Option<Evictions>,
     ) -> Result<RemoteLink<P>, Error> {
         let Packet::Connect(connect, props, mut lastwill, lastwill_props, login) = connect_packet
         else {
@@ -161,11 +181,13 @@ impl<P: Protocol> RemoteLink<P> {
             will_delay_interval,
             user,
             acl,
+            evictions,
         })
     }
 
     pub async fn start(&mut self) -> Result<(), Error> {
         self.network.set_keepalive(self.connect.keep_alive);
+        let mut evictions = self.evictions.take();
 
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
@@ -208,6 +230,9 @@ impl<P: Protocol> RemoteLink<P> {
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }
+                }
+                _ = evicted(&mut evictions, &self.user) => {
+                    return Err(Error::Evicted(self.user.clone()));
                 }
             }
         }

@@ -610,6 +610,7 @@ async fn remote<P: Protocol>(
 
     let dynamic_filters = config.dynamic_filters;
     let acl = config.acl.clone();
+    let evictions = config.evictions.clone();
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
@@ -664,6 +665,7 @@ async fn remote<P: Protocol>(
         dynamic_filters,
         assigned_client_id,
         acl,
+        evictions,
     )
     .await
     {
