@@ -61,7 +61,7 @@ pub fn require_peer() -> (PathBuf, PathBuf) {
     }
     let py = python();
     let ok = Command::new(&py)
-        .args(["-c", "import llama_cpp.server"])
+        .args(["-c", "import llama_cpp.server.app"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

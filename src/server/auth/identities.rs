@@ -215,6 +215,19 @@ impl TokenStore {
         }))
     }
 
+    /// The password hash of device `id`'s identity; None when it is revoked
+    /// or there is none.
+    pub fn device_active_hash(&self, id: &str) -> Result<Option<Vec<u8>>, AuthError> {
+        self.conn
+            .query_row(
+                "SELECT hash FROM mqtt_identities WHERE id = ?1 AND revoked_ms IS NULL",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())
+    }
+
     /// Whether device `id` may no longer log in (revoked, or no identity).
     pub fn device_revoked(&self, id: &str) -> Result<bool, AuthError> {
         let revoked: Option<bool> = self
@@ -376,6 +389,8 @@ mod tests {
         assert!(s.device_add("a/b", false, false).is_err());
         assert!(s.device_add("+", false, false).is_err());
         assert!(!s.device_revoked("pi-1").unwrap());
+        assert!(s.device_active_hash("pi-1").unwrap().is_some());
+        assert_eq!(s.device_active_hash("pi-9").unwrap(), None);
         assert!(s.device_revoked("pi-9").unwrap());
         s.device_revoke("pi-1").unwrap();
         assert!(s.device_revoked("pi-1").unwrap());

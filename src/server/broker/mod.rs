@@ -6,7 +6,7 @@
 pub mod tls;
 
 use super::auth::identities::{may_publish, may_subscribe, Grant};
-use super::auth::tokens::ct_eq;
+use super::auth::tokens::{ct_eq, hash_secret};
 use super::auth::TokenStore;
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
@@ -93,8 +93,11 @@ pub struct BrokerAuth {
 struct Gate {
     auth: BrokerAuth,
     store: Mutex<TokenStore>,
-    /// The grant of each identity that logged in.
-    grants: Mutex<HashMap<String, Grant>>,
+    /// The grant of each identity that logged in, with the SHA-256 of the
+    /// password it logged in with (zeros for the server): a session is
+    /// closed once its identity is revoked or replaced (`device add
+    /// --replace` makes a new password).
+    grants: Mutex<HashMap<String, (Grant, [u8; 32])>>,
     refused_logins: AtomicU64,
     denied: AtomicU64,
     /// Revoked identities whose sessions the broker's links close.
@@ -103,6 +106,7 @@ struct Gate {
 
 impl Gate {
     async fn login(self: Arc<Self>, client_id: String, user: String, pass: String) -> bool {
+        let login_hash = hash_secret(&pass);
         let grant = if client_id != user {
             None
         } else if user == self.auth.server_user {
@@ -131,13 +135,13 @@ impl Gate {
                     s.remove(&user);
                     false
                 });
-                grants.insert(user, g);
+                grants.insert(user, (g, login_hash));
                 true
             }
             None => {
                 // The grant of a session already logged in stays: a failed
                 // login under its name must not cut it off (a revocation
-                // takes effect at the device's next login).
+                // closes it through `drop_revoked`).
                 let n = self.refused_logins.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     let why = if client_id != user {
@@ -158,38 +162,44 @@ impl Gate {
     }
 
     /// Drops the grant of every logged-in device whose identity was revoked
-    /// since and closes its sessions: until the connection is gone it may
-    /// publish and subscribe nothing more (its publishes go to the sink),
-    /// and its next login is refused.
+    /// (or replaced) since and closes its sessions: until the connection is
+    /// gone it may publish and subscribe nothing more (its publishes go to
+    /// the sink; its last will is dropped), and its next login is refused.
     fn drop_revoked(&self) {
-        let users: Vec<String> = self
+        let users: Vec<(String, [u8; 32])> = self
             .grants
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, g)| matches!(g, Grant::Device { .. }))
-            .map(|(u, _)| u.clone())
+            .filter(|(_, (g, _))| matches!(g, Grant::Device { .. }))
+            .map(|(u, (_, h))| (u.clone(), *h))
             .collect();
-        for u in users {
-            let revoked = self
+        let mut gone = Vec::new();
+        for (u, logged_in_with) in users {
+            let current = self
                 .store
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .device_revoked(&u);
-            match revoked {
-                Ok(true) => {
-                    self.grants
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&u);
-                    log::warn!("MQTT: identity {u} was revoked: its session is closed");
-                    self.evictions.send_modify(|s| {
-                        s.insert(u);
-                    });
+                .device_active_hash(&u);
+            match current {
+                Ok(Some(h)) if ct_eq(&h, &logged_in_with) => {}
+                Ok(_) => {
+                    let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+                    // Unless it logged in anew (with the new password) since.
+                    if grants.get(&u).is_some_and(|(_, h)| *h == logged_in_with) {
+                        grants.remove(&u);
+                        log::warn!(
+                            "MQTT: identity {u} was revoked or replaced: its session is closed"
+                        );
+                        gone.push(u);
+                    }
                 }
-                Ok(false) => {}
                 Err(e) => log::error!("MQTT: cannot check whether {u} was revoked: {e}"),
             }
+        }
+        if !gone.is_empty() {
+            // One change for the whole tick: each one wakes every link.
+            self.evictions.send_modify(|s| s.extend(gone));
         }
     }
 
@@ -199,7 +209,7 @@ impl Gate {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(user)
-            .copied();
+            .map(|(g, _)| *g);
         let ok = grant.is_some_and(|g| match access {
             rumqttd::Access::Publish => may_publish(user, g, topic, payload),
             rumqttd::Access::Subscribe => may_subscribe(user, g, topic),

@@ -2,7 +2,9 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Login, Packet, Protocol,
+};
 use crate::router::{Event, Notification};
 use crate::{Access, AclHandler, ConnectionId, ConnectionSettings, Evictions};
 
@@ -188,6 +190,10 @@ impl<P: Protocol> RemoteLink<P> {
     pub async fn start(&mut self) -> Result<(), Error> {
         self.network.set_keepalive(self.connect.keep_alive);
         let mut evictions = self.evictions.take();
+        // One future for the link's life: not rebuilt per packet.
+        let user = self.user.clone();
+        let evicted = evicted(&mut evictions, &user);
+        tokio::pin!(evicted);
 
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
@@ -231,8 +237,16 @@ impl<P: Protocol> RemoteLink<P> {
                         self.link_rx.wake().await?;
                     }
                 }
-                _ = evicted(&mut evictions, &self.user) => {
-                    return Err(Error::Evicted(self.user.clone()));
+                _ = &mut evicted => {
+                    // As if the client had sent DISCONNECT: the router drops
+                    // its last will (checked at CONNECT under the rights it
+                    // no longer has) instead of publishing it.
+                    self.link_tx.buffer().push_back(Packet::Disconnect(
+                        Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection },
+                        None,
+                    ));
+                    self.link_tx.notify().await?;
+                    return Err(Error::Evicted(user.clone()));
                 }
             }
         }
@@ -354,6 +368,7 @@ mod tests {
             external_auth: None,
             dynamic_filters: false,
             acl: None,
+            evictions: None,
         }
     }
 

@@ -695,6 +695,9 @@ async fn remote<P: Protocol>(
         {
             info!(error=?err, "disconnected");
         }
+        // Closed because its identity was revoked (the link has told the
+        // router, which dropped its last will).
+        Err(e @ remote::Error::Evicted(_)) => info!(error=?e, "evicted"),
         // Any other error
         Err(e) => {
             error!(error=?e, "disconnected");
